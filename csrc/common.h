@@ -1,0 +1,54 @@
+// Shared helpers of the native layer: error checking and the dtype switch.
+// No torch headers anywhere in csrc/: the Python op layer validates and passes raw pointers.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace ssmk {
+
+// Element types as the Python side names them (see ssmkernels/_core/native.py: DTYPE_CODES).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+  }
+}
+
+// After a launch: surfaces bad configurations immediately instead of at the next sync.
+inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+inline cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+template <typename T>
+inline T* as_ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T> __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+}  // namespace ssmk
+
+// Instantiates BODY with `scalar_t` bound to the C++ type of a DType code.
+#define SSMK_DISPATCH_FLOAT(code, NAME, ...)                                                   \
+  [&] {                                                                                       \
+    switch (static_cast<ssmk::DType>(code)) {                                                 \
+      case ssmk::DType::kFloat32: { using scalar_t = float; return __VA_ARGS__(); }           \
+      case ssmk::DType::kFloat16: { using scalar_t = __half; return __VA_ARGS__(); }          \
+      case ssmk::DType::kBFloat16: { using scalar_t = __nv_bfloat16; return __VA_ARGS__(); }  \
+      default: throw std::invalid_argument(std::string(NAME) + ": unsupported dtype code " +   \
+                                           std::to_string(code));                             \
+    }                                                                                         \
+  }()

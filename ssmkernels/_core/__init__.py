@@ -1,0 +1,1 @@
+"""Shared machinery: configuration, dispatch, validation, tolerances, custom ops, native loading."""

@@ -1,0 +1,69 @@
+"""Every environment switch of ssmkernels, read in one place.
+
+| variable                    | meaning                                                        |
+|-----------------------------|----------------------------------------------------------------|
+| SSMKERNELS_BACKEND          | default backend: reference, triton or cuda (unset: fastest)    |
+| SSMKERNELS_DETERMINISTIC    | 1: bitwise reproducible kernels (no float atomics)             |
+| SSMKERNELS_DISABLE_JIT      | 1: never compile the CUDA extension at run time                |
+| SSMKERNELS_CACHE_DIR        | where JIT builds and autotune results live                     |
+| SSMKERNELS_CUDA_ARCHS       | CUDA archs to build, ';'-separated (default 90a)               |
+| SSMKERNELS_CUDA             | setup.py: 1 build the extension, 0 never, unset auto-detect    |
+| TRITON_INTERPRET            | Triton's own: 1 runs Triton kernels on the CPU (tests)         |
+
+Values are read when asked for (not cached at import), so tests can monkeypatch the environment.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BACKENDS = ("reference", "triton", "cuda")
+
+_deterministic_override: bool | None = None
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def default_backend() -> str | None:
+    value = os.environ.get("SSMKERNELS_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(
+            f"SSMKERNELS_BACKEND={value!r} is not a backend; expected one of {', '.join(BACKENDS)}"
+        )
+    return value
+
+
+def deterministic() -> bool:
+    if _deterministic_override is not None:
+        return _deterministic_override
+    return _flag("SSMKERNELS_DETERMINISTIC")
+
+
+def set_deterministic(enabled: bool = True) -> None:
+    """Make every kernel bitwise reproducible run to run (no float atomics, pinned configs)."""
+    global _deterministic_override
+    _deterministic_override = bool(enabled)
+
+
+def jit_disabled() -> bool:
+    return _flag("SSMKERNELS_DISABLE_JIT")
+
+
+def triton_interpret() -> bool:
+    return _flag("TRITON_INTERPRET")
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("SSMKERNELS_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ssmkernels"
+
+
+def cuda_archs() -> str:
+    return os.environ.get("SSMKERNELS_CUDA_ARCHS", "90a").strip() or "90a"

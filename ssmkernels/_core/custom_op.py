@@ -1,0 +1,39 @@
+"""Helpers shared by the ops' ``torch.library`` registrations.
+
+Every kernel-backed primitive is a pair of custom ops ``ssmkernels::<name>_fwd`` / ``_bwd`` taking a
+``backend: str`` argument ("triton" or "cuda"), with shape-only fake kernels, glued into autograd
+by ``torch.library.register_autograd``. The reference backend needs none of this: it is plain
+PyTorch and differentiates itself.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+NAMESPACE = "ssmkernels"
+
+
+def qualified(name: str) -> str:
+    return f"{NAMESPACE}::{name}"
+
+
+def kernels(primitive: str, backend: str):
+    """The module holding ``primitive``'s kernels for ``backend`` (``triton`` or ``cuda``)."""
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"kernel backend must be 'triton' or 'cuda', got {backend!r}")
+    return importlib.import_module(f"ssmkernels.ops.{primitive}.{backend}")
+
+
+def placeholder(like: torch.Tensor) -> torch.Tensor:
+    """A 0-element tensor standing for an output that was not asked for (custom ops return tensors)."""
+    return like.new_empty(0)
+
+
+def absent(t: torch.Tensor | None) -> bool:
+    return t is None or t.numel() == 0
+
+
+def fake_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``empty_like`` that keeps ``t``'s memory layout (channel-last stays channel-last)."""
+    return torch.empty_like(t, dtype=dtype or t.dtype)

@@ -1,0 +1,102 @@
+"""Backend selection: which of reference / triton / cuda serves a call.
+
+Each primitive's ``triton.py`` and ``cuda.py`` expose ``unsupported(features) -> str | None``: a
+reason the backend cannot serve a call with these features (``None`` = it can). ``features`` is a
+plain dict the op builds (dtype, layout, optional inputs ...). A backend the caller asked for that
+cannot serve the call raises :class:`BackendUnavailable` with that reason; there is no silent
+fallback. ``backend=None`` takes ``SSMKERNELS_BACKEND`` if set, else the first backend of the
+primitive's preference order that can serve the call.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any, Callable
+
+import torch
+
+from . import config
+
+# Preference when the caller names no backend, fastest first. Benchmarks decide this order.
+DEFAULT_ORDER = ("cuda", "triton", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot serve this call; the message says why."""
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_device_reason(device: torch.device) -> str | None:
+    reason = triton_import_error()
+    if reason:
+        return reason
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and config.triton_interpret():
+        return None
+    return (f"Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1); "
+            f"the inputs are on {device}")
+
+
+def cuda_device_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the CUDA backend needs CUDA tensors; the inputs are on {device}"
+    from . import ext
+
+    return ext.load_error()
+
+
+def _backend_module(primitive: str, backend: str):
+    return importlib.import_module(f"ssmkernels.ops.{primitive}.{backend}")
+
+
+def unavailable_reason(primitive: str, backend: str, device: torch.device,
+                       features: dict[str, Any]) -> str | None:
+    """Why ``backend`` cannot serve this call of ``primitive``, or ``None`` when it can."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        reason = triton_device_reason(device)
+    elif backend == "cuda":
+        reason = cuda_device_reason(device)
+    else:
+        raise ValueError(f"backend must be one of {config.BACKENDS} or None, got {backend!r}")
+    if reason:
+        return reason
+    return _backend_module(primitive, backend).unsupported(features)
+
+
+def select_backend(primitive: str, requested: str | None, device: torch.device,
+                   features: dict[str, Any],
+                   order: tuple[str, ...] = DEFAULT_ORDER,
+                   prefer: Callable[[dict[str, Any]], tuple[str, ...]] | None = None) -> str:
+    """Resolve ``backend=`` (or ``SSMKERNELS_BACKEND``) to a backend that can serve the call."""
+    if requested is not None and requested not in config.BACKENDS:
+        raise ValueError(f"backend must be one of {config.BACKENDS} or None, got {requested!r}")
+    chosen = requested or config.default_backend()
+    if chosen is not None:
+        reason = unavailable_reason(primitive, chosen, device, features)
+        if reason:
+            source = "backend=" if requested else "SSMKERNELS_BACKEND="
+            raise BackendUnavailable(f"{primitive}: {source}{chosen!r} cannot serve this call: {reason}")
+        return chosen
+    if device.type != "cuda":
+        return "reference"  # Triton on CPU (interpreter) is for testing only: ask for it by name
+    for candidate in (prefer(features) if prefer else order):
+        if unavailable_reason(primitive, candidate, device, features) is None:
+            return candidate
+    return "reference"
+
+
+def availability(primitive: str, device: torch.device, features: dict[str, Any]) -> dict[str, str | None]:
+    """backend -> reason it is unavailable (None when available), for ``info`` and ``check``."""
+    return {b: unavailable_reason(primitive, b, device, features) for b in config.BACKENDS}

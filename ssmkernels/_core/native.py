@@ -1,0 +1,26 @@
+"""What the Python side passes to the torch-free native module: addresses, dtype codes, streams."""
+from __future__ import annotations
+
+import torch
+
+# Must match ssmk::DType in csrc/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]
+
+
+def address(t: torch.Tensor | None) -> int:
+    """Raw device address of ``t`` (0 for None: kernels treat a null pointer as 'absent')."""
+    return 0 if t is None else t.data_ptr()
+
+
+def strides(t: torch.Tensor | None, ndim: int) -> list[int]:
+    """``t``'s strides in elements (zeros for None), for the 64-bit stride fields of params structs."""
+    return [0] * ndim if t is None else list(t.stride())
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """Handle of torch's current stream on ``t``'s device, so kernels order with torch's work."""
+    return torch.cuda.current_stream(t.device).cuda_stream

@@ -1,0 +1,1 @@
+"""causal_conv1d: see op.py for the public API and reference.py for the math."""

@@ -1,0 +1,241 @@
+"""Public causal_conv1d / causal_conv1d_update: validation -> dispatch -> custom op (SPEC.md section 1)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..._core import dispatch
+from ..._core import validation as v
+from ..._core.custom_op import absent, kernels, placeholder, qualified
+from . import reference
+
+PRIMITIVE = "causal_conv1d"
+ACTIVATIONS = (None, "silu", "swish")
+
+
+def layout_of(x: Tensor) -> str:
+    """``"channel_first"`` when ``x (b, d, l)`` has unit stride along l, ``"channel_last"`` along d."""
+    if x.stride(2) == 1 or x.shape[2] == 1:
+        return "channel_first"
+    if x.stride(1) == 1:
+        return "channel_last"
+    return "strided"
+
+
+def _normalise_layout(x: Tensor) -> Tensor:
+    """Kernels take either layout; anything else is copied to channel-first (never rejected)."""
+    return x if layout_of(x) != "strided" else x.contiguous()
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op(qualified("causal_conv1d_fwd"), mutates_args=())
+def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
+              initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], silu: bool,
+              return_final_states: bool, backend: str) -> tuple[Tensor, Tensor]:
+    out = torch.empty_like(x)  # keeps x's layout
+    final_states = None
+    if return_final_states:
+        count = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        final_states = x.new_empty(count, x.shape[1], weight.shape[1] - 1)
+    kernels(PRIMITIVE, backend).forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu,
+                                        out, final_states)
+    return out, final_states if final_states is not None else placeholder(x)
+
+
+@_conv_fwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, return_final_states, backend):
+    if not return_final_states:
+        return torch.empty_like(x), placeholder(x)
+    count = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return torch.empty_like(x), x.new_empty(count, x.shape[1], weight.shape[1] - 1)
+
+
+@torch.library.custom_op(qualified("causal_conv1d_bwd"), mutates_args=())
+def _conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
+              initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], dout: Tensor,
+              dfinal_states: Optional[Tensor], silu: bool, backend: str
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx = torch.empty_like(x)
+    # Weight and bias gradients are sums over batch and length: accumulated in float32.
+    dweight = torch.zeros_like(weight, dtype=torch.float32)
+    dbias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+    dinitial = None if initial_states is None else torch.empty_like(initial_states)
+    kernels(PRIMITIVE, backend).backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout,
+                                         dfinal_states, silu, dx, dweight, dbias, dinitial)
+    return (dx, dweight.to(weight.dtype),
+            placeholder(x) if dbias is None else dbias.to(bias.dtype),
+            placeholder(x) if dinitial is None else dinitial)
+
+
+@_conv_bwd.register_fake
+def _(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_states, silu, backend):
+    return (torch.empty_like(x), torch.empty_like(weight),
+            placeholder(x) if bias is None else torch.empty_like(bias),
+            placeholder(x) if initial_states is None else torch.empty_like(initial_states))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, _, backend = inputs
+    ctx.save_for_backward(x, weight, bias, seq_idx, initial_states, cu_seqlens)
+    ctx.silu, ctx.backend = silu, backend
+
+
+def _backward(ctx, dout, dfinal_states):
+    x, weight, bias, seq_idx, initial_states, cu_seqlens = ctx.saved_tensors
+    if dfinal_states is not None and dfinal_states.numel() == 0:
+        dfinal_states = None
+    dx, dweight, dbias, dinitial = _conv_bwd(
+        x, weight, bias, seq_idx, initial_states, cu_seqlens, dout.contiguous() if layout_of(dout) == "strided"
+        else dout, dfinal_states, ctx.silu, ctx.backend)
+    return (dx, dweight, None if absent(dbias) else dbias, None,
+            None if absent(dinitial) else dinitial, None, None, None, None)
+
+
+_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op(qualified("causal_conv1d_update"), mutates_args=("conv_state",))
+def _conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
+                 cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor],
+                 backend: str) -> Tensor:
+    out = torch.empty_like(x)
+    kernels(PRIMITIVE, backend).update(x, conv_state, weight, bias, silu, cache_seqlens,
+                                       conv_state_indices, out)
+    return out
+
+
+@_conv_update.register_fake
+def _(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, backend):
+    return torch.empty_like(x)
+
+
+# ----------------------------------------------------------------------------- public API
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    seq_idx: Optional[Tensor] = None,
+    initial_states: Optional[Tensor] = None,
+    return_final_states: bool = False,
+    final_states_out: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    *,
+    cu_seqlens: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+):
+    """Depthwise causal 1-D convolution (drop-in for ``causal_conv1d.causal_conv1d_fn``).
+
+    Args:
+        x: ``(b, d, l)``, channel-first (``x.stride(2) == 1``) or channel-last (``x.stride(1) == 1``,
+            a transposed ``(b, l, d)`` tensor); the output keeps the layout.
+        weight: ``(d, w)`` filter taps; ``out[t]`` sees ``x[t-w+1 .. t]``.
+        bias: ``(d,)`` or None.
+        seq_idx: ``(b, l)`` int32, non-decreasing: positions only see earlier positions of the same
+            sequence (packed sequences).
+        initial_states: ``(b, d, w-1)`` inputs before position 0 (``(s, d, w-1)`` with cu_seqlens);
+            they feed the row's first sequence only.
+        return_final_states: also return the last ``w-1`` inputs of each row's last sequence
+            (of each sequence with cu_seqlens).
+        final_states_out: optional preallocated ``(b, d, w-1)`` buffer that receives them.
+        activation: None, ``"silu"`` or ``"swish"``.
+        cu_seqlens: ``(s+1,)`` int32 sequence boundaries along l; needs ``b == 1``.
+        backend: None (fastest available), ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``out (b, d, l)`` in x's dtype, or ``(out, final_states)`` when return_final_states.
+    """
+    v.check_tensor("x", x)
+    v.check_ndim("x", x, (3,))
+    b, d, l = x.shape
+    v.check_ndim("weight", weight, (2,))
+    v.check_tensor("weight", weight, (d, None), device=x.device)
+    w = weight.shape[1]
+    v.check_tensor("bias", bias, (d,), device=x.device, optional=True)
+    v.check_choice("activation", activation, ACTIVATIONS)
+    if seq_idx is not None and cu_seqlens is not None:
+        raise ValueError("pass either seq_idx or cu_seqlens, not both")
+    count = b
+    if seq_idx is not None:
+        v.check_seq_idx(seq_idx, b, l, x.device)
+    if cu_seqlens is not None:
+        count = v.check_cu_seqlens(cu_seqlens, b, l, x.device)
+    v.check_tensor("initial_states", initial_states, (count, d, w - 1), device=x.device, optional=True)
+    v.check_tensor("final_states_out", final_states_out, (count, d, w - 1), device=x.device, optional=True)
+
+    features = {"dtype": x.dtype, "weight_dtype": weight.dtype, "width": w, "layout": layout_of(x),
+                "seq_idx": seq_idx is not None, "cu_seqlens": cu_seqlens is not None,
+                "initial_states": initial_states is not None,
+                "final_states": return_final_states or final_states_out is not None}
+    chosen = dispatch.select_backend(PRIMITIVE, backend, x.device, features)
+    want_final = features["final_states"]
+    if chosen == "reference":
+        out, final = reference.causal_conv1d(x, weight, bias, seq_idx, initial_states, True, None,
+                                             activation, cu_seqlens)
+    else:
+        out, final = _conv_fwd(
+            _normalise_layout(x), weight.contiguous(), None if bias is None else bias.contiguous(),
+            v.as_int32(seq_idx), None if initial_states is None else initial_states.to(x.dtype).contiguous(),
+            v.as_int32(cu_seqlens), activation is not None, want_final, chosen)
+    if final_states_out is not None:
+        final_states_out.copy_(final)
+    return (out, final) if return_final_states else out
+
+
+def causal_conv1d_update(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+    *,
+    cache_seqlens: Optional[Tensor] = None,
+    conv_state_indices: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Decode step(s) of the causal conv; updates ``conv_state`` in place (drop-in for
+    ``causal_conv1d.causal_conv1d_update``).
+
+    Args:
+        x: ``(b, d)`` one new token, or ``(b, d, t)`` for t new tokens (speculative decoding).
+        conv_state: ``(B_cache, d, s)`` with ``s >= w-1``: the last s inputs of each cached sequence.
+        weight: ``(d, w)``; bias: ``(d,)`` or None; activation: None, ``"silu"`` or ``"swish"``.
+        cache_seqlens: ``(b,)`` int32: treat the state as a circular buffer whose newest token sits
+            at ``(cache_seqlens[i] - 1) mod s``; new token j goes to ``(cache_seqlens[i] + j) mod s``.
+        conv_state_indices: ``(b,)`` int32: row i uses ``conv_state[conv_state_indices[i]]``; a
+            negative index is a padding slot (zeros out, state untouched).
+        backend: None, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``out`` shaped like x.
+    """
+    v.check_tensor("x", x)
+    v.check_ndim("x", x, (2, 3))
+    b, d = x.shape[:2]
+    v.check_ndim("conv_state", conv_state, (3,))
+    v.check_tensor("conv_state", conv_state, (None, d, None), device=x.device)
+    v.check_ndim("weight", weight, (2,))
+    v.check_tensor("weight", weight, (d, None), device=x.device)
+    w = weight.shape[1]
+    if conv_state.shape[2] < w - 1:
+        raise ValueError(f"conv_state must hold at least w-1 = {w - 1} steps, got shape {tuple(conv_state.shape)}")
+    v.check_tensor("bias", bias, (d,), device=x.device, optional=True)
+    v.check_choice("activation", activation, ACTIVATIONS)
+    if conv_state_indices is None:
+        if conv_state.shape[0] < b:
+            raise ValueError(f"conv_state has {conv_state.shape[0]} slots for batch {b}; pass conv_state_indices "
+                             f"or a state with at least {b} rows")
+    else:
+        v.check_indices("conv_state_indices", conv_state_indices, b, conv_state.shape[0], x.device)
+    v.check_tensor("cache_seqlens", cache_seqlens, (b,), v.INDEX_DTYPES, x.device, optional=True)
+
+    features = {"dtype": x.dtype, "state_dtype": conv_state.dtype, "width": w,
+                "state_len": conv_state.shape[2], "tokens": 1 if x.dim() == 2 else x.shape[2],
+                "cache_seqlens": cache_seqlens is not None, "indices": conv_state_indices is not None}
+    chosen = dispatch.select_backend(PRIMITIVE, backend, x.device, features)
+    if chosen == "reference":
+        return reference.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
+                                              conv_state_indices)
+    return _conv_update(x, conv_state, weight.contiguous(), bias, activation is not None,
+                        v.as_int32(cache_seqlens), v.as_int32(conv_state_indices), chosen)

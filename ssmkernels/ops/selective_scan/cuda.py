@@ -1,0 +1,6 @@
+"""Cuda kernels of selective_scan: not written yet (issue #6)."""
+from __future__ import annotations
+
+
+def unsupported(features: dict) -> str | None:
+    return "the cuda kernels of selective_scan are not implemented yet (issue #6)"

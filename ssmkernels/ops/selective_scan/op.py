@@ -1,0 +1,166 @@
+"""Public selective_scan (Mamba-1): validation -> dispatch -> custom op (SPEC.md section 2)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..._core import dispatch
+from ..._core import validation as v
+from ..._core.custom_op import absent, kernels, placeholder, qualified
+from . import reference
+
+PRIMITIVE = "selective_scan"
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- custom ops
+# The forward returns, besides out and the last state, an opaque float32 ``checkpoints`` tensor
+# whose shape the backend defines (``checkpoint_shape``): the states it keeps at chunk boundaries
+# so that the backward recomputes inside chunks instead of storing every step's state.
+@torch.library.custom_op(qualified("selective_scan_fwd"), mutates_args=())
+def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+              cu_seqlens: Optional[Tensor], delta_softplus: bool, backend: str
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    impl = kernels(PRIMITIVE, backend)
+    count = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    out = torch.empty_like(u)
+    last_state = u.new_empty(count, u.shape[1], A.shape[1], dtype=_state_dtype(u.dtype))
+    checkpoints = u.new_empty(impl.checkpoint_shape(u.shape, A.shape[1], count), dtype=_state_dtype(u.dtype))
+    impl.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
+                 out, last_state, checkpoints)
+    return out, last_state, checkpoints
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, backend):
+    count = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    shape = kernels(PRIMITIVE, backend).checkpoint_shape(u.shape, A.shape[1], count)
+    return (torch.empty_like(u), u.new_empty(count, u.shape[1], A.shape[1], dtype=_state_dtype(u.dtype)),
+            u.new_empty(shape, dtype=_state_dtype(u.dtype)))
+
+
+@torch.library.custom_op(qualified("selective_scan_bwd"), mutates_args=())
+def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
+              cu_seqlens: Optional[Tensor], delta_softplus: bool, checkpoints: Tensor, dout: Tensor,
+              dlast_state: Optional[Tensor], backend: str) -> list[Tensor]:
+    grads = [torch.empty_like(u), torch.empty_like(delta),
+             torch.zeros_like(A, dtype=torch.float32), torch.zeros_like(B, dtype=torch.float32),
+             torch.zeros_like(C, dtype=torch.float32),
+             None if D is None else torch.zeros_like(D, dtype=torch.float32),
+             None if z is None else torch.empty_like(z),
+             None if delta_bias is None else torch.zeros_like(delta_bias, dtype=torch.float32),
+             None if initial_state is None else torch.empty_like(initial_state)]
+    kernels(PRIMITIVE, backend).backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
+                                         delta_softplus, checkpoints, dout, dlast_state, *grads)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    return [placeholder(u) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+
+
+@_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, checkpoints,
+      dout, dlast_state, backend):
+    return [placeholder(u) if t is None else torch.empty_like(t)
+            for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, delta_softplus, backend = inputs
+    ctx.save_for_backward(*tensors, output[2])
+    ctx.delta_softplus, ctx.backend = delta_softplus, backend
+
+
+def _backward(ctx, dout, dlast_state, _dcheckpoints):
+    *tensors, checkpoints = ctx.saved_tensors
+    grads = _scan_bwd(*tensors, ctx.delta_softplus, checkpoints, dout.contiguous(), dlast_state, ctx.backend)
+    grads = [None if absent(g) else g for g in grads]
+    return (*grads, None, None, None)
+
+
+_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    initial_state: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+):
+    """Mamba-1 selective scan (drop-in for ``mamba_ssm``'s ``selective_scan_fn``).
+
+    ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``, ``y_t = C_t . h_t + D u_t``, ``out = y silu(z)``,
+    with ``dt = softplus(delta + delta_bias)`` (softplus only when delta_softplus).
+
+    Args:
+        u, delta: ``(b, d, l)`` input and step size.
+        A: ``(d, n)`` real state matrix (diagonal per channel; negative for a stable scan).
+        B, C: ``(b, n, l)``, grouped ``(b, g, n, l)`` (channel c uses group ``c // (d // g)``), or a
+            fixed ``(d, n)``.
+        D: ``(d,)`` skip connection; z: ``(b, d, l)`` gate; delta_bias: ``(d,)``.
+        return_last_state: also return the final state ``(b, d, n)`` (float32, float64 for float64).
+        initial_state: ``(b, d, n)`` state before position 0 (``(s, d, n)`` with cu_seqlens).
+        cu_seqlens: ``(s+1,)`` int32 boundaries of packed sequences along l (``b == 1``); the state
+            restarts at each sequence, and last states are per sequence.
+        backend: None, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``out (b, d, l)`` in u's dtype, or ``(out, last_state)``.
+    """
+    v.check_tensor("u", u)
+    v.check_ndim("u", u, (3,))
+    b, d, l = u.shape
+    dev = u.device
+    v.check_tensor("delta", delta, (b, d, l), device=dev)
+    v.check_ndim("A", A, (2,))
+    v.check_tensor("A", A, (d, None), device=dev)
+    n = A.shape[1]
+    if A.is_complex():
+        raise TypeError("A must be real: complex A is not supported")
+    for name, M in (("B", B), ("C", C)):
+        v.check_ndim(name, M, (2, 3, 4))
+        if M.dim() == 2:
+            v.check_tensor(name, M, (d, n), device=dev)
+        elif M.dim() == 3:
+            v.check_tensor(name, M, (b, n, l), device=dev)
+        else:
+            v.check_tensor(name, M, (b, None, n, l), device=dev)
+            if M.shape[1] == 0 or d % M.shape[1]:
+                raise ValueError(f"{name} has {M.shape[1]} groups, which must divide d = {d}")
+    v.check_tensor("D", D, (d,), device=dev, optional=True)
+    v.check_tensor("z", z, (b, d, l), device=dev, optional=True)
+    v.check_tensor("delta_bias", delta_bias, (d,), device=dev, optional=True)
+    count = b if cu_seqlens is None else v.check_cu_seqlens(cu_seqlens, b, l, dev)
+    v.check_tensor("initial_state", initial_state, (count, d, n), device=dev, optional=True)
+
+    features = {"dtype": u.dtype, "d_state": n, "bc_layout": ("fixed", "shared", "grouped")[B.dim() - 2],
+                "z": z is not None, "cu_seqlens": cu_seqlens is not None,
+                "initial_state": initial_state is not None}
+    chosen = dispatch.select_backend(PRIMITIVE, backend, dev, features)
+    if chosen == "reference":
+        return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        return_last_state, initial_state, cu_seqlens)
+    state_dtype = _state_dtype(u.dtype)
+    out, last_state, _ = _scan_fwd(
+        u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
+        None if D is None else D.contiguous(), None if z is None else z.contiguous(),
+        None if delta_bias is None else delta_bias.contiguous(),
+        None if initial_state is None else initial_state.to(state_dtype).contiguous(),
+        v.as_int32(cu_seqlens), bool(delta_softplus), chosen)
+    return (out, last_state) if return_last_state else out

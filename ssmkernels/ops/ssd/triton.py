@@ -1,0 +1,6 @@
+"""Triton kernels of ssd: not written yet (issue #5)."""
+from __future__ import annotations
+
+
+def unsupported(features: dict) -> str | None:
+    return "the triton kernels of ssd are not implemented yet (issue #5)"

@@ -1,0 +1,6 @@
+"""Triton kernels of state_update: not written yet (issue #7)."""
+from __future__ import annotations
+
+
+def unsupported(features: dict) -> str | None:
+    return "the triton kernels of state_update are not implemented yet (issue #7)"
