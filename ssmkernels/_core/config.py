@@ -8,6 +8,7 @@
 | SSMKERNELS_CACHE_DIR        | where JIT builds and autotune results live                     |
 | SSMKERNELS_CUDA_ARCHS       | CUDA archs to build, ';'-separated (default 90a)               |
 | SSMKERNELS_CUDA             | setup.py: 1 build the extension, 0 never, unset auto-detect    |
+| SSMKERNELS_POISON_OUTPUTS   | 1: fill kernel outputs with NaN before kernels write (tests)   |
 | TRITON_INTERPRET            | Triton's own: 1 runs Triton kernels on the CPU (tests)         |
 
 Values are read when asked for (not cached at import), so tests can monkeypatch the environment.
@@ -67,3 +68,8 @@ def cache_dir() -> Path:
 
 def cuda_archs() -> str:
     return os.environ.get("SSMKERNELS_CUDA_ARCHS", "90a").strip() or "90a"
+
+
+def poison_outputs() -> bool:
+    """Tests set this so that any output element a kernel fails to write shows up as NaN."""
+    return _flag("SSMKERNELS_POISON_OUTPUTS")

@@ -11,6 +11,8 @@ import importlib
 
 import torch
 
+from . import config
+
 NAMESPACE = "ssmkernels"
 
 
@@ -25,6 +27,18 @@ def kernels(primitive: str, backend: str):
     return importlib.import_module(f"ssmkernels.ops.{primitive}.{backend}")
 
 
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Output buffer shaped (and laid out) like ``t``; NaN-filled under SSMKERNELS_POISON_OUTPUTS=1."""
+    out = torch.empty_like(t, dtype=dtype or t.dtype)
+    return out.fill_(float("nan")) if config.poison_outputs() and out.is_floating_point() else out
+
+
+def new_empty(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Output buffer of ``shape`` on ``like``'s device; NaN-filled under SSMKERNELS_POISON_OUTPUTS=1."""
+    out = like.new_empty(shape, dtype=dtype or like.dtype)
+    return out.fill_(float("nan")) if config.poison_outputs() and out.is_floating_point() else out
+
+
 def placeholder(like: torch.Tensor) -> torch.Tensor:
     """A 0-element tensor standing for an output that was not asked for (custom ops return tensors)."""
     return like.new_empty(0)
@@ -34,6 +48,3 @@ def absent(t: torch.Tensor | None) -> bool:
     return t is None or t.numel() == 0
 
 
-def fake_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``empty_like`` that keeps ``t``'s memory layout (channel-last stays channel-last)."""
-    return torch.empty_like(t, dtype=dtype or t.dtype)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..._core import dispatch
 from ..._core import validation as v
-from ..._core.custom_op import absent, kernels, placeholder, qualified
+from ..._core.custom_op import absent, empty_like, kernels, new_empty, placeholder, qualified
 from . import reference
 
 PRIMITIVE = "causal_conv1d"
@@ -34,11 +34,11 @@ def _normalise_layout(x: Tensor) -> Tensor:
 def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor],
               initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], silu: bool,
               return_final_states: bool, backend: str) -> tuple[Tensor, Tensor]:
-    out = torch.empty_like(x)  # keeps x's layout
+    out = empty_like(x)  # keeps x's layout
     final_states = None
     if return_final_states:
         count = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-        final_states = x.new_empty(count, x.shape[1], weight.shape[1] - 1)
+        final_states = new_empty(x, (count, x.shape[1], weight.shape[1] - 1))
     kernels(PRIMITIVE, backend).forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu,
                                         out, final_states)
     return out, final_states if final_states is not None else placeholder(x)
@@ -57,11 +57,11 @@ def _conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Option
               initial_states: Optional[Tensor], cu_seqlens: Optional[Tensor], dout: Tensor,
               dfinal_states: Optional[Tensor], silu: bool, backend: str
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx = torch.empty_like(x)
+    dx = empty_like(x)
     # Weight and bias gradients are sums over batch and length: accumulated in float32.
     dweight = torch.zeros_like(weight, dtype=torch.float32)
     dbias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
-    dinitial = None if initial_states is None else torch.empty_like(initial_states)
+    dinitial = None if initial_states is None else empty_like(initial_states)
     kernels(PRIMITIVE, backend).backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout,
                                          dfinal_states, silu, dx, dweight, dbias, dinitial)
     return (dx, dweight.to(weight.dtype),
@@ -100,7 +100,7 @@ _conv_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
                  cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor],
                  backend: str) -> Tensor:
-    out = torch.empty_like(x)
+    out = empty_like(x)
     kernels(PRIMITIVE, backend).update(x, conv_state, weight, bias, silu, cache_seqlens,
                                        conv_state_indices, out)
     return out

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..._core import dispatch
 from ..._core import validation as v
-from ..._core.custom_op import absent, kernels, placeholder, qualified
+from ..._core.custom_op import absent, empty_like, kernels, new_empty, placeholder, qualified
 from . import reference
 
 PRIMITIVE = "selective_scan"
@@ -29,9 +29,9 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
               ) -> tuple[Tensor, Tensor, Tensor]:
     impl = kernels(PRIMITIVE, backend)
     count = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-    out = torch.empty_like(u)
-    last_state = u.new_empty(count, u.shape[1], A.shape[1], dtype=_state_dtype(u.dtype))
-    checkpoints = u.new_empty(impl.checkpoint_shape(u.shape, A.shape[1], count), dtype=_state_dtype(u.dtype))
+    out = empty_like(u)
+    last_state = new_empty(u, (count, u.shape[1], A.shape[1]), _state_dtype(u.dtype))
+    checkpoints = new_empty(u, impl.checkpoint_shape(u.shape, A.shape[1], count), _state_dtype(u.dtype))
     impl.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
                  out, last_state, checkpoints)
     return out, last_state, checkpoints
@@ -50,13 +50,13 @@ def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
               z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
               cu_seqlens: Optional[Tensor], delta_softplus: bool, checkpoints: Tensor, dout: Tensor,
               dlast_state: Optional[Tensor], backend: str) -> list[Tensor]:
-    grads = [torch.empty_like(u), torch.empty_like(delta),
+    grads = [empty_like(u), empty_like(delta),
              torch.zeros_like(A, dtype=torch.float32), torch.zeros_like(B, dtype=torch.float32),
              torch.zeros_like(C, dtype=torch.float32),
              None if D is None else torch.zeros_like(D, dtype=torch.float32),
-             None if z is None else torch.empty_like(z),
+             None if z is None else empty_like(z),
              None if delta_bias is None else torch.zeros_like(delta_bias, dtype=torch.float32),
-             None if initial_state is None else torch.empty_like(initial_state)]
+             None if initial_state is None else empty_like(initial_state)]
     kernels(PRIMITIVE, backend).backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
                                          delta_softplus, checkpoints, dout, dlast_state, *grads)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..._core import dispatch
 from ..._core import validation as v
-from ..._core.custom_op import absent, kernels, placeholder, qualified
+from ..._core.custom_op import absent, empty_like, kernels, new_empty, placeholder, qualified
 from . import reference
 
 PRIMITIVE = "ssd"
@@ -33,10 +33,10 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     b, l, h, p = x.shape
     n = B.shape[-1]
     sd = _state_dtype(x.dtype)
-    out = torch.empty_like(x)
-    final_states = x.new_empty(b, h, p, n, dtype=sd)
-    varlen_states = placeholder(x) if cu_seqlens is None else x.new_empty(cu_seqlens.numel() - 1, h, p, n, dtype=sd)
-    checkpoints = x.new_empty(impl.checkpoint_shape(x.shape, n, chunk_size), dtype=sd)
+    out = empty_like(x)
+    final_states = new_empty(x, (b, h, p, n), sd)
+    varlen_states = placeholder(x) if cu_seqlens is None else new_empty(x, (cu_seqlens.numel() - 1, h, p, n), sd)
+    checkpoints = new_empty(x, impl.checkpoint_shape(x.shape, n, chunk_size), sd)
     impl.forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
                  dt_softplus, dt_min, dt_max, out, final_states, varlen_states, checkpoints)
     return out, final_states, varlen_states, checkpoints
@@ -61,12 +61,12 @@ def _ssd_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
              dout: Tensor, dfinal_states: Optional[Tensor], dvarlen_states: Optional[Tensor],
              backend: str) -> list[Tensor]:
     f32 = torch.float32
-    grads = [torch.empty_like(x), torch.empty_like(dt, dtype=f32), torch.zeros_like(A, dtype=f32),
+    grads = [empty_like(x), empty_like(dt, dtype=f32), torch.zeros_like(A, dtype=f32),
              torch.zeros_like(B, dtype=f32), torch.zeros_like(C, dtype=f32),
              None if D is None else torch.zeros_like(D, dtype=f32),
-             None if z is None else torch.empty_like(z),
+             None if z is None else empty_like(z),
              None if dt_bias is None else torch.zeros_like(dt_bias, dtype=f32),
-             None if initial_states is None else torch.empty_like(initial_states)]
+             None if initial_states is None else empty_like(initial_states)]
     kernels(PRIMITIVE, backend).backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                                          chunk_size, dt_softplus, dt_min, dt_max, out, checkpoints, dout,
                                          dfinal_states, dvarlen_states, *grads)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..._core import dispatch
 from ..._core import validation as v
-from ..._core.custom_op import kernels, qualified
+from ..._core.custom_op import empty_like, kernels, qualified
 from . import reference
 
 PRIMITIVE = "state_update"
@@ -23,7 +23,7 @@ PRIMITIVE = "state_update"
 def _state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                   D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
                   state_batch_indices: Optional[Tensor], pad_slot_id: int, backend: str) -> Tensor:
-    out = torch.empty_like(x)
+    out = empty_like(x)
     kernels(PRIMITIVE, backend).update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                        state_batch_indices, pad_slot_id, out)
     return out

@@ -1,0 +1,27 @@
+"""Test set-up: NaN-poisoned kernel outputs, the Triton interpreter on CPU-only machines, GPU marker.
+
+Both variables must be set before Triton kernels are defined (Triton reads TRITON_INTERPRET when
+a kernel is decorated), hence here, at conftest import.
+"""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("SSMKERNELS_POISON_OUTPUTS", "1")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run scripts/gpu_suite.sh on the GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

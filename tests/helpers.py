@@ -1,0 +1,82 @@
+"""Shared test machinery: devices, backends under test, and the SPEC comparison of a kernel run
+against the float64 reference (forward and backward) through one helper."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ssmkernels._core.tolerance import assert_spec_close
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+# Kernel backends exercised here: on CPU only Triton, through its interpreter.
+KERNEL_BACKENDS = ("triton", "cuda") if ON_GPU else ("triton",)
+# The interpreter is slow and mishandles bf16 tl.dot: CPU runs use float32 and float16 only.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (torch.float32, torch.float16)
+
+
+def floats_as(value, dtype: torch.dtype):
+    """``value`` cast to ``dtype`` if it is a floating-point tensor (recursively in tuples)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().to(dtype)
+    return value
+
+
+def _outputs(result) -> list[torch.Tensor]:
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+def compare_with_reference(
+    fn: Callable,
+    inputs: dict,
+    backend: str,
+    grad_names: tuple[str, ...] = (),
+    keep_dtype: tuple[str, ...] = (),
+    label: str = "",
+) -> None:
+    """Run ``fn(**inputs, backend=backend)`` and check it against the reference by the SPEC rule.
+
+    ``inputs`` are in the dtype under test (the first floating input's dtype defines it). The
+    reference runs twice: on float64 copies (the truth) and on the inputs as given (its own
+    rounding error sets the tolerance). Names in ``keep_dtype`` are not upcast in the float64 run
+    (e.g. integer-like or state tensors that must keep their dtype). Gradients of ``grad_names``
+    are compared after a backward with the same random upstream gradients.
+    """
+    dtype = next(v.dtype for v in inputs.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+
+    def prepare(target_dtype):
+        prepared = {}
+        for name, value in inputs.items():
+            cast = value if (target_dtype is None or name in keep_dtype) else floats_as(value, target_dtype)
+            if isinstance(cast, torch.Tensor):
+                cast = cast.detach().clone()
+                if name in grad_names:
+                    cast.requires_grad_(True)
+            prepared[name] = cast
+        return prepared
+
+    runs = {}
+    for key, target, be in (("ref64", torch.float64, "reference"), ("ref_lowp", None, "reference"),
+                            ("kernel", None, backend)):
+        args = prepare(target)
+        outs = _outputs(fn(**args, backend=be))
+        runs[key] = (args, outs)
+
+    kernel_outs = runs["kernel"][1]
+    for i, ref64 in enumerate(runs["ref64"][1]):
+        assert_spec_close(f"{label} output {i}", kernel_outs[i], ref64, runs["ref_lowp"][1][i], dtype)
+
+    if not grad_names:
+        return
+    upstream = [torch.randn_like(o, dtype=torch.float64) for o in runs["ref64"][1]]
+    grads = {}
+    for key, (args, outs) in runs.items():
+        loss = sum((o.to(torch.float64) * g.to(o.device)).sum() for o, g in zip(outs, upstream) if o.requires_grad)
+        tensors = [args[name] for name in grad_names]
+        grads[key] = torch.autograd.grad(loss, tensors, allow_unused=True)
+    for name, g64, g_lowp, g_kernel in zip(grad_names, grads["ref64"], grads["ref_lowp"], grads["kernel"]):
+        if g64 is None:
+            continue
+        assert g_kernel is not None, f"{label}: no gradient for {name}"
+        assert_spec_close(f"{label} grad {name}", g_kernel, g64, g_lowp, dtype)
