@@ -189,9 +189,9 @@ def causal_conv1d_update(
     weight: Tensor,
     bias: Optional[Tensor] = None,
     activation: Optional[str] = None,
-    *,
     cache_seqlens: Optional[Tensor] = None,
     conv_state_indices: Optional[Tensor] = None,
+    *,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Decode step(s) of the causal conv; updates ``conv_state`` in place (drop-in for
