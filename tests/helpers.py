@@ -80,3 +80,15 @@ def compare_with_reference(
             continue
         assert g_kernel is not None, f"{label}: no gradient for {name}"
         assert_spec_close(f"{label} grad {name}", g_kernel, g64, g_lowp, dtype)
+
+
+def run_opcheck(op, args: tuple, kwargs: dict | None = None) -> None:
+    """``torch.library.opcheck`` on one of our custom ops (schema, fake kernel, autograd registration).
+
+    ``op`` is e.g. ``torch.ops.ssmkernels.causal_conv1d_fwd.default``; a failure raises with
+    opcheck's own report of which check broke.
+    """
+    results = torch.library.opcheck(op, args, kwargs or {},
+                                    test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    failed = {name: result for name, result in results.items() if result != "SUCCESS"}
+    assert not failed, f"opcheck failed for {op}: {failed}"
