@@ -1,6 +1,226 @@
-"""Triton kernels of state_update: not written yet (issue #7)."""
+"""Triton kernel of selective_state_update (SPEC.md section 4).
+
+The op layer hands every call over in the multi-token Mamba-2 form, as views: state
+``(B_cache, h, p, n)``, x/dt/z/out ``(b, t, h, p)``, A ``(h, p, n)``, B/C ``(b, t, g, n)``,
+D/dt_bias ``(h, p)``. Any of them may be a broadcast view (stride 0), so the kernel reads every
+stride and assumes no contiguity.
+
+One program owns a ``(BLOCK_P, n)`` tile of one (batch row, head): it loads the tile of the state
+once, applies the ``t`` tokens in order with the state kept in registers, writes each token's
+output, and stores the state back once (in the state's own dtype; math in float32).
+"""
 from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..._core import config
 
 
 def unsupported(features: dict) -> str | None:
-    return "the triton kernels of state_update are not implemented yet (issue #7)"
+    if features.get("dtype") not in _FLOATS or features.get("state_dtype") not in _FLOATS:
+        return (f"the triton kernel takes float32/float16/bfloat16 inputs and state, got inputs "
+                f"{features.get('dtype')} and state {features.get('state_dtype')}")
+    return None
+
+
+def _floats():
+    import torch
+
+    return (torch.float32, torch.float16, torch.bfloat16)
+
+
+_FLOATS = _floats()
+
+
+@triton.jit
+def _softplus(v):
+    # Same threshold as torch.nn.functional.softplus: linear above 20.
+    return tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
+
+
+@triton.jit
+def _store_cast(value, ptr_dtype: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    """float32 -> the element type behind a pointer, rounding to nearest even.
+
+    Compiled Triton rounds float32 -> bfloat16 to nearest even; Triton's CPU interpreter
+    truncates. Under the interpreter (``BF16_BY_BITS``) bfloat16 is rounded here with integer
+    arithmetic, so CPU tests check the rounding that the GPU does.
+    """
+    if BF16_BY_BITS and ptr_dtype == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(value != value, bits | 0x400000, rounded)  # NaN stays a (quiet) NaN
+        return (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return value.to(ptr_dtype)
+
+
+@triton.jit(do_not_specialize=["tokens", "batch_cache", "pad_slot_id"])
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, indices_ptr, out_ptr,
+    tokens, p, n, heads_per_group, batch_cache, pad_slot_id,
+    stride_state_slot, stride_state_h, stride_state_p, stride_state_n,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_t, stride_dt_h, stride_dt_p,
+    stride_A_h, stride_A_p, stride_A_n,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    stride_D_h, stride_D_p,
+    stride_z_b, stride_z_t, stride_z_h, stride_z_p,
+    stride_dt_bias_h, stride_dt_bias_p,
+    stride_out_b, stride_out_t, stride_out_h, stride_out_p,
+    DT_SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr,
+    HAS_INDICES: tl.constexpr,
+    DT_PER_HEAD: tl.constexpr,  # dt (and dt_bias) have stride 0 along p: one dt per head
+    A_PER_HEAD: tl.constexpr,  # A has stride 0 along p and n: one decay per head
+    BF16_BY_BITS: tl.constexpr,  # under the interpreter: see _store_cast
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    pid_g = pid_h // heads_per_group
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < p
+    mask_n = offs_n < n
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    offs_p64 = offs_p.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+
+    out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_p64 * stride_out_p
+
+    if HAS_INDICES:
+        slot = tl.load(indices_ptr + pid_b).to(tl.int64)
+        # Pad rows (and, defensively, any index outside the cache) touch no state: zeros out.
+        if (slot == pad_slot_id) | (slot < 0) | (slot >= batch_cache):
+            zeros = tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptr.dtype.element_ty)
+            j = 0
+            while j < tokens:
+                tl.store(out_ptrs, zeros, mask=mask_p)
+                out_ptrs += stride_out_t
+                j += 1
+            return
+    else:
+        slot = pid_b
+
+    state_ptrs = (state_ptr + slot * stride_state_slot + pid_h * stride_state_h
+                  + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n)
+    state = tl.load(state_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
+
+    # Per-(head, p) constants, loaded once for all tokens.
+    if A_PER_HEAD:
+        A = tl.load(A_ptr + pid_h * stride_A_h).to(tl.float32)
+    else:
+        A = tl.load(A_ptr + pid_h * stride_A_h + offs_p64[:, None] * stride_A_p + offs_n64[None, :] * stride_A_n,
+                    mask=mask_pn, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        if DT_PER_HEAD:
+            dt_bias = tl.load(dt_bias_ptr + pid_h * stride_dt_bias_h).to(tl.float32)
+        else:
+            dt_bias = tl.load(dt_bias_ptr + pid_h * stride_dt_bias_h + offs_p64 * stride_dt_bias_p,
+                              mask=mask_p, other=0.0).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + pid_h * stride_D_h + offs_p64 * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
+
+    x_ptrs = x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p64 * stride_x_p
+    dt_ptrs = dt_ptr + pid_b * stride_dt_b + pid_h * stride_dt_h
+    if not DT_PER_HEAD:
+        dt_ptrs += offs_p64 * stride_dt_p
+    B_ptrs = B_ptr + pid_b * stride_B_b + pid_g * stride_B_g + offs_n64 * stride_B_n
+    C_ptrs = C_ptr + pid_b * stride_C_b + pid_g * stride_C_g + offs_n64 * stride_C_n
+    if HAS_Z:
+        z_ptrs = z_ptr + pid_b * stride_z_b + pid_h * stride_z_h + offs_p64 * stride_z_p
+
+    # Pointers advance by one token per step (64-bit pointer arithmetic, whatever the strides).
+    # A while loop, not range(tokens): Triton's interpreter cannot take range() of a runtime
+    # scalar under numpy >= 2.4; compiled, both give the same loop.
+    j = 0
+    while j < tokens:
+        x = tl.load(x_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+        if DT_PER_HEAD:
+            dt = tl.load(dt_ptrs).to(tl.float32)  # scalar
+        else:
+            dt = tl.load(dt_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt = dt + dt_bias
+        if DT_SOFTPLUS:
+            dt = _softplus(dt)
+        B = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        C = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        if DT_PER_HEAD:
+            decay = tl.exp(A * dt)  # a scalar when A_PER_HEAD too: one exp per head and token
+        else:
+            decay = tl.exp(A * dt[:, None])
+        state = state * decay + (dt * x)[:, None] * B[None, :]
+        y = tl.sum(state * C[None, :], axis=1)
+        if HAS_D:
+            y += D * x
+        if HAS_Z:
+            z = tl.load(z_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+            z_ptrs += stride_z_t
+        tl.store(out_ptrs, _store_cast(y, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_p)
+        x_ptrs += stride_x_t
+        dt_ptrs += stride_dt_t
+        B_ptrs += stride_B_t
+        C_ptrs += stride_C_t
+        out_ptrs += stride_out_t
+        j += 1
+
+    tl.store(state_ptrs, _store_cast(state, state_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_pn)
+
+
+def _launch_config(batch: int, heads: int, p: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_N, num_warps), picked by hand: autotuning would run the in-place kernel
+    several times on the caller's state (and cost host time on a latency-bound path).
+
+    A tile of about 2048 state elements per program (16 float32 registers per thread at 4 warps)
+    keeps enough loads in flight for bandwidth at large batch; when the grid would not fill the
+    GPU (small batch), tiles shrink to 512 elements so that more programs share the work.
+    """
+    block_n = triton.next_power_of_2(n)
+    block_p_max = triton.next_power_of_2(p)
+    tile = 2048 if batch * heads >= 1024 else 512
+    block_p = max(1, min(block_p_max, tile // block_n))
+    num_warps = 4 if block_p * block_n <= 2048 else 8
+    return block_p, block_n, num_warps
+
+
+def update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out):
+    """Apply ``t`` tokens to ``state`` in place and write ``out (b, t, h, p)``; inputs in the
+    multi-token Mamba-2 form (see the module docstring)."""
+    b, t, h, p = x.shape
+    n = state.shape[-1]
+    if b == 0 or t == 0 or h == 0 or p == 0:
+        return
+    g = B.shape[2]
+    block_p, block_n, num_warps = _launch_config(b, h, p, n)
+    dt_per_head = dt.stride(3) == 0 and (dt_bias is None or dt_bias.stride(1) == 0)
+    a_per_head = A.stride(1) == 0 and A.stride(2) == 0
+    D_strides = D.stride() if D is not None else (0, 0)
+    z_strides = z.stride() if z is not None else (0, 0, 0, 0)
+    dt_bias_strides = dt_bias.stride() if dt_bias is not None else (0, 0)
+    grid = (triton.cdiv(p, block_p), b, h)
+    _state_update_kernel[grid](
+        state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
+        t, p, n, h // g, state.shape[0], pad_slot_id,
+        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *D_strides, *z_strides, *dt_bias_strides, *out.stride(),
+        DT_SOFTPLUS=bool(dt_softplus),
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_DT_BIAS=dt_bias is not None,
+        HAS_INDICES=state_batch_indices is not None,
+        DT_PER_HEAD=dt_per_head,
+        A_PER_HEAD=a_per_head,
+        BF16_BY_BITS=config.triton_interpret(),
+        BLOCK_P=block_p,
+        BLOCK_N=block_n,
+        num_warps=num_warps,
+    )
