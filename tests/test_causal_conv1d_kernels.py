@@ -1,0 +1,385 @@
+"""causal_conv1d / causal_conv1d_update kernels (triton, cuda) against the float64 reference (SPEC.md
+section 1): forward and backward over layouts, widths and the packed-sequence forms; the decode
+update with multi-token input, circular buffers and padding slots; custom-op and compile checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssmkernels
+from ssmkernels._core.tolerance import assert_spec_close
+from ssmkernels.ops.causal_conv1d import reference
+from tests.helpers import DEVICE, KERNEL_BACKENDS, KERNEL_DTYPES, ON_GPU, compare_with_reference
+
+DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _ids(dtypes):
+    return [DTYPE_IDS[d] for d in dtypes]
+
+
+# ----------------------------------------------------------------------------- input layouts
+def _as_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x (b, d, l)`` contiguous -> the same values in another memory layout."""
+    if layout == "channel_first":
+        return x
+    if layout == "channel_last":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    raise ValueError(layout)
+
+
+def _view(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The view the test function takes of its stored x (strided layouts cannot survive a clone)."""
+    if layout == "sliced":  # every other channel of a wider tensor: stride(1) = 2l, stride(2) = 1
+        return x[:, ::2]
+    if layout == "sliced_channel_last":  # channel-last with a gap: stride(1) = 1, stride(2) = 2d
+        return x.transpose(1, 2)[:, :, ::2].transpose(1, 2)
+    return x
+
+
+def _stored(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """What the test stores so that ``_view(stored, layout)`` has x's values."""
+    b, d, l = x.shape
+    if layout == "sliced":
+        wide = torch.randn(b, 2 * d, l, dtype=x.dtype, device=x.device)
+        wide[:, ::2] = x
+        return wide
+    if layout == "sliced_channel_last":
+        wide = torch.randn(b, l, 2 * d, dtype=x.dtype, device=x.device)
+        wide[:, :, ::2] = x.transpose(1, 2)
+        return wide.transpose(1, 2)
+    return _as_layout(x, layout)
+
+
+# ----------------------------------------------------------------------------- forward + backward
+# One base case, then rows that change one thing (lengths not multiples of any block size).
+BASE = dict(b=2, d=5, l=33, w=4, bias=True, activation="silu", init=False, final=False, seq=None, cu=None)
+CASES = {
+    "base": {},
+    "l1": dict(l=1, init=True, final=True),
+    "l70_w2_plain": dict(l=70, w=2, bias=False, activation=None),
+    "w3_l7": dict(w=3, l=7),
+    "w6": dict(w=6, l=20, init=True, final=True),
+    "d1": dict(d=1, l=9),
+    "init_final": dict(init=True, final=True),
+    "final_only": dict(final=True, activation=None),
+    "seq_idx": dict(seq=[[0] * 10 + [1] * 20 + [2] * 3, [4] * 33], init=True, final=True),
+    "seq_idx_short_last": dict(seq=[[0] * 31 + [1] * 2, [0] * 32 + [3]], init=True, final=True),
+    "seq_idx_one_seq_short": dict(l=2, seq=[[5, 5], [1, 1]], init=True, final=True),
+    "varlen": dict(b=1, cu=[0, 5, 5, 6, 20, 33], init=True, final=True),
+    "varlen_no_init": dict(b=1, cu=[0, 0, 2, 3, 33, 33], final=True),
+    "varlen_one": dict(b=1, l=7, cu=[0, 7], init=True, final=True, bias=False),
+}
+LAYOUTS = ("channel_first", "channel_last", "sliced", "sliced_channel_last")
+# Every case in the two plain layouts; the strided layouts on the cases where strides matter most.
+FULL_GRID = [(c, lay) for c in CASES for lay in LAYOUTS[:2]] + [
+    (c, lay) for c in ("base", "seq_idx", "varlen") for lay in LAYOUTS[2:]]
+
+
+def _conv_inputs(case: dict, dtype, layout: str):
+    b, d, l, w = case["b"], case["d"], case["l"], case["w"]
+    x = torch.randn(b, d, l, device=DEVICE)
+    inputs = dict(x=_stored(x, layout).to(dtype), weight=(torch.randn(d, w, device=DEVICE) * 0.5).to(dtype),
+                  bias=torch.randn(d, device=DEVICE).to(dtype) if case["bias"] else None)
+    count = b
+    if case["seq"] is not None:
+        inputs["seq_idx"] = torch.tensor(case["seq"], dtype=torch.int32, device=DEVICE)
+    if case["cu"] is not None:
+        inputs["cu_seqlens"] = torch.tensor(case["cu"], dtype=torch.int32, device=DEVICE)
+        count = len(case["cu"]) - 1
+    if case["init"]:
+        inputs["initial_states"] = torch.randn(count, d, w - 1, device=DEVICE).to(dtype)
+    return inputs
+
+
+def _conv_fn(layout, activation, final):
+    def fn(x, weight, bias=None, seq_idx=None, initial_states=None, cu_seqlens=None, backend=None):
+        return ssmkernels.causal_conv1d(_view(x, layout), weight, bias, seq_idx, initial_states, final,
+                                        activation=activation, cu_seqlens=cu_seqlens, backend=backend)
+    return fn
+
+
+@pytest.mark.parametrize("case_name,layout", FULL_GRID, ids=[f"{c}-{lay}" for c, lay in FULL_GRID])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=_ids(KERNEL_DTYPES))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv_forward_backward(backend, dtype, case_name, layout):
+    case = {**BASE, **CASES[case_name]}
+    inputs = _conv_inputs(case, dtype, layout)
+    grads = tuple(n for n in ("x", "weight", "bias", "initial_states") if inputs.get(n) is not None)
+    compare_with_reference(_conv_fn(layout, case["activation"], case["final"]), inputs, backend,
+                           grad_names=grads, label=f"{backend} {case_name} {layout}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16],
+                         ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv_float32_weight_with_half_x(backend, dtype):
+    case = {**BASE, "init": True, "final": True}
+    inputs = _conv_inputs(case, dtype, "channel_last")
+    inputs["weight"] = inputs["weight"].float()
+    inputs["bias"] = inputs["bias"].float()
+    compare_with_reference(_conv_fn("channel_last", "silu", True), inputs, backend,
+                           grad_names=("x", "weight", "bias", "initial_states"), keep_dtype=("weight", "bias"),
+                           label=f"{backend} fp32 weight")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv_all_sequences_empty(backend):
+    """l = 0 with cu_seqlens of empty sequences: no output, final states equal the initial ones."""
+    d, w = 3, 4
+    x = torch.randn(1, d, 0, device=DEVICE)
+    init = torch.randn(2, d, w - 1, device=DEVICE, requires_grad=True)
+    cu = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    out, final = ssmkernels.causal_conv1d(x, torch.randn(d, w, device=DEVICE), None, None, init, True,
+                                          cu_seqlens=cu, backend=backend)
+    assert out.shape == (1, d, 0)
+    torch.testing.assert_close(final, init.detach(), rtol=0, atol=0)
+    upstream = torch.randn_like(final)
+    (grad,) = torch.autograd.grad((final * upstream).sum(), init)
+    torch.testing.assert_close(grad, upstream, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv_final_states_out(backend):
+    d, w = 4, 3
+    x = torch.randn(2, d, 9, device=DEVICE)
+    weight = torch.randn(d, w, device=DEVICE)
+    buffer = torch.full((2, d, w - 1), float("nan"), device=DEVICE)
+    out = ssmkernels.causal_conv1d(x, weight, final_states_out=buffer, backend=backend)
+    _, expected = reference.causal_conv1d(x, weight, return_final_states=True)
+    torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv_backward_is_deterministic(backend):
+    case = {**BASE, "l": 70, "init": True, "final": True, "seq": [[0] * 30 + [1] * 40, [2] * 70]}
+    inputs = _conv_inputs(case, torch.float32, "channel_first")
+    fn = _conv_fn("channel_first", "silu", True)
+    results = []
+    for _ in range(2):
+        args = {k: (v.clone().requires_grad_(v.is_floating_point()) if v is not None else None)
+                for k, v in inputs.items()}
+        out, final = fn(**args, backend=backend)
+        torch.manual_seed(1)
+        loss = (out * torch.randn_like(out)).sum() + (final * torch.randn_like(final)).sum()
+        results.append(torch.autograd.grad(loss, [args["x"], args["weight"], args["bias"], args["initial_states"]]))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS[:2])
+def test_conv_varlen_equals_loop(backend, layout):
+    """SPEC law 4 on the kernel: a cu_seqlens call equals each sequence run alone."""
+    d, w, bounds = 6, 4, [0, 3, 3, 17, 40]
+    x = _as_layout(torch.randn(1, d, bounds[-1], device=DEVICE), layout)
+    weight, bias = torch.randn(d, w, device=DEVICE), torch.randn(d, device=DEVICE)
+    init = torch.randn(len(bounds) - 1, d, w - 1, device=DEVICE)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+    out, final = ssmkernels.causal_conv1d(x, weight, bias, None, init, True, activation="silu", cu_seqlens=cu,
+                                          backend=backend)
+    for j, (start, end) in enumerate(zip(bounds, bounds[1:])):
+        if end == start:
+            torch.testing.assert_close(final[j], init[j])
+            continue
+        o, f = ssmkernels.causal_conv1d(x[:, :, start:end], weight, bias, None, init[j:j + 1], True,
+                                        activation="silu", backend=backend)
+        torch.testing.assert_close(out[:, :, start:end], o, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(final[j:j + 1], f, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- update
+UPDATE_BASE = dict(b=3, d=5, w=4, s=3, t=None, bias=True, activation="silu", circular=None, indices=None,
+                   slots=None, state_dtype=None, sliced_x=False)
+UPDATE_CASES = {
+    "one_token": {},
+    "one_token_w2_plain": dict(w=2, s=1, bias=False, activation=None),
+    "multi_token": dict(t=3),
+    "tokens_past_state": dict(t=5, s=3),
+    "long_state": dict(s=7, t=2),
+    "circular": dict(s=6, t=2, circular=[0, 4, 13]),
+    "circular_one_token": dict(s=3, circular=[2, 0, 100]),
+    "circular_tokens_past_state": dict(s=4, t=6, circular=[1, 5, 0]),
+    "indices_with_padding": dict(t=2, indices=[4, -1, 0], slots=6),
+    "indices_circular": dict(s=5, t=2, indices=[-1, 2, 1], slots=3, circular=[3, 7, 1]),
+    "float32_state": dict(t=2, state_dtype=torch.float32),
+    "sliced_x": dict(sliced_x=True),
+}
+
+
+def _update_inputs(case, dtype):
+    b, d, w, s, t = case["b"], case["d"], case["w"], case["s"], case["t"]
+    shape = (b, d) if t is None else (b, d, t)
+    x = torch.randn(*shape, device=DEVICE).to(dtype)
+    if case["sliced_x"]:
+        x = torch.randn(b, 2 * d, device=DEVICE).to(dtype)[:, 1::2]
+    slots = case["slots"] or b
+    state_dtype = case["state_dtype"] or dtype
+    inputs = dict(x=x, conv_state=torch.randn(slots, d, s, device=DEVICE).to(state_dtype),
+                  weight=(torch.randn(d, w, device=DEVICE) * 0.5).to(dtype),
+                  bias=torch.randn(d, device=DEVICE).to(dtype) if case["bias"] else None)
+    if case["circular"] is not None:
+        inputs["cache_seqlens"] = torch.tensor(case["circular"], dtype=torch.int32, device=DEVICE)
+    if case["indices"] is not None:
+        inputs["conv_state_indices"] = torch.tensor(case["indices"], dtype=torch.int32, device=DEVICE)
+    return inputs
+
+
+def _run_update(inputs, activation, backend, dtype=None):
+    args = {k: v for k, v in inputs.items()}
+    if dtype is not None:
+        args = {k: (v.to(dtype) if v is not None and v.is_floating_point() else v) for k, v in args.items()}
+    args["conv_state"] = args["conv_state"].clone()
+    out = ssmkernels.causal_conv1d_update(args.pop("x"), args["conv_state"], args.pop("weight"), args.pop("bias"),
+                                          activation, backend=backend, **{k: v for k, v in args.items()
+                                                                          if k != "conv_state"})
+    return out, args["conv_state"]
+
+
+@pytest.mark.parametrize("case_name", list(UPDATE_CASES))
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=_ids(KERNEL_DTYPES))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_update(backend, dtype, case_name):
+    case = {**UPDATE_BASE, **UPDATE_CASES[case_name]}
+    inputs = _update_inputs(case, dtype)
+    out64, state64 = _run_update(inputs, case["activation"], "reference", torch.float64)
+    out_lowp, state_lowp = _run_update(inputs, case["activation"], "reference")
+    out, state = _run_update(inputs, case["activation"], backend)
+    assert out.shape == inputs["x"].shape
+    assert_spec_close(f"{backend} {case_name} out", out, out64, out_lowp, dtype)
+    # The state only ever receives copies of inputs: it must match the reference exactly.
+    assert torch.equal(state, state_lowp), f"{backend} {case_name}: conv_state differs from the reference"
+    if case["indices"] is not None:
+        pad = torch.tensor(case["indices"], device=DEVICE) < 0
+        assert bool((out[pad] == 0).all()), "padding rows must give zeros"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("circular", [False, True], ids=["shift", "circular"])
+def test_prefill_then_steps_equals_full(backend, circular):
+    """SPEC law 2 with the kernels: prefill k tokens, then decode the rest one token at a time."""
+    b, d, w, l, k = 2, 4, 4, 12, 5
+    x = torch.randn(b, d, l, device=DEVICE)
+    weight, bias = torch.randn(d, w, device=DEVICE), torch.randn(d, device=DEVICE)
+    full = ssmkernels.causal_conv1d(x, weight, bias, activation="silu", backend=backend)
+    _, state = ssmkernels.causal_conv1d(x[:, :, :k], weight, bias, return_final_states=True, activation="silu",
+                                        backend=backend)
+    seqlens = None
+    if circular:  # a longer circular buffer holding the prefill's last w-1 tokens before position k
+        s = 6
+        buffer = torch.zeros(b, d, s, device=DEVICE)
+        for m in range(w - 1):
+            buffer[:, :, (k - (w - 1) + m) % s] = state[:, :, m]
+        state, seqlens = buffer, torch.full((b,), k, dtype=torch.int32, device=DEVICE)
+    state = state.contiguous()
+    for t in range(k, l):
+        step = ssmkernels.causal_conv1d_update(x[:, :, t], state, weight, bias, "silu", cache_seqlens=seqlens,
+                                               backend=backend)
+        torch.testing.assert_close(step, full[:, :, t], rtol=1e-5, atol=1e-5)
+        if seqlens is not None:
+            seqlens = seqlens + 1
+
+
+# ----------------------------------------------------------------------------- custom ops, compile
+def test_opcheck_custom_ops():
+    backend = "triton"
+    d, w, l = 3, 4, 9
+    x = torch.randn(2, d, l, device=DEVICE)
+    weight, bias = torch.randn(d, w, device=DEVICE), torch.randn(d, device=DEVICE)
+    init = torch.randn(2, d, w - 1, device=DEVICE)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5, [0] * 9], dtype=torch.int32, device=DEVICE)
+    ops = torch.ops.ssmkernels
+    fwd_args = (x.requires_grad_(), weight.requires_grad_(), bias, seq_idx, init, None, True, True, backend)
+    torch.library.opcheck(ops.causal_conv1d_fwd.default, fwd_args)
+    dout, dfinal = torch.randn(2, d, l, device=DEVICE), torch.randn(2, d, w - 1, device=DEVICE)
+    torch.library.opcheck(ops.causal_conv1d_bwd.default,
+                          (x.detach(), weight.detach(), bias, seq_idx, init, None, dout, dfinal, True, backend))
+    state = torch.randn(2, d, w - 1, device=DEVICE)
+    torch.library.opcheck(ops.causal_conv1d_update.default,
+                          (torch.randn(2, d, device=DEVICE), state, weight.detach(), bias, True, None, None, backend))
+
+
+def test_compile_fullgraph():
+    backend = "triton"
+    d, w, l = 3, 4, 9
+    x = torch.randn(2, d, l, device=DEVICE, requires_grad=True)
+    weight, bias = torch.randn(d, w, device=DEVICE), torch.randn(d, device=DEVICE)
+
+    def fn(x, weight, bias):
+        out, final = ssmkernels.causal_conv1d(x, weight, bias, return_final_states=True, activation="silu",
+                                              backend=backend)
+        return out.sum() + final.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
+    loss = compiled(x, weight, bias)
+    (grad,) = torch.autograd.grad(loss, x)
+    expected_loss = fn(x, weight, bias)
+    (expected_grad,) = torch.autograd.grad(expected_loss, x)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+    state = torch.randn(2, d, w - 1, device=DEVICE)
+    step = torch.compile(lambda x1, st: ssmkernels.causal_conv1d_update(x1, st, weight, bias, "silu", backend=backend),
+                         fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
+    x1 = torch.randn(2, d, device=DEVICE)
+    expected_state = state.clone()
+    expected = ssmkernels.causal_conv1d_update(x1, expected_state, weight, bias, "silu", backend=backend)
+    torch.testing.assert_close(step(x1, state), expected)
+    torch.testing.assert_close(state, expected_state)
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS[:2])
+def test_conv_large_gpu(backend, layout):
+    case = {**BASE, "b": 2, "d": 260, "l": 4099, "init": True, "final": True}
+    inputs = _conv_inputs(case, torch.bfloat16, layout)
+    compare_with_reference(_conv_fn(layout, "silu", True), inputs, backend,
+                           grad_names=("x", "weight", "bias", "initial_states"), label=f"{backend} large")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv_int64_offsets_gpu(backend):
+    """More than 2^31 elements: offsets must be 64-bit (checked on the last positions)."""
+    b, d, l, w = 1, 16, (2 ** 31) // 16 + 1000, 4
+    x = torch.randn(b, d, l, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(d, w, device=DEVICE, dtype=torch.bfloat16)
+    out = ssmkernels.causal_conv1d(x, weight, backend=backend)
+    tail = x[:, :, -64:]
+    expected = reference.causal_conv1d(tail.double(), weight.double(), initial_states=x[:, :, -64 - (w - 1):-64].double())
+    assert_spec_close("tail", out[:, :, -64:], expected,
+                      reference.causal_conv1d(tail, weight, initial_states=x[:, :, -64 - (w - 1):-64]),
+                      torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_update_cuda_graph(backend):
+    b, d, w, s = 4, 64, 4, 8
+    x = torch.randn(b, d, device=DEVICE, dtype=torch.bfloat16)
+    state = torch.randn(b, d, s, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(d, w, device=DEVICE, dtype=torch.bfloat16)
+    seqlens = torch.tensor([0, 3, 9, 20], dtype=torch.int32, device=DEVICE)
+    indices = torch.tensor([1, -1, 0, 3], dtype=torch.int32, device=DEVICE)
+    expected_state = state.clone()
+    expected = reference.causal_conv1d_update(x, expected_state, weight, None, "silu", seqlens, indices)
+    call = lambda: ssmkernels.causal_conv1d_update(x, state, weight, None, "silu", cache_seqlens=seqlens,
+                                                   conv_state_indices=indices, backend=backend)
+    start_state = state.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    state.copy_(start_state)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    state.copy_(start_state)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-2)
+    assert torch.equal(state, expected_state)
