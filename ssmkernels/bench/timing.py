@@ -1,0 +1,104 @@
+"""GPU timing: CUDA-event medians after warm-up, and the GPU's measured peaks.
+
+``measure(fns)`` times each call with its own pair of CUDA events (so percentiles mean something),
+cycling through ``fns`` (one closure per rotated input copy, so small working sets are not served
+from L2). ``peaks()`` measures, once per run, a large device-to-device copy (bandwidth roof) and an
+8192^3 bf16 matmul (compute roof); results are reported as a percentage of both.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    min_ms: float
+    reps: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def measure(fns: Sequence[Callable[[], Any]], warmup_ms: float = 25.0, rep_ms: float = 100.0,
+            min_reps: int = 10, max_reps: int = 2000) -> Timing:
+    """Median (and 20th/80th percentile) time of one call, in ms, from CUDA events."""
+    fns = list(fns)
+    fns[0]()  # first call: compilation, autotuning, lazy loading
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(5):
+        fns[i % len(fns)]()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for i in range(max(1, int(warmup_ms / estimate))):
+        fns[i % len(fns)]()
+    reps = min(max(int(rep_ms / estimate), min_reps), max_reps)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize()
+    for i in range(reps):
+        starts[i].record()
+        fns[i % len(fns)]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), times[0], reps)
+
+
+def wall_per_call_us(fns: Sequence[Callable[[], Any]], calls: int = 500) -> float:
+    """Wall-clock time per call of a back-to-back loop (host overhead included), in microseconds:
+    what a decode loop without CUDA graphs sees."""
+    fns = list(fns)
+    for i in range(20):
+        fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(calls):
+        fns[i % len(fns)]()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+@dataclass
+class Peaks:
+    copy_gbps: float  # device-to-device copy: (read + write) bytes / time
+    matmul_tflops: float  # 8192^3 bf16 matmul
+    copy_bytes: int
+    matmul_n: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def peaks(copy_gib: float = 1.0, matmul_n: int = 8192) -> Peaks:
+    """Measure the GPU's copy bandwidth and bf16 matmul rate once (a few hundred ms)."""
+    elements = int(copy_gib * 2**30) // 4
+    src = torch.empty(elements, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    copy = measure([lambda: dst.copy_(src)], warmup_ms=50, rep_ms=200)
+    copy_bytes = 2 * elements * 4
+    del src, dst
+    a = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(matmul_n, matmul_n, dtype=torch.bfloat16, device="cuda")
+    c = torch.empty_like(a)
+    mm = measure([lambda: torch.matmul(a, b, out=c)], warmup_ms=100, rep_ms=300)
+    del a, b, c
+    torch.cuda.empty_cache()
+    return Peaks(copy_gbps=copy_bytes / (copy.median_ms * 1e-3) / 1e9,
+                 matmul_tflops=2 * matmul_n**3 / (mm.median_ms * 1e-3) / 1e12,
+                 copy_bytes=copy_bytes, matmul_n=matmul_n)
