@@ -18,6 +18,13 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@torch._dynamo.assume_constant_result
+def _select_backend(requested: Optional[str], device: torch.device, features: dict) -> str:
+    """Backend choice, evaluated once at trace time under torch.compile (dispatch imports modules,
+    which Dynamo cannot trace; the choice only depends on these constant arguments)."""
+    return dispatch.select_backend(PRIMITIVE, requested, device, features)
+
+
 # ----------------------------------------------------------------------------- custom ops
 # The forward returns, besides out and the last state, an opaque float32 ``checkpoints`` tensor
 # whose shape the backend defines (``checkpoint_shape``): the states it keeps at chunk boundaries
@@ -152,7 +159,7 @@ def selective_scan(
     features = {"dtype": u.dtype, "d_state": n, "bc_layout": ("fixed", "shared", "grouped")[B.dim() - 2],
                 "z": z is not None, "cu_seqlens": cu_seqlens is not None,
                 "initial_state": initial_state is not None}
-    chosen = dispatch.select_backend(PRIMITIVE, backend, dev, features)
+    chosen = _select_backend(backend, dev, features)
     if chosen == "reference":
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         return_last_state, initial_state, cu_seqlens)

@@ -1,0 +1,246 @@
+"""selective_scan kernels (triton, cuda) against the float64 reference (SPEC.md section 2): forward
+and backward over the B/C layouts, optional inputs, initial/last states, packed sequences (with an
+empty one), odd lengths and l = 1, non-contiguous inputs; the split-prefill law (SPEC law 3) on the
+kernels; custom-op registration and torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ssmkernels
+from ssmkernels._core import config
+from ssmkernels._core.dispatch import BackendUnavailable
+from ssmkernels.ops.selective_scan import reference
+from tests.helpers import DEVICE, KERNEL_BACKENDS, KERNEL_DTYPES, ON_GPU, compare_with_reference, run_opcheck
+
+DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _ids(dtypes):
+    return [DTYPE_IDS[d] for d in dtypes]
+
+
+# ----------------------------------------------------------------------------- cases
+# One base case, then rows that change one thing. Lengths are not multiples of the kernels' chunk
+# (32 steps in Triton) except where a row says so; l = 70 spans three chunks.
+BASE = dict(b=2, d=6, l=33, n=4, B="shared", C="shared", g=2, D=True, z=True, bias=True, softplus=True,
+            init=False, last=True, cu=None, sliced=False)
+CASES = {
+    "base": {},
+    "l1": dict(l=1, init=True),
+    "l7_no_last": dict(l=7, last=False),
+    "l64_chunk_multiple": dict(l=64, init=True),
+    "l70": dict(l=70, init=True),
+    "plain": dict(D=False, z=False, bias=False, softplus=False),
+    "softplus_only": dict(D=False, z=False, bias=False),
+    "fixed_BC": dict(B="fixed", C="fixed", init=True),
+    "grouped_odd_group": dict(B="grouped", C="grouped", g=2, d=6),  # 3 channels per group
+    "grouped_g3": dict(B="grouped", C="grouped", g=3, d=6, l=40),
+    "mixed_layouts": dict(B="fixed", C="grouped", g=3, init=True),
+    "grouped_B_shared_C": dict(B="grouped", C="shared", g=2),
+    "n5": dict(n=5),
+    "n16": dict(n=16, d=3),
+    "d1": dict(d=1, l=9, init=True),
+    "batch3": dict(b=3, l=21, init=True),
+    "sliced": dict(sliced=True, init=True),
+    "sliced_grouped": dict(sliced=True, B="grouped", C="grouped"),
+    "varlen": dict(b=1, l=70, cu=[0, 5, 5, 6, 40, 70], init=True),
+    "varlen_no_init": dict(b=1, l=40, cu=[0, 0, 33, 34, 40]),
+    "varlen_empty_last": dict(b=1, l=36, cu=[0, 36, 36], init=True, B="grouped", C="grouped"),
+    "varlen_fixed": dict(b=1, l=20, cu=[0, 7, 20], B="fixed", C="fixed", init=True),
+}
+
+
+def _bc(kind: str, case: dict):
+    b, d, n, l, g = case["b"], case["d"], case["n"], case["l"], case["g"]
+    if kind == "fixed":
+        return torch.randn(d, n, device=DEVICE)
+    if kind == "shared":
+        return torch.randn(b, n, l, device=DEVICE)
+    return torch.randn(b, g, n, l, device=DEVICE)
+
+
+def _stored(x: torch.Tensor, sliced: bool) -> torch.Tensor:
+    """What the test stores so that ``_view(stored)`` has x's values: a wider tensor when sliced."""
+    if not sliced:
+        return x
+    wide = torch.randn(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return wide
+
+
+def _view(x, sliced: bool):
+    """Every other position of a wider tensor: stride(-1) = 2 (strided views cannot survive a clone)."""
+    return x[..., ::2] if sliced and x is not None and x.dim() >= 3 else x
+
+
+def _scan_inputs(case: dict, dtype) -> dict:
+    b, d, l, n = case["b"], case["d"], case["l"], case["n"]
+    sliced = case["sliced"]
+    inputs = dict(
+        u=torch.randn(b, d, l, device=DEVICE),
+        delta=torch.randn(b, d, l, device=DEVICE) * 0.5,
+        A=-torch.rand(d, n, device=DEVICE) - 0.1,
+        B=_bc(case["B"], case), C=_bc(case["C"], case),
+        D=torch.randn(d, device=DEVICE) if case["D"] else None,
+        z=torch.randn(b, d, l, device=DEVICE) if case["z"] else None,
+        delta_bias=torch.randn(d, device=DEVICE) * 0.2 if case["bias"] else None,
+    )
+    if not case["softplus"]:  # keep dt positive and moderate without softplus
+        inputs["delta"] = torch.rand(b, d, l, device=DEVICE) * 0.5 + 0.05
+    count = b
+    if case["cu"] is not None:
+        inputs["cu_seqlens"] = torch.tensor(case["cu"], dtype=torch.int32, device=DEVICE)
+        count = len(case["cu"]) - 1
+    if case["init"]:
+        inputs["initial_state"] = torch.randn(count, d, n, device=DEVICE)
+    inputs = {k: (_stored(v, sliced) if k in ("u", "delta", "z", "B", "C") and v is not None and v.dim() >= 3 else v)
+              for k, v in inputs.items()}
+    return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in inputs.items() if v is not None}
+
+
+def _scan_fn(case: dict):
+    sliced, softplus, last = case["sliced"], case["softplus"], case["last"]
+
+    def fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, cu_seqlens=None,
+           backend=None):
+        return ssmkernels.selective_scan(_view(u, sliced), _view(delta, sliced), A, _view(B, sliced),
+                                         _view(C, sliced), D, _view(z, sliced), delta_bias, softplus, last,
+                                         initial_state=initial_state, cu_seqlens=cu_seqlens, backend=backend)
+    return fn
+
+
+def _grad_names(inputs: dict) -> tuple[str, ...]:
+    return tuple(k for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state") if k in inputs)
+
+
+# ----------------------------------------------------------------------------- forward + backward
+@pytest.mark.parametrize("case_name", list(CASES))
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=_ids(KERNEL_DTYPES))
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_scan_forward_backward(backend, dtype, case_name):
+    case = {**BASE, **CASES[case_name]}
+    inputs = _scan_inputs(case, dtype)
+    compare_with_reference(_scan_fn(case), inputs, backend, grad_names=_grad_names(inputs),
+                           label=f"{backend} {case_name}")
+
+
+@pytest.mark.parametrize("case_name", ["base", "grouped_odd_group", "varlen"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_scan_deterministic_mode(backend, case_name):
+    """The two-stage (atomic-free) reduction of the B/C gradients gives the same answers."""
+    case = {**BASE, **CASES[case_name]}
+    inputs = _scan_inputs(case, torch.float32)
+    ssmkernels.set_deterministic(True)
+    try:
+        compare_with_reference(_scan_fn(case), inputs, backend, grad_names=_grad_names(inputs),
+                               label=f"{backend} deterministic {case_name}")
+    finally:
+        config._deterministic_override = None
+
+
+# ----------------------------------------------------------------------------- SPEC law 3
+@pytest.mark.parametrize("k", [1, 20, 32, 45])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_split_prefill_equals_full_scan(backend, k):
+    """Scanning u[:k], then u[k:] from the first last state, reproduces the full scan, forward and
+    backward (the gradient flows through last_state -> initial_state). The kernel runs split; the
+    reference it is held to runs the full scan."""
+    case = {**BASE, "l": 57, "B": "grouped", "init": True}
+    inputs = _scan_inputs(case, torch.float32)
+
+    def fn(u, delta, A, B, C, D, z, delta_bias, initial_state, backend):
+        def run(sl, init):
+            return ssmkernels.selective_scan(u[..., sl], delta[..., sl], A, B[..., sl], C[..., sl], D, z[..., sl],
+                                             delta_bias, True, True, initial_state=init, backend=backend)
+        if backend == "reference":
+            return run(slice(None), initial_state)
+        out1, state = run(slice(0, k), initial_state)
+        out2, last = run(slice(k, None), state)
+        return torch.cat([out1, out2], dim=-1), last
+
+    compare_with_reference(fn, inputs, backend, grad_names=_grad_names(inputs), label=f"{backend} split at {k}")
+
+
+# ----------------------------------------------------------------------------- dispatch, custom op, compile
+def test_triton_refuses_float64_with_a_reason():
+    case = {**BASE}
+    inputs = _scan_inputs(case, torch.float64)
+    with pytest.raises(BackendUnavailable, match="float32/float16/bfloat16"):
+        _scan_fn(case)(**inputs, backend="triton")
+
+
+def _op_args(case: dict, backend: str):
+    inputs = _scan_inputs(case, torch.float32)
+    state = inputs.get("initial_state")
+    return (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs.get("D"), inputs.get("z"),
+            inputs.get("delta_bias"), state, inputs.get("cu_seqlens"), case["softplus"], backend)
+
+
+@pytest.mark.parametrize("case_name", ["base", "varlen"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck_selective_scan_fwd(backend, case_name):
+    case = {**BASE, **CASES[case_name], "l": 40 if case_name == "base" else CASES[case_name].get("l", 33)}
+    args = _op_args(case, backend)
+    args = tuple(a.requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    run_opcheck(torch.ops.ssmkernels.selective_scan_fwd.default, args)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    case = {**BASE, "l": 21, "init": True}
+    inputs = _scan_inputs(case, torch.float32)
+    for v in inputs.values():
+        v.requires_grad_(True)
+
+    def fn(u, delta, A, B, C, D, z, delta_bias, initial_state):
+        out, last = ssmkernels.selective_scan(u, delta, A, B, C, D, z, delta_bias, True, True,
+                                              initial_state=initial_state, backend=backend)
+        return out.sum() + (last * 0.5).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
+    loss = compiled(**inputs)
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    eager_inputs = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
+    eager_loss = fn(**eager_inputs)
+    eager_grads = torch.autograd.grad(eager_loss, list(eager_inputs.values()))
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_scan_long_sequence(backend):
+    """l >= 64K in bf16 with every option, forward and backward."""
+    case = {**BASE, "b": 1, "d": 8, "n": 16, "l": 65536 + 7, "init": True}
+    inputs = _scan_inputs(case, torch.bfloat16)
+    compare_with_reference(_scan_fn(case), inputs, backend, grad_names=_grad_names(inputs),
+                           label=f"{backend} l=65543")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_scan_more_than_2_31_elements(backend):
+    """u of more than 2^31 elements: the last channels (offsets past 2^31) match the reference run on
+    those channels alone (channels are independent)."""
+    b, d, l, n = 1, 32776, 65536 + 3, 16
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    u = torch.randn(b, d, l, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+    delta = torch.randn(b, d, l, device=DEVICE, dtype=torch.bfloat16, generator=gen) * 0.5
+    A = -torch.rand(d, n, device=DEVICE) - 0.1
+    B = torch.randn(b, n, l, device=DEVICE, dtype=torch.bfloat16)
+    C = torch.randn(b, n, l, device=DEVICE, dtype=torch.bfloat16)
+    D = torch.randn(d, device=DEVICE)
+    assert u.numel() > 2 ** 31
+    out = ssmkernels.selective_scan(u, delta, A, B, C, D, None, None, True, backend=backend)
+    tail = slice(d - 3, d)
+    args = (u[:, tail], delta[:, tail], A[tail], B, C, D[tail])
+    ref64 = reference.selective_scan(*(t.double() for t in args), delta_softplus=True)
+    ref_lowp = reference.selective_scan(*args, delta_softplus=True)
+    from ssmkernels._core.tolerance import assert_spec_close
+    assert_spec_close("tail channels", out[:, tail], ref64, ref_lowp, torch.bfloat16)
