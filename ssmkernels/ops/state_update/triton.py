@@ -1,6 +1,6 @@
 """Triton kernel of selective_state_update (SPEC.md section 4).
 
-The op layer hands every call over in the multi-token Mamba-2 form, as views: state
+The kernel indexes every call as the multi-token Mamba-2 form (``layout.py``): state
 ``(B_cache, h, p, n)``, x/dt/z/out ``(b, t, h, p)``, A ``(h, p, n)``, B/C ``(b, t, g, n)``,
 D/dt_bias ``(h, p)``. Any of them may be a broadcast view (stride 0), so the kernel reads every
 stride and assumes no contiguity.
@@ -15,6 +15,10 @@ import triton
 import triton.language as tl
 
 from ..._core import config
+from .layout import mamba2_layout
+
+# Triton reads TRITON_INTERPRET when kernels are defined, so it is fixed for this module too.
+_INTERPRETED = config.triton_interpret()
 
 
 def unsupported(features: dict) -> str | None:
@@ -193,25 +197,23 @@ def _launch_config(batch: int, heads: int, p: int, n: int) -> tuple[int, int, in
 
 
 def update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out):
-    """Apply ``t`` tokens to ``state`` in place and write ``out (b, t, h, p)``; inputs in the
-    multi-token Mamba-2 form (see the module docstring)."""
-    b, t, h, p = x.shape
-    n = state.shape[-1]
+    """Apply the call's tokens to ``state`` in place and write ``out`` (shaped like ``x``).
+
+    Tensors come as the caller passed them (any of SPEC's forms, any strides); ``layout`` reads
+    them as the multi-token Mamba-2 form. ``state_batch_indices`` may be int32 or int64.
+    """
+    lay = mamba2_layout(state, x, dt, A, B, C, D, z, dt_bias, out)
+    b, t, h, p, n = lay.batch, lay.tokens, lay.heads, lay.headdim, lay.dstate
     if b == 0 or t == 0 or h == 0 or p == 0:
         return
-    g = B.shape[2]
     block_p, block_n, num_warps = _launch_config(b, h, p, n)
-    dt_per_head = dt.stride(3) == 0 and (dt_bias is None or dt_bias.stride(1) == 0)
-    a_per_head = A.stride(1) == 0 and A.stride(2) == 0
-    D_strides = D.stride() if D is not None else (0, 0)
-    z_strides = z.stride() if z is not None else (0, 0, 0, 0)
-    dt_bias_strides = dt_bias.stride() if dt_bias is not None else (0, 0)
+    dt_per_head = lay.dt[3] == 0 and lay.dt_bias[1] == 0
+    a_per_head = lay.A[1] == 0 and lay.A[2] == 0
     grid = (triton.cdiv(p, block_p), b, h)
     _state_update_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
-        t, p, n, h // g, state.shape[0], pad_slot_id,
-        *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
-        *D_strides, *z_strides, *dt_bias_strides, *out.stride(),
+        t, p, n, h // lay.groups, lay.slots, pad_slot_id,
+        *lay.state, *lay.x, *lay.dt, *lay.A, *lay.B, *lay.C, *lay.D, *lay.z, *lay.dt_bias, *lay.out,
         DT_SOFTPLUS=bool(dt_softplus),
         HAS_D=D is not None,
         HAS_Z=z is not None,
@@ -219,7 +221,7 @@ def update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indice
         HAS_INDICES=state_batch_indices is not None,
         DT_PER_HEAD=dt_per_head,
         A_PER_HEAD=a_per_head,
-        BF16_BY_BITS=config.triton_interpret(),
+        BF16_BY_BITS=_INTERPRETED,
         BLOCK_P=block_p,
         BLOCK_N=block_n,
         num_warps=num_warps,
