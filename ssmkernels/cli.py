@@ -326,9 +326,24 @@ def cmd_warmup(args) -> int:
 
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
-    _print("demos are not available yet: they need the reference hybrid model (ssmkernels.models), "
-           "which is still being written. Meanwhile `python -m ssmkernels check` exercises every primitive.")
-    return 2
+    """Runs ``ssmkernels.demos.<name>.main(rest)`` when that package exists; says so when it does not."""
+    try:
+        import importlib
+
+        demos = importlib.import_module("ssmkernels.demos")
+        names = tuple(getattr(demos, "DEMOS", ()))
+    except ImportError:
+        names = ()
+    if not names:
+        _print("demos are not available yet: they need the reference hybrid model (ssmkernels.models), "
+               "which is still being written. Meanwhile `python -m ssmkernels check` exercises every primitive.")
+        return 2
+    if not args.name or args.name not in names:
+        _print(f"usage: python -m ssmkernels demo {{{','.join(names)}}} [options]; "
+               f"`python -m ssmkernels demo NAME --help` lists a demo's options")
+        return 2
+    module = importlib.import_module(f"ssmkernels.demos.{args.name}")
+    return int(module.main(list(args.rest)) or 0)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -384,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--seqlen", type=int, default=256, help="sequence length of the warm-up calls")
     warm.set_defaults(func=cmd_warmup)
 
-    demo = sub.add_parser("demo", help="(not available yet)")
+    demo = sub.add_parser("demo", help="end-to-end demos (ssmkernels.demos), when available")
+    demo.add_argument("name", nargs="?", help="which demo")
+    demo.add_argument("rest", nargs=argparse.REMAINDER, help="the demo's own options")
     demo.set_defaults(func=cmd_demo)
     return parser
 

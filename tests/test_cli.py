@@ -1,0 +1,243 @@
+"""The command line (python -m ssmkernels ...) and the check/bench harness behind it, on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssmkernels import cli
+from ssmkernels.bench import cases as bench_cases
+from ssmkernels.bench import checks, peers, report
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def test_module_entry_point_runs_info():
+    result = subprocess.run([sys.executable, "-m", "ssmkernels", "info"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ssmkernels" in result.stdout and "torch" in result.stdout
+
+
+def test_info_lists_every_primitive_and_backend(capsys):
+    code, out = run_cli(capsys, "info")
+    assert code == 0
+    for label in ("causal_conv1d ", "causal_conv1d_update", "selective_scan", "ssd_chunk_scan",
+                  "selective_state_update"):
+        assert label in out
+    lines = [line for line in out.splitlines() if line.strip().startswith(("causal", "selective", "ssd_"))]
+    for backend in ("reference", "triton", "cuda"):
+        assert sum(f" {backend} " in line for line in lines) == 5, backend
+    assert "reference  available" in out
+    for word in ("GPU", "extension", "cache dir", "SSMKERNELS_BACKEND", "triton"):
+        assert word in out
+
+
+def test_representative_features_name_what_the_ops_use():
+    """info asks each backend with a features dict shaped like the one the op builds."""
+    for label, primitive, features in cli.representative_calls(torch.device("cpu")):
+        assert primitive in checks.PRIMITIVES
+        assert "dtype" in features, label
+
+
+def test_check_quick_reference_passes_and_prints_the_table(capsys):
+    code, out = run_cli(capsys, "check", "--quick", "--backend", "reference")
+    assert code == 0, out
+    header = next(line for line in out.splitlines() if "primitive" in line and "feature" in line)
+    for column in ("backend", "dtype", "max err", "tol", "status"):
+        assert column in header
+    assert "PASS" in out and "FAIL" not in out.replace("0 failed", "")
+    for primitive in checks.PRIMITIVES:
+        assert primitive in out
+    assert "vs quadratic form" in out  # the second formulation of SSD
+    assert " passed, 0 failed" in out
+
+
+@needs_no_gpu
+def test_check_reports_unavailable_backends_as_skips(capsys):
+    code, out = run_cli(capsys, "check", "--quick", "--backend", "cuda", "--primitive", "ssd")
+    assert code == 0
+    assert "SKIP" in out and "CUDA tensors" in out and "PASS" not in out
+
+
+def _failing_cases():
+    def make(r):
+        return {"x": r.normal(2, 3, 5), "weight": r.normal(3, 4), "bias": r.normal(3)}
+
+    def call(x, weight, bias, backend=None):
+        return cli_conv(x, weight, bias, backend)
+
+    def wrong(x, weight, bias):
+        return cli_conv(x, weight, bias, "reference") * 1.5
+
+    def crash(x, weight, bias):
+        raise RuntimeError("kernel exploded")
+
+    return [checks.CheckCase("causal_conv1d", "fake wrong answer", make, call, ("x",), backends=("reference",),
+                             alternative=wrong, quick=True),
+            checks.CheckCase("causal_conv1d", "fake crash", make, call, backends=("reference",), alternative=crash,
+                             quick=True),
+            checks.CheckCase("causal_conv1d", "fake fine", make, call, ("x", "weight"), backends=("reference",),
+                             quick=True)]
+
+
+def cli_conv(x, weight, bias, backend):
+    from ssmkernels import causal_conv1d
+
+    return causal_conv1d(x, weight, bias, activation="silu", backend=backend)
+
+
+def test_check_exits_nonzero_when_a_case_fails(capsys, monkeypatch):
+    monkeypatch.setattr(checks, "all_cases", _failing_cases)
+    code, out = run_cli(capsys, "check", "--backend", "reference", "--dtype", "float32")
+    assert code == 1
+    assert "fake wrong answer" in out and "exceeds tolerance" in out
+    assert "RuntimeError: kernel exploded" in out
+    assert "1 passed, 2 failed" in out
+
+
+def test_run_case_returns_comparisons_not_exceptions():
+    wrong, crash, fine = _failing_cases()
+    cpu = torch.device("cpu")
+    bad = checks.run_case(wrong, "reference", torch.float32, cpu)
+    assert bad.status == "FAIL" and bad.error > bad.tolerance
+    assert checks.run_case(crash, "reference", torch.float32, cpu).status == "FAIL"
+    good = checks.run_case(fine, "reference", torch.float16, cpu)
+    assert good.status == "PASS" and good.error <= good.tolerance and good.worst
+
+
+@pytest.mark.parametrize("case", [c for c in checks.all_cases() if "reference" in c.backends],
+                         ids=lambda c: c.name.replace(" ", "_"))
+def test_every_check_case_passes_on_the_reference(case):
+    """The rows of `check` are well formed: the reference passes them (float32, or float64 where pinned).
+    Kernel-only rows (SSD chunk sizes, which the reference does not have) are left out."""
+    dtype = case.dtypes[0] if case.dtypes else torch.float32
+    result = checks.run_case(case, "reference", dtype, torch.device("cpu"))
+    assert result.status == "PASS", f"{case.name}: {result.detail} {result.error} {result.tolerance}"
+
+
+def test_check_plan_filters():
+    cpu = torch.device("cpu")
+    full = checks.plan(device=cpu)
+    quick = checks.plan(quick=True, device=cpu)
+    assert 0 < len(quick) < len(full)
+    only = checks.plan(["ssd"], ["reference"], [torch.float16], device=cpu)
+    assert {(c.primitive, b, d) for c, b, d, _ in only if d != torch.float64} == {("ssd", "reference", torch.float16)}
+    # the interpreter cannot check bf16 Triton kernels: those rows are skipped with a reason
+    rows = checks.plan(["state_update"], ["triton"], [torch.bfloat16], device=cpu)
+    assert all(skip for *_, skip in rows)
+
+
+def test_bench_dry_run_lists_the_issue_shapes(capsys):
+    code, out = run_cli(capsys, "bench", "--dry-run", "--compare")
+    assert code == 0
+    for name in ("conv1d-cf-fwd", "conv1d-cl-fwdbwd", "conv1d-update-b256", "scan-n16-fwdbwd", "scan-n128-fwd",
+                 "ssd-fwdbwd", "ssd-chunk64-fwd", "ssd-n64-fwd", "ssd-varlen-fwd", "state-update-b256-f32state",
+                 "state-update-b1-bf16state"):
+        assert name in out
+    for peer in ("causal_conv1d", "mamba_ssm", "fla", "torch"):
+        assert peer in out
+
+
+def test_bench_filters(capsys):
+    code, out = run_cli(capsys, "bench", "--dry-run", "--primitive", "ssd", "--case", "varlen")
+    assert code == 0 and "ssd-varlen-fwd" in out and "conv1d-" not in out
+    code, out = run_cli(capsys, "bench", "--dry-run", "--case", "no-such-case")
+    assert code == 2
+
+
+@needs_no_gpu
+def test_bench_without_gpu_says_so_and_exits_2(capsys):
+    code, out = run_cli(capsys, "bench")
+    assert code == 2
+    assert "needs a CUDA GPU" in out and "--dry-run" in out
+
+
+def test_bench_cases_have_traffic_and_flops():
+    names = [c.name for c in bench_cases.all_cases()]
+    assert len(names) == len(set(names))
+    for case in bench_cases.all_cases():
+        assert case.bytes > 0 and case.flops > 0, case.name
+        assert case.mode in ("fwd", "fwd+bwd", "decode")
+        assert bool(case.grads) == case.backward, case.name
+    assert any(c.wall_loop for c in bench_cases.all_cases())
+
+
+def test_bench_inputs_build_at_small_scale():
+    """The cases' input builders and call closures agree with the public API (run at their real shapes
+    only on a GPU; here the state-update case, which is small, runs on the reference)."""
+    case = next(c for c in bench_cases.all_cases() if c.name == "state-update-b1-f32state")
+    inputs = case.make(torch.device("cpu"))
+    out = case.ours(inputs, "reference")()
+    assert out.shape == inputs["x"].shape and torch.isfinite(out).all()
+
+
+def test_peers_report_why_they_are_missing():
+    loaded = peers.load()
+    assert set(loaded) == {"causal_conv1d", "mamba_ssm", "fla", "torch"}
+    assert loaded["torch"].get("conv1d") is not None
+    for peer in loaded.values():
+        for function in ("causal_conv1d_fn", "mamba_chunk_scan_combined", "chunk_simple_gla"):
+            if peer.get(function) is None:
+                assert peer.why_missing(function)
+
+
+def _fake_rows():
+    rows = [report.Row("ssd-fwd", "ssd", "fwd", "B4 ...", "ssmkernels:triton", "ok", median_ms=1.5, p20_ms=1.4,
+                       p80_ms=1.6, bytes=10**9, flops=10**11, gbps=666.0, tflops=66.0, pct_copy_bw=22.0,
+                       pct_matmul_peak=9.0, speedup_vs_best_peer=1.2),
+            report.Row("ssd-fwd", "ssd", "fwd", "B4 ...", "ssmkernels:cuda", "unavailable", reason="not built"),
+            report.Row("ssd-fwd", "ssd", "fwd", "B4 ...", "mamba_ssm", "ok", median_ms=1.8, p20_ms=1.7, p80_ms=1.9,
+                       gbps=555.0, tflops=55.0)]
+    meta = {"gpu": "fake GPU", "timestamp": "now", "versions": {"torch": "x"}, "peers": {"fla": "0.6"},
+            "peaks": {"copy_gbps": 3000.0, "matmul_tflops": 700.0, "matmul_n": 8192}, "timing": "events"}
+    return meta, rows
+
+
+def test_report_outputs(tmp_path):
+    meta, rows = _fake_rows()
+    text = report.table(rows)
+    assert "ssmkernels:triton" in text and "unavailable: not built" in text and "1.20x" in text
+    report.write_json(tmp_path / "b.json", meta, rows)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["meta"]["gpu"] == "fake GPU" and len(data["results"]) == 3
+    report.write_markdown(tmp_path / "b.md", meta, rows)
+    md = (tmp_path / "b.md").read_text()
+    assert "| ssd-fwd |" in md and "fake GPU" in md and "3000 GB/s" in md
+    pytest.importorskip("matplotlib")
+    assert report.write_plot(tmp_path / "b.png", meta, rows) is None
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_build_without_nvcc_says_so(capsys, monkeypatch):
+    from ssmkernels._core import build
+
+    monkeypatch.setattr(build, "find_nvcc", lambda: None)
+    code, out = run_cli(capsys, "build")
+    assert code == 2 and "nvcc not found" in out
+
+
+def test_warmup_runs_on_the_reference(capsys):
+    code, out = run_cli(capsys, "warmup", "--backend", "reference", "--seqlen", "5")
+    assert code == 0, out
+    assert "first call" in out and "issue 10" in out
+
+
+def test_demo_without_a_name_explains(capsys):
+    code, out = run_cli(capsys, "demo")
+    assert code == 2 and "demo" in out
+
+
+def test_unknown_primitive_is_a_clear_error():
+    with pytest.raises(SystemExit, match="unknown primitive"):
+        cli.main(["check", "--primitive", "mamba3"])
