@@ -128,6 +128,24 @@ def test_step_decode_matches_full_forward(prefill):
     assert_exact64("step-by-step logits", torch.cat(parts, dim=1), full)
 
 
+def test_static_decode_matches_full_forward():
+    """The graph-safe decode path (device-side position, masked attention over the whole cache)."""
+    model = tiny_model()
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    ids, mask = left_pad(prompts)
+    cont = random_ids(model.cfg, 2, 6)
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        parts = [model(ids, cache=cache, attention_mask=mask)]
+        cache.set_static(True)
+        parts += [model(cont[:, t:t + 1], cache=cache) for t in range(6)]
+        full = model(torch.cat([ids, cont], dim=1), attention_mask=torch.cat([mask, torch.ones_like(cont)], 1))
+    out = torch.cat(parts, dim=1)
+    for i, p in enumerate(prompts):
+        start = ids.shape[1] - len(p)
+        assert_exact64(f"static decode row {i}", out[i, start:], full[i, start:])
+
+
 def test_step_decode_with_dt_limit():
     """A dt clamp (NemotronH loads one) is applied in the decode step as in the scan."""
     model = tiny_model(dt_limit=(0.02, 0.05))
@@ -290,15 +308,18 @@ def test_backend_matches_reference(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backend_decode_matches_full(backend):
+    """Decode steps (causal_conv1d_update + selective_state_update) of a kernel backend, after a
+    reference prefill, against the float64 full forward."""
     model = tiny_model(torch.float32).to(DEVICE)
     ids = random_ids(model.cfg, 2, 12).to(DEVICE)
     model.backend = "reference"
     with torch.no_grad():
         ref = model(ids)
+        cache = model.new_cache(2, 12)
+        parts = [model(ids[:, :5], cache=cache)]
         model.backend = backend
         try:
-            cache = model.new_cache(2, 12)
-            parts = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
+            parts += [model(ids[:, t:t + 1], cache=cache) for t in range(5, 12)]
         except BackendUnavailable as exc:
             pytest.skip(f"{backend} cannot run the model yet: {exc}")
     ref64 = tiny_model(F64).to(DEVICE)
@@ -406,6 +427,35 @@ def test_from_pretrained_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- GPU end to end
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_cuda_graph_decode_matches_eager(backend):
+    cfg = HybridConfig.tiny(d_model=64, headdim=16, d_state=16, backend=backend)
+    model = HybridLM(cfg).to(DEVICE).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    eager = model.generate(prompts, 12)
+    graphed = model.generate(prompts, 12, cuda_graph=True)
+    assert torch.equal(eager, graphed)
+    from ssmkernels.models.generation import DecodeGraph
+
+    ids = torch.randint(0, cfg.vocab_size, (2, 10), device=DEVICE)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 10)
+        model(ids[:, :4], cache=cache)
+        graph = DecodeGraph(model, cache)
+        steps = torch.cat([graph(ids[:, t:t + 1]).clone() for t in range(4, 10)], dim=1)
+    ref64 = HybridLM(cfg).to(DEVICE, F64).eval()
+    ref64.load_state_dict(model.state_dict())
+    ref64.backend = "reference"
+    with torch.no_grad():
+        truth = ref64(ids)
+    model.backend = "reference"
+    with torch.no_grad():
+        lowp = model(ids)
+    assert_spec_close("graph decode", steps, truth[:, 4:], lowp[:, 4:], torch.float32)
+
+
 @pytest.mark.gpu
 def test_gpu_generate_default_backend():
     assert ON_GPU

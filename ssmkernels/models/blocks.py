@@ -226,6 +226,8 @@ class Attention(nn.Module):
                 is_causal = True
             else:
                 attn_mask = _padded_causal_mask(mask.bool(), 0, l)
+        elif cache.static and l == 1:
+            return self._static_step(q, k, v, cache)
         else:
             kv = cache.attention[self.layer_idx]
             start = cache.seqlen_offset
@@ -237,6 +239,20 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
+
+
+    def _static_step(self, q: Tensor, k: Tensor, v: Tensor, cache: "HybridCache") -> Tensor:
+        """Decode step with no host-side position: writes at ``cache.position`` (a device tensor) and
+        attends over the whole preallocated cache under a mask, so a CUDA graph can replay it."""
+        b = q.shape[0]
+        kv = cache.attention[self.layer_idx]
+        kv.k.index_copy_(2, cache.position, k)
+        kv.v.index_copy_(2, cache.position, v)
+        positions = torch.arange(cache.max_seqlen, device=q.device)
+        allowed = (positions <= cache.position) & cache.key_valid  # (b, max_seqlen)
+        gqa = self.n_kv_heads != self.n_heads
+        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=allowed[:, None, None, :], enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
 
 
 def _padded_causal_mask(key_valid: Optional[Tensor], start: int, l: int, device=None) -> Tensor:

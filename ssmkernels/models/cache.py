@@ -81,6 +81,17 @@ class HybridCache:
                                             torch.zeros(shape, device=device, dtype=dtype))
         self.seqlen_offset = 0
         self.key_valid: Optional[Tensor] = None
+        # Graph-safe decode (see set_static): the position lives on the device.
+        self.static = False
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+
+    def set_static(self, enabled: bool = True) -> None:
+        """Decode steps without host-side positions: attention writes the new key/value at
+        ``position`` (a device tensor) and attends over all ``max_seqlen`` slots under a mask. Same
+        results; needed to capture the step in a CUDA graph (costs attention over the full cache)."""
+        self.static = bool(enabled)
+        if self.static and self.key_valid is None:
+            self.key_valid = torch.ones(self.batch_size, self.max_seqlen, dtype=torch.bool, device=self.device)
 
     # ------------------------------------------------------------------ bookkeeping
     def begin(self, l: int, mask: Optional[Tensor]) -> None:
@@ -89,6 +100,8 @@ class HybridCache:
         if end > self.max_seqlen:
             raise ValueError(f"the cache holds max_seqlen={self.max_seqlen} positions; {self.seqlen_offset} are "
                              f"used and {l} more were passed")
+        if self.static:
+            self.position.fill_(self.seqlen_offset)
         if mask is None and self.key_valid is None:
             return
         if self.key_valid is None:
@@ -104,6 +117,9 @@ class HybridCache:
             t.zero_()
         self.seqlen_offset = 0
         self.key_valid = None
+        self.position.zero_()
+        if self.static:
+            self.set_static(True)
 
     # ------------------------------------------------------------------ memory accounting
     def tensors(self) -> list[Tensor]:

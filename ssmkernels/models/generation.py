@@ -118,13 +118,44 @@ def generate(model: "HybridLM", input_ids: Union[Tensor, Sequence[Sequence[int]]
 
 
 class DecodeGraph:
-    """A decode step of ``model`` captured once as a CUDA graph and replayed per token.
+    """One decode step of ``model`` on ``cache``, captured once as a CUDA graph and replayed per token.
 
-    Placeholder until the graph-safe attention step lands: see the module docs.
+    The cache is switched to static mode (:meth:`HybridCache.set_static`): the step reads its
+    position from a device tensor and attends over the whole preallocated KV cache under a mask,
+    so nothing in the graph depends on host values. Mamba blocks update their states in place
+    (``causal_conv1d_update``, ``selective_state_update``), which replays as is. Warm-up runs
+    happen on a copy of the states, which are restored before the first real step.
+
+    Usage: ``graph = DecodeGraph(model, cache)``, then ``logits = graph(next_ids (b, 1))`` per step
+    (the returned tensor is the graph's static output: copy it to keep it past the next step).
     """
 
-    def __init__(self, model: "HybridLM", cache):
-        raise NotImplementedError("CUDA-graph decode is not implemented yet")
+    def __init__(self, model: "HybridLM", cache, warmup: int = 2):
+        device = model.embeddings.weight.device
+        if device.type != "cuda":
+            raise RuntimeError(f"CUDA-graph decode needs the model on a CUDA device, it is on {device}")
+        self.model, self.cache = model, cache
+        cache.set_static(True)
+        self.input_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        saved = [t.clone() for t in cache.tensors()]
+        saved_position = cache.position.clone()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(warmup):  # lazy init, autotuning and allocator warm-up outside the graph
+                model.forward_body(self.input_ids, cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.logits = model.forward_body(self.input_ids, cache)
+        for t, s in zip(cache.tensors(), saved):
+            t.copy_(s)
+        cache.position.copy_(saved_position)
 
-    def __call__(self, input_ids: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def __call__(self, input_ids: Tensor) -> Tensor:
+        """Advance the cache by the tokens ``input_ids (b, 1)``; returns logits ``(b, 1, vocab)``."""
+        self.cache.begin(1, None)  # overflow check, position and key_valid for this step
+        self.input_ids.copy_(input_ids)
+        self.graph.replay()
+        self.cache.advance(1)
+        return self.logits

@@ -100,11 +100,17 @@ class HybridLM(nn.Module):
             if cache.batch_size != b:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, input_ids has batch {b}")
             cache.begin(l, attention_mask)
+        logits = self.forward_body(input_ids, cache, attention_mask, logits_to_keep)
+        if cache is not None:
+            cache.advance(l)
+        return logits
+
+    def forward_body(self, input_ids: Tensor, cache: Optional[HybridCache] = None,
+                     attention_mask: Optional[Tensor] = None, logits_to_keep: int = 0) -> Tensor:
+        """The layers without the cache bookkeeping (``begin`` / ``advance``): what a CUDA graph captures."""
         hidden = self.embeddings(input_ids)
         for block in self.layers:
             hidden = block(hidden, cache, attention_mask)
-        if cache is not None:
-            cache.advance(l)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(self.norm_f(hidden))
