@@ -466,3 +466,24 @@ def test_gpu_generate_default_backend():
     model.backend = "reference"
     ref = model.generate(prompts, 8)
     assert out.shape == ref.shape == (2, 14)
+
+
+# ----------------------------------------------------------------------------- bench helpers
+def test_bench_functions_run_on_cpu():
+    from ssmkernels.models import bench
+
+    model = HybridLM(HybridConfig.tiny(backend="reference"))
+    train = bench.training_throughput(model, 2, 16, steps=1, warmup=1)
+    assert train["tokens_per_s"] > 0 and train["seqlen"] == 16
+    rows = bench.decode_sweep(model, contexts=(8, 64), batch_sizes=(2,), new_tokens=2, warmup=1)
+    assert [r["context"] for r in rows] == [8, 64]
+    # The KV caches grow with the context; the Mamba states do not.
+    assert rows[0]["mamba_state_bytes"] == rows[1]["mamba_state_bytes"]
+    assert rows[1]["kv_cache_bytes"] > rows[0]["kv_cache_bytes"]
+    prefilled = bench.decode_throughput(model, 1, 20, new_tokens=2, warmup=1, fill="prefill")
+    assert prefilled["tokens_per_s"] > 0
+    baseline = bench.matched_transformer_config(model.cfg)
+    assert set(baseline.pattern) == {"*", "-"}
+    ours, theirs = bench.count_parameters(model.cfg), bench.count_parameters(baseline)
+    assert abs(theirs - ours) / ours < 0.15
+    assert "timestamp" in bench.environment()

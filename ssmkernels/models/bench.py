@@ -1,0 +1,237 @@
+"""End-to-end measurements of the hybrid model: training tokens/s, decode tokens/s and memory vs context.
+
+Plain functions returning dicts (one row per measurement), meant to be called by the CLI's
+``bench`` / ``model`` subcommands and by plotting scripts:
+
+- :func:`training_throughput` -- forward + backward (+ optimizer step) tokens/s at a given length.
+- :func:`decode_throughput` -- one decode configuration: tokens/s, ms per step (percentiles),
+  cache bytes (Mamba states vs KV caches) and peak device memory.
+- :func:`decode_sweep` -- :func:`decode_throughput` over contexts x batch sizes x CUDA graphs.
+- :func:`matched_transformer_config` -- an attention + MLP model of about the same parameter count
+  (the baseline whose per-token cost grows with context).
+- :func:`environment` -- device name, versions and a timestamp to store with every result.
+
+Decode at context ``C`` starts from a *synthetic* context by default: the cache is filled with
+random states / keys / values for ``C`` positions instead of prefilling ``C`` tokens. A decode
+step costs the same whatever the cached values are, and a 64K prefill of a Transformer baseline
+would dominate the benchmark's run time. ``fill="prefill"`` prefills real tokens instead.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from typing import Iterable, Optional
+
+import torch
+
+from .config import HybridConfig
+from .model import HybridLM
+
+
+def environment() -> dict:
+    """Device, versions and a UTC timestamp to record next to every measurement."""
+    info = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:  # pragma: no cover - depends on the machine
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    import ssmkernels
+
+    info["ssmkernels"] = ssmkernels.__version__
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak(device: torch.device) -> Optional[int]:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _percentiles(times_s: list[float]) -> dict:
+    ordered = sorted(times_s)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return {"p10_ms": 1e3 * pick(0.1), "p50_ms": 1e3 * pick(0.5), "p90_ms": 1e3 * pick(0.9),
+            "mean_ms": 1e3 * statistics.fmean(ordered)}
+
+
+def count_parameters(cfg: HybridConfig) -> int:
+    """Parameter count of ``HybridLM(cfg)`` (built on the meta device: no memory)."""
+    return HybridLM(cfg, device="meta").num_parameters()
+
+
+def matched_transformer_config(cfg: HybridConfig) -> HybridConfig:
+    """A Transformer (``*-`` repeated: attention + MLP, same widths, heads and vocabulary) whose
+    parameter count is the closest to ``cfg``'s."""
+    target = count_parameters(cfg)
+    best = None
+    for pairs in range(1, 4 * cfg.n_layers + 1):
+        candidate = cfg.replace(pattern="*-" * pairs)
+        params = count_parameters(candidate)
+        if best is None or abs(params - target) < abs(best[1] - target):
+            best = (candidate, params)
+        if params > target:
+            break
+    return best[0]
+
+
+# ----------------------------------------------------------------------------- training
+def training_throughput(model: HybridLM, batch_size: int, seqlen: int, steps: int = 10, warmup: int = 3,
+                        backend: Optional[str] = None, optimizer: bool = True,
+                        autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """Tokens/s of training steps (forward, cross-entropy, backward, AdamW step when ``optimizer``).
+
+    Args:
+        model: a :class:`HybridLM` on the device and in the dtype to measure.
+        batch_size, seqlen: the batch of random tokens.
+        steps, warmup: timed steps after ``warmup`` untimed ones.
+        backend: sets ``model.backend`` for the run (restored afterwards); None keeps it.
+        autocast_dtype: run under ``torch.autocast`` with this dtype (e.g. bfloat16) when given.
+    """
+    device = model.embeddings.weight.device
+    previous = model.backend
+    if backend is not None:
+        model.backend = backend
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if optimizer else None
+    ids = torch.randint(0, model.cfg.vocab_size, (batch_size, seqlen + 1), device=device)
+    times = []
+    base = None
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                base = _reset_peak(device)
+            _sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(ids[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                model.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        model.backend = previous
+    tokens = batch_size * seqlen
+    row = {"kind": "train", "pattern": model.cfg.pattern, "params": model.num_parameters(),
+           "backend": backend or previous or "auto", "batch_size": batch_size, "seqlen": seqlen,
+           "dtype": str(model.embeddings.weight.dtype).replace("torch.", ""),
+           "tokens_per_s": tokens / statistics.median(times), **_percentiles(times),
+           "peak_bytes": _peak(device), "baseline_bytes": base if device.type == "cuda" else None}
+    return row
+
+
+# ----------------------------------------------------------------------------- decode
+@torch.no_grad()
+def fill_synthetic_context(model: HybridLM, cache, context: int, scale: float = 0.1) -> None:
+    """Put ``context`` positions of random states / keys / values in ``cache`` (no prefill)."""
+    if context > cache.max_seqlen:
+        raise ValueError(f"context {context} exceeds the cache's max_seqlen {cache.max_seqlen}")
+    for state in cache.mamba.values():
+        state.conv_state.normal_(0.0, scale)
+        state.ssm_state.normal_(0.0, scale)
+    for kv in cache.attention.values():
+        kv.k[:, :, :context].normal_(0.0, scale)
+        kv.v[:, :, :context].normal_(0.0, scale)
+    cache.seqlen_offset = context
+
+
+@torch.no_grad()
+def decode_throughput(model: HybridLM, batch_size: int, context: int, new_tokens: int = 64, warmup: int = 8,
+                      cuda_graph: bool = False, fill: str = "synthetic", prefill_chunk: int = 4096,
+                      backend: Optional[str] = None) -> dict:
+    """Greedy decode of ``new_tokens`` tokens per row after ``context`` cached positions.
+
+    Returns tokens/s (``batch_size * steps / time``), per-step percentiles, the cache's bytes
+    (Mamba states, KV caches) and the peak device memory during decode (CUDA only).
+    """
+    if fill not in ("synthetic", "prefill"):
+        raise ValueError(f"fill must be 'synthetic' or 'prefill', got {fill!r}")
+    device = model.embeddings.weight.device
+    previous = model.backend
+    if backend is not None:
+        model.backend = backend
+    model.eval()
+    try:
+        cache = model.new_cache(batch_size, context + warmup + new_tokens + 1)
+        if fill == "synthetic":
+            fill_synthetic_context(model, cache, context)
+        else:
+            prompt = torch.randint(0, model.cfg.vocab_size, (batch_size, context), device=device)
+            for start in range(0, context, prefill_chunk):
+                model(prompt[:, start:start + prefill_chunk], cache=cache, logits_to_keep=1)
+        step = model
+        if cuda_graph:
+            from .generation import DecodeGraph
+
+            graph = DecodeGraph(model, cache)
+            step = lambda ids, cache: graph(ids)  # noqa: E731
+        token = torch.randint(0, model.cfg.vocab_size, (batch_size, 1), device=device)
+        for _ in range(warmup):
+            token = step(token, cache=cache)[:, -1:].argmax(-1)
+        base = _reset_peak(device)
+        times = []
+        for _ in range(new_tokens):
+            _sync(device)
+            start = time.perf_counter()
+            token = step(token, cache=cache)[:, -1:].argmax(-1)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    finally:
+        model.backend = previous
+    median = statistics.median(times)
+    return {"kind": "decode", "pattern": model.cfg.pattern, "params": model.num_parameters(),
+            "backend": backend or previous or "auto", "batch_size": batch_size, "context": context,
+            "cuda_graph": cuda_graph, "fill": fill, "dtype": str(model.embeddings.weight.dtype).replace("torch.", ""),
+            "tokens_per_s": batch_size / median, **_percentiles(times),
+            "mamba_state_bytes": cache.mamba_nbytes(), "kv_cache_bytes": cache.attention_nbytes(),
+            "cache_bytes_per_sequence": cache.nbytes() // batch_size,
+            "peak_bytes": _peak(device), "baseline_bytes": base if device.type == "cuda" else None}
+
+
+def decode_sweep(model: HybridLM, contexts: Iterable[int] = (1024, 2048, 4096, 8192, 16384, 32768, 65536),
+                 batch_sizes: Iterable[int] = (1, 64), cuda_graphs: Iterable[bool] = (False, True),
+                 new_tokens: int = 32, **kwargs) -> list[dict]:
+    """:func:`decode_throughput` over every (batch size, context, CUDA graph) combination; a
+    configuration that runs out of memory is recorded with ``"error"`` instead of stopping the sweep."""
+    rows = []
+    for batch_size in batch_sizes:
+        for context in contexts:
+            for graph in cuda_graphs:
+                if graph and not torch.cuda.is_available():
+                    continue
+                try:
+                    rows.append(decode_throughput(model, batch_size, context, new_tokens, cuda_graph=graph, **kwargs))
+                except torch.OutOfMemoryError as exc:
+                    rows.append({"kind": "decode", "pattern": model.cfg.pattern, "batch_size": batch_size,
+                                 "context": context, "cuda_graph": graph, "error": f"out of memory: {exc}"[:200]})
+                    torch.cuda.empty_cache()
+    return rows
