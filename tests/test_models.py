@@ -128,6 +128,21 @@ def test_step_decode_matches_full_forward(prefill):
     assert_exact64("step-by-step logits", torch.cat(parts, dim=1), full)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_low_precision_decode_within_spec(dtype):
+    """Prefill + steps in float32 / bfloat16 (states float32) against the float64 full forward."""
+    ref64 = tiny_model(F64)
+    model = tiny_model(dtype)
+    model.load_state_dict(ref64.state_dict())
+    ids = random_ids(model.cfg, 2, 14)
+    with torch.no_grad():
+        truth, lowp = ref64(ids), model(ids)
+        cache = model.new_cache(2, 14)
+        assert all(s.ssm_state.dtype == torch.float32 for s in cache.mamba.values())
+        parts = [model(ids[:, :6], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(6, 14)]
+    assert_spec_close(f"{dtype} decode", torch.cat(parts, dim=1), truth, lowp, dtype)
+
+
 def test_static_decode_matches_full_forward():
     """The graph-safe decode path (device-side position, masked attention over the whole cache)."""
     model = tiny_model()
@@ -412,6 +427,31 @@ def test_from_pretrained_mamba2(tmp_path, tied):
     ours = _compare_with_transformers(transformers.Mamba2ForCausalLM(hf_cfg), tmp_path, ids)
     assert ours.cfg.pattern == "MMM"
     assert (ours.lm_head.weight is ours.embeddings.weight) == tied
+
+
+def test_from_pretrained_mamba_ssm_format(tmp_path):
+    """mamba_ssm's MambaLMHeadModel layout (config with ssm_cfg, pytorch_model.bin, backbone.embedding)."""
+    import json
+
+    cfg = HybridConfig(pattern="MMM", vocab_size=48, d_model=32, d_state=8, headdim=8, ngroups=2, chunk_size=16,
+                       tie_embeddings=True, backend="reference")
+    source = HybridLM(cfg).to(F64).eval()
+    _perturb(source)
+    state = {}
+    for name, tensor in source.state_dict().items():
+        key = "backbone." + name.replace("embeddings.", "embedding.") if name != "lm_head.weight" else name
+        state[key] = tensor.to(torch.float32)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": 32, "d_intermediate": 0, "n_layer": 3, "vocab_size": 45, "pad_vocab_size_multiple": 16,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 16},
+        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
+        "fused_add_norm": True, "tie_embeddings": True}))
+    loaded = HybridLM.from_pretrained(tmp_path, dtype=F64, backend="reference").eval()
+    assert loaded.cfg.vocab_size == 48 and loaded.lm_head.weight is loaded.embeddings.weight
+    ids = random_ids(cfg, 2, 11)
+    with torch.no_grad():
+        assert_exact64("mamba_ssm-format logits", loaded(ids), source.to(torch.float32).to(F64)(ids))
 
 
 def test_from_pretrained_errors(tmp_path):

@@ -5,6 +5,10 @@ a fallback) from a directory; nothing is downloaded and ``transformers`` is not 
 names of :class:`HybridLM` follow transformers' NemotronH, so the mapping is a prefix change
 (``backbone.`` / ``model.`` dropped; mamba_ssm's ``embedding`` becomes ``embeddings``).
 
+mamba_ssm's own format (``MambaLMHeadModel.save_pretrained``: a ``config.json`` with ``d_model``,
+``n_layer``, ``ssm_cfg`` and ``pytorch_model.bin``) loads too when every layer is Mamba-2 with no
+inner MLP (the ``state-spaces/mamba2-*`` models).
+
 Config choices that follow transformers' forward (so the logits match it):
 - NemotronH clamps the processed time step at ``time_step_min`` from below in its scan
   (``time_step_limit = (time_step_min, inf)``): loaded as ``dt_limit``, applied in prefill and decode.
@@ -120,7 +124,42 @@ def config_from_hf(raw: dict, backend: Optional[str] = None) -> HybridConfig:
             conv_bias=bool(_first(raw, "use_conv_bias", "mamba_conv_bias", default=True)),
             attn_bias=bool(raw.get("attention_bias", False)), mlp_bias=bool(raw.get("mlp_bias", False)),
             backend=backend, extra={"source": "transformers NemotronH"})
-    raise ValueError(f"unsupported model_type {model_type!r}: HybridLM loads 'mamba2' and 'nemotron_h' checkpoints")
+    if model_type is None and "ssm_cfg" in raw and "d_model" in raw:
+        return _config_from_mamba_ssm(raw, backend)
+    raise ValueError(f"unsupported model_type {model_type!r}: HybridLM loads 'mamba2' and 'nemotron_h' checkpoints "
+                     f"(and mamba_ssm's own Mamba-2 format)")
+
+
+def _config_from_mamba_ssm(raw: dict, backend: Optional[str]) -> HybridConfig:
+    """mamba_ssm's ``MambaConfig`` (``MambaLMHeadModel.save_pretrained``): pure Mamba-2 stacks."""
+    ssm = dict(raw.get("ssm_cfg") or {})
+    layer = ssm.pop("layer", "Mamba1")
+    if layer != "Mamba2":
+        raise ValueError(f"mamba_ssm checkpoint with ssm_cfg.layer={layer!r}: only Mamba2 layers are supported")
+    if raw.get("d_intermediate", 0):
+        raise ValueError("mamba_ssm checkpoints with d_intermediate > 0 (a gated MLP inside each block) "
+                         "are not supported")
+    if raw.get("attn_layer_idx"):
+        raise ValueError("mamba_ssm checkpoints with attention layers (rotary MHA) are not supported")
+    if not raw.get("rms_norm", True) or not ssm.get("rmsnorm", True) or ssm.get("norm_before_gate", False):
+        raise ValueError("only mamba_ssm Mamba2 with RMSNorm and norm_before_gate=False is supported")
+    if ssm.get("D_has_hdim", False):
+        raise ValueError("mamba_ssm Mamba2 with D_has_hdim=True is not supported (D must be per head)")
+    d_model, expand, headdim = raw["d_model"], ssm.get("expand", 2), ssm.get("headdim", 64)
+    d_inner = expand * d_model
+    if ssm.get("d_ssm") not in (None, d_inner):
+        raise ValueError("mamba_ssm Mamba2 with d_ssm != expand * d_model is not supported")
+    vocab, multiple = raw.get("vocab_size", 50277), raw.get("pad_vocab_size_multiple", 8)
+    if vocab % multiple:
+        vocab += multiple - vocab % multiple
+    limit = ssm.get("dt_limit", (0.0, math.inf))
+    return HybridConfig(
+        pattern="M" * raw["n_layer"], vocab_size=vocab, d_model=d_model, d_state=ssm.get("d_state", 128),
+        headdim=headdim, ngroups=ssm.get("ngroups", 1), expand=expand, d_conv=ssm.get("d_conv", 4),
+        chunk_size=_chunk_size(ssm.get("chunk_size", 256)), d_inner=d_inner, norm_eps=raw.get("norm_epsilon", 1e-5),
+        tie_embeddings=bool(raw.get("tie_embeddings", True)), dt_limit=(_float(limit[0]), _float(limit[1])),
+        mamba_bias=bool(ssm.get("bias", False)), conv_bias=bool(ssm.get("conv_bias", True)), backend=backend,
+        extra={"source": "mamba_ssm MambaLMHeadModel"})
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
