@@ -1,6 +1,103 @@
-"""Cuda kernels of causal_conv1d: not written yet (issue #4)."""
+"""CUDA kernels of causal_conv1d (csrc/causal_conv1d): fills the native params structs from tensors.
+
+The native module is torch-free: this file passes addresses, sizes, 64-bit strides, dtype codes and
+the current stream. Forward (both layouts, seq_idx, cu_seqlens, initial/final states) and the decode
+update are CUDA kernels; the backward runs the Triton kernels (same math and determinism) until a
+CUDA backward exists.
+"""
 from __future__ import annotations
+
+import torch
+
+from ..._core import ext
+from ..._core.native import DTYPE_CODES, address, dtype_code, stream_of
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_WIDTHS = (2, 3, 4)
+_KERNELS = ("causal_conv1d_fwd_channel_first", "causal_conv1d_fwd_channel_last", "causal_conv1d_final_states",
+            "causal_conv1d_update")
 
 
 def unsupported(features: dict) -> str | None:
-    return "the cuda kernels of causal_conv1d are not implemented yet (issue #4)"
+    missing = [name for name in _KERNELS if not ext.has_kernel(name)]
+    if missing:
+        return f"the loaded CUDA extension lacks the causal_conv1d kernels ({', '.join(missing)})"
+    dtype, weight_dtype = features.get("dtype"), features.get("weight_dtype")
+    if dtype not in _FLOATS or (weight_dtype is not None and weight_dtype not in _FLOATS):
+        return (f"the cuda kernels take float32/float16/bfloat16 x and weight, got x {dtype} and "
+                f"weight {weight_dtype}")
+    state_dtype = features.get("state_dtype")
+    if state_dtype is not None and state_dtype not in DTYPE_CODES:
+        return f"the cuda update kernel cannot hold a conv_state of dtype {state_dtype}"
+    width = features.get("width")
+    if width is not None and width not in _WIDTHS:
+        return f"the cuda kernels support widths {_WIDTHS[0]}..{_WIDTHS[-1]}, got {width}"
+    return None
+
+
+def _code_or_zero(t: torch.Tensor | None) -> int:
+    return 0 if t is None else dtype_code(t)
+
+
+def forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, out, final_states):
+    """Writes ``out (b, d, l)`` (x's layout) and, when given, ``final_states (count, d, w-1)``."""
+    native = ext.module()
+    b, d, l = x.shape
+    p = native.CausalConv1dForwardParams()
+    p.batch, p.dim, p.seqlen, p.width = b, d, l, weight.shape[1]
+    p.dtype, p.weight_dtype, p.bias_dtype = dtype_code(x), dtype_code(weight), _code_or_zero(bias)
+    p.silu = bool(silu)
+    p.x, p.weight, p.bias, p.out = address(x), address(weight), address(bias), address(out)
+    p.initial_states, p.seq_idx, p.cu_seqlens = address(initial_states), address(seq_idx), address(cu_seqlens)
+    p.num_seqs = 0 if cu_seqlens is None else cu_seqlens.numel() - 1
+    p.x_batch_stride, p.x_c_stride, p.x_l_stride = x.stride()
+    p.out_batch_stride, p.out_c_stride, p.out_l_stride = out.stride()
+    p.weight_c_stride, p.weight_width_stride = weight.stride()
+    p.bias_stride = 0 if bias is None else bias.stride(0)
+    if initial_states is not None:
+        p.init_batch_stride, p.init_c_stride, p.init_l_stride = initial_states.stride()
+    if seq_idx is not None:
+        p.seq_batch_stride, p.seq_l_stride = seq_idx.stride()
+    p.stream = stream_of(x)
+    # Channel-last kernel when d is the contiguous axis (and for single steps, where it is the
+    # better fit whatever the layout); both kernels accept any strides.
+    if (x.stride(1) == 1 and x.stride(2) != 1) or l == 1:
+        native.causal_conv1d_fwd_channel_last(p)
+    else:
+        native.causal_conv1d_fwd_channel_first(p)
+    if final_states is not None and final_states.numel() > 0:
+        p.final_states = address(final_states)
+        p.final_batch_stride, p.final_c_stride, p.final_l_stride = final_states.stride()
+        native.causal_conv1d_final_states(p)
+
+
+def backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_states, silu,
+             dx, dweight, dbias, dinitial):
+    """The Triton backward (deterministic two-stage weight/bias reduction); see triton.py."""
+    from . import triton as triton_kernels
+
+    triton_kernels.backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_states, silu,
+                            dx, dweight, dbias, dinitial)
+
+
+def update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out):
+    """Writes ``out`` (x's shape) and shifts the new tokens into ``conv_state`` in place. No host sync."""
+    native = ext.module()
+    xs = x.unsqueeze(-1) if x.dim() == 2 else x
+    outs = out.unsqueeze(-1) if out.dim() == 2 else out
+    p = native.CausalConv1dUpdateParams()
+    p.batch, p.dim, p.tokens = xs.shape
+    p.state_len, p.width = conv_state.shape[2], weight.shape[1]
+    p.dtype, p.state_dtype = dtype_code(x), dtype_code(conv_state)
+    p.weight_dtype, p.bias_dtype = dtype_code(weight), _code_or_zero(bias)
+    p.silu = bool(silu)
+    p.x, p.conv_state, p.weight, p.bias, p.out = (address(xs), address(conv_state), address(weight),
+                                                  address(bias), address(outs))
+    p.cache_seqlens, p.conv_state_indices = address(cache_seqlens), address(conv_state_indices)
+    p.x_batch_stride, p.x_c_stride, p.x_l_stride = xs.stride()
+    p.state_batch_stride, p.state_c_stride, p.state_l_stride = conv_state.stride()
+    p.out_batch_stride, p.out_c_stride, p.out_l_stride = outs.stride()
+    p.weight_c_stride, p.weight_width_stride = weight.stride()
+    p.bias_stride = 0 if bias is None else bias.stride(0)
+    p.stream = stream_of(x)
+    native.causal_conv1d_update(p)

@@ -1,0 +1,81 @@
+// causal_conv1d (SPEC.md section 1): the params structs the binding fills and the launchers read.
+// Sizes, strides and offsets are 64-bit everywhere; addresses travel as integers (0 = absent).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace ssmk {
+namespace conv {
+
+// Widest filter the CUDA kernels are instantiated for (widths 2..kMaxWidth).
+constexpr int kMaxWidth = 4;
+
+// Forward: out[b, c, t] = act(bias[c] + sum_k weight[c, k] * xx[b, c, t - (w-1) + k]).
+struct ForwardParams {
+  int64_t batch = 0, dim = 0, seqlen = 0, width = 0;
+  int dtype = 0;          // x / out / initial_states / final_states element type (DType code)
+  int weight_dtype = 0;   // weight and bias may be float32 while x is half precision
+  int bias_dtype = 0;
+  bool silu = false;
+
+  std::uintptr_t x = 0, weight = 0, bias = 0, out = 0;
+  std::uintptr_t initial_states = 0, final_states = 0;  // (count, d, w-1) or 0
+  std::uintptr_t seq_idx = 0;     // int32 (b, l) or 0
+  std::uintptr_t cu_seqlens = 0;  // int32 (count+1,) or 0; then batch == 1
+  int64_t num_seqs = 0;           // count of cu_seqlens sequences
+
+  int64_t x_batch_stride = 0, x_c_stride = 0, x_l_stride = 0;
+  int64_t out_batch_stride = 0, out_c_stride = 0, out_l_stride = 0;
+  int64_t weight_c_stride = 0, weight_width_stride = 0;
+  int64_t bias_stride = 0;
+  int64_t init_batch_stride = 0, init_c_stride = 0, init_l_stride = 0;
+  int64_t final_batch_stride = 0, final_c_stride = 0, final_l_stride = 0;
+  int64_t seq_batch_stride = 0, seq_l_stride = 0;
+
+  std::uintptr_t stream = 0;
+};
+
+// Decode update: x (b, d, t) new tokens, conv_state (B_cache, d, s), out (b, d, t).
+struct UpdateParams {
+  int64_t batch = 0, dim = 0, tokens = 0, state_len = 0, width = 0;
+  int dtype = 0;          // x / out
+  int state_dtype = 0;    // conv_state
+  int weight_dtype = 0, bias_dtype = 0;
+  bool silu = false;
+
+  std::uintptr_t x = 0, conv_state = 0, weight = 0, bias = 0, out = 0;
+  std::uintptr_t cache_seqlens = 0;       // int32 (b,) or 0: circular buffer
+  std::uintptr_t conv_state_indices = 0;  // int32 (b,) or 0; negative = padding slot
+
+  int64_t x_batch_stride = 0, x_c_stride = 0, x_l_stride = 0;
+  int64_t state_batch_stride = 0, state_c_stride = 0, state_l_stride = 0;
+  int64_t out_batch_stride = 0, out_c_stride = 0, out_l_stride = 0;
+  int64_t weight_c_stride = 0, weight_width_stride = 0;
+  int64_t bias_stride = 0;
+
+  std::uintptr_t stream = 0;
+};
+
+void forward_channel_first(const ForwardParams& params);
+void forward_channel_last(const ForwardParams& params);
+void final_states(const ForwardParams& params);
+void update(const UpdateParams& params);
+
+}  // namespace conv
+}  // namespace ssmk
+
+// Instantiates BODY with `constexpr int kWidth` bound to the filter width (2..kMaxWidth).
+#define SSMK_DISPATCH_WIDTH(width, NAME, ...)                                                  \
+  [&] {                                                                                       \
+    switch (width) {                                                                          \
+      case 2: { constexpr int kWidth = 2; return __VA_ARGS__(); }                             \
+      case 3: { constexpr int kWidth = 3; return __VA_ARGS__(); }                             \
+      case 4: { constexpr int kWidth = 4; return __VA_ARGS__(); }                             \
+      default: throw std::invalid_argument(std::string(NAME) + ": unsupported width " +         \
+                                           std::to_string(width));                            \
+    }                                                                                         \
+  }()

@@ -1,0 +1,62 @@
+// Device helpers of the causal_conv1d kernels: loads of tensors whose element type is only known
+// at run time (weight, bias, state: a uniform switch, cheaper than another template dimension),
+// and 16-byte vectors of the templated input type.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace ssmk {
+namespace conv {
+
+__device__ __forceinline__ float load_as_float(std::uintptr_t base, int code, int64_t index) {
+  switch (static_cast<DType>(code)) {
+    case DType::kFloat16: return __half2float(reinterpret_cast<const __half*>(base)[index]);
+    case DType::kBFloat16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(base)[index]);
+    case DType::kFloat64: return static_cast<float>(reinterpret_cast<const double*>(base)[index]);
+    default: return reinterpret_cast<const float*>(base)[index];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(std::uintptr_t base, int code, int64_t index, float value) {
+  switch (static_cast<DType>(code)) {
+    case DType::kFloat16: reinterpret_cast<__half*>(base)[index] = __float2half_rn(value); break;
+    case DType::kBFloat16: reinterpret_cast<__nv_bfloat16*>(base)[index] = __float2bfloat16_rn(value); break;
+    case DType::kFloat64: reinterpret_cast<double*>(base)[index] = static_cast<double>(value); break;
+    default: reinterpret_cast<float*>(base)[index] = value;
+  }
+}
+
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
+
+// kElts elements of T in one 16-byte access.
+template <typename T>
+struct Vec16 {
+  static constexpr int kElts = 16 / sizeof(T);
+};
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec16<T>::kElts]) {
+  uint4 raw = *reinterpret_cast<const uint4*>(ptr);
+  const T* elts = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kElts; ++i) out[i] = to_float(elts[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec16<T>::kElts]) {
+  uint4 raw;
+  T* elts = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kElts; ++i) elts[i] = from_float<T>(in[i]);
+  *reinterpret_cast<uint4*>(ptr) = raw;
+}
+
+inline bool aligned16(std::uintptr_t address) { return address % 16 == 0; }
+
+}  // namespace conv
+}  // namespace ssmk
