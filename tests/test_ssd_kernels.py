@@ -1,0 +1,228 @@
+"""ssd_chunk_scan kernels (triton, cuda) against the float64 reference (SPEC.md section 3): forward
+and backward over the optional inputs, chunk sizes, lengths that are not multiples of the chunk
+(and l = 1), groups, seq_idx, cu_seqlens with uneven and empty sequences, initial / final /
+per-sequence states, non-contiguous inputs; chunk-size invariance (SPEC law 1) on the kernels;
+custom-op registration (opcheck) and torch.compile(fullgraph=True)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ssmkernels
+from ssmkernels._core.dispatch import BackendUnavailable
+from tests.helpers import DEVICE, KERNEL_BACKENDS, KERNEL_DTYPES, ON_GPU, compare_with_reference, run_opcheck
+
+DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+# ----------------------------------------------------------------------------- cases
+# One base case, then rows that change one thing. l = 33 and 70 are not multiples of any chunk.
+BASE = dict(b=2, l=33, h=4, p=8, g=2, n=8, chunk=16, D="head", z=True, bias=True, softplus=True,
+            limit=(0.0, math.inf), init=False, final=True, seq=None, cu=None, varlen=False, sliced=False)
+CASES = {
+    "base": {},
+    "l1": dict(l=1, init=True),
+    "l70_chunk16": dict(l=70, init=True),
+    "l70_chunk32": dict(l=70, chunk=32, init=True),
+    "l33_chunk32": dict(chunk=32),
+    "l70_chunk64": dict(l=70, chunk=64),
+    "plain": dict(D=None, z=False, bias=False, softplus=False, final=False),
+    "D_per_channel": dict(D="channel", init=True),
+    "dt_limit": dict(limit=(0.3, 0.9)),
+    "ngroups1": dict(g=1),
+    "ngroups_eq_heads": dict(g=4, h=4),
+    "odd_dims": dict(p=6, n=5, h=3, g=3, l=21),
+    "wide_state": dict(p=16, n=32, h=2, g=1, l=40),
+    "batch3": dict(b=3, l=19, init=True),
+    "seq_idx": dict(l=70, seq=[[0, 5, 40], [17, 20, 21]], init=True),
+    "seq_idx_chunk_aligned": dict(l=64, seq=[[16, 48], [32, 33]], init=True),
+    "varlen": dict(b=1, l=70, cu=[0, 5, 5, 40, 41, 70], init=True, varlen=True),
+    "varlen_no_init": dict(b=1, l=70, cu=[0, 0, 17, 50, 70, 70], varlen=True),
+    "varlen_short_chunk32": dict(b=1, l=45, chunk=32, cu=[0, 3, 4, 9, 30, 31, 45], init=True, varlen=True),
+    "varlen_empty_last": dict(b=1, l=36, cu=[0, 36, 36], init=True, varlen=True),
+    "varlen_final_only": dict(b=1, l=40, cu=[0, 20, 40], init=True),
+}
+# Float16 (and bf16 on the GPU) run a representative subset: the interpreter is slow.
+LOWP_CASES = ("base", "l70_chunk32", "plain", "seq_idx", "varlen")
+
+
+def _seq_idx(b, l, cuts):
+    seq = torch.zeros(b, l, dtype=torch.int32)
+    for row, row_cuts in enumerate(cuts):
+        for c in row_cuts:
+            seq[row, c:] += 1
+    return seq.to(DEVICE)
+
+
+def _stored(t: torch.Tensor, sliced: bool) -> torch.Tensor:
+    if not sliced:
+        return t
+    wide = torch.randn(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]  # a strided view holding t's values
+
+
+def make_inputs(case: dict, dtype) -> dict:
+    b, l, h, p, g, n = (case[k] for k in ("b", "l", "h", "p", "g", "n"))
+    dt = torch.randn(b, l, h, device=DEVICE) * 0.5 if case["softplus"] else \
+        torch.rand(b, l, h, device=DEVICE) * 0.5 + 0.05
+    inputs = dict(
+        x=torch.randn(b, l, h, p, device=DEVICE), dt=dt, A=-(torch.rand(h, device=DEVICE) + 0.5),
+        B=torch.randn(b, l, g, n, device=DEVICE), C=torch.randn(b, l, g, n, device=DEVICE),
+        chunk_size=case["chunk"],
+    )
+    if case["D"] == "head":
+        inputs["D"] = torch.randn(h, device=DEVICE)
+    elif case["D"] == "channel":
+        inputs["D"] = torch.randn(h, p, device=DEVICE)
+    if case["z"]:
+        inputs["z"] = torch.randn(b, l, h, p, device=DEVICE)
+    if case["bias"]:
+        inputs["dt_bias"] = torch.rand(h, device=DEVICE) - 0.5
+    count = b if case["cu"] is None else len(case["cu"]) - 1
+    if case["init"]:
+        inputs["initial_states"] = torch.randn(count, h, p, n, device=DEVICE)
+    inputs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and k != "initial_states" else v)
+              for k, v in inputs.items()}
+    if case["sliced"]:
+        for name in ("x", "z", "B"):
+            if name in inputs:
+                inputs[name] = _stored(inputs[name], True)
+    if case["seq"] is not None:
+        inputs["seq_idx"] = _seq_idx(b, l, case["seq"])
+    if case["cu"] is not None:
+        inputs["cu_seqlens"] = torch.tensor(case["cu"], dtype=torch.int32, device=DEVICE)
+    inputs.update(dt_softplus=case["softplus"], dt_limit=case["limit"],
+                  return_final_states=case["final"], return_varlen_states=case["varlen"])
+    return inputs
+
+
+def _check(case: dict, dtype, backend: str, label: str):
+    inputs = make_inputs(case, dtype)
+    grads = tuple(name for name in GRAD_NAMES if name in inputs)
+    compare_with_reference(ssmkernels.ssd_chunk_scan, inputs, backend, grad_names=grads,
+                           keep_dtype=("seq_idx", "cu_seqlens", "initial_states"), label=label)
+
+
+def _params():
+    out = []
+    for dtype in KERNEL_DTYPES:
+        for name in CASES:
+            if dtype != torch.float32 and name not in LOWP_CASES:
+                continue
+            out.append(pytest.param(name, dtype, id=f"{name}-{DTYPE_IDS[dtype]}"))
+    return out
+
+
+# ----------------------------------------------------------------------------- forward + backward
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("name,dtype", _params())
+def test_ssd_against_reference(backend, name, dtype):
+    _check({**BASE, **CASES[name]}, dtype, backend, f"{backend}/{name}/{DTYPE_IDS[dtype]}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_chunk_size_invariance(backend):
+    """SPEC law 1: chunk 16, 32 and 64 agree (forward and gradients) beyond rounding."""
+    case = {**BASE, "l": 70, "init": True, "seq": [[0, 30], [10, 64]]}
+    inputs = make_inputs(case, torch.float32)
+    results = []
+    for chunk in (16, 32, 64):
+        args = {k: (v.detach().clone().requires_grad_(k in GRAD_NAMES) if isinstance(v, torch.Tensor) and
+                    v.is_floating_point() else v) for k, v in inputs.items()}
+        args["chunk_size"] = chunk
+        out, final = ssmkernels.ssd_chunk_scan(**args, backend=backend)
+        loss = (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum() + final.square().sum()
+        names = [k for k in GRAD_NAMES if k in args]
+        grads = torch.autograd.grad(loss, [args[k] for k in names])
+        results.append((out.detach(), final.detach(), grads))
+    for other in results[1:]:
+        torch.testing.assert_close(other[0], results[0][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(other[1], results[0][1], rtol=1e-4, atol=1e-4)
+        for g_other, g_first in zip(other[2], results[0][2]):
+            torch.testing.assert_close(g_other, g_first, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_varlen_equals_loop(backend):
+    """SPEC law 4 on the kernels: a cu_seqlens call equals running each sequence alone."""
+    case = {**BASE, "b": 1, "l": 45, "init": True, "cu": [0, 7, 7, 30, 45], "varlen": True}
+    inputs = make_inputs(case, torch.float32)
+    out, varlen_states = ssmkernels.ssd_chunk_scan(**{**inputs, "return_final_states": False}, backend=backend)
+    cu = case["cu"]
+    for j, (s, e) in enumerate(zip(cu, cu[1:])):
+        if s == e:
+            torch.testing.assert_close(varlen_states[j], inputs["initial_states"][j])
+            continue
+        part = {k: v for k, v in inputs.items() if k not in ("cu_seqlens", "return_varlen_states")}
+        for name in ("x", "dt", "B", "C", "z"):
+            part[name] = inputs[name][:, s:e]
+        part["initial_states"] = inputs["initial_states"][j:j + 1]
+        o, final = ssmkernels.ssd_chunk_scan(**{**part, "return_final_states": True}, backend=backend)
+        torch.testing.assert_close(out[:, s:e], o, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(varlen_states[j:j + 1], final, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_float64_is_refused_with_reason(backend):
+    inputs = make_inputs(BASE, torch.float64)
+    with pytest.raises(BackendUnavailable, match="float32/float16/bfloat16"):
+        ssmkernels.ssd_chunk_scan(**inputs, backend=backend)
+
+
+# ----------------------------------------------------------------------------- custom ops, compile
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck_custom_ops(backend):
+    b, l, h, p, g, n = 2, 20, 2, 4, 1, 4
+    x = torch.randn(b, l, h, p, device=DEVICE, requires_grad=True)
+    dt = torch.randn(b, l, h, device=DEVICE, requires_grad=True)
+    A = -torch.rand(h, device=DEVICE) - 0.5
+    B, C = torch.randn(b, l, g, n, device=DEVICE), torch.randn(b, l, g, n, device=DEVICE)
+    D, z, bias = torch.randn(h, device=DEVICE), torch.randn(b, l, h, p, device=DEVICE), torch.rand(h, device=DEVICE)
+    init = torch.randn(b, h, p, n, device=DEVICE)
+    seq_idx = torch.tensor([[0] * 7 + [1] * 13, [0] * 20], dtype=torch.int32, device=DEVICE)
+    run_opcheck(torch.ops.ssmkernels.ssd_fwd.default,
+                (x, dt, A, B, C, D, z, bias, init, seq_idx, None, 16, True, 0.0, math.inf, backend))
+    cu = torch.tensor([0, 5, 5, 20], dtype=torch.int32, device=DEVICE)
+    init3 = torch.randn(3, h, p, n, device=DEVICE)
+    run_opcheck(torch.ops.ssmkernels.ssd_fwd.default,
+                (x[:1], dt[:1], A, B[:1], C[:1], None, None, None, init3, None, cu, 16, False, 0.0, math.inf,
+                 backend))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_compile_fullgraph(backend):
+    inputs = make_inputs({**BASE, "init": True}, torch.float32)
+    x = inputs.pop("x").requires_grad_(True)
+
+    def fn(x):
+        out, final = ssmkernels.ssd_chunk_scan(x, **inputs, backend=backend)
+        return out.square().sum() + final.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager" if not ON_GPU else "inductor")
+    loss = compiled(x)
+    (grad,) = torch.autograd.grad(loss, x)
+    expected_loss = fn(x)
+    (expected_grad,) = torch.autograd.grad(expected_loss, x)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=[DTYPE_IDS[d] for d in KERNEL_DTYPES])
+def test_ssd_realistic_shape_gpu(backend, dtype):
+    case = {**BASE, "b": 2, "l": 1000, "h": 8, "p": 64, "g": 2, "n": 128, "chunk": 256, "init": True}
+    _check(case, dtype, backend, f"{backend}/realistic/{DTYPE_IDS[dtype]}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_ssd_varlen_many_sequences_gpu(backend):
+    cu = [0, 1, 2, 2, 300, 301, 700, 1023, 1024, 1500]
+    case = {**BASE, "b": 1, "l": 1500, "h": 4, "p": 32, "g": 1, "n": 64, "chunk": 64, "init": True,
+            "cu": cu, "varlen": True}
+    _check(case, torch.float32, backend, f"{backend}/varlen_many")
