@@ -241,3 +241,90 @@ def test_demo_without_a_name_explains(capsys):
 def test_unknown_primitive_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown primitive"):
         cli.main(["check", "--primitive", "mamba3"])
+
+
+# ----------------------------------------------------------------------------- bench harness on the CPU
+def _tiny_conv_case(peer_list):
+    from ssmkernels import causal_conv1d
+
+    def make(device):
+        torch.manual_seed(0)
+        return {"x": torch.randn(2, 8, 33), "weight": torch.randn(8, 4), "bias": torch.randn(8)}
+
+    def ours(kw, backend):
+        return lambda: causal_conv1d(kw["x"], kw["weight"], kw["bias"], activation="silu", backend=backend)
+
+    return bench_cases.BenchCase("causal_conv1d", "tiny-conv-fwdbwd", "fwd+bwd", "B2 D8 L33", make, ours,
+                                 ("x", "weight", "bias"), 10**6, 10**6, peer_list)
+
+
+def test_runner_assembles_rows(monkeypatch):
+    """run_case on the CPU with a wall-clock stand-in for the CUDA-event timer: rows, rates, peers."""
+    import time as _time
+
+    from ssmkernels.bench import runner, timing
+
+    def fake_measure(steps, warmup_ms=0, rep_ms=0):
+        started = _time.perf_counter()
+        for step in steps * 3:
+            step()
+        ms = (_time.perf_counter() - started) * 1e3 / (3 * len(steps))
+        return timing.Timing(ms, ms, ms, ms, 3 * len(steps))
+
+    monkeypatch.setattr(runner, "measure", fake_measure)
+    conv = bench_cases.all_cases()[0].peers  # causal_conv1d_fn (missing here) and torch
+    missing = bench_cases.PeerImpl("fla", "fla", "no_such_function", lambda kw, fn: (None, []))
+    case = _tiny_conv_case(list(conv) + [missing])
+    peaks = timing.Peaks(copy_gbps=1000.0, matmul_tflops=100.0, copy_bytes=1, matmul_n=1)
+    rows = runner.run_case(case, ("reference",), True, peaks, 1, 1, device=torch.device("cpu"))
+    by_impl = {r.impl: r for r in rows}
+    ours = by_impl["ssmkernels:reference"]
+    assert ours.status == "ok" and ours.median_ms > 0 and ours.gbps > 0 and ours.pct_copy_bw is not None
+    assert by_impl["torch"].status == "ok"
+    assert ours.speedup_vs_best_peer == pytest.approx(by_impl["torch"].median_ms / ours.median_ms)
+    assert by_impl["fla"].status == "unavailable" and by_impl["fla"].reason
+    if peers.load()["causal_conv1d"].get("causal_conv1d_fn") is None:
+        assert by_impl["causal_conv1d"].status == "unavailable"
+    # the inputs were left as they were given (no grad flags leak into the next implementation)
+    assert "unavailable" in report.table(rows)
+
+
+def test_torch_conv_peer_computes_the_same_convolution():
+    from ssmkernels import causal_conv1d
+    from ssmkernels._core.tolerance import compare
+
+    case = next(c for c in bench_cases.all_cases() if c.name == "conv1d-cf-fwd")
+    torch_peer = next(p for p in case.peers if p.label == "torch")
+    d = 6
+    kw = {"x": torch.randn(1, d, 5, dtype=torch.float64), "weight": torch.randn(d, 4, dtype=torch.float64),
+          "bias": torch.randn(d, dtype=torch.float64)}
+    forward, leaves = torch_peer.build(kw, torch.nn.functional.conv1d)
+    ref = causal_conv1d(kw["x"], kw["weight"], kw["bias"], activation="silu", backend="reference")
+    assert compare(forward(), ref, ref, torch.float64).ok and len(leaves) == 3
+
+
+def test_fla_mapping_computes_ssd():
+    """The fla peer is fed q=C, k=B (per head), v=x*dt, g=A*dt: with fla's own naive recurrence
+    this must equal our SSD reference without D (checked where fla and einops are importable)."""
+    naive = pytest.importorskip("fla.ops.simple_gla.naive")
+    from ssmkernels import ssd_chunk_scan
+    from ssmkernels._core.tolerance import compare
+
+    case = next(c for c in bench_cases.all_cases() if c.name == "ssd-fwd")
+    fla_peer = next(p for p in case.peers if p.label == "fla")
+    b, l, h, p, g, n = 1, 6, 128, 2, 8, 4
+    kw = {"x": torch.randn(b, l, h, p), "dt": torch.randn(b, l, h), "A": -torch.rand(h) - 0.5,
+          "B": torch.randn(b, l, g, n), "C": torch.randn(b, l, g, n), "D": torch.randn(h), "dt_bias": torch.rand(h)}
+    kw = {k: v.to(torch.bfloat16) if k in ("x", "dt", "B", "C") else v for k, v in kw.items()}
+
+    def fla_naive(q, k, v, g, scale, cu_seqlens=None, output_final_state=False):
+        return naive.naive_recurrent_simple_gla(q.float(), k.float(), v.float(), g, scale=scale)
+
+    forward, _ = fla_peer.build(kw, fla_naive)
+    out = forward()[0]
+    kw64 = {k: v.double() for k, v in kw.items()}
+    ref64 = ssd_chunk_scan(kw64["x"], kw64["dt"], kw64["A"], kw64["B"], kw64["C"], 16, dt_bias=kw64["dt_bias"],
+                           dt_softplus=True, backend="reference")
+    ref = ssd_chunk_scan(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], 16, dt_bias=kw["dt_bias"], dt_softplus=True,
+                         backend="reference")
+    assert compare(out, ref64, ref, torch.bfloat16).ok

@@ -88,8 +88,9 @@ def _conv_cases() -> list[BenchCase]:
 
         def torch_fn(kw, conv1d):
             x, weight, bias = kw["x"], kw["weight"], kw["bias"]
-            return (lambda: F.silu(conv1d(x, weight[:, None, :], bias, padding=w - 1, groups=d)[..., :l])), \
-                [x, weight, bias]
+            width, length = weight.shape[1], x.shape[2]
+            return (lambda: F.silu(conv1d(x, weight[:, None, :], bias, padding=width - 1,
+                                          groups=weight.shape[0])[..., :length])), [x, weight, bias]
 
         peers = [PeerImpl("causal_conv1d", "causal_conv1d", "causal_conv1d_fn", peer_fn),
                  PeerImpl("torch", "torch", "conv1d", torch_fn, "F.conv1d (padded, groups=d) + silu")]
@@ -231,7 +232,7 @@ def _ssd_cases() -> list[BenchCase]:
         def fla(kw, fn):
             with torch.no_grad():
                 dt = F.softplus(kw["dt"].float() + kw["dt_bias"])
-                heads = h // g
+                heads = kw["x"].shape[2] // kw["B"].shape[2]
                 q = kw["C"].repeat_interleave(heads, dim=2).contiguous()
                 k = kw["B"].repeat_interleave(heads, dim=2).contiguous()
                 v = (kw["x"] * dt[..., None]).to(BF16)

@@ -58,6 +58,40 @@ def implementations(case: BenchCase, backends: tuple[str, ...], compare: bool):
     return impls
 
 
+class Unavailable(RuntimeError):
+    """An implementation that cannot run here (missing peer, backend that cannot serve the call)."""
+
+
+def implementation(case: BenchCase, label: str):
+    """``(build, note)`` of the implementation called ``label`` in this case (``ssmkernels:<backend>``
+    or a peer's label); raises :class:`Unavailable` when it cannot run here."""
+    backends = (label.split(":", 1)[1],) if label.startswith("ssmkernels:") else ()
+    for name, build, missing, note in implementations(case, backends, compare=not backends):
+        if name == label:
+            if missing:
+                raise Unavailable(missing)
+            return build, note
+    raise Unavailable(f"{case.name} has no implementation {label!r}")
+
+
+def labels(case: BenchCase, backends: tuple[str, ...] = KERNEL_BACKENDS, compare: bool = True) -> list[str]:
+    return [f"ssmkernels:{b}" for b in backends] + ([p.label for p in case.peers] if compare else [])
+
+
+def build_steps(case: BenchCase, label: str) -> list[Callable[[], Any]]:
+    """Timed closures of one implementation, one per rotated input copy (for ``benchmarks/``).
+    Raises :class:`Unavailable` when the implementation cannot run here."""
+    build, _ = implementation(case, label)
+    device = torch.device("cuda")
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    try:
+        steps = [make_step(*build(case.make(device)), case.backward) for _ in range(_rotations(case, l2))]
+        steps[0]()
+    except BackendUnavailable as exc:
+        raise Unavailable(str(exc).split("cannot serve this call: ", 1)[-1]) from None
+    return steps
+
+
 def _rotations(case: BenchCase, l2_bytes: int) -> int:
     """How many input copies to cycle through so that one call's data is not left in L2 by the last."""
     if case.bytes >= 2 * l2_bytes:
@@ -66,9 +100,10 @@ def _rotations(case: BenchCase, l2_bytes: int) -> int:
 
 
 def run_case(case: BenchCase, backends: tuple[str, ...], compare: bool, the_peaks: Peaks | None,
-             warmup_ms: float, rep_ms: float) -> list[Row]:
-    device = torch.device("cuda")
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+             warmup_ms: float, rep_ms: float, device: torch.device | None = None) -> list[Row]:
+    device = device or torch.device("cuda")
+    l2 = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+          if device.type == "cuda" else 50 * 2**20)
     copies = [case.make(device) for _ in range(_rotations(case, l2))]
     rows = []
     for label, build, missing, note in implementations(case, backends, compare):
@@ -102,8 +137,9 @@ def run_case(case: BenchCase, backends: tuple[str, ...], compare: bool, the_peak
                     if isinstance(value, torch.Tensor):
                         value.grad = None
                         value.requires_grad_(False)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
         rows.append(row)
     best_peer = min((r.median_ms for r in rows if not r.ours and r.status == "ok"), default=None)
     if best_peer:
@@ -111,7 +147,8 @@ def run_case(case: BenchCase, backends: tuple[str, ...], compare: bool, the_peak
             if r.ours and r.status == "ok":
                 r.speedup_vs_best_peer = best_peer / r.median_ms
     del copies
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 

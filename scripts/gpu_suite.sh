@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The one script to run on the GPU machine, from the repository root:
+#
+#   OUT=/path/for/logs bash scripts/gpu_suite.sh [STAGE ...]
+#
+# Stages, in order (default: env peers build test check bench):
+#   env          nvidia-smi and `python -m ssmkernels info`
+#   peers        unpack the peer libraries from .peers/ (see scripts/prepare_peers.sh) into
+#                $PEERS_DIR: fla + einops wheels, the mamba_ssm sdist (its Triton ops need no build)
+#   peers-build  compile causal_conv1d and mamba_ssm's CUDA selective scan for sm_90 only
+#                (about 7 and 3 minutes on 16 cores; in parallel; opt-in, results stay in $PEERS_DIR)
+#   build        compile the ssmkernels CUDA extension into the JIT cache, timed (MAX_JOBS=16)
+#   test         the whole pytest suite, GPU tests included: pytest -m "gpu or not gpu"
+#   check        python -m ssmkernels check (every primitive/feature/backend vs float64)
+#   bench        python -m ssmkernels bench --compare, with JSON, Markdown and PNG output
+#   benchmarks   the pytest-benchmark wrappers in benchmarks/ (opt-in)
+#
+# Each stage logs to $OUT/<stage>.log; $OUT/summary.txt gets one line per stage (exit code,
+# seconds). The peers' paths are put on PYTHONPATH for every later stage, so a command that runs
+# out of time can be split: `... gpu_suite.sh peers build test`, then `... gpu_suite.sh peers check bench`.
+# Exit code: 0 when every stage that ran succeeded, else 1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-$ROOT/gpu_logs}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python}
+PEERS_DIR=${PEERS_DIR:-$HOME/.cache/ssmkernels-peers}
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env peers build test check bench)
+FAILED=0
+BASE_PYTHONPATH=${PYTHONPATH:-}
+
+log() { echo "[gpu_suite $(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
+
+run_stage() {  # run_stage NAME COMMAND...: logs to $OUT/NAME.log, records rc and time
+    local name=$1; shift
+    log "$name: start ($*)"
+    local start=$SECONDS
+    ( "$@" ) > "$OUT/$name.log" 2>&1
+    local rc=$?
+    log "$name: exit $rc after $((SECONDS - start)) s (log: $OUT/$name.log)"
+    tail -n 25 "$OUT/$name.log"
+    [ $rc -ne 0 ] && FAILED=1
+    return 0
+}
+
+peer_paths() {  # PYTHONPATH entries for whatever peers are unpacked (and built) in $PEERS_DIR
+    local paths=""
+    [ -d "$PEERS_DIR/site" ] && paths="$PEERS_DIR/site"
+    for src in "$PEERS_DIR"/src/mamba_ssm-* "$PEERS_DIR"/src/causal_conv1d-*; do
+        [ -d "$src" ] && paths="$paths:$src"
+    done
+    echo "${paths#:}"
+}
+
+stage_env() {
+    nvidia-smi || true
+    "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    "$PYTHON" -m ssmkernels info
+}
+
+stage_peers() {
+    if ! ls "$ROOT"/.peers/* >/dev/null 2>&1; then
+        echo "no .peers/ folder: run scripts/prepare_peers.sh on the development machine and carry .peers"
+        return 1
+    fi
+    mkdir -p "$PEERS_DIR/site" "$PEERS_DIR/src"
+    local wheels=("$ROOT"/.peers/*.whl)
+    if [ -e "${wheels[0]}" ]; then
+        "$PYTHON" -m pip install --quiet --no-deps --no-index --upgrade --target "$PEERS_DIR/site" "${wheels[@]}" || return 1
+    fi
+    for archive in "$ROOT"/.peers/*.tar.gz; do
+        local name; name=$(basename "$archive" .tar.gz)
+        [ -d "$PEERS_DIR/src/$name" ] || tar -xzf "$archive" -C "$PEERS_DIR/src" || return 1
+    done
+    ls "$PEERS_DIR/site" "$PEERS_DIR/src"
+    PYTHONPATH="$(peer_paths)${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'PY'
+from ssmkernels.bench import peers
+for name, peer in peers.load().items():
+    print(f"{name:14} {peer.version}  functions: {sorted(peer.functions)}  missing: {peer.errors}")
+PY
+}
+
+sm90_only() {  # restrict a peer's setup.py to sm_90 (its default list takes far longer to build)
+    "$PYTHON" - "$1" <<'PY'
+import sys
+path = sys.argv[1]
+text = open(path).read()
+tag = "# ssmkernels gpu_suite: sm_90 only"
+if tag not in text:
+    marker = "    ext_modules.append("
+    patch = ('    cc_flag = [f for f in cc_flag if f != "-gencode" and not f.startswith("arch=")] '
+             f'+ ["-gencode", "arch=compute_90,code=sm_90"]  {tag}\n')
+    index = text.index(marker)
+    open(path, "w").write(text[:index] + patch + text[index:])
+PY
+}
+
+stage_peers_build() {
+    local conv mamba
+    conv=$(ls -d "$PEERS_DIR"/src/causal_conv1d-* 2>/dev/null | head -1)
+    mamba=$(ls -d "$PEERS_DIR"/src/mamba_ssm-* 2>/dev/null | head -1)
+    [ -n "$conv" ] && [ -n "$mamba" ] || { echo "run the peers stage first"; return 1; }
+    sm90_only "$conv/setup.py" && sm90_only "$mamba/setup.py"
+    local half=$(( MAX_JOBS / 2 > 0 ? MAX_JOBS / 2 : 1 ))
+    ( cd "$conv" && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=$half "$PYTHON" setup.py build_ext --inplace ) \
+        > "$OUT/peers-build-causal_conv1d.log" 2>&1 &
+    local conv_pid=$!
+    ( cd "$mamba" && MAMBA_FORCE_BUILD=TRUE MAX_JOBS=$half "$PYTHON" setup.py build_ext --inplace ) \
+        > "$OUT/peers-build-mamba_ssm.log" 2>&1 &
+    local mamba_pid=$!
+    wait $conv_pid; local conv_rc=$?
+    wait $mamba_pid; local mamba_rc=$?
+    echo "causal_conv1d build exit $conv_rc; mamba_ssm build exit $mamba_rc"
+    ls "$conv"/*.so "$mamba"/*.so 2>/dev/null
+    [ $conv_rc -eq 0 ] && [ $mamba_rc -eq 0 ]
+}
+
+stage_build() {
+    "$PYTHON" -m ssmkernels build --jobs "$MAX_JOBS" --verbose
+}
+
+stage_test() {
+    "$PYTHON" -m pytest -m "gpu or not gpu" -q -ra --durations=25 --junitxml="$OUT/junit.xml"
+}
+
+stage_check() {
+    "$PYTHON" -m ssmkernels check
+}
+
+stage_bench() {
+    "$PYTHON" -m ssmkernels bench --compare --json "$OUT/bench.json" --markdown "$OUT/bench.md" --plot "$OUT/bench.png"
+}
+
+stage_benchmarks() {
+    "$PYTHON" -m pytest benchmarks/ -q --benchmark-json="$OUT/pytest-benchmark.json" \
+        --benchmark-columns=median,iqr,rounds
+}
+
+log "stages: ${STAGES[*]} (OUT=$OUT, PEERS_DIR=$PEERS_DIR, MAX_JOBS=$MAX_JOBS)"
+for stage in "${STAGES[@]}"; do
+    # Peers unpacked by this or an earlier call are importable from here on.
+    PEERS_PATH=$(peer_paths)
+    export PYTHONPATH="$PEERS_PATH${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"
+    case "$stage" in
+        env|peers|build|test|check|bench|benchmarks) run_stage "$stage" "stage_$stage" ;;
+        peers-build) run_stage "$stage" stage_peers_build ;;
+        *) log "unknown stage $stage"; FAILED=1 ;;
+    esac
+done
+log "done: $([ $FAILED -eq 0 ] && echo all stages passed || echo some stage failed)"
+exit $FAILED
