@@ -236,10 +236,22 @@ class Attention(nn.Module):
                 attn_mask = _padded_causal_mask(cache.key_valid[:, :start + l], start, l)
             elif l > 1:
                 attn_mask = _padded_causal_mask(None, start, l, device=u.device)
-        gqa = self.n_kv_heads != self.n_heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
+        out = self._sdpa(q, k, v, attn_mask, is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
 
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        """SDPA with grouped KV heads. A single query token is regrouped as ``(b, kv_heads, group, d)``
+        (the ``group`` query heads sharing a KV head become its query rows), so decode reads each KV
+        head once and never expands the cache; a mask ``(b, 1, 1, keys)`` broadcasts unchanged."""
+        groups = self.n_heads // self.n_kv_heads
+        if groups == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        b, _, l, d = q.shape
+        if l == 1 and not is_causal:
+            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv_heads, groups, d), k, v, attn_mask=attn_mask)
+            return out.reshape(b, self.n_heads, 1, d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
 
     def _static_step(self, q: Tensor, k: Tensor, v: Tensor, cache: "HybridCache") -> Tensor:
         """Decode step with no host-side position: writes at ``cache.position`` (a device tensor) and
@@ -250,8 +262,7 @@ class Attention(nn.Module):
         kv.v.index_copy_(2, cache.position, v)
         positions = torch.arange(cache.max_seqlen, device=q.device)
         allowed = (positions <= cache.position) & cache.key_valid  # (b, max_seqlen)
-        gqa = self.n_kv_heads != self.n_heads
-        out = F.scaled_dot_product_attention(q, kv.k, kv.v, attn_mask=allowed[:, None, None, :], enable_gqa=gqa)
+        out = self._sdpa(q, kv.k, kv.v, allowed[:, None, None, :], False)
         return self.o_proj(out.transpose(1, 2).reshape(b, 1, self.n_heads * self.head_dim))
 
 

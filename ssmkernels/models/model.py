@@ -25,7 +25,7 @@ class HybridLM(nn.Module):
 
     def __init__(self, cfg: HybridConfig, device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        cfg.validate()
+        cfg = cfg.replace()  # a private copy (validated): setting model.backend leaves the caller's config alone
         self.cfg = cfg
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
