@@ -1,6 +1,152 @@
-"""Cuda kernels of selective_scan: not written yet (issue #6)."""
+"""Cuda kernels of selective_scan (csrc/selective_scan): thin calls into the torch-free extension.
+
+The kernels scan one channel of one sequence per block in chunks of ``CHUNK`` (= 2048) steps and
+keep the state entering every chunk as the backward's checkpoint. A, D and delta_bias go to the
+kernels as float32; delta and z in u's dtype; B and C in u's dtype or float32 (anything else is
+converted here). Gradients of input-dependent B and C sum over channels with float atomics, so
+deterministic mode refuses the backward of those layouts (the Triton backend serves them).
+"""
 from __future__ import annotations
+
+import torch
+
+from ..._core import config, ext, native
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+CHUNK = 2048  # must equal ssmk::scan::kChunk (checked against the extension at first use)
 
 
 def unsupported(features: dict) -> str | None:
-    return "the cuda kernels of selective_scan are not implemented yet (issue #6)"
+    if not ext.has_kernel("selective_scan_fwd"):
+        return "the ssmkernels CUDA extension has no selective_scan kernels (rebuild it)"
+    if int(getattr(ext.module(), "selective_scan_chunk", CHUNK)) != CHUNK:
+        return "the ssmkernels CUDA extension was built with another selective_scan chunk size (rebuild it)"
+    dtype = features.get("dtype")
+    if dtype not in _FLOATS:
+        return f"the cuda kernels take float32/float16/bfloat16 inputs, got {dtype}"
+    if (config.deterministic() and features.get("needs_grad")
+            and features.get("bc_layout") != "fixed"):
+        return ("its backward adds the gradients of input-dependent B/C with float atomics, which "
+                "deterministic mode forbids (use backend='triton')")
+    return None
+
+
+def checkpoint_shape(u_shape, n: int, num_sequences: int) -> tuple:
+    """One float32 ``(d, n)`` state per chunk of each sequence (layout as in the Triton backend)."""
+    b, d, l = u_shape
+    return (b * -(-l // CHUNK) + num_sequences, d, n)
+
+
+def _bc_fields(params, prefix: str, M: torch.Tensor, d: int) -> None:
+    fixed = M.dim() == 2
+    setattr(params, f"{prefix.lower()}_fixed", fixed)
+    if fixed:  # (d, n): the channel plays the group
+        setattr(params, f"channels_per_{prefix.lower()}_group", 1)
+        strides = (0, M.stride(0), M.stride(1))
+    elif M.dim() == 3:  # (b, n, l): one group
+        setattr(params, f"channels_per_{prefix.lower()}_group", d)
+        strides = (M.stride(0), 0, M.stride(1))
+    else:
+        setattr(params, f"channels_per_{prefix.lower()}_group", d // M.shape[1])
+        strides = (M.stride(0), M.stride(1), M.stride(2))
+    for name, value in zip(("batch", "group", "n"), strides):
+        setattr(params, f"{prefix}_{name}_stride", value)
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias):
+    """Tensors in the dtypes the kernels take (copies only where the caller mixed dtypes)."""
+    f32 = torch.float32
+    delta = delta if delta.dtype == u.dtype else delta.to(u.dtype)
+    z = z if z is None or z.dtype == u.dtype else z.to(u.dtype)
+    if not (B.dtype == C.dtype and B.dtype in (u.dtype, f32)):
+        B, C = B.to(f32), C.to(f32)
+    A = A.to(f32).contiguous()
+    D = None if D is None else D.to(f32).contiguous()
+    delta_bias = None if delta_bias is None else delta_bias.to(f32).contiguous()
+    return delta, A, B.contiguous(), C.contiguous(), D, z, delta_bias
+
+
+def _params(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, count):
+    b, d, l = u.shape
+    m = ext.module()
+    p = m.SelectiveScanParams()
+    p.batch, p.dim, p.seqlen, p.dstate = b, d, l, A.shape[1]
+    p.num_seqs = count
+    p.chunks_per_row = -(-l // CHUNK)
+    p.dtype = native.dtype_code(u)
+    p.bc_dtype = native.dtype_code(B)
+    p.softplus = bool(delta_softplus)
+    _bc_fields(p, "B", B, d)
+    _bc_fields(p, "C", C, d)
+    p.u, p.delta, p.z = native.address(u), native.address(delta), native.address(z)
+    p.A, p.B, p.C = native.address(A), native.address(B), native.address(C)
+    p.D, p.delta_bias = native.address(D), native.address(delta_bias)
+    p.cu_seqlens = native.address(cu_seqlens)
+    p.x_batch_stride, p.x_d_stride = u.stride(0), u.stride(1)
+    p.stream = native.stream_of(u)
+    return p
+
+
+def forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
+            out, last_state, checkpoints) -> None:
+    """Writes ``out (b, d, l)``, ``last_state (s, d, n)`` and the chunk ``checkpoints``."""
+    delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    p = _params(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, last_state.shape[0])
+    p.out = native.address(out)
+    p.initial_state = native.address(initial_state)
+    p.last_state = native.address(last_state)
+    p.checkpoints = native.address(checkpoints)
+    with torch.cuda.device(u.device):
+        ext.module().selective_scan_fwd(p)
+
+
+def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
+             checkpoints, dout, dlast_state, du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
+             dinitial_state) -> None:
+    """Writes du, ddelta, dz, dinitial_state; adds into the zeroed float32 dA, dB, dC, dD, ddelta_bias."""
+    b, d, l = u.shape
+    n = A.shape[1]
+    count = checkpoints.shape[0] - b * -(-l // CHUNK)
+    delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
+    p = _params(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, count)
+    dev, f32 = u.device, torch.float32
+    dout = dout if dout.dtype == u.dtype else dout.to(u.dtype)
+    if dlast_state is not None:
+        dlast_state = dlast_state.to(f32).contiguous()
+    # The kernels write du/ddelta/dz in u's dtype: stage through buffers when the outputs differ.
+    staged = {name: (g if g is None or g.dtype == u.dtype else torch.empty_like(g, dtype=u.dtype))
+              for name, g in (("ddelta", ddelta), ("dz", dz))}
+    dA_part = torch.empty(count, d, n, device=dev, dtype=f32)
+    dD_part = torch.empty(count, d, device=dev, dtype=f32)
+    dbias_part = torch.empty(count, d, device=dev, dtype=f32)
+    grad_bufs = []
+    for prefix, M, dM in (("dB", B, dB), ("dC", C, dC)):
+        if M.dim() == 2:
+            buf = torch.empty(count, d, n, device=dev, dtype=f32)
+            strides = (0, 0, 0)
+        else:
+            g = 1 if M.dim() == 3 else M.shape[1]
+            buf = dM.view(M.shape[0], g, n, l)  # zeroed float32: the kernel adds with atomics
+            strides = (buf.stride(0), buf.stride(1) if g > 1 else 0, buf.stride(2))
+        grad_bufs.append(buf)
+        setattr(p, prefix, native.address(buf))
+        for name, value in zip(("batch", "group", "n"), strides):
+            setattr(p, f"{prefix}_{name}_stride", value)
+    p.checkpoints = native.address(checkpoints)
+    p.dout, p.dlast_state = native.address(dout), native.address(dlast_state)
+    p.du, p.ddelta, p.dz = native.address(du), native.address(staged["ddelta"]), native.address(staged["dz"])
+    p.dinitial_state = native.address(dinitial_state)
+    p.dA_part, p.dD_part, p.dbias_part = native.address(dA_part), native.address(dD_part), native.address(dbias_part)
+    with torch.cuda.device(u.device):
+        ext.module().selective_scan_bwd(p)
+    for name, g in (("ddelta", ddelta), ("dz", dz)):
+        if g is not None and staged[name] is not g:
+            g.copy_(staged[name])
+    dA += dA_part.sum(0)
+    if dD is not None:
+        dD += dD_part.sum(0)
+    if ddelta_bias is not None:
+        ddelta_bias += dbias_part.sum(0)
+    for M, dM, buf in ((B, dB, grad_bufs[0]), (C, dC, grad_bufs[1])):
+        if M.dim() == 2:
+            dM += buf.sum(0).view_as(dM)

@@ -158,7 +158,9 @@ def selective_scan(
 
     features = {"dtype": u.dtype, "d_state": n, "bc_layout": ("fixed", "shared", "grouped")[B.dim() - 2],
                 "z": z is not None, "cu_seqlens": cu_seqlens is not None,
-                "initial_state": initial_state is not None}
+                "initial_state": initial_state is not None,
+                "needs_grad": torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))}
     chosen = _select_backend(backend, dev, features)
     if chosen == "reference":
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,

@@ -1,0 +1,147 @@
+// Device helpers shared by the selective-scan forward and backward kernels.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+#include "selective_scan/selective_scan.h"
+
+namespace ssmk {
+namespace scan {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarps = kThreads / 32;
+// The backward holds more per-step values, so it uses twice the threads with half the steps each
+// (the same chunk, hence the same checkpoints).
+constexpr int kThreadsBwd = 256;
+constexpr int kItemsBwd = kChunk / kThreadsBwd;
+constexpr int kWarpsBwd = kThreadsBwd / 32;
+
+// Typed view of an address (common.h's as_ptr is host-only).
+template <typename T>
+__host__ __device__ __forceinline__ T* addr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+// Where one block works: the sequence's bounds along l, its batch row, its first checkpoint slot.
+struct Span {
+  int64_t start, end, row, slot0;
+};
+
+__device__ __forceinline__ Span sequence_span(const Params& p, int64_t seq) {
+  if (p.cu_seqlens) {
+    const int* cu = addr<const int>(p.cu_seqlens);
+    const int64_t start = cu[seq];
+    // Sequence j's chunks use slots cu[j] / kChunk + j + k: disjoint and below the buffer's size.
+    return {start, static_cast<int64_t>(cu[seq + 1]), 0, start / kChunk + seq};
+  }
+  return {0, p.seqlen, seq, seq * p.chunks_per_row};
+}
+
+// How many of a thread's N steps starting at t0 lie before `end` (0 .. N).
+template <int N>
+__device__ __forceinline__ int items_in_range(int64_t t0, int64_t end) {
+  const int64_t left = end - t0;
+  return left <= 0 ? 0 : (left >= N ? N : static_cast<int>(left));
+}
+
+// kItems consecutive elements starting at ptr, as float; zero past `valid`. 16-byte vector loads
+// when the run is complete and aligned (the common case: l a multiple of 8 for 16-bit types).
+template <typename T, int kItems>
+__device__ __forceinline__ void load_items(const T* ptr, int valid, float (&out)[kItems]) {
+  constexpr int kVec = 16 / sizeof(T);
+  static_assert(kItems % kVec == 0, "kItems must be a multiple of the vector width");
+  if (valid >= kItems && (reinterpret_cast<std::uintptr_t>(ptr) % 16) == 0) {
+#pragma unroll
+    for (int v = 0; v < kItems / kVec; ++v) {
+      uint4 raw = *reinterpret_cast<const uint4*>(ptr + v * kVec);
+      const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) out[v * kVec + j] = to_float(elems[j]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) out[i] = i < valid ? to_float(ptr[i]) : 0.f;
+  }
+}
+
+template <typename T, int kItems>
+__device__ __forceinline__ void store_items(T* ptr, int valid, const float (&in)[kItems]) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (valid >= kItems && (reinterpret_cast<std::uintptr_t>(ptr) % 16) == 0) {
+#pragma unroll
+    for (int v = 0; v < kItems / kVec; ++v) {
+      uint4 raw;
+      T* elems = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) elems[j] = from_float<T>(in[v * kVec + j]);
+      *reinterpret_cast<uint4*>(ptr + v * kVec) = raw;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i)
+      if (i < valid) ptr[i] = from_float<T>(in[i]);
+  }
+}
+
+// softplus to a few ulps: max(x, 0) + log1p(exp(-|x|)).
+__device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
+
+// Step sizes of a thread's items: delta + delta_bias, then softplus; 0 past `valid` (identity steps).
+// `raw` keeps the pre-softplus value (the backward's softplus derivative needs it).
+template <int kItems>
+__device__ __forceinline__ void step_sizes(float (&dt)[kItems], float (&raw)[kItems], float bias, bool use_softplus,
+                                           int valid) {
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    raw[i] = dt[i] + bias;
+    dt[i] = i < valid ? (use_softplus ? softplus(raw[i]) : raw[i]) : 0.f;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Inclusive scan over the lanes of a warp of the affine maps x -> a x + b (lane order = time order).
+__device__ __forceinline__ void warp_scan_affine(float& a, float& b) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const float a_prev = __shfl_up_sync(0xffffffffu, a, offset);
+    const float b_prev = __shfl_up_sync(0xffffffffu, b, offset);
+    if (lane >= offset) {
+      b = fmaf(a, b_prev, b);
+      a = a * a_prev;
+    }
+  }
+}
+
+// Reverse counterpart: lane order = reverse time order (x -> a x + b applied from the last lane).
+__device__ __forceinline__ void warp_scan_affine_reverse(float& a, float& b) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const float a_next = __shfl_down_sync(0xffffffffu, a, offset);
+    const float b_next = __shfl_down_sync(0xffffffffu, b, offset);
+    if (lane + offset < 32) {
+      b = fmaf(a, b_next, b);
+      a = a * a_next;
+    }
+  }
+}
+
+template <typename T>
+struct BCPointer {
+  // Address of element (row, channel, n) at time t0 of B or C, for either layout.
+  __device__ __forceinline__ static const T* at(std::uintptr_t base, bool fixed, int64_t row, int64_t channel,
+                                                  int64_t channels_per_group, int64_t batch_stride,
+                                                  int64_t group_stride, int64_t n_stride, int64_t n, int64_t t0) {
+    const T* ptr = addr<const T>(base);
+    if (fixed) return ptr + channel * group_stride + n * n_stride;
+    return ptr + row * batch_stride + (channel / channels_per_group) * group_stride + n * n_stride + t0;
+  }
+};
+
+}  // namespace scan
+}  // namespace ssmk
