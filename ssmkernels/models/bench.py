@@ -235,3 +235,138 @@ def decode_sweep(model: HybridLM, contexts: Iterable[int] = (1024, 2048, 4096, 8
                                  "context": context, "cuda_graph": graph, "error": f"out of memory: {exc}"[:200]})
                     torch.cuda.empty_cache()
     return rows
+
+
+# ----------------------------------------------------------------------------- the issue's suite
+def _try(fn, *args, **kwargs) -> dict:
+    """Run one measurement; a backend that cannot serve it or memory that runs out becomes a row
+    with ``"error"`` instead of ending the suite."""
+    from .. import BackendUnavailable
+
+    try:
+        return fn(*args, **kwargs)
+    except (BackendUnavailable, torch.OutOfMemoryError, NotImplementedError) as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {exc}"[:300], "args": [a for a in args if isinstance(a, (int, str))],
+                **{k: v for k, v in kwargs.items() if isinstance(v, (int, str, bool, type(None)))}}
+
+
+def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train_batch: int = 4,
+                    backends: Iterable[str] = ("cuda", "triton", "reference"),
+                    contexts: Iterable[int] = (1024, 2048, 4096, 8192, 16384, 32768, 65536),
+                    batch_sizes: Iterable[int] = (1, 64), dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The end-to-end measurements of issue #8 on the current device, returned and (with ``out_dir``)
+    written as ``model_bench.json`` plus PNG plots when matplotlib is installed.
+
+    - training tokens/s of the ~125M hybrid at ``seqlen`` on each backend, and of a Transformer of
+      equal parameter count (SDPA attention; its MLP/attention do not depend on the backend);
+    - decode tokens/s and memory vs context for the hybrid and the Transformer, per batch size,
+      with and without CUDA graphs (graphs only on CUDA).
+
+    ``quick`` shrinks everything (tiny model, short lengths) to check the plumbing on a CPU.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if quick:
+        hybrid_cfg = HybridConfig.tiny()
+        seqlen, train_batch, contexts, batch_sizes = min(seqlen, 64), 2, (16, 64), (1, 2)
+        dtype = torch.float32
+    else:
+        hybrid_cfg = HybridConfig.small_125m()
+    transformer_cfg = matched_transformer_config(hybrid_cfg)
+    results = {"environment": environment(), "hybrid_pattern": hybrid_cfg.pattern,
+               "transformer_pattern": transformer_cfg.pattern, "train": [], "decode": []}
+    hybrid = HybridLM(hybrid_cfg).to(device, dtype)
+    transformer = HybridLM(transformer_cfg).to(device, dtype)
+    results["hybrid_params"], results["transformer_params"] = hybrid.num_parameters(), transformer.num_parameters()
+
+    for backend in backends:
+        slow = backend == "reference"
+        row = _try(training_throughput, hybrid, train_batch, seqlen, steps=2 if slow else 10,
+                   warmup=1 if slow else 3, backend=backend)
+        row.update(model="hybrid")
+        results["train"].append(row)
+    row = _try(training_throughput, transformer, train_batch, seqlen)
+    row.update(model="transformer")
+    results["train"].append(row)
+
+    graphs = (False, True) if device.type == "cuda" else (False,)
+    for name, model in (("hybrid", hybrid), ("transformer", transformer)):
+        for row in decode_sweep(model, contexts, batch_sizes, graphs, new_tokens=8 if quick else 32):
+            row["model"] = name
+            results["decode"].append(row)
+
+    if out_dir is not None:
+        import json
+        from pathlib import Path
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model_bench.json").write_text(json.dumps(results, indent=2, default=str))
+        results["plots"] = plot_decode(results["decode"], out)
+    return results
+
+
+def plot_decode(rows: list[dict], out_dir) -> list[str]:
+    """Per batch size: decode ms/token and cache memory vs context, hybrid vs Transformer, with and
+    without CUDA graphs. Returns the PNG paths (none when matplotlib is missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from pathlib import Path
+
+    paths = []
+    ok = [r for r in rows if "error" not in r]
+    for batch_size in sorted({r["batch_size"] for r in ok}):
+        fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4))
+        for model in ("hybrid", "transformer"):
+            for graph in (False, True):
+                series = sorted((r for r in ok if r["batch_size"] == batch_size and r.get("model") == model
+                                 and r["cuda_graph"] == graph), key=lambda r: r["context"])
+                if not series:
+                    continue
+                label = f"{model}{' + CUDA graph' if graph else ''}"
+                ctx = [r["context"] for r in series]
+                ax_time.plot(ctx, [r["p50_ms"] for r in series], marker="o", label=label)
+                if not graph:
+                    ax_mem.plot(ctx, [r["cache_bytes_per_sequence"] / 2**20 for r in series], marker="o", label=model)
+        for ax, ylabel in ((ax_time, "ms per decode step (median)"), (ax_mem, "cache MiB per sequence")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context length")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"decode, batch {batch_size}")
+        fig.tight_layout()
+        path = Path(out_dir) / f"model_decode_b{batch_size}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
+
+
+def main(argv=None) -> int:
+    """``python -m ssmkernels.models.bench [--out DIR] [--quick]``: run :func:`run_model_suite`."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="end-to-end hybrid model benchmarks (issue #8)")
+    parser.add_argument("--out", default="model_bench", help="directory for model_bench.json and plots")
+    parser.add_argument("--quick", action="store_true", help="tiny model and lengths (plumbing check)")
+    parser.add_argument("--seqlen", type=int, default=4096)
+    parser.add_argument("--backends", default="cuda,triton,reference")
+    args = parser.parse_args(argv)
+    results = run_model_suite(args.out, quick=args.quick, seqlen=args.seqlen,
+                              backends=tuple(b for b in args.backends.split(",") if b))
+    summary = {"train": [{k: r.get(k) for k in ("model", "backend", "tokens_per_s", "error")} for r in results["train"]],
+               "plots": results.get("plots")}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
