@@ -241,10 +241,13 @@ def test_generate_sampling_and_eos():
     assert torch.equal(a, b) and a.shape == (2, 10)
     assert int(a.max()) < model.cfg.vocab_size
     greedy = model.generate(ids, 6)
-    eos = int(greedy[0, 5])  # row 0's second new token
+    eos = int(greedy[0, 4])  # row 0's first new token: row 0 stops there, padded afterwards
     stopped = model.generate(ids, 6, eos_token_id=eos, pad_token_id=0)
-    assert torch.equal(stopped[0, :6], greedy[0, :6])
-    assert (stopped[0, 6:] == 0).all()
+    assert torch.equal(stopped[0, :5], greedy[0, :5])
+    assert (stopped[0, 5:] == 0).all()
+    row1_stop = (greedy[1, 4:] == eos).nonzero()
+    end = 4 + (int(row1_stop[0]) + 1 if row1_stop.numel() else 6)
+    assert torch.equal(stopped[1, :end], greedy[1, :end])
 
 
 # ----------------------------------------------------------------------------- cache memory

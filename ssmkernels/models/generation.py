@@ -62,7 +62,7 @@ def generate(model: "HybridLM", input_ids: Union[Tensor, Sequence[Sequence[int]]
             restricted to the ``top_k`` most likely tokens when given.
         attention_mask: ``(b, l)``, 1 = token, 0 = left padding.
         eos_token_id: rows that produced it continue with ``pad_token_id``; generation stops early
-            once every row has.
+            once every row has (the result is then shorter than ``l + max_new_tokens``).
         prefill_chunk_size: feed the prompt through the cache in chunks of this many tokens
             (chunked prefill) instead of at once.
         generator: random generator for sampling.
