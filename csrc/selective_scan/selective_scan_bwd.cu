@@ -10,7 +10,8 @@
 //   du_t += g_t dt_t B_t,  ddt_t += g_t (A a_t h_{t-1} + B_t u_t),  dA += g_t dt_t a_t h_{t-1},
 //   dB_t += g_t dt_t u_t,  dC_t += dy_t h_t.
 // Sums over the block's steps go through warp shuffles and per-warp shared-memory slots (fixed
-// order); input-dependent B and C gradients, which sum over channels, use float atomics.
+// order); input-dependent B and C gradients, which sum over channels, use float atomics, issued
+// in time order across each warp (staged through shared memory) so that they coalesce.
 #include "selective_scan/scan_common.cuh"
 
 namespace ssmk {
@@ -19,6 +20,10 @@ namespace {
 
 constexpr int I = kItemsBwd;
 constexpr int W = kWarpsBwd;
+constexpr int kExchange = kChunk + kChunk / I;
+
+// Position in the exchange buffers of the chunk's step `step` (one padding slot per thread's run).
+__device__ __forceinline__ int exchange_pos(int step) { return step + step / I; }
 
 template <typename input_t, typename bc_t>
 __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
@@ -34,6 +39,10 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
   float* acc_C = acc_B + n_state * W;    // [n][W] (fixed C only)
   float* acc_D = acc_C + n_state * W;    // [W]
   float* acc_bias = acc_D + W;           // [W]
+  // [kChunk + kChunk / I] each: the chunk's B / C gradients of input-dependent layouts, staged so
+  // that the atomics go out in time order across the warp (coalesced), padded against bank conflicts.
+  float* exchange_B = acc_bias + W;
+  float* exchange_C = exchange_B + kExchange;
 
   const int64_t channel = blockIdx.x;
   const int64_t seq = blockIdx.y;
@@ -60,7 +69,8 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
   for (int64_t kk = 0; kk < num_chunks; ++kk) {
     const int64_t k = num_chunks - 1 - kk;
     const int cur = kk & 1;
-    const int64_t t0 = span.start + k * kChunk + static_cast<int64_t>(tid) * I;
+    const int64_t chunk_start = span.start + k * kChunk;
+    const int64_t t0 = chunk_start + static_cast<int64_t>(tid) * I;
     const int valid = items_in_range<I>(t0, span.end);
     const int64_t t_read = valid > 0 ? t0 : span.start;
     const int64_t slot = span.slot0 + k;
@@ -157,7 +167,6 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
         hs[i] = h;
       }
       float dA_sum = 0.f, dB_sum = 0.f, dC_sum = 0.f;
-      const int64_t t_base = t0;
 #pragma unroll
       for (int i = I - 1; i >= 0; --i) {
         const float g = fmaf(Cv[i], dy[i], x);
@@ -171,18 +180,32 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
         y[i] = fmaf(Cv[i], hs[i], y[i]);
         if (p.b_fixed) {
           dB_sum += grad_B;
-        } else if (i < valid) {
-          atomicAdd(dB + span.row * p.dB_batch_stride + grp_b * p.dB_group_stride + n * p.dB_n_stride + t_base + i,
-                    grad_B);
+        } else {
+          exchange_B[exchange_pos(tid * I + i)] = grad_B;
         }
         if (p.c_fixed) {
           dC_sum += grad_C;
-        } else if (i < valid) {
-          atomicAdd(dC + span.row * p.dC_batch_stride + grp_c * p.dC_group_stride + n * p.dC_n_stride + t_base + i,
-                    grad_C);
+        } else {
+          exchange_C[exchange_pos(tid * I + i)] = grad_C;
         }
       }
       if (tid == 0) carry[(cur ^ 1) * n_state + n] = x;  // G at the chunk's first step
+      if (!(p.b_fixed && p.c_fixed)) {
+        __syncthreads();
+        // Striped: step j * kThreadsBwd + tid, so a warp adds to 32 consecutive positions at once.
+        // The exchange buffers are rewritten only after the next n's first barrier.
+        float* dB_row = dB + span.row * p.dB_batch_stride + grp_b * p.dB_group_stride + n * p.dB_n_stride;
+        float* dC_row = dC + span.row * p.dC_batch_stride + grp_c * p.dC_group_stride + n * p.dC_n_stride;
+#pragma unroll
+        for (int j = 0; j < I; ++j) {
+          const int step = j * kThreadsBwd + tid;
+          const int64_t t = chunk_start + step;
+          if (t < span.end) {
+            if (!p.b_fixed) atomicAdd(dB_row + t, exchange_B[exchange_pos(step)]);
+            if (!p.c_fixed) atomicAdd(dC_row + t, exchange_C[exchange_pos(step)]);
+          }
+        }
+      }
       dA_sum = warp_sum(dA_sum);
       if (p.b_fixed) dB_sum = warp_sum(dB_sum);
       if (p.c_fixed) dC_sum = warp_sum(dC_sum);
@@ -243,7 +266,7 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
 template <typename input_t, typename bc_t>
 void launch_backward(const Params& p) {
   dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(p.num_seqs));
-  const size_t smem = (2 * p.dstate + 8 * W + 3 * p.dstate * W + 2 * W) * sizeof(float);
+  const size_t smem = (2 * p.dstate + 8 * W + 3 * p.dstate * W + 2 * W + 2 * kExchange) * sizeof(float);
   auto kernel = backward_kernel<input_t, bc_t>;
   if (smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
