@@ -15,7 +15,7 @@ from ssmkernels import BackendUnavailable
 from ssmkernels._core.tolerance import assert_spec_close
 from ssmkernels.models import PATTERN_8B, HybridConfig, HybridLM, left_pad
 
-from tests.helpers import DEVICE, KERNEL_BACKENDS, ON_GPU
+from tests.helpers import DEVICE, KERNEL_BACKENDS, KERNEL_DTYPES, ON_GPU
 
 F64 = torch.float64
 
@@ -306,11 +306,16 @@ def _run(model: HybridLM, ids: torch.Tensor, backend: str):
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+# The interpreter is slow: the CPU run checks float32 only; the GPU every kernel dtype.
+MODEL_DTYPES = KERNEL_DTYPES if ON_GPU else (torch.float32,)
+
+
+@pytest.mark.parametrize("dtype", MODEL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_backend_matches_reference(backend):
-    """Logits and parameter gradients of a kernel backend (float32) against the float64 reference."""
+def test_backend_matches_reference(backend, dtype):
+    """Logits and parameter gradients of a kernel backend against the float64 reference (SPEC rule)."""
     ref64 = tiny_model(F64).train().to(DEVICE)
-    low = tiny_model(torch.float32).train().to(DEVICE)
+    low = tiny_model(dtype).train().to(DEVICE)
     low.load_state_dict(ref64.state_dict())
     ids = random_ids(ref64.cfg, 2, 21).to(DEVICE)
     logits64, grads64 = _run(ref64, ids, "reference")
@@ -319,9 +324,9 @@ def test_backend_matches_reference(backend):
         logits_k, grads_k = _run(low, ids, backend)
     except BackendUnavailable as exc:
         pytest.skip(f"{backend} cannot run the model yet: {exc}")
-    assert_spec_close(f"{backend} logits", logits_k, logits64, logits_lowp, torch.float32)
+    assert_spec_close(f"{backend} logits", logits_k, logits64, logits_lowp, dtype)
     for name in grads64:
-        assert_spec_close(f"{backend} grad {name}", grads_k[name], grads64[name], grads_lowp[name], torch.float32)
+        assert_spec_close(f"{backend} grad {name}", grads_k[name], grads64[name], grads_lowp[name], dtype)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -497,6 +502,35 @@ def test_cuda_graph_decode_matches_eager(backend):
     with torch.no_grad():
         lowp = model(ids)
     assert_spec_close("graph decode", steps, truth[:, 4:], lowp[:, 4:], torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_memory_flat_in_context():
+    """Allocated device bytes: Mamba states do not depend on the context; decoding allocates nothing
+    that stays (the Mamba-only model's memory after 64 steps equals the memory before)."""
+    cfg = HybridConfig(pattern="M-M-", vocab_size=256, d_model=256, d_state=64, headdim=64, ngroups=1,
+                       chunk_size=64)
+    model = HybridLM(cfg).to(DEVICE, torch.bfloat16).eval()
+    sizes = []
+    for max_seqlen in (1024, 65536):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        cache = model.new_cache(4, max_seqlen)
+        sizes.append(torch.cuda.memory_allocated() - before)
+        del cache
+    assert sizes[0] == sizes[1] > 0
+    cache = model.new_cache(4, 2048)
+    ids = torch.randint(0, cfg.vocab_size, (4, 1), device=DEVICE)
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (4, 512), device=DEVICE), cache=cache)
+        for _ in range(4):
+            model(ids, cache=cache)
+        torch.cuda.synchronize()
+        settled = torch.cuda.memory_allocated()
+        for _ in range(64):
+            model(ids, cache=cache)
+        torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == settled
 
 
 @pytest.mark.gpu
