@@ -64,8 +64,9 @@ class PhonebookBatch:
     answer_mask: Tensor
     n_entries: Tensor
 
-    def to(self, device) -> "PhonebookBatch":
-        return PhonebookBatch(self.tokens.to(device), self.answer_mask.to(device), self.n_entries.to(device))
+    def to(self, device, non_blocking: bool = False) -> "PhonebookBatch":
+        return PhonebookBatch(*(t.to(device, non_blocking=non_blocking)
+                                for t in (self.tokens, self.answer_mask, self.n_entries)))
 
 
 @dataclass(frozen=True)
@@ -151,27 +152,32 @@ class PhonebookTask:
             raise ValueError(f"n_entries {n_entries!r} must lie in [{self.n_queries}, {most}] for "
                              f"context_len {context_len}")
         rng = np.random.default_rng([seed, SPLITS[split], context_len, index])
-        tokens = np.full((batch_size, context_len), PAD, dtype=np.int64)
-        mask = np.zeros((batch_size, context_len), dtype=bool)
-        sizes = rng.integers(low, high + 1, size=batch_size)
+        b, q, e = batch_size, self.n_queries, self.entry_len
+        sizes = rng.integers(low, high + 1, size=b)
+        # Every row draws `high` distinct names and numbers; row r uses the first sizes[r] of them.
+        ids = np.stack([rng.choice(self.n_names, size=high, replace=False) for _ in range(b)])  # (b, high)
         powers = self.n_name_tokens ** np.arange(self.name_len - 1, -1, -1)
-        answer_cols = self.answer_offsets()
-        for row, n in enumerate(sizes):
-            ids = rng.choice(self.n_names, size=n, replace=False)
-            names = (ids[:, None] // powers) % self.n_name_tokens + NAME0  # (n, name_len)
-            numbers = rng.integers(0, 10, size=(n, self.number_len)) + DIGIT0
-            sep = np.full((n, 1), SEP)
-            end = np.full((n, 1), END)
-            book = np.concatenate([names, sep, numbers, end], axis=1)  # (n, entry_len)
-            asked = rng.choice(n, size=self.n_queries, replace=False)
-            q = self.n_queries
-            queries = np.concatenate([np.full((q, 1), QUERY), names[asked], sep[:q], numbers[asked], end[:q]],
-                                     axis=1)  # (q, query_len)
-            seq = np.concatenate([[BOS], book.ravel(), queries.ravel()])
-            tokens[row, :seq.size] = seq
-            first_query = 1 + n * self.entry_len
-            cols = first_query + (np.arange(q)[:, None] * self.query_len + answer_cols[None, :])
-            mask[row, cols.ravel()] = True
+        names = (ids[..., None] // powers) % self.n_name_tokens + NAME0  # (b, high, name_len)
+        numbers = rng.integers(0, 10, size=(b, high, self.number_len)) + DIGIT0
+        sep, end = np.full((b, high, 1), SEP), np.full((b, high, 1), END)
+        book = np.concatenate([names, sep, numbers, end], axis=2)  # (b, high, entry_len)
+        # The queried entries: q distinct ones among each row's first sizes[r].
+        keys = np.where(np.arange(high)[None] < sizes[:, None], rng.random((b, high)), np.inf)
+        asked = np.argsort(keys, axis=1, kind="stable")[:, :q]  # (b, q)
+        rows = np.arange(b)[:, None]
+        queries = np.concatenate([np.full((b, q, 1), QUERY), book[rows, asked]], axis=2)  # (b, q, query_len)
+
+        tokens = np.full((b, context_len), PAD, dtype=np.int64)
+        tokens[:, 0] = BOS
+        tokens[:, 1:1 + high * e] = book.reshape(b, high * e)
+        first_query = 1 + sizes * e  # (b,)
+        positions = np.arange(context_len)[None]
+        tokens[positions >= first_query[:, None]] = PAD  # drop the unused entries
+        cols = first_query[:, None] + np.arange(q * self.query_len)[None]  # (b, q * query_len)
+        tokens[rows, cols] = queries.reshape(b, q * self.query_len)
+        mask = np.zeros((b, context_len), dtype=bool)
+        answer_cols = (np.arange(q)[:, None] * self.query_len + self.answer_offsets()[None]).ravel()
+        mask[rows, first_query[:, None] + answer_cols[None]] = True
         return PhonebookBatch(torch.from_numpy(tokens), torch.from_numpy(mask), torch.from_numpy(sizes))
 
 
@@ -418,25 +424,28 @@ def train(model: nn.Module, batches: Callable[[int], PhonebookBatch], steps: int
     result = TrainResult()
     loss_sum = torch.zeros((), device=device)
     hit_sum = torch.zeros((), device=device)
-    digits, interval_steps, interval_tokens = 0, 0, 0
+    digit_count = torch.zeros((), device=device, dtype=torch.int64)
+    interval_steps, interval_tokens = 0, 0
     _sync(device)
     start = interval_start = time.perf_counter()
     for step in range(steps):
-        batch = batches(step).to(device)
+        batch = batches(step).to(device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         with _autocast(device, precision):
             logits = model(batch.tokens)
-        chosen, targets = answer_logits_and_targets(logits, batch)
-        loss = F.cross_entropy(chosen.float(), targets)
+        # Masked mean over all positions rather than boolean indexing: no host sync per step.
+        predict = batch.answer_mask[:, 1:]
+        targets = batch.tokens[:, 1:].masked_fill(~predict, -100)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         loss_sum += loss.detach()
-        hit_sum += (chosen.detach().argmax(-1) == targets).sum()
-        digits += targets.numel()
+        hit_sum += ((logits[:, :-1].detach().argmax(-1) == targets) & predict).sum()
+        digit_count += predict.sum()
         interval_steps += 1
         interval_tokens += batch.tokens.numel()
         result.tokens += batch.tokens.numel()
@@ -451,10 +460,11 @@ def train(model: nn.Module, batches: Callable[[int], PhonebookBatch], steps: int
             if log is not None and log_every:
                 rate = interval_tokens / max(now - interval_start, 1e-9)
                 log(f"[{name}] step {step + 1:>5}/{steps}  loss {mean_loss:7.4f}  "
-                    f"digit-acc {(hit_sum / max(digits, 1)).item():.3f}  {rate:>10,.0f} tok/s")
+                    f"digit-acc {(hit_sum / digit_count.clamp(min=1)).item():.3f}  {rate:>10,.0f} tok/s")
             loss_sum.zero_()
             hit_sum.zero_()
-            digits, interval_steps, interval_tokens, interval_start = 0, 0, 0, now
+            digit_count.zero_()
+            interval_steps, interval_tokens, interval_start = 0, 0, now
     _sync(device)
     result.train_time_s = time.perf_counter() - start
     result.final_loss = result.losses[-1] if result.losses else float("nan")
