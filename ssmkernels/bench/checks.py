@@ -578,9 +578,12 @@ def backend_reason(backend: str, device: torch.device) -> str | None:
 
 
 def default_dtypes(backend: str, device: torch.device) -> tuple[torch.dtype, ...]:
+    """Every dtype on a GPU and for the reference. Triton on the CPU (its interpreter) gets float32
+    for every row and float16 for the ``quick`` rows (``plan``): the interpreter is slow, and it
+    mishandles bf16 ``tl.dot``; ``--dtype`` overrides this."""
     if device.type == "cuda" or backend == "reference":
         return (torch.float32, torch.float16, torch.bfloat16)
-    return (torch.float32, torch.float16)  # the Triton interpreter mishandles bf16 tl.dot
+    return (torch.float32, torch.float16)
 
 
 def plan(primitives: Iterable[str] | None = None, backends: Iterable[str] | None = None,
@@ -601,6 +604,8 @@ def plan(primitives: Iterable[str] | None = None, backends: Iterable[str] | None
             if backend not in case.backends:
                 continue
             wanted = tuple(dtypes) if dtypes else default_dtypes(backend, device)
+            if not dtypes and backend == "triton" and device.type == "cpu" and not case.quick:
+                wanted = wanted[:1]  # the interpreter is slow: float16 for the main rows only
             if case.dtypes is not None:  # rows pinned to dtypes (second formulations: float64)
                 wanted = tuple(d for d in case.dtypes if not dtypes or d in dtypes)
             if quick and not dtypes:
