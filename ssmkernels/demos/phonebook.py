@@ -15,7 +15,11 @@ Names are ``name_len`` tokens from ``n_name_tokens`` name tokens (distinct withi
 numbers ``number_len`` digit tokens, both drawn afresh for every book. The queried names are
 distinct entries of the book. Loss and accuracy count only the answer digits after each query's
 ``SEP``; a query is recalled when all its digits are right (teacher-forced argmax, which equals
-greedy decoding: the first wrong digit is wrong either way).
+greedy decoding of that number: the first wrong digit is wrong either way). Each look-up is
+scored given the true text before it (earlier look-ups included). Training books hold between
+``n_queries`` and the most entries that fit the training context (drawn per sequence); the
+evaluation books fill their context, so 2x and 4x contexts hold about 2x and 4x more entries.
+Every batch is a function of ``(seed, split, context length, step)``: all models see the same data.
 
 Models (``PATTERNS``; layer patterns of :class:`ssmkernels.models.HybridLM`):
 
@@ -40,7 +44,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
