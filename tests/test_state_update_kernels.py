@@ -57,6 +57,8 @@ CASES = {
     "mamba2_odd_sizes": replace(BASE, heads=3, headdim=7, groups=1, dstate=11, batch=3),
     "mamba2_groups_eq_heads": replace(BASE, groups=4, dstate=16, headdim=8),
     "mamba2_wide_headdim": replace(BASE, heads=2, groups=1, headdim=70, dstate=4, batch=1),
+    "mamba2_dstate128": replace(BASE, heads=2, groups=1, headdim=5, dstate=128, tokens=2),
+    "mamba2_dstate100": replace(BASE, heads=2, groups=2, headdim=3, dstate=100),
     "mamba2_indices_pad": replace(BASE, batch=4, cache=6, indices=(5, -1, 0, 2), tokens=2),
     "mamba2_indices_custom_pad": replace(BASE, batch=3, cache=4, indices=(3, 9, 1), pad_slot_id=9),
     "mamba2_indices_int64": replace(BASE, batch=3, cache=4, indices=(1, -1, 3), index_dtype=torch.int64, tokens=2),

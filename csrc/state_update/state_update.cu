@@ -215,7 +215,7 @@ void launch_typed(const Params& params) {
   // thread. Few rows (decode at small batch, latency-bound): one pack per thread and more threads.
   // To be tuned on the GPU; both choices compute the same thing.
   const int64_t rows = params.batch * params.heads * params.headdim;
-  const int64_t target_chunks = rows >= (int64_t{1} << 16) ? 4 : 1;
+  const int64_t target_chunks = rows >= (int64_t{1} << 16) ? (kChunks < 4 ? kChunks : 4) : 1;
   const int lanes = pow2_at_least(ceil_div(packs, target_chunks));
   const int chunks = static_cast<int>(ceil_div(packs, lanes));
   if (chunks > kChunks) throw std::invalid_argument("selective_state_update: d_state too large for the CUDA kernel");
