@@ -129,7 +129,7 @@ stage_test() {
 }
 
 stage_check() {
-    "$PYTHON" -m ssmkernels check
+    "$PYTHON" -m ssmkernels check --json "$OUT/check.json"
 }
 
 stage_bench() {

@@ -252,6 +252,17 @@ def cmd_check(args) -> int:
             _print(f"  {res.case.name} [{res.backend}, {checks.dtype_name(res.dtype)}]: {res.detail}"
                    + (f" (max err {res.error:.3e} > tol {res.tolerance:.3e} at {res.worst})"
                       if res.error is not None and res.tolerance is not None else ""))
+    if args.json:
+        import json
+
+        records = [{"primitive": r.case.primitive, "feature": r.case.feature, "backend": r.backend,
+                    "dtype": checks.dtype_name(r.dtype), "status": r.status, "max_error": r.error,
+                    "tolerance": r.tolerance, "worst": r.worst, "detail": r.detail, "seconds": r.seconds}
+                   for r in results]
+        meta = {"device": str(the_plan.device), "size": the_plan.size, "gpu": gpu_description(), **versions()}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
+        _print(f"wrote {args.json}")
     _print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped in {elapsed:.1f} s")
     return 1 if failed else 0
 
@@ -367,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--feature", "-k", help="only features whose name contains this text")
     check.add_argument("--quick", action="store_true", help="main features only, one dtype")
     check.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    check.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     check.set_defaults(func=cmd_check)
 
     bench = sub.add_parser("bench", parents=[filters], help="benchmark the kernels (and peers with --compare)")
