@@ -505,6 +505,27 @@ def test_cuda_graph_decode_matches_eager(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """The whole model (forward and backward) traces without graph breaks on the kernel backends."""
+    model = HybridLM(HybridConfig.tiny(d_model=64, headdim=16, d_state=16, backend=backend)).to(DEVICE)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 40), device=DEVICE)
+    eager = model(ids)
+    compiled = torch.compile(model, fullgraph=True)(ids)
+    compiled.float().square().sum().backward()
+    lowp = eager.detach()
+    ref64 = HybridLM(model.cfg.replace(backend="reference")).to(DEVICE, F64)
+    ref64.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        truth = ref64(ids)
+    model.backend = "reference"
+    with torch.no_grad():
+        lowp = model(ids)
+    assert_spec_close(f"compiled {backend} logits", compiled.detach(), truth, lowp, torch.float32)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.gpu
 def test_gpu_decode_memory_flat_in_context():
     """Allocated device bytes: Mamba states do not depend on the context; decoding allocates nothing
     that stays (the Mamba-only model's memory after 64 steps equals the memory before)."""
