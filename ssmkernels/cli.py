@@ -218,7 +218,7 @@ def cmd_check(args) -> int:
 
     device = torch.device(args.device) if args.device else None
     the_plan = checks.plan(_primitives(args.primitive), _backends(args.backend), _dtypes(args.dtype),
-                           quick=args.quick, device=device, features=args.feature)
+                           quick=args.quick, device=device, features=args.feature, size=args.size)
     _print(f"ssmkernels check: {len(the_plan)} rows on {the_plan.device} ({the_plan.size} shapes"
            f"{', quick' if args.quick else ''}); rule: max|out - ref64| <= 2 * max|ref_dtype - ref64| + atol_dtype"
            f" (forward outputs and gradients)")
@@ -359,6 +359,8 @@ def cmd_demo(args) -> int:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .bench.checks import SIZES
+
     parser = argparse.ArgumentParser(prog="python -m ssmkernels",
                                      description="ssmkernels: fused state-space-model kernels")
     sub = parser.add_subparsers(dest="command", metavar="command")
@@ -379,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--quick", action="store_true", help="main features only, one dtype")
     check.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     check.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    check.add_argument("--size", choices=tuple(SIZES), help="input sizes (default: small on a GPU, tiny on CPU)")
     check.set_defaults(func=cmd_check)
 
     bench = sub.add_parser("bench", parents=[filters], help="benchmark the kernels (and peers with --compare)")

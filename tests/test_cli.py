@@ -160,6 +160,8 @@ def test_bench_dry_run_lists_the_issue_shapes(capsys):
 def test_bench_filters(capsys):
     code, out = run_cli(capsys, "bench", "--dry-run", "--primitive", "ssd", "--case", "varlen")
     assert code == 0 and "ssd-varlen-fwd" in out and "conv1d-" not in out
+    code, out = run_cli(capsys, "bench", "--dry-run", "--case", "ssd-fwd")  # exact name: that case only
+    assert code == 0 and "ssd-fwdbwd" not in out and "ssd-fwd " in out
     code, out = run_cli(capsys, "bench", "--dry-run", "--case", "no-such-case")
     assert code == 2
 

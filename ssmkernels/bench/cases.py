@@ -311,15 +311,17 @@ def all_cases() -> list[BenchCase]:
 
 
 def select(primitives: list[str] | None = None, names: list[str] | None = None) -> list[BenchCase]:
-    """Cases of the given primitives whose name equals or contains one of ``names``."""
-    chosen = []
-    for case in all_cases():
-        if primitives and case.primitive not in primitives:
-            continue
-        if names and not any(name == case.name or name in case.name for name in names):
-            continue
-        chosen.append(case)
-    return chosen
+    """Cases of the given primitives matching ``names``: a name that is exactly a case's name picks
+    that case; any other name picks every case whose name contains it."""
+    every = [c for c in all_cases() if not primitives or c.primitive in primitives]
+    if not names:
+        return every
+    exact = {c.name for c in every}
+
+    def matches(case: BenchCase, name: str) -> bool:
+        return case.name == name if name in exact else name in case.name
+
+    return [c for c in every if any(matches(c, name) for name in names)]
 
 
 def human_bytes(value: float) -> str:

@@ -589,11 +589,12 @@ def default_dtypes(backend: str, device: torch.device) -> tuple[torch.dtype, ...
 def plan(primitives: Iterable[str] | None = None, backends: Iterable[str] | None = None,
          dtypes: Iterable[torch.dtype] | None = None, quick: bool = False,
          device: torch.device | None = None, cases: list[CheckCase] | None = None,
-         features: str | None = None) -> Plan:
+         features: str | None = None, size: str | None = None) -> Plan:
+    """The rows to run: ``size`` is ``tiny`` (default on CPU) or ``small`` (default on a GPU)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     primitives = tuple(primitives or PRIMITIVES)
     backends = tuple(backends or BACKENDS)
-    result = Plan(device, "small" if device.type == "cuda" else "tiny")
+    result = Plan(device, size or ("small" if device.type == "cuda" else "tiny"))
     reasons = {b: backend_reason(b, device) for b in backends}
     for case in cases if cases is not None else all_cases():
         if case.primitive not in primitives or (quick and not case.quick):
