@@ -82,11 +82,11 @@ def _nchunks(seqlen: int, chunk_size: int) -> int:
 
 
 def checkpoint_shape(x_shape, n: int, chunk_size: int) -> tuple:
-    """One flat float32 buffer: chunk-boundary states ``(b, nc + 1, h, p, n)``, then dtp and cs
-    ``(b, h, nc, Q)`` each."""
+    """One flat float32 buffer: chunk-boundary states ``(b, nc + 1, h, p, n)``, then dtp, cs and
+    cs_lo ``(b, h, nc, Q)`` each (cs = cs + cs_lo to about float64 accuracy)."""
     b, l, h, p = x_shape
     nc = _nchunks(l, chunk_size)
-    return (b * (nc + 1) * h * p * n + 2 * b * h * nc * chunk_size,)
+    return (b * (nc + 1) * h * p * n + 3 * b * h * nc * chunk_size,)
 
 
 def _split_checkpoints(checkpoints, b, l, h, p, n, chunk_size):
@@ -95,8 +95,18 @@ def _split_checkpoints(checkpoints, b, l, h, p, n, chunk_size):
     size_dt = b * h * nc * chunk_size
     states = checkpoints[:size_states].view(b, nc + 1, h, p, n)
     dtp = checkpoints[size_states:size_states + size_dt].view(b, h, nc, chunk_size)
-    cs = checkpoints[size_states + size_dt:size_states + 2 * size_dt].view(b, h, nc, chunk_size)
+    cs = checkpoints[size_states + size_dt:size_states + 3 * size_dt].view(2, b, h, nc, chunk_size)[0]
     return states, dtp, cs
+
+
+def _lo_off(cs: torch.Tensor) -> int:
+    """Elements from cs to cs_lo in the checkpoint buffer."""
+    return cs.numel()
+
+
+def _cs64(cs: torch.Tensor) -> torch.Tensor:
+    """cs + cs_lo in float64, for the decays computed in PyTorch."""
+    return cs.double() + torch.as_strided(cs, cs.shape, cs.stride(), cs.storage_offset() + cs.numel()).double()
 
 
 def _p2(v: int, low: int = 16) -> int:
@@ -111,7 +121,7 @@ def _dot_types(dtype: torch.dtype):
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _dt_kernel(dt_ptr, dt_sb, dt_sl, dt_sh, bias_ptr, A_ptr, dtp_ptr, cs_ptr,
+def _dt_kernel(dt_ptr, dt_sb, dt_sl, dt_sh, bias_ptr, A_ptr, dtp_ptr, cs_ptr, lo_off,
                seqlen, nheads, nchunks, chunk, dt_min, dt_max,
                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CLAMP: tl.constexpr,
                BLOCK_Q: tl.constexpr):
@@ -132,29 +142,40 @@ def _dt_kernel(dt_ptr, dt_sb, dt_sl, dt_sh, bias_ptr, A_ptr, dtp_ptr, cs_ptr,
     if CLAMP:
         v = tl.minimum(tl.maximum(v, dt_min), dt_max)
     v = tl.where(ok, v, 0.0)
-    a = v * tl.load(A_ptr + hh).to(tl.float32)
-    cs = tl.cumsum(a, axis=0)
+    a = v.to(tl.float64) * tl.load(A_ptr + hh).to(tl.float64)
+    cs64 = tl.cumsum(a, axis=0)
+    cs = cs64.to(tl.float32)
+    lo = (cs64 - cs.to(tl.float64)).to(tl.float32)
     base = pid * chunk
     tl.store(dtp_ptr + base + t, v, mask=t < chunk)
     tl.store(cs_ptr + base + t, cs, mask=t < chunk)
+    tl.store(cs_ptr + lo_off + base + t, lo, mask=t < chunk)
+
+
+@triton.jit
+def _exp_diff(a, a_lo, b, b_lo):
+    """``exp(min(a - b, 0))`` for cs values held as float32 pairs (hi, lo): the difference of two
+    nearby cumulative sums keeps its accuracy however large the sums grow within a chunk."""
+    return tl.exp(tl.minimum((a - b) + (a_lo - b_lo), 0.0))
 
 
 @triton.jit
 def _segment_step(acc, t0, u_base, u_sl, w_base, w_sl, dtp_ptr, cs_ptr, cs_base, seq_ptr, seq_sb, seq_sl,
-                  bb, chunk_start, chunk_len, ref, cs_ref, target, offs_p, offs_n, p_ok, n_ok,
+                  bb, chunk_start, chunk_len, ref, cs_ref, lo_ref, lo_off, target, offs_p, offs_n, p_ok, n_ok,
                   FORWARD: tl.constexpr, HAS_SEQ: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_T: tl.constexpr):
     t = t0 + tl.arange(0, BLOCK_T)
     pos = chunk_start + t
     ok = t < chunk_len
     cs_t = tl.load(cs_ptr + cs_base + t, mask=ok, other=0.0)
+    lo_t = tl.load(cs_ptr + lo_off + cs_base + t, mask=ok, other=0.0)
     if FORWARD:
         ok = ok & (pos <= ref)
         dtp_t = tl.load(dtp_ptr + cs_base + t, mask=ok, other=0.0)
-        wt = tl.exp(tl.minimum(cs_ref - cs_t, 0.0)) * dtp_t
+        wt = _exp_diff(cs_ref, lo_ref, cs_t, lo_t) * dtp_t
     else:
         ok = ok & (pos > ref)
-        wt = tl.exp(tl.minimum(cs_t - cs_ref, 0.0))
+        wt = _exp_diff(cs_t, lo_t, cs_ref, lo_ref)
     if HAS_SEQ:
         sq = tl.load(seq_ptr + bb * seq_sb + pos * seq_sl, mask=ok, other=0)
         ok = ok & (sq == target)
@@ -172,7 +193,7 @@ def _segment_step(acc, t0, u_base, u_sl, w_base, w_sl, dtp_ptr, cs_ptr, cs_base,
 def _segment_state_kernel(
         u_ptr, u_sb, u_sl, u_sh, u_ratio,
         w_ptr, w_sb, w_sl, w_sh, w_ratio,
-        dtp_ptr, cs_ptr, seq_ptr, seq_sb, seq_sl,
+        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl,
         seg_b_ptr, seg_c_ptr, seg_ref_ptr, seg_seq_ptr, seg_dst_ptr,
         dst_ptr, dst_sh, dst_sp, dst_sn,
         seqlen, nheads, nchunks, chunk, P, N,
@@ -200,8 +221,8 @@ def _segment_state_kernel(
     chunk_len = tl.minimum(chunk, seqlen - chunk_start)
     cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
     ref_in = (ref >= chunk_start) & (ref < chunk_start + chunk_len)
-    cs_ref = tl.load(cs_ptr + cs_base + tl.where(ref_in, ref - chunk_start, 0))
-    cs_ref = tl.where(ref_in, cs_ref, 0.0)
+    cs_ref = tl.where(ref_in, tl.load(cs_ptr + cs_base + tl.where(ref_in, ref - chunk_start, 0)), 0.0)
+    lo_ref = tl.where(ref_in, tl.load(cs_ptr + lo_off + cs_base + tl.where(ref_in, ref - chunk_start, 0)), 0.0)
     offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     p_ok = offs_p < P
@@ -216,36 +237,38 @@ def _segment_state_kernel(
         t0 = chunk_len * 0
         while t0 < chunk_len:
             acc = _segment_step(acc, t0, u_base, u_sl, w_base, w_sl, dtp_ptr, cs_ptr, cs_base, seq_ptr, seq_sb,
-                                seq_sl, bb, chunk_start, chunk_len, ref, cs_ref, target, offs_p, offs_n,
+                                seq_sl, bb, chunk_start, chunk_len, ref, cs_ref, lo_ref, lo_off, target, offs_p, offs_n,
                                 p_ok, n_ok, FORWARD, HAS_SEQ, DOT_DTYPE, PREC, BLOCK_T)
             t0 += BLOCK_T
     else:
         for t0 in range(0, chunk_len, BLOCK_T):
             acc = _segment_step(acc, t0, u_base, u_sl, w_base, w_sl, dtp_ptr, cs_ptr, cs_base, seq_ptr, seq_sb,
-                                seq_sl, bb, chunk_start, chunk_len, ref, cs_ref, target, offs_p, offs_n,
+                                seq_sl, bb, chunk_start, chunk_len, ref, cs_ref, lo_ref, lo_off, target, offs_p, offs_n,
                                 p_ok, n_ok, FORWARD, HAS_SEQ, DOT_DTYPE, PREC, BLOCK_T)
     tl.store(dst_ptr + dst + hh * dst_sh + offs_p[:, None] * dst_sp + offs_n[None, :] * dst_sn, acc,
              mask=p_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
-def _chunk_carry(cs_ptr, seq_ptr, seq_sb, seq_sl, bb, hh, c, seqlen, nheads, nchunks, chunk,
+def _chunk_carry(cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, bb, hh, c, seqlen, nheads, nchunks, chunk,
                  HAS_SEQ: tl.constexpr):
     """Decay ``exp(cs_end)`` of chunk c, or 0 when its last sequence began inside it (no carry);
     and cs at the chunk's last position."""
     chunk_start = c * chunk
     chunk_len = tl.minimum(chunk, seqlen - chunk_start)
-    cs_end = tl.load(cs_ptr + ((bb * nheads + hh) * nchunks + c) * chunk + chunk_len - 1)
-    carry = tl.exp(tl.minimum(cs_end, 0.0))
+    at_end = ((bb * nheads + hh) * nchunks + c) * chunk + chunk_len - 1
+    cs_end = tl.load(cs_ptr + at_end)
+    lo_end = tl.load(cs_ptr + lo_off + at_end)
+    carry = _exp_diff(cs_end, lo_end, 0.0, 0.0)
     if HAS_SEQ:
         s_end = tl.load(seq_ptr + bb * seq_sb + (chunk_start + chunk_len - 1) * seq_sl)
         s_prev = tl.load(seq_ptr + bb * seq_sb + tl.maximum(chunk_start - 1, 0) * seq_sl)
         carry = tl.where(s_end == s_prev, carry, 0.0)
-    return carry, cs_end
+    return carry, cs_end, lo_end
 
 
 @triton.jit
-def _state_pass_kernel(states_ptr, init_ptr, final_ptr, cs_ptr, seq_ptr, seq_sb, seq_sl,
+def _state_pass_kernel(states_ptr, init_ptr, final_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl,
                        cu_ptr, vinit_ptr,
                        seqlen, nheads, nchunks, chunk, PN,
                        HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_VARLEN_INIT: tl.constexpr,
@@ -269,7 +292,7 @@ def _state_pass_kernel(states_ptr, init_ptr, final_ptr, cs_ptr, seq_ptr, seq_sb,
     while c < nchunks:  # (while: the interpreter cannot take a tensor as a range() bound)
         local = tl.load(base + (c + 1) * slot, mask=ok, other=0.0)
         tl.store(base + c * slot, s, mask=ok)
-        carry, cs_end = _chunk_carry(cs_ptr, seq_ptr, seq_sb, seq_sl, bb, hh, c, seqlen, nheads,
+        carry, cs_end, lo_end = _chunk_carry(cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, bb, hh, c, seqlen, nheads,
                                      nchunks, chunk, HAS_SEQ)
         s = local + carry * s
         if HAS_VARLEN_INIT:
@@ -279,9 +302,10 @@ def _state_pass_kernel(states_ptr, init_ptr, final_ptr, cs_ptr, seq_ptr, seq_sb,
             j = tl.load(seq_ptr + (chunk_start + chunk_len - 1) * seq_sl).to(tl.int64)
             start = tl.load(cu_ptr + j).to(tl.int64)
             inner = start > chunk_start
-            cs_ref = tl.load(cs_ptr + (hh * nchunks + c) * chunk + tl.where(inner, start - 1 - chunk_start, 0))
-            cs_ref = tl.where(inner, cs_ref, 0.0)
-            fac = tl.where(start >= chunk_start, tl.exp(tl.minimum(cs_end - cs_ref, 0.0)), 0.0)
+            at_ref = (hh * nchunks + c) * chunk + tl.where(inner, start - 1 - chunk_start, 0)
+            cs_ref = tl.where(inner, tl.load(cs_ptr + at_ref), 0.0)
+            lo_ref = tl.where(inner, tl.load(cs_ptr + lo_off + at_ref), 0.0)
+            fac = tl.where(start >= chunk_start, _exp_diff(cs_end, lo_end, cs_ref, lo_ref), 0.0)
             s += fac * tl.load(vinit_ptr + (j * nheads + hh) * PN + offs, mask=ok, other=0.0)
         c += 1
     tl.store(base + nchunks * slot, s, mask=ok)
@@ -289,7 +313,7 @@ def _state_pass_kernel(states_ptr, init_ptr, final_ptr, cs_ptr, seq_ptr, seq_sb,
 
 
 @triton.jit
-def _state_pass_bwd_kernel(dstates_ptr, states_ptr, dfinal_ptr, dinit_ptr, endterm_ptr, cs_ptr,
+def _state_pass_bwd_kernel(dstates_ptr, states_ptr, dfinal_ptr, dinit_ptr, endterm_ptr, cs_ptr, lo_off,
                            seq_ptr, seq_sb, seq_sl, seqlen, nheads, nchunks, chunk, PN,
                            HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr,
                            BLOCK: tl.constexpr):
@@ -319,7 +343,7 @@ def _state_pass_bwd_kernel(dstates_ptr, states_ptr, dfinal_ptr, dinit_ptr, endte
         local = tl.load(dbase + c * slot, mask=ok, other=0.0)
         tl.store(dbase + c * slot, ds, mask=ok)
         s_prev = tl.load(sbase + c * slot, mask=ok, other=0.0)
-        carry, cs_end = _chunk_carry(cs_ptr, seq_ptr, seq_sb, seq_sl, bb, hh, c, seqlen, nheads,
+        carry, cs_end, lo_end = _chunk_carry(cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, bb, hh, c, seqlen, nheads,
                                      nchunks, chunk, HAS_SEQ)
         tl.store(endterm_ptr + ((bb * nheads + hh) * nchunks + c) * nblk + pid_blk,
                  carry * tl.sum(ds * s_prev, axis=0))
@@ -330,7 +354,7 @@ def _state_pass_bwd_kernel(dstates_ptr, states_ptr, dfinal_ptr, dinit_ptr, endte
 
 
 @triton.jit
-def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
+def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
                offs_v, v_ok, k2_base, k2_sl, offs_d2, d2_ok, dai_ptr, dai_ok,
                dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
                REVERSE: tl.constexpr, COL_SCALE: tl.constexpr, HAS_SEQ: tl.constexpr, INTRA_DA: tl.constexpr,
@@ -348,11 +372,12 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, seq_r, k_base, k_sl, v
                  other=0.0).to(DOT_DTYPE)
     scores = tl.dot(q, kt, input_precision=PREC)
     cs_c = tl.load(cs_ptr + cs_base + cols, mask=col_ok, other=0.0)
+    lo_c = tl.load(cs_ptr + lo_off + cs_base + cols, mask=col_ok, other=0.0)
     if REVERSE:
-        w = tl.exp(tl.minimum(cs_c[None, :] - cs_r[:, None], 0.0))
+        w = _exp_diff(cs_c[None, :], lo_c[None, :], cs_r[:, None], lo_r[:, None])
         keep = cols[None, :] >= rows[:, None]
     else:
-        w = tl.exp(tl.minimum(cs_r[:, None] - cs_c[None, :], 0.0))
+        w = _exp_diff(cs_r[:, None], lo_r[:, None], cs_c[None, :], lo_c[None, :])
         keep = cols[None, :] <= rows[:, None]
     if COL_SCALE:
         w = w * tl.load(dtp_ptr + cs_base + cols, mask=col_ok, other=0.0)[None, :]
@@ -364,10 +389,11 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, seq_r, k_base, k_sl, v
     if INTRA_DA:
         k2t = tl.load(k2_base + pos_c[None, :] * k2_sl + offs_d2[:, None], mask=d2_ok[:, None] & col_ok[None, :],
                       other=0.0).to(DOT_DTYPE)
-        G = scores * tl.dot(q2, k2t, input_precision=PREC)
+        # float64 sums: da_k adds up to Q^2/4 pair terms of both signs
+        G = (scores * tl.dot(q2, k2t, input_precision=PREC)).to(tl.float64)
         before = tl.cumsum(G, axis=1) - G + carry[:, None]
         share = tl.sum(tl.where((rows[:, None] >= cols[None, :]) & row_ok[:, None], before, 0.0), axis=0)
-        tl.store(dai_ptr + cols, share, mask=col_ok & dai_ok)
+        tl.store(dai_ptr + cols, share.to(tl.float32), mask=col_ok & dai_ok)
         carry += tl.sum(G, axis=1)
     vv = tl.load(v_base + pos_c[:, None] * v_sl + offs_v[None, :], mask=col_ok[:, None] & v_ok[None, :],
                  other=0.0).to(DOT_DTYPE)
@@ -384,7 +410,7 @@ def _scan_kernel(
         k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
         ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
-        dtp_ptr, cs_ptr, seq_ptr, seq_sb, seq_sl, cu_ptr,
+        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
         x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh,
         D_ptr, D_sh, D_sp,
         o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
@@ -419,6 +445,7 @@ def _scan_kernel(
     pos_r = chunk_start + rows
     cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
     cs_r = tl.load(cs_ptr + cs_base + rows, mask=row_ok, other=0.0)
+    lo_r = tl.load(cs_ptr + lo_off + cs_base + rows, mask=row_ok, other=0.0)
     seq_base = seq_ptr + bb * seq_sb
     seq_r = rows * 0
     if HAS_SEQ:
@@ -438,11 +465,12 @@ def _scan_kernel(
                  mask=d_ok[:, None] & v_ok[None, :], other=0.0).to(DOT_DTYPE)
     if REVERSE:
         cs_end = tl.load(cs_ptr + cs_base + chunk_len - 1)
-        fac = tl.exp(tl.minimum(cs_end - cs_r, 0.0))
+        lo_end = tl.load(cs_ptr + lo_off + cs_base + chunk_len - 1)
+        fac = _exp_diff(cs_end, lo_end, cs_r, lo_r)
         if HAS_SEQ:
             fac = tl.where(seq_r == tl.load(seq_base + end_pos * seq_sl), fac, 0.0)
     else:
-        fac = tl.exp(tl.minimum(cs_r, 0.0))
+        fac = _exp_diff(cs_r, lo_r, 0.0, 0.0)
         if HAS_SEQ:
             fac = tl.where(seq_r == tl.load(seq_base + tl.maximum(chunk_start - 1, 0) * seq_sl), fac, 0.0)
     acc_st = tl.dot(q, st, input_precision=PREC) * fac[:, None]
@@ -463,12 +491,13 @@ def _scan_kernel(
                 edge = tl.load(cu_ptr + j).to(tl.int64) - 1
                 use = edge >= chunk_start - 1
             inner = (edge >= chunk_start) & (edge <= end_pos)
-            cs_edge = tl.load(cs_ptr + cs_base + tl.where(inner, edge - chunk_start, 0))
-            cs_edge = tl.where(inner, cs_edge, 0.0)
+            at_edge = cs_base + tl.where(inner, edge - chunk_start, 0)
+            cs_edge = tl.where(inner, tl.load(cs_ptr + at_edge), 0.0)
+            lo_edge = tl.where(inner, tl.load(cs_ptr + lo_off + at_edge), 0.0)
             if REVERSE:
-                fac = tl.exp(tl.minimum(cs_edge - cs_r, 0.0))
+                fac = _exp_diff(cs_edge, lo_edge, cs_r, lo_r)
             else:
-                fac = tl.exp(tl.minimum(cs_r - cs_edge, 0.0))
+                fac = _exp_diff(cs_r, lo_r, cs_edge, lo_edge)
             fac = tl.where((seq_r == j) & use, fac, 0.0)
             e = tl.load(ext_ptr + j * ext_ss + hh * ext_sh + offs_d[:, None] * ext_sq + offs_v[None, :] * ext_sv,
                         mask=d_ok[:, None] & v_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -480,7 +509,7 @@ def _scan_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     else:
         acc = acc_st + acc_ex
-    carry = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    carry = tl.zeros((BLOCK_M,), dtype=tl.float64)
     if INTRA_DA:
         q2 = tl.load(q2_ptr + bb * q2_sb + (hh // q2_ratio) * q2_sh + pos_r[:, None] * q2_sl + offs_d2[None, :],
                      mask=row_ok[:, None] & d2_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -498,7 +527,7 @@ def _scan_kernel(
         k0 = k_lo
         while k0 < k_hi:
             acc, carry = _scan_step(
-                acc, carry, k0, q, q2, rows, row_ok, cs_r, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
+                acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
                 offs_v, v_ok, k2_ptr + bb * k2_sb + (hh // k2_ratio) * k2_sh, k2_sl, offs_d2, d2_ok,
                 dai_ptr + cs_base * tl.num_programs(1) + pid_m * chunk, pid_v == 0,
                 dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
@@ -507,7 +536,7 @@ def _scan_kernel(
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             acc, carry = _scan_step(
-                acc, carry, k0, q, q2, rows, row_ok, cs_r, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
+                acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
                 offs_v, v_ok, k2_ptr + bb * k2_sb + (hh // k2_ratio) * k2_sh, k2_sl, offs_d2, d2_ok,
                 dai_ptr + cs_base * tl.num_programs(1) + pid_m * chunk, pid_v == 0,
                 dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
@@ -543,7 +572,9 @@ def _scan_kernel(
                 dy = do
             dy = tl.where(mask2, dy, 0.0)
             tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + hh * o1_sh + offs_v[None, :], dy, mask=mask2)
-            tl.store(vec1_ptr + cs_base + rows, tl.sum(dy * (acc_st + acc_ex), axis=1), mask=row_ok)
+            tl.store(vec1_ptr + cs_base + rows, tl.sum(dy * acc_st, axis=1), mask=row_ok)
+            if HAS_EXT:  # pairs with a sequence's start, summed per sequence (see backward)
+                tl.store(vec2_ptr + cs_base + rows, tl.sum(dy * acc_ex, axis=1), mask=row_ok)
             if HAS_D:
                 tl.store(dpart_ptr + ((bc * tl.num_programs(1) + pid_m) * nheads + hh) * DV + offs_v,
                          tl.sum(dy * xv, axis=0), mask=v_ok)
@@ -561,8 +592,9 @@ def _scan_kernel(
                  dx.to(o1_ptr.dtype.element_ty), mask=mask2)
         tl.store(vec2_ptr + cs_base + rows, tl.sum(xv * R, axis=1), mask=row_ok)
         # key side of d(cs) for the pairs (chunk end or sequence end, row): booked in forward form
-        old = tl.load(dpart_ptr + cs_base + rows, mask=row_ok, other=0.0)
-        tl.store(dpart_ptr + cs_base + rows, old + dtp_r * tl.sum(xv * (acc_st + acc_ex), axis=1), mask=row_ok)
+        tl.store(dpart_ptr + cs_base + rows, dtp_r * tl.sum(xv * acc_st, axis=1), mask=row_ok)
+        if HAS_EXT:  # pairs with a sequence's end, summed per sequence (see backward)
+            tl.store(vec1_ptr + cs_base + rows, dtp_r * tl.sum(xv * acc_ex, axis=1), mask=row_ok)
     else:
         if ROW_SCALE:
             acc = acc * tl.load(dtp_ptr + cs_base + rows, mask=row_ok, other=0.0)[:, None]
@@ -581,7 +613,7 @@ def _launch_dt(dt, dt_bias, A, dtp, cs, chunk_size, dt_softplus, dt_min, dt_max)
     nc = _nchunks(l, chunk_size)
     clamp = dt_min > 0.0 or dt_max < math.inf
     _dt_kernel[(b * h * nc,)](
-        dt, dt.stride(0), dt.stride(1), dt.stride(2), dt if dt_bias is None else dt_bias, A, dtp, cs,
+        dt, dt.stride(0), dt.stride(1), dt.stride(2), dt if dt_bias is None else dt_bias, A, dtp, cs, _lo_off(cs),
         l, h, nc, chunk_size, float(dt_min), float(min(dt_max, 3.0e38)),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CLAMP=clamp,
         BLOCK_Q=triton.next_power_of_2(chunk_size))
@@ -603,7 +635,7 @@ def _launch_segments(u, w, dtp, cs, seq_idx, segs, dst, dst_strides, forward: bo
     seq = dtp if seq_idx is None else seq_idx
     grid = (nseg, h, triton.cdiv(P, bp) * triton.cdiv(N, bn))
     _segment_state_kernel[grid](
-        *_operand(u, h), *_operand(w, h), dtp, cs, seq, seq.stride(0), seq.stride(-1),
+        *_operand(u, h), *_operand(w, h), dtp, cs, _lo_off(cs), seq, seq.stride(0), seq.stride(-1),
         *segs, dst, *dst_strides, seqlen, h, nc, chunk_size, P, N,
         FORWARD=forward, HAS_SEQ=seq_idx is not None, DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET,
         BLOCK_T=bt, BLOCK_P=bp, BLOCK_N=bn, num_warps=cfg["num_warps"])
@@ -632,7 +664,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
         *_operand(q if q2 is None else q2, h), *_operand(k if k2 is None else k2, h),
         dummy if dai is None else dai,
         st, *st_strides, dummy if ext is None else ext, *(ext_strides or (0, 0, 0, 0)),
-        dtp, cs, seq, seq.stride(0), seq.stride(-1), dummy if cu_seqlens is None else cu_seqlens,
+        dtp, cs, _lo_off(cs), seq, seq.stride(0), seq.stride(-1), dummy if cu_seqlens is None else cu_seqlens,
         dummy if x is None else x, dummy if z is None else z, dummy if dout is None else dout,
         hp.stride(0), hp.stride(1), hp.stride(2),
         dummy if D is None else D, *_D_strides(D),
@@ -691,7 +723,7 @@ class _Varlen:
         last = torch.clamp(self.end - 1, min=0)
         self.end_chunk = torch.clamp(last // chunk_size, max=max(nc - 1, 0))
         self.start_chunk = torch.clamp(self.start // chunk_size, max=max(nc - 1, 0))
-        cs_flat = cs[0].reshape(cs.shape[1], -1)  # (h, nc * Q): position t at column t
+        cs_flat = _cs64(cs)[0].reshape(cs.shape[1], -1)  # (h, nc * Q) float64: position t at column t
         self.cs_end = cs_flat[:, last].t()  # (s, h)
         self.started_before = self.start < self.end_chunk * chunk_size
         inner = self.start > self.start_chunk * chunk_size
@@ -700,7 +732,7 @@ class _Varlen:
         self.cs_before_start = ref  # (s, h): cs just before the sequence start (0 at a chunk start)
         # decay from the sequence's starting matrix to its end, within the end chunk
         ref_end = torch.where(self.started_before[:, None], torch.zeros_like(self.cs_end), ref)
-        self.end_decay = torch.exp(torch.clamp(self.cs_end - ref_end, max=0.0))  # (s, h)
+        self.end_decay = torch.exp(torch.clamp(self.cs_end - ref_end, max=0.0)).float()  # (s, h)
 
     def segments(self, h, p, n, at_end: bool):
         idx = torch.arange(self.count, device=self.start.device, dtype=torch.int64)
@@ -757,7 +789,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, 
     varlen_init = initial_states if varlen else None
     grid, block = _pass_grid(b, h, p * n)
     _state_pass_kernel[grid](
-        states, cs if row_init is None else row_init, final_states, cs,
+        states, cs if row_init is None else row_init, final_states, cs, _lo_off(cs),
         cs if seq_idx is None else seq_idx, 0 if seq_idx is None else seq_idx.stride(0),
         0 if seq_idx is None else seq_idx.stride(1),
         cs if cu_seqlens is None else cu_seqlens, cs if varlen_init is None else varlen_init,
@@ -776,6 +808,31 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, 
 
 
 # ----------------------------------------------------------------------------- backward
+def _within_sequence_reverse_sum(values, seq, cu_seqlens, l):
+    """``out[k] = sum of values[k : end of k's sequence within k's chunk]`` for ``values (h, nc, Q)``,
+    in float64 (so that subtracting the later sequences' sums loses nothing); returns ``(h, l)``."""
+    h, nc, Q = values.shape
+    total = torch.zeros(h, nc, Q + 1, device=values.device, dtype=torch.float64)
+    total[:, :, :Q] = torch.flip(torch.cumsum(torch.flip(values.double(), (2,)), 2), (2,))
+    pos = torch.arange(l, device=values.device)
+    chunk = pos // Q
+    seg_end = torch.minimum(cu_seqlens.to(torch.int64)[seq.to(torch.int64) + 1], (chunk + 1) * Q)
+    flat = total.view(h, -1)
+    return flat[:, chunk * (Q + 1) + pos % Q] - flat[:, chunk * (Q + 1) + seg_end - chunk * Q]
+
+
+def _within_sequence_forward_sum(values, seq, cu_seqlens, l):
+    """``out[k] = sum of values[start of k's sequence within k's chunk : k]`` (k excluded), float64."""
+    h, nc, Q = values.shape
+    total = torch.zeros(h, nc, Q + 1, device=values.device, dtype=torch.float64)
+    total[:, :, 1:] = torch.cumsum(values.double(), 2)
+    pos = torch.arange(l, device=values.device)
+    chunk = pos // Q
+    seg_start = torch.maximum(cu_seqlens.to(torch.int64)[seq.to(torch.int64)], chunk * Q)
+    flat = total.view(h, -1)
+    return flat[:, chunk * (Q + 1) + pos % Q] - flat[:, chunk * (Q + 1) + seg_start - chunk * Q]
+
+
 def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size, dt_softplus,
              dt_min, dt_max, out, checkpoints, dout, dfinal_states, dvarlen_states,
              dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states):
@@ -819,13 +876,18 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     dy = torch.empty(b, l, h, p, device=dev, dtype=f32)
     dcs = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
     dcs_fwd = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
+    # cu_seqlens initial states: pairs (t, start_j - 1) add to da_k for k in [start_j, t] only; their
+    # query terms go to dcs_seg and are summed within each sequence's stretch of the chunk
+    dcs_seg = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32) if varlen_init is not None else None
+    # cu_seqlens final states: pairs (end_j - 1, s) add to da_k for k in (s, end_j - 1] only
+    dcs_end = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32) if varlen else None
     ddtp = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
     bm = min(_p2(chunk_size), _SCAN_CFG["BLOCK_M"])
     nmb = triton.cdiv(chunk_size, bm)
     dpart = None if D is None else torch.empty(b * nc, nmb, h, p, device=dev, dtype=f32)
     _launch_scan(C, B, x, states, st_strides_np, varlen_init, init_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=False, col_scale=True, epilogue=_EPI_DZ, x=x, z=z, dout=dout, D=D,
-                 o1=dy, o2=dz, vec1=dcs, dpart=dpart, dtype=x.dtype, full_value=True)
+                 o1=dy, o2=dz, vec1=dcs, vec2=dcs_seg, dpart=dpart, dtype=x.dtype, full_value=True)
 
     # 2. gradient reaching S_{c-1} from chunk c's outputs -> slot c of dstates
     dstates = torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
@@ -837,13 +899,14 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     if varlen:
         final = torch.empty(vl.count, h, p, n, device=dev, dtype=f32)
         carried = _varlen_final_states(x, B, dtp, cs, seq_idx, vl, states, varlen_init, chunk_size, final)
-        # d(cs) at each sequence end: the carried matrix's pairs (reverse form); the sequence's own
-        # positions are booked in forward form by the dx pass, closed here at the end
+        # d(cs) at each sequence end from the carried matrix's pairs; the pairs (end, own position)
+        # are summed within the sequence after the dx pass
         at_end = torch.clamp(vl.end - 1, min=0)
         carried_term = (dvl * carried).sum(dim=(2, 3))
-        own_term = (dvl * (final - carried)).sum(dim=(2, 3)) * vl.nonempty[:, None]
-        dcs[0].view(h, -1).index_add_(1, at_end, carried_term.t())
-        dcs_fwd[0].view(h, -1).index_add_(1, at_end, -own_term.t())
+        from_state = vl.started_before[:, None]
+        dcs[0].view(h, -1).index_add_(1, at_end, (carried_term * from_state).t())
+        if dcs_seg is not None:
+            dcs_seg[0].view(h, -1).index_add_(1, at_end, (carried_term * ~from_state).t())
         scaled = vl.end_decay[:, :, None, None] * dvl
         into_state = scaled * (vl.started_before & vl.nonempty)[:, None, None, None]
         dstates[0].index_add_(0, vl.end_chunk, into_state)
@@ -857,7 +920,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     has_dfinal = dfinal_states is not None and not varlen
     has_dinit = row_init is not None
     _state_pass_bwd_kernel[grid](
-        dstates, states, dfinal_states if has_dfinal else cs, dinitial_states if has_dinit else cs, endterm, cs,
+        dstates, states, dfinal_states if has_dfinal else cs, dinitial_states if has_dinit else cs, endterm, cs, _lo_off(cs),
         cs if seq_idx is None else seq_idx, 0 if seq_idx is None else seq_idx.stride(0),
         0 if seq_idx is None else seq_idx.stride(1), l, h, nc, chunk_size, p * n,
         HAS_DFINAL=has_dfinal, HAS_DINIT=has_dinit, HAS_SEQ=seq_idx is not None,
@@ -871,7 +934,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     ds_np = (dstates.stride(0), dstates.stride(1), dstates.stride(2), 1, n)
     ds_pn = (dstates.stride(0), dstates.stride(1), dstates.stride(2), n, 1)
     _launch_scan(B, C, dy, dstates, ds_np, dvl if varlen else None, dvl_np, dtp, cs, seq_idx, cu_seqlens,
-                 reverse=True, epilogue=_EPI_DX, x=x, D=D, o1=dx, vec1=dcs, vec2=ddtp, dpart=dcs_fwd,
+                 reverse=True, epilogue=_EPI_DX, x=x, D=D, o1=dx, vec1=dcs_end, vec2=ddtp, dpart=dcs_fwd,
                  dtype=x.dtype, full_value=True)
     dB_heads = torch.empty(b, l, h, n, device=dev, dtype=f32)
     _launch_scan(x, dy, C, dstates, ds_pn, dvl if varlen else None, dvl_pn, dtp, cs, seq_idx, cu_seqlens,
@@ -894,21 +957,23 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
         # the sequence is its start chunk's last one: its initial state reached S_c
         chunk_last = torch.clamp((vl.start_chunk + 1) * chunk_size, max=l) - 1
         is_last = (seq_idx[0, chunk_last].to(torch.int64) == torch.arange(vl.count, device=dev)) & vl.nonempty
-        cs_flat = cs[0].reshape(h, -1)
-        decay = torch.exp(torch.clamp(cs_flat[:, chunk_last].t() - vl.cs_before_start, max=0.0))
+        cs_flat = _cs64(cs)[0].reshape(h, -1)
+        decay = torch.exp(torch.clamp(cs_flat[:, chunk_last].t() - vl.cs_before_start, max=0.0)).float()
         via_state = (decay * is_last[:, None])[:, :, None, None] * dstates[0, vl.start_chunk]
         dinit += via_state
         dinitial_states.copy_(dinit)
         state_term = (via_state * varlen_init.to(f32)).sum(dim=(2, 3))  # (s, h) at the chunk end
-        dcs[0].view(h, -1).index_add_(1, chunk_last, state_term.t())
-        start_term = (dinit * varlen_init.to(f32)).sum(dim=(2, 3)) * vl.start_inner[:, None]
-        dcs[0].view(h, -1).index_add_(1, torch.clamp(vl.start - 1, min=0), -start_term.t())
+        dcs_seg[0].view(h, -1).index_add_(1, chunk_last, state_term.t())
     elif varlen and dinitial_states is not None:
         dinitial_states.copy_(dvl)
 
     # 7. d(cs) -> d(A dt) by a reverse cumulative sum in each chunk; then dt, A, dt_bias, D
     da = torch.flip(torch.cumsum(torch.flip(dcs, (3,)), 3), (3,))
     da += torch.cumsum(dcs_fwd, 3) - dcs_fwd + dai.sum(3)
+    if dcs_seg is not None:
+        da[0].view(h, -1)[:, :l] += _within_sequence_reverse_sum(dcs_seg[0], seq_idx[0], cu_seqlens, l).float()
+    if dcs_end is not None:
+        da[0].view(h, -1)[:, :l] += _within_sequence_forward_sum(dcs_end[0], seq_idx[0], cu_seqlens, l).float()
     A32 = A.to(f32)
     ddtp += da * A32[None, :, None, None]
     dA.copy_((da * dtp).sum(dim=(0, 2, 3)))
