@@ -128,11 +128,12 @@ def test_step_decode_matches_full_forward(prefill):
     assert_exact64("step-by-step logits", torch.cat(parts, dim=1), full)
 
 
+@pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.02, 0.08)], ids=["no-dt-limit", "dt-limit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_low_precision_decode_within_spec(dtype):
+def test_low_precision_decode_within_spec(dtype, dt_limit):
     """Prefill + steps in float32 / bfloat16 (states float32) against the float64 full forward."""
-    ref64 = tiny_model(F64)
-    model = tiny_model(dtype)
+    ref64 = tiny_model(F64, dt_limit=dt_limit)
+    model = tiny_model(dtype, dt_limit=dt_limit)
     model.load_state_dict(ref64.state_dict())
     ids = random_ids(model.cfg, 2, 14)
     with torch.no_grad():

@@ -188,8 +188,9 @@ class Mamba2Mixer(nn.Module):
         D = self.D[:, None].expand(h, p)
         low, high = cfg.dt_limit
         if low > 0.0 or high < math.inf:
-            # selective_state_update has no dt_limit: process dt here, as ssd_chunk_scan does.
-            dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc)).clamp(min=low, max=high)
+            # selective_state_update has no dt_limit: process dt here, as ssd_chunk_scan does
+            # (in float32, then in x's dtype as the kernels expect).
+            dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc)).clamp(min=low, max=high).to(u.dtype)
             dt_bias, softplus = None, False
         else:
             dt_bias, softplus = self.dt_bias[:, None].expand(h, p), True
