@@ -1,4 +1,4 @@
-"""Benchmarks of causal_conv1d: the cases of `python -m ssmkernels bench --primitive causal_conv1d`, every backend and peer."""
+"""Benchmarks of causal_conv1d: the cases of `python -m ssmkernels bench -p causal_conv1d`, all impls."""
 import pytest
 
 from ssmkernels.bench import cases, runner

@@ -1,4 +1,4 @@
-"""Benchmarks of selective_scan: the cases of `python -m ssmkernels bench --primitive selective_scan`, every backend and peer."""
+"""Benchmarks of selective_scan: the cases of `python -m ssmkernels bench -p selective_scan`, all impls."""
 import pytest
 
 from ssmkernels.bench import cases, runner

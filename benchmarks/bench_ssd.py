@@ -1,4 +1,4 @@
-"""Benchmarks of ssd: the cases of `python -m ssmkernels bench --primitive ssd`, every backend and peer."""
+"""Benchmarks of ssd: the cases of `python -m ssmkernels bench -p ssd`, all impls."""
 import pytest
 
 from ssmkernels.bench import cases, runner

@@ -1,4 +1,4 @@
-"""Benchmarks of state_update: the cases of `python -m ssmkernels bench --primitive state_update`, every backend and peer."""
+"""Benchmarks of state_update: the cases of `python -m ssmkernels bench -p state_update`, all impls."""
 import pytest
 
 from ssmkernels.bench import cases, runner

@@ -192,7 +192,8 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2e}"
 
 
-CHECK_HEADER = f"{'#':>9}  {'primitive':<15}{'feature':<42}{'backend':<10}{'dtype':<9}{'max err':>9}  {'tol':>9}  status"
+CHECK_HEADER = (f"{'#':>9}  {'primitive':<15}{'feature':<42}{'backend':<10}{'dtype':<9}{'max err':>9}  "
+                f"{'tol':>9}  status")
 
 
 def _check_row(index: int, total: int, res) -> str:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import BackendUnavailable
 from .._core import dispatch
-from .._core.tolerance import Comparison, atol_for, compare
+from .._core.tolerance import Comparison, compare
 from ..ops.causal_conv1d.op import causal_conv1d, causal_conv1d_update
 from ..ops.selective_scan.op import selective_scan
 from ..ops.ssd import reference as ssd_reference
@@ -223,7 +223,8 @@ def conv_cases() -> list[CheckCase]:
     return [
         CheckCase(P, "channel-first silu", _conv_inputs(), _conv, grads, quick=True),
         CheckCase(P, "channel-last silu", _conv_inputs(layout="channel_last"), _conv, grads, quick=True),
-        CheckCase(P, "no bias, no activation", _with(_conv_inputs(bias=False), activation=None), _conv, ("x", "weight")),
+        CheckCase(P, "no bias, no activation", _with(_conv_inputs(bias=False), activation=None), _conv,
+                  ("x", "weight")),
         CheckCase(P, "width 2", _conv_inputs(width=2), _conv, grads),
         CheckCase(P, "width 3 channel-last", _conv_inputs(width=3, layout="channel_last"), _conv, grads),
         CheckCase(P, "non-contiguous x", lambda r: {"x_wide": r.normal(r.size["b"], r.size["d"], 2 * r.size["l"]),
@@ -285,7 +286,8 @@ def _scan_inputs(bc: str = "shared", extras: bool = True, softplus: bool = True,
             A = -r.uniform(d, n, low=0.5, high=2.0, dtype=torch.float32)
         shape = {"shared": (bb, n, ll), "grouped": (bb, g, n, ll), "fixed": (d, n)}[bc]
         kw = {"u": r.normal(bb, d, ll),
-              "delta": r.uniform(bb, d, ll, low=-3.0, high=0.5) if softplus else r.uniform(bb, d, ll, low=0.05, high=0.6),
+              "delta": (r.uniform(bb, d, ll, low=-3.0, high=0.5) if softplus
+                        else r.uniform(bb, d, ll, low=0.05, high=0.6)),
               "A": A, "B": r.normal(*shape), "C": r.normal(*shape), "delta_softplus": softplus}
         if extras:
             kw.update(D=r.normal(d, dtype=torch.float32), z=r.normal(bb, d, ll),
@@ -312,15 +314,17 @@ def scan_cases() -> list[CheckCase]:
         CheckCase(P, "initial + last state", _with(_scan_inputs(), initial_state=init, return_last_state=True),
                   _scan, grads + ("initial_state",), quick=True),
         CheckCase(P, "varlen cu_seqlens + states",
-                  _with(_scan_inputs(b=1), cu_seqlens=lambda r, kw: r.int32(cu_seqlens_for(kw["u"].shape[2], (4, 0, 9))),
+                  _with(_scan_inputs(b=1), cu_seqlens=lambda r, kw: r.int32(cu_seqlens_for(kw["u"].shape[2],
+                                                                                            (4, 0, 9))),
                         initial_state=init, return_last_state=True),
                   _scan, grads + ("initial_state",)),
         CheckCase(P, "varlen grouped B/C",
                   _with(_scan_inputs("grouped", b=1),
                         cu_seqlens=lambda r, kw: r.int32(cu_seqlens_for(kw["u"].shape[2], (1, 12)))),
                   _scan, grads),
-        CheckCase(P, "vs SSD form", _scan_inputs(scalar_A=True), _scan, ("u", "delta", "B", "C", "D", "z", "delta_bias"),
-                  backends=("reference",), alternative=_scan_via_ssd, dtypes=SECOND_FORMULATION_DTYPES, quick=True),
+        CheckCase(P, "vs SSD form", _scan_inputs(scalar_A=True), _scan,
+                  ("u", "delta", "B", "C", "D", "z", "delta_bias"), backends=("reference",),
+                  alternative=_scan_via_ssd, dtypes=SECOND_FORMULATION_DTYPES, quick=True),
     ]
 
 
@@ -389,7 +393,8 @@ def ssd_cases() -> list[CheckCase]:
         CheckCase(P, "chunk 32", _ssd_inputs(chunk=32), _ssd, grads, backends=kernels_only),
         CheckCase(P, "chunk 64", _ssd_inputs(chunk=64), _ssd, grads, backends=kernels_only),
         CheckCase(P, "chunk 256", _ssd_inputs(chunk=256), _ssd, grads, backends=kernels_only),
-        CheckCase(P, "vs quadratic form", _with(_ssd_inputs(extras=False), dt_bias=bias, dt_softplus=True), _ssd, ("x", "dt", "A", "B", "C", "dt_bias"),
+        CheckCase(P, "vs quadratic form", _with(_ssd_inputs(extras=False), dt_bias=bias, dt_softplus=True), _ssd,
+                  ("x", "dt", "A", "B", "C", "dt_bias"),
                   backends=("reference",), alternative=_ssd_quadratic, dtypes=SECOND_FORMULATION_DTYPES,
                   quick=True),
     ]
@@ -414,7 +419,8 @@ def _state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softpl
 def _state_inputs(form: str = "mamba2", tokens: int | None = None, state_dtype: torch.dtype | None = None,
                   broadcast: bool = True, b: int | None = None):
     def make(r: Inputs) -> dict:
-        bb, cache, h, p, g, n = b or r.size["b"], r.size["cache"], r.size["h"], r.size["p"], r.size["g"], r.size["ssd_n"]
+        bb, cache = b or r.size["b"], r.size["cache"]
+        h, p, g, n = r.size["h"], r.size["p"], r.size["g"], r.size["ssd_n"]
         t = () if tokens is None else (tokens,)
         sdt = state_dtype or r.dtype
         if form == "mamba1":
@@ -539,7 +545,8 @@ def run_case(case: CheckCase, backend: str, dtype: torch.dtype, device: torch.de
     except BackendUnavailable as exc:
         result.status, result.detail = "SKIP", _reason(str(exc))
     except Exception as exc:  # a crashing kernel is a failure of this row, not of the run
-        result.status, result.detail = "FAIL", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        lines = str(exc).strip().splitlines()
+        result.status, result.detail = "FAIL", f"{type(exc).__name__}: {lines[0] if lines else ''}"
     result.seconds = time.perf_counter() - started
     return result
 
@@ -632,4 +639,4 @@ def run_plan(the_plan: Plan, on_result: Callable[[int, int, CheckResult], None] 
     return results
 
 
-__all__ = ["CheckCase", "CheckResult", "Inputs", "Plan", "all_cases", "atol_for", "plan", "run_case", "run_plan"]
+__all__ = ["CheckCase", "CheckResult", "Inputs", "Plan", "all_cases", "plan", "run_case", "run_plan"]
