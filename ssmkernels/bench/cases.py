@@ -169,8 +169,8 @@ def _scan_cases() -> list[BenchCase]:
 # FLOPs of the chunked algorithm with chunk Q, per token, causal halves counted once:
 # C B^T within the chunk Q*g*n, its product with x Q*h*p, chunk states 2*h*p*n, state-to-output
 # 2*h*p*n (multiply-adds count 2). The backward is counted as twice the forward. Bytes: x, out
-# (b, l, h, p), dt (b, l, h), B, C (b, l, g, n) in bf16; the backward reads x, dt, B, C, dout and
-# writes dx, ddt, dB, dC.
+# (b, l, h, p), dt (b, l, h), B, C (b, l, g, n) in bf16 (plus the float32 final state of every
+# sequence in the varlen case); the backward reads x, dt, B, C, dout and writes dx, ddt, dB, dC.
 def _ssd_flops(tokens: int, h: int, p: int, n: int, g: int, chunk: int) -> int:
     return tokens * (chunk * (g * n + h * p) + 4 * h * p * n)
 
@@ -247,6 +247,8 @@ def _ssd_cases() -> list[BenchCase]:
                           "precomputed; no D")]
         tokens = rows * length
         fwd_bytes = (2 * tokens * h * p + tokens * h + 2 * tokens * g * n) * 2
+        if varlen:  # the final state of every sequence, float32
+            fwd_bytes += (len(bounds) - 1) * h * p * n * 4
         bwd_bytes = (3 * tokens * h * p + 2 * tokens * h + 4 * tokens * g * n) * 2
         flops = _ssd_flops(tokens, h, p, n, g, chunk)
         seqs = f", {len(bounds) - 1} sequences of 64..512" if varlen else ""
