@@ -1,8 +1,15 @@
 """The correctness rule of SPEC.md, written once.
 
-A kernel run in dtype X passes when ``max|out - ref64| <= 2 * max|ref_X - ref64| + atol_X``, where
-``ref64`` is the reference on the same inputs in float64 and ``ref_X`` the reference run in dtype X
-(inputs and elementwise math in X, recurrent states and reductions in float32, as SPEC fixes).
+A kernel run in dtype X passes when ``max|out - ref64| <= 2 * max|ref_X - ref64| + atol_X * scale``,
+where ``ref64`` is the reference on the same inputs in float64, ``ref_X`` the reference run on the
+inputs in dtype X (its arithmetic is float32, so its error is mostly the final rounding), and
+``scale = max(1, max|ref64|)``.
+
+Why the floor scales: the reference in dtype X rounds once, at the end, while a kernel sums in another
+order (chunked scans, blocked reductions for weight gradients). For quantities that are large sums
+(dA, dB, final states) that reordering alone costs about ``eps_X * magnitude``; an absolute floor
+would fail correct kernels on large outputs and be meaningless on small ones. atol_X is the relative
+floor: 1e-5 for float32 still rejects a tf32 matmul (~1e-3 relative).
 NaN or Inf where the float64 reference is finite always fails.
 """
 from __future__ import annotations
@@ -11,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Absolute floor per dtype: covers outputs whose low-precision reference happens to be exact.
+# Relative floor per dtype (times max(1, max|ref64|)): covers outputs whose low-precision
+# reference happens to be exact, and summation-order differences in large reductions.
 ATOL = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,
@@ -50,9 +58,16 @@ class Comparison:
         return self.error <= self.tolerance
 
 
+def magnitude(ref64: torch.Tensor) -> float:
+    """``max(1, max|ref64|)`` over finite entries: the scale of the tolerance floor."""
+    finite = ref64.detach()[torch.isfinite(ref64.detach())]
+    return max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+
+
 def compare(out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor, dtype: torch.dtype) -> Comparison:
     """Error of ``out`` against ``ref64`` and the SPEC tolerance from the low-precision reference."""
-    return Comparison(max_error(out, ref64), 2 * max_error(ref_lowp, ref64) + atol_for(dtype))
+    floor = atol_for(dtype) * magnitude(ref64.to(torch.float64))
+    return Comparison(max_error(out, ref64), 2 * max_error(ref_lowp, ref64) + floor)
 
 
 def assert_spec_close(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,
@@ -61,6 +76,6 @@ def assert_spec_close(name: str, out: torch.Tensor, ref64: torch.Tensor, ref_low
     if not result.ok:
         raise AssertionError(
             f"{name}: max error {result.error:.3e} exceeds the SPEC tolerance {result.tolerance:.3e} "
-            f"(2 x reference-in-{str(dtype).replace('torch.', '')} error + atol {atol_for(dtype):.0e})"
+            f"(2 x reference-in-{str(dtype).replace('torch.', '')} error + {atol_for(dtype):.0e} x max(1, |ref|))"
         )
     return result
