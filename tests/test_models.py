@@ -105,6 +105,24 @@ def test_forward_shape_and_dtype():
     assert model(ids, logits_to_keep=1).shape == (3, 1, model.cfg.vocab_size)
 
 
+def test_packed_sequences_match_separate_runs():
+    """seq_idx packs documents into one row: each gets the logits it has alone, and gradients flow."""
+    model = tiny_model()
+    lengths = [5, 1, 11, 3]
+    ids = random_ids(model.cfg, 1, sum(lengths))
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(torch.int32)
+    packed = model(ids, seq_idx=seq_idx)
+    start = 0
+    with torch.no_grad():
+        for n in lengths:
+            assert_exact64(f"packed document at {start}", packed[:, start:start + n], model(ids[:, start:start + n]))
+            start += n
+    packed.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="seq_idx"):
+        model(ids, seq_idx=seq_idx, cache=model.new_cache(1, 32))
+
+
 def test_batch_rows_independent():
     model = tiny_model()
     ids = random_ids(model.cfg, 3, 13)

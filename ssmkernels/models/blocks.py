@@ -125,19 +125,22 @@ class Mamba2Mixer(nn.Module):
         return self.conv1d.weight.squeeze(1)  # (conv_dim, w)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, u: Tensor, cache: Optional["HybridCache"] = None, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, u: Tensor, cache: Optional["HybridCache"] = None, mask: Optional[Tensor] = None,
+                seq_idx: Optional[Tensor] = None) -> Tensor:
         """``u (b, l, d_model)`` -> ``(b, l, d_model)``.
 
         With ``cache``: ``l == 1`` takes the decode step (``causal_conv1d_update`` +
         ``selective_state_update``), longer inputs a prefill chunk that starts from the cached
         states and leaves the final ones in the cache. ``mask (b, l)`` (1 = token, 0 = left padding)
         zeroes padded positions so they leave the states untouched (exact left padding).
+        ``seq_idx (b, l)`` int32 (no cache): packed sequences; conv and scan restart where it changes.
         """
         if cache is not None and u.shape[1] == 1 and mask is None:
             return self._step(u, cache)
-        return self._scan(u, cache, mask)
+        return self._scan(u, cache, mask, seq_idx)
 
-    def _scan(self, u: Tensor, cache: Optional["HybridCache"], mask: Optional[Tensor]) -> Tensor:
+    def _scan(self, u: Tensor, cache: Optional["HybridCache"], mask: Optional[Tensor],
+              seq_idx: Optional[Tensor] = None) -> Tensor:
         cfg = self.cfg
         b, l, _ = u.shape
         keep = None if mask is None else mask.to(u.dtype).unsqueeze(-1)  # (b, l, 1)
@@ -148,7 +151,7 @@ class Mamba2Mixer(nn.Module):
             xBC = xBC * keep  # padded positions feed zeros into the conv, like an empty history
         state = None if cache is None else cache.mamba[self.layer_idx]
         conv_out = ssmkernels.causal_conv1d(
-            xBC.transpose(1, 2), self._conv_weight(), self.conv1d.bias,
+            xBC.transpose(1, 2), self._conv_weight(), self.conv1d.bias, seq_idx=seq_idx,
             initial_states=None if state is None else state.conv_state.to(xBC.dtype),
             return_final_states=state is not None, activation="silu", backend=cfg.backend)
         if state is not None:
@@ -161,7 +164,7 @@ class Mamba2Mixer(nn.Module):
             x.unflatten(-1, (self.nheads, self.headdim)), dt, self._A(u.dtype),
             B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
             cfg.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias,
-            initial_states=None if state is None else state.ssm_state,
+            initial_states=None if state is None else state.ssm_state, seq_idx=seq_idx,
             dt_softplus=True, dt_limit=cfg.dt_limit, return_final_states=state is not None,
             backend=cfg.backend)
         if state is not None:
@@ -215,18 +218,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.attn_bias)
 
-    def forward(self, u: Tensor, cache: Optional["HybridCache"] = None, mask: Optional[Tensor] = None) -> Tensor:
-        """``u (b, l, d_model)``; ``mask (b, l)`` marks real tokens (0 = left padding, never attended to)."""
+    def forward(self, u: Tensor, cache: Optional["HybridCache"] = None, mask: Optional[Tensor] = None,
+                seq_idx: Optional[Tensor] = None) -> Tensor:
+        """``u (b, l, d_model)``; ``mask (b, l)`` marks real tokens (0 = left padding, never attended to);
+        ``seq_idx (b, l)`` (no cache): packed sequences, a query sees only keys of its own sequence."""
         b, l, _ = u.shape
         q = self.q_proj(u).view(b, l, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(u).view(b, l, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(u).view(b, l, self.n_kv_heads, self.head_dim).transpose(1, 2)
         attn_mask, is_causal = None, False
         if cache is None:
-            if mask is None:
+            if mask is None and seq_idx is None:
                 is_causal = True
             else:
-                attn_mask = _padded_causal_mask(mask.bool(), 0, l)
+                attn_mask = _padded_causal_mask(None if mask is None else mask.bool(), 0, l, device=u.device)
+                if seq_idx is not None:
+                    same = seq_idx[:, :, None] == seq_idx[:, None, :]  # (b, l, l)
+                    attn_mask = attn_mask & same[:, None]
         elif cache.static and l == 1:
             return self._static_step(q, k, v, cache)
         else:
@@ -306,7 +314,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=cfg.mlp_bias)
         self.act = _activation(cfg.mlp_activation)
 
-    def forward(self, u: Tensor, cache=None, mask=None) -> Tensor:
+    def forward(self, u: Tensor, cache=None, mask=None, seq_idx=None) -> Tensor:
         return self.down_proj(self.act(self.up_proj(u)))
 
 
@@ -322,5 +330,5 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = MIXERS[kind](cfg, layer_idx)
 
-    def forward(self, hidden: Tensor, cache=None, mask=None) -> Tensor:
-        return hidden + self.mixer(self.norm(hidden), cache, mask)
+    def forward(self, hidden: Tensor, cache=None, mask=None, seq_idx=None) -> Tensor:
+        return hidden + self.mixer(self.norm(hidden), cache, mask, seq_idx)

@@ -77,7 +77,8 @@ class HybridLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, cache: Optional[HybridCache] = None,
-                attention_mask: Optional[Tensor] = None, logits_to_keep: int = 0) -> Tensor:
+                attention_mask: Optional[Tensor] = None, logits_to_keep: int = 0,
+                seq_idx: Optional[Tensor] = None) -> Tensor:
         """Logits of ``input_ids (b, l)`` int64.
 
         Args:
@@ -87,6 +88,8 @@ class HybridLM(nn.Module):
             attention_mask: ``(b, l)`` 1 for tokens, 0 for left padding (batched prompts of
                 different lengths). Padding must precede every token of its row.
             logits_to_keep: compute only the last ``k`` positions' logits (0 = all).
+            seq_idx: ``(b, l)`` int32, non-decreasing: packed sequences (training without a cache);
+                positions only see earlier positions with the same value, in every block.
 
         Returns:
             ``(b, l, vocab_size)`` (or ``(b, k, vocab_size)``) logits in the model dtype.
@@ -96,21 +99,28 @@ class HybridLM(nn.Module):
         b, l = input_ids.shape
         if attention_mask is not None and tuple(attention_mask.shape) != (b, l):
             raise ValueError(f"attention_mask must have shape {(b, l)}, got {tuple(attention_mask.shape)}")
+        if seq_idx is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("seq_idx (packed sequences) goes without cache and attention_mask")
+            if tuple(seq_idx.shape) != (b, l):
+                raise ValueError(f"seq_idx must have shape {(b, l)}, got {tuple(seq_idx.shape)}")
+            seq_idx = seq_idx.to(torch.int32)
         if cache is not None:
             if cache.batch_size != b:
                 raise ValueError(f"cache was made for batch {cache.batch_size}, input_ids has batch {b}")
             cache.begin(l, attention_mask)
-        logits = self.forward_body(input_ids, cache, attention_mask, logits_to_keep)
+        logits = self.forward_body(input_ids, cache, attention_mask, logits_to_keep, seq_idx)
         if cache is not None:
             cache.advance(l)
         return logits
 
     def forward_body(self, input_ids: Tensor, cache: Optional[HybridCache] = None,
-                     attention_mask: Optional[Tensor] = None, logits_to_keep: int = 0) -> Tensor:
+                     attention_mask: Optional[Tensor] = None, logits_to_keep: int = 0,
+                     seq_idx: Optional[Tensor] = None) -> Tensor:
         """The layers without the cache bookkeeping (``begin`` / ``advance``): what a CUDA graph captures."""
         hidden = self.embeddings(input_ids)
         for block in self.layers:
-            hidden = block(hidden, cache, attention_mask)
+            hidden = block(hidden, cache, attention_mask, seq_idx)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(self.norm_f(hidden))
