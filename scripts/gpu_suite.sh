@@ -133,7 +133,8 @@ stage_check() {
 }
 
 stage_bench() {
-    "$PYTHON" -m ssmkernels bench --compare --json "$OUT/bench.json" --markdown "$OUT/bench.md" --plot "$OUT/bench.png"
+    "$PYTHON" -m ssmkernels bench --compare --deterministic --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
+        --plot "$OUT/bench.png"
 }
 
 stage_benchmarks() {

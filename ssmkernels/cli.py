@@ -287,7 +287,8 @@ def cmd_bench(args) -> int:
         return 2
     return runner.main(selected, backends=_backends(args.backend), compare=args.compare, json_path=args.json,
                        markdown_path=args.markdown, plot_path=args.plot, warmup_ms=args.warmup_ms,
-                       rep_ms=args.rep_ms, measure_peaks=not args.no_peaks, log=_print)
+                       rep_ms=args.rep_ms, measure_peaks=not args.no_peaks, deterministic=args.deterministic,
+                       log=_print)
 
 
 # ----------------------------------------------------------------------------- build
@@ -395,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dry-run", action="store_true", help="list the cases (works without a GPU)")
     bench.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per measurement")
     bench.add_argument("--rep-ms", type=float, default=100.0, help="measured time per measurement")
+    bench.add_argument("--deterministic", action="store_true",
+                       help="also time each fwd+bwd case under set_deterministic(True) (its cost)")
     bench.add_argument("--no-peaks", action="store_true",
                        help="skip measuring the copy bandwidth and bf16 matmul peak")
     bench.set_defaults(func=cmd_bench)

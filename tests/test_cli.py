@@ -286,8 +286,9 @@ def test_runner_assembles_rows(monkeypatch):
     missing = bench_cases.PeerImpl("fla", "fla", "no_such_function", lambda kw, fn: (None, []))
     case = _tiny_conv_case(list(conv) + [missing])
     peaks = timing.Peaks(copy_gbps=1000.0, matmul_tflops=100.0, copy_bytes=1, matmul_n=1)
-    rows = runner.run_case(case, ("reference",), True, peaks, 1, 1, device=torch.device("cpu"))
+    rows = runner.run_case(case, ("reference",), True, peaks, 1, 1, device=torch.device("cpu"), deterministic=True)
     by_impl = {r.impl: r for r in rows}
+    assert by_impl["ssmkernels:reference:deterministic"].status == "ok"
     ours = by_impl["ssmkernels:reference"]
     assert ours.status == "ok" and ours.median_ms > 0 and ours.gbps > 0 and ours.pct_copy_bw is not None
     assert by_impl["torch"].status == "ok"

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from .. import BackendUnavailable
+from .._core import config
 from . import peers as peer_registry
 from .cases import BenchCase, Forward, human_bytes, human_flops
 from .report import Row, table, write_json, write_markdown, write_plot
@@ -42,12 +43,20 @@ def make_step(forward: Forward, leaves: list[torch.Tensor], backward: bool) -> C
     return step
 
 
-def implementations(case: BenchCase, backends: tuple[str, ...], compare: bool):
-    """(label, build(inputs) -> (forward, leaves), missing reason or None, note) per implementation."""
+DETERMINISTIC = ":deterministic"
+
+
+def implementations(case: BenchCase, backends: tuple[str, ...], compare: bool, deterministic: bool = False):
+    """(label, build(inputs) -> (forward, leaves), missing reason or None, note) per implementation.
+    With ``deterministic``, fwd+bwd cases also get ``ssmkernels:<backend>:deterministic`` rows, run
+    under ``ssmkernels.set_deterministic(True)`` (SPEC: the cost of deterministic mode is measured)."""
     impls = []
     for backend in backends:
-        impls.append((f"ssmkernels:{backend}",
-                      lambda kw, b=backend: (case.ours(kw, b), [kw[n] for n in case.grads]), None, ""))
+        def build(kw, b=backend):
+            return case.ours(kw, b), [kw[n] for n in case.grads]
+        impls.append((f"ssmkernels:{backend}", build, None, ""))
+        if deterministic and case.backward:
+            impls.append((f"ssmkernels:{backend}{DETERMINISTIC}", build, None, "set_deterministic(True)"))
     if compare:
         loaded = peer_registry.load()
         for peer in case.peers:
@@ -65,8 +74,9 @@ class Unavailable(RuntimeError):
 def implementation(case: BenchCase, label: str):
     """``(build, note)`` of the implementation called ``label`` in this case (``ssmkernels:<backend>``
     or a peer's label); raises :class:`Unavailable` when it cannot run here."""
-    backends = (label.split(":", 1)[1],) if label.startswith("ssmkernels:") else ()
-    for name, build, missing, note in implementations(case, backends, compare=not backends):
+    backends = (label.split(":")[1],) if label.startswith("ssmkernels:") else ()
+    for name, build, missing, note in implementations(case, backends, compare=not backends,
+                                                      deterministic=label.endswith(DETERMINISTIC)):
         if name == label:
             if missing:
                 raise Unavailable(missing)
@@ -100,20 +110,24 @@ def _rotations(case: BenchCase, l2_bytes: int) -> int:
 
 
 def run_case(case: BenchCase, backends: tuple[str, ...], compare: bool, the_peaks: Peaks | None,
-             warmup_ms: float, rep_ms: float, device: torch.device | None = None) -> list[Row]:
+             warmup_ms: float, rep_ms: float, device: torch.device | None = None,
+             deterministic: bool = False) -> list[Row]:
     device = device or torch.device("cuda")
     l2 = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
           if device.type == "cuda" else 50 * 2**20)
     copies = [case.make(device) for _ in range(_rotations(case, l2))]
     rows = []
-    for label, build, missing, note in implementations(case, backends, compare):
+    for label, build, missing, note in implementations(case, backends, compare, deterministic):
         row = Row(case.name, case.primitive, case.mode, case.shape, label, "ok", bytes=case.bytes, flops=case.flops,
                   note=note)
         if missing:
             row.status, row.reason = "unavailable", missing
             rows.append(row)
             continue
+        previous_mode = config.deterministic()
         try:
+            if label.endswith(DETERMINISTIC):
+                config.set_deterministic(True)
             steps = [make_step(*build(kw), case.backward) for kw in copies]
             timing = measure(steps, warmup_ms, rep_ms)
             row.median_ms, row.p20_ms, row.p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
@@ -132,6 +146,7 @@ def run_case(case: BenchCase, backends: tuple[str, ...], compare: bool, the_peak
             text = str(exc).strip().splitlines()
             row.status, row.reason = "error", f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
         finally:
+            config.set_deterministic(previous_mode)
             for kw in copies:
                 for value in kw.values():
                     if isinstance(value, torch.Tensor):
@@ -186,7 +201,7 @@ def describe_cases(selected: list[BenchCase], compare: bool) -> str:
 def main(selected: list[BenchCase], backends: list[str] | None = None, compare: bool = False,
          json_path: str | None = None, markdown_path: str | None = None, plot_path: str | None = None,
          warmup_ms: float = 25.0, rep_ms: float = 100.0, measure_peaks: bool = True,
-         log: Callable[[str], None] = print) -> int:
+         deterministic: bool = False, log: Callable[[str], None] = print) -> int:
     backends = tuple(backends or KERNEL_BACKENDS)
     log(f"ssmkernels bench on {torch.cuda.get_device_name(0)}: {len(selected)} cases, backends "
         f"{', '.join(backends)}{', peers' if compare else ''}")
@@ -201,7 +216,7 @@ def main(selected: list[BenchCase], backends: list[str] | None = None, compare: 
     rows: list[Row] = []
     for index, case in enumerate(selected, start=1):
         log(f"[{index}/{len(selected)}] {case.name}: {case.mode}, {case.shape}")
-        case_rows = run_case(case, backends, compare, the_peaks, warmup_ms, rep_ms)
+        case_rows = run_case(case, backends, compare, the_peaks, warmup_ms, rep_ms, deterministic=deterministic)
         for row in case_rows:
             status = (f"{row.median_ms:.3f} ms, {row.gbps:.0f} GB/s, {row.tflops:.1f} TFLOP/s"
                       if row.status == "ok" else f"{row.status}: {row.reason}")
