@@ -32,7 +32,7 @@ Design choices:
 """
 from .cache import HybridCache, KVCache, MambaState
 from .config import PATTERN_8B, HybridConfig, mamba2_hybrid_8b, nemotron_h_8b, small_125m, tiny
-from .generation import generate, left_pad
+from .generation import DecodeGraph, generate, left_pad
 from .model import HybridLM
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "KVCache",
     "PATTERN_8B",
     "generate",
+    "DecodeGraph",
     "left_pad",
     "tiny",
     "small_125m",
