@@ -15,6 +15,9 @@
 #   bench        python -m ssmkernels bench --compare, with JSON, Markdown and PNG output
 #   benchmarks   the pytest-benchmark wrappers in benchmarks/ (opt-in)
 #
+# First calls compile and autotune Triton kernels (ours and mamba_ssm's), so `bench` over every case
+# can outlast a 10-minute command: split it, e.g. BENCH_ARGS="--primitive ssd" BENCH_NAME=bench-ssd.
+#
 # Each stage logs to $OUT/<stage>.log; $OUT/summary.txt gets one line per stage (exit code,
 # seconds). The peers' paths are put on PYTHONPATH for every later stage, so a command that runs
 # out of time can be split: `... gpu_suite.sh peers build test`, then `... gpu_suite.sh peers check bench`.
@@ -124,17 +127,20 @@ stage_build() {
     "$PYTHON" -m ssmkernels build --jobs "$MAX_JOBS" --verbose
 }
 
-stage_test() {
-    "$PYTHON" -m pytest -m "gpu or not gpu" -q -ra --durations=25 --junitxml="$OUT/junit.xml"
+stage_test() {  # PYTEST_ARGS selects part of the suite (e.g. "tests/test_ssd_kernels.py")
+    # shellcheck disable=SC2086
+    "$PYTHON" -m pytest -m "gpu or not gpu" -q -ra --durations=25 --junitxml="$OUT/junit.xml" ${PYTEST_ARGS:-}
 }
 
 stage_check() {
     "$PYTHON" -m ssmkernels check --json "$OUT/check.json"
 }
 
-stage_bench() {
-    "$PYTHON" -m ssmkernels bench --compare --deterministic --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
-        --plot "$OUT/bench.png"
+stage_bench() {  # BENCH_ARGS filters (e.g. "--primitive ssd"); BENCH_NAME names the output files
+    local name=${BENCH_NAME:-bench}
+    # shellcheck disable=SC2086
+    "$PYTHON" -m ssmkernels bench --compare --deterministic --json "$OUT/$name.json" --markdown "$OUT/$name.md" \
+        --plot "$OUT/$name.png" ${BENCH_ARGS:-}
 }
 
 stage_benchmarks() {
