@@ -400,6 +400,15 @@ _EMU_FIELDS = {
         "out_l_stride weight_c_stride weight_width_stride bias_stride init_batch_stride init_c_stride "
         "init_l_stride final_batch_stride final_c_stride final_l_stride seq_batch_stride seq_l_stride stream"
     ).split(),
+    "CausalConv1dBackwardParams": (
+        "batch dim seqlen width dtype weight_dtype bias_dtype silu x weight bias out initial_states final_states "
+        "seq_idx cu_seqlens num_seqs x_batch_stride x_c_stride x_l_stride out_batch_stride out_c_stride "
+        "out_l_stride weight_c_stride weight_width_stride bias_stride init_batch_stride init_c_stride "
+        "init_l_stride final_batch_stride final_c_stride final_l_stride seq_batch_stride seq_l_stride stream "
+        "dout dx dfinal_states dinitial_states dweight_partial dbias_partial dout_batch_stride dout_c_stride "
+        "dout_l_stride dx_batch_stride dx_c_stride dx_l_stride dfinal_batch_stride dfinal_c_stride "
+        "dfinal_l_stride dinit_batch_stride dinit_c_stride dinit_l_stride"
+    ).split(),
     "CausalConv1dUpdateParams": (
         "batch dim tokens state_len width dtype state_dtype weight_dtype bias_dtype silu x conv_state weight bias "
         "out cache_seqlens conv_state_indices x_batch_stride x_c_stride x_l_stride state_batch_stride "
@@ -410,6 +419,7 @@ _EMU_FIELDS = {
 _EMU_FUNCTIONS = {"causal_conv1d_fwd_channel_first": ("ForwardParams", "forward_channel_first"),
                   "causal_conv1d_fwd_channel_last": ("ForwardParams", "forward_channel_last"),
                   "causal_conv1d_final_states": ("ForwardParams", "final_states"),
+                  "causal_conv1d_bwd": ("BackwardParams", "backward"),
                   "causal_conv1d_update": ("UpdateParams", "update")}
 _EMU_SHIM = r"""
 #include <cuda_runtime.h>
@@ -478,14 +488,14 @@ def _emulation_sources(tmp):
 
 
 @pytest.fixture(scope="module")
-def emulated_native(tmp_path_factory):
+def emulated_native(request):
     import ctypes
+    import hashlib
+    import os
     import shutil
     import subprocess
     import types
     from pathlib import Path
-
-    import os
 
     homes = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
     if shutil.which("nvcc"):
@@ -493,13 +503,32 @@ def emulated_native(tmp_path_factory):
     cuda_home = next((Path(h) for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").is_file()), None)
     if shutil.which("g++") is None or cuda_home is None:
         pytest.skip("host emulation of the CUDA kernels needs g++ and the CUDA headers")
-    tmp = tmp_path_factory.mktemp("conv_emulation")
-    root, sources = _emulation_sources(tmp)
+    # Built once per source state, cached in pytest's cache folder (compiling takes a while).
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256((_EMU_SHIM + repr(_EMU_FIELDS) + repr(_EMU_FUNCTIONS)).encode())
+    for path in sorted((root / "csrc").glob("**/*")):
+        if path.suffix in (".cu", ".cuh", ".h"):
+            digest.update(path.read_bytes())
+    tmp = Path(request.config.cache.mkdir("causal_conv1d_emulation")) / digest.hexdigest()[:16]
     library = tmp / "emulated.so"
-    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-include", str(tmp / "shim.h"),
-           f"-I{root / 'csrc'}", f"-I{cuda_home / 'include'}", *map(str, sources), "-o", str(library)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    if not library.is_file():
+        tmp.mkdir(parents=True, exist_ok=True)
+        _, sources = _emulation_sources(tmp)
+        objects = []
+        jobs = []
+        for source in sources:  # one g++ per file, in parallel
+            obj = source.with_suffix(".o")
+            objects.append(obj)
+            jobs.append(subprocess.Popen(
+                ["g++", "-std=c++20", "-O0", "-c", "-fPIC", "-pthread", "-w", "-include", str(tmp / "shim.h"),
+                 f"-I{root / 'csrc'}", f"-I{cuda_home / 'include'}", str(source), "-o", str(obj)],
+                stderr=subprocess.PIPE, text=True))
+        for job in jobs:
+            _, err = job.communicate()
+            assert job.returncode == 0, err[-3000:]
+        partial = tmp / f"emulated.{os.getpid()}.so"
+        subprocess.run(["g++", "-shared", "-pthread", *map(str, objects), "-o", str(partial)], check=True)
+        partial.replace(library)
     lib = ctypes.CDLL(str(library))
 
     def make_params(cls_name):
@@ -510,7 +539,7 @@ def emulated_native(tmp_path_factory):
                 setattr(self, f, 0)
         return type(cls_name, (), {"__init__": init, "fields": fields})
 
-    module = types.SimpleNamespace()
+    module = types.SimpleNamespace(causal_conv1d_backward_tile_l=64)
     for cls_name in _EMU_FIELDS:
         setattr(module, cls_name, make_params(cls_name))
     for name in _EMU_FUNCTIONS:
@@ -551,11 +580,12 @@ EMU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @pytest.mark.parametrize("case_name,layout", EMU_GRID, ids=[f"{c}-{lay}" for c, lay in EMU_GRID])
 @pytest.mark.parametrize("dtype", EMU_DTYPES, ids=_ids(EMU_DTYPES))
-def test_cuda_forward_emulated(emulated_cuda, dtype, case_name, layout):
+def test_cuda_forward_backward_emulated(emulated_cuda, dtype, case_name, layout):
     case = {**BASE, **CASES[case_name]}
     inputs = _conv_inputs(case, dtype, layout)
+    grads = tuple(n for n in ("x", "weight", "bias", "initial_states") if inputs.get(n) is not None)
     compare_with_reference(_emulated_conv_fn(layout, case["activation"], case["final"]), inputs, "cuda",
-                           label=f"emulated cuda {case_name} {layout}")
+                           grad_names=grads, label=f"emulated cuda {case_name} {layout}")
 
 
 def test_cuda_forward_emulated_long_aligned(emulated_cuda):
@@ -563,11 +593,14 @@ def test_cuda_forward_emulated_long_aligned(emulated_cuda):
     for layout in ("channel_first", "channel_last"):
         case = {**BASE, "b": 1, "d": 16, "l": 1100, "init": True, "final": True,
                 "seq": [[0] * 500 + [1] * 600]}
+        grads = ("x", "weight", "bias", "initial_states")
         inputs = _conv_inputs(case, torch.float16, layout)
-        compare_with_reference(_emulated_conv_fn(layout, "silu", True), inputs, "cuda", label=f"long {layout}")
+        compare_with_reference(_emulated_conv_fn(layout, "silu", True), inputs, "cuda", grad_names=grads,
+                               label=f"long {layout}")
         case = {**case, "seq": None, "cu": [0, 3, 515, 515, 1100]}
         inputs = _conv_inputs(case, torch.float16, layout)
-        compare_with_reference(_emulated_conv_fn(layout, "silu", True), inputs, "cuda", label=f"long varlen {layout}")
+        compare_with_reference(_emulated_conv_fn(layout, "silu", True), inputs, "cuda", grad_names=grads,
+                               label=f"long varlen {layout}")
 
 
 @pytest.mark.parametrize("case_name", list(UPDATE_CASES))

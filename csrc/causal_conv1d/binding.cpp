@@ -6,6 +6,7 @@
 #include "causal_conv1d/causal_conv1d.h"
 
 namespace py = pybind11;
+using ssmk::conv::BackwardParams;
 using ssmk::conv::ForwardParams;
 using ssmk::conv::UpdateParams;
 
@@ -31,6 +32,18 @@ void bind_causal_conv1d(py::module_& m) {
       SSMK_FIELD(ForwardParams, final_l_stride) SSMK_FIELD(ForwardParams, seq_batch_stride)
       SSMK_FIELD(ForwardParams, seq_l_stride) SSMK_FIELD(ForwardParams, stream);
 
+  py::class_<BackwardParams, ForwardParams>(m, "CausalConv1dBackwardParams")
+      .def(py::init<>())
+      SSMK_FIELD(BackwardParams, dout) SSMK_FIELD(BackwardParams, dx) SSMK_FIELD(BackwardParams, dfinal_states)
+      SSMK_FIELD(BackwardParams, dinitial_states) SSMK_FIELD(BackwardParams, dweight_partial)
+      SSMK_FIELD(BackwardParams, dbias_partial) SSMK_FIELD(BackwardParams, dout_batch_stride)
+      SSMK_FIELD(BackwardParams, dout_c_stride) SSMK_FIELD(BackwardParams, dout_l_stride)
+      SSMK_FIELD(BackwardParams, dx_batch_stride) SSMK_FIELD(BackwardParams, dx_c_stride)
+      SSMK_FIELD(BackwardParams, dx_l_stride) SSMK_FIELD(BackwardParams, dfinal_batch_stride)
+      SSMK_FIELD(BackwardParams, dfinal_c_stride) SSMK_FIELD(BackwardParams, dfinal_l_stride)
+      SSMK_FIELD(BackwardParams, dinit_batch_stride) SSMK_FIELD(BackwardParams, dinit_c_stride)
+      SSMK_FIELD(BackwardParams, dinit_l_stride);
+
   py::class_<UpdateParams>(m, "CausalConv1dUpdateParams")
       .def(py::init<>())
       SSMK_FIELD(UpdateParams, batch) SSMK_FIELD(UpdateParams, dim) SSMK_FIELD(UpdateParams, tokens)
@@ -55,6 +68,9 @@ void bind_causal_conv1d(py::module_& m) {
         "causal_conv1d forward for x with unit stride along d");
   m.def("causal_conv1d_final_states", &ssmk::conv::final_states, py::arg("params"),
         "final states (last w-1 inputs of each sequence) of causal_conv1d");
+  m.attr("causal_conv1d_backward_tile_l") = ssmk::conv::kBackwardTileL;
+  m.def("causal_conv1d_bwd", &ssmk::conv::backward, py::arg("params"),
+        "causal_conv1d backward: dx, d(initial states), float32 partial sums of dweight and dbias");
   m.def("causal_conv1d_update", &ssmk::conv::update, py::arg("params"),
         "causal_conv1d decode step(s) on conv_state, in place");
 }

@@ -60,9 +60,24 @@ struct UpdateParams {
   std::uintptr_t stream = 0;
 };
 
+// Backward: the forward's fields plus gradients. dx/dout/dfinal/dinitial share x's element type;
+// the weight and bias gradients leave as float32 partial sums, one per (backward block, channel):
+// dweight_partial (batch * ceil(l / kBackwardTileL), d, w), dbias_partial (same, d), summed after.
+constexpr int kBackwardTileL = 64;
+
+struct BackwardParams : ForwardParams {
+  std::uintptr_t dout = 0, dx = 0, dfinal_states = 0, dinitial_states = 0;
+  std::uintptr_t dweight_partial = 0, dbias_partial = 0;
+  int64_t dout_batch_stride = 0, dout_c_stride = 0, dout_l_stride = 0;
+  int64_t dx_batch_stride = 0, dx_c_stride = 0, dx_l_stride = 0;
+  int64_t dfinal_batch_stride = 0, dfinal_c_stride = 0, dfinal_l_stride = 0;
+  int64_t dinit_batch_stride = 0, dinit_c_stride = 0, dinit_l_stride = 0;
+};
+
 void forward_channel_first(const ForwardParams& params);
 void forward_channel_last(const ForwardParams& params);
 void final_states(const ForwardParams& params);
+void backward(const BackwardParams& params);
 void update(const UpdateParams& params);
 
 }  // namespace conv

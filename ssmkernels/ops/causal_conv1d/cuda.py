@@ -1,9 +1,8 @@
 """CUDA kernels of causal_conv1d (csrc/causal_conv1d): fills the native params structs from tensors.
 
 The native module is torch-free: this file passes addresses, sizes, 64-bit strides, dtype codes and
-the current stream. Forward (both layouts, seq_idx, cu_seqlens, initial/final states) and the decode
-update are CUDA kernels; the backward runs the Triton kernels (same math and determinism) until a
-CUDA backward exists.
+the current stream. Forward (both layouts, seq_idx, cu_seqlens, initial/final states), backward
+(dx, dweight, dbias, d(initial states), gradients through the final states) and the decode update.
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from ..._core.native import DTYPE_CODES, address, dtype_code, stream_of
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _WIDTHS = (2, 3, 4)
 _KERNELS = ("causal_conv1d_fwd_channel_first", "causal_conv1d_fwd_channel_last", "causal_conv1d_final_states",
-            "causal_conv1d_update")
+            "causal_conv1d_bwd", "causal_conv1d_update")
 
 
 def unsupported(features: dict) -> str | None:
@@ -39,19 +38,15 @@ def _code_or_zero(t: torch.Tensor | None) -> int:
     return 0 if t is None else dtype_code(t)
 
 
-def forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, out, final_states):
-    """Writes ``out (b, d, l)`` (x's layout) and, when given, ``final_states (count, d, w-1)``."""
-    native = ext.module()
+def _fill_forward(p, x, weight, bias, seq_idx, initial_states, cu_seqlens, silu) -> None:
     b, d, l = x.shape
-    p = native.CausalConv1dForwardParams()
     p.batch, p.dim, p.seqlen, p.width = b, d, l, weight.shape[1]
     p.dtype, p.weight_dtype, p.bias_dtype = dtype_code(x), dtype_code(weight), _code_or_zero(bias)
     p.silu = bool(silu)
-    p.x, p.weight, p.bias, p.out = address(x), address(weight), address(bias), address(out)
+    p.x, p.weight, p.bias = address(x), address(weight), address(bias)
     p.initial_states, p.seq_idx, p.cu_seqlens = address(initial_states), address(seq_idx), address(cu_seqlens)
     p.num_seqs = 0 if cu_seqlens is None else cu_seqlens.numel() - 1
     p.x_batch_stride, p.x_c_stride, p.x_l_stride = x.stride()
-    p.out_batch_stride, p.out_c_stride, p.out_l_stride = out.stride()
     p.weight_c_stride, p.weight_width_stride = weight.stride()
     p.bias_stride = 0 if bias is None else bias.stride(0)
     if initial_states is not None:
@@ -59,9 +54,18 @@ def forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, out, fin
     if seq_idx is not None:
         p.seq_batch_stride, p.seq_l_stride = seq_idx.stride()
     p.stream = stream_of(x)
+
+
+def forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, out, final_states):
+    """Writes ``out (b, d, l)`` (x's layout) and, when given, ``final_states (count, d, w-1)``."""
+    native = ext.module()
+    p = native.CausalConv1dForwardParams()
+    _fill_forward(p, x, weight, bias, seq_idx, initial_states, cu_seqlens, silu)
+    p.out = address(out)
+    p.out_batch_stride, p.out_c_stride, p.out_l_stride = out.stride()
     # Channel-last kernel when d is the contiguous axis (and for single steps, where it is the
     # better fit whatever the layout); both kernels accept any strides.
-    if (x.stride(1) == 1 and x.stride(2) != 1) or l == 1:
+    if (x.stride(1) == 1 and x.stride(2) != 1) or x.shape[2] == 1:
         native.causal_conv1d_fwd_channel_last(p)
     else:
         native.causal_conv1d_fwd_channel_first(p)
@@ -73,11 +77,34 @@ def forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, out, fin
 
 def backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_states, silu,
              dx, dweight, dbias, dinitial):
-    """The Triton backward (deterministic two-stage weight/bias reduction); see triton.py."""
-    from . import triton as triton_kernels
+    """Writes dx and dinitial; adds the weight/bias gradients into the float32 buffers.
 
-    triton_kernels.backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_states, silu,
-                            dx, dweight, dbias, dinitial)
+    The kernel leaves one float32 partial sum per (block, channel); a fixed-order sum adds them, so
+    the gradients are bitwise reproducible (no atomics).
+    """
+    native = ext.module()
+    b, d, l = x.shape
+    w = weight.shape[1]
+    p = native.CausalConv1dBackwardParams()
+    _fill_forward(p, x, weight, bias, seq_idx, initial_states, cu_seqlens, silu)
+    blocks = b * -(-l // native.causal_conv1d_backward_tile_l)
+    dw_partial = torch.empty(blocks, d, w, device=x.device, dtype=torch.float32)
+    db_partial = torch.empty(blocks, d, device=x.device, dtype=torch.float32)
+    p.dout, p.dx = address(dout), address(dx)
+    p.dout_batch_stride, p.dout_c_stride, p.dout_l_stride = dout.stride()
+    p.dx_batch_stride, p.dx_c_stride, p.dx_l_stride = dx.stride()
+    p.dweight_partial, p.dbias_partial = address(dw_partial), address(db_partial)
+    if dfinal_states is not None and dfinal_states.numel() > 0:
+        p.dfinal_states = address(dfinal_states)
+        p.dfinal_batch_stride, p.dfinal_c_stride, p.dfinal_l_stride = dfinal_states.stride()
+    if dinitial is not None and dinitial.numel() > 0:
+        p.dinitial_states = address(dinitial)
+        p.dinit_batch_stride, p.dinit_c_stride, p.dinit_l_stride = dinitial.stride()
+    native.causal_conv1d_bwd(p)
+    if blocks > 0:
+        dweight += dw_partial.sum(dim=0)
+        if dbias is not None:
+            dbias += db_partial.sum(dim=0)
 
 
 def update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out):
