@@ -339,3 +339,52 @@ def test_fla_mapping_computes_ssd():
     ref = ssd_chunk_scan(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], 16, dt_bias=kw["dt_bias"], dt_softplus=True,
                          backend="reference")
     assert compare(out, ref64, ref, torch.bfloat16).ok
+
+
+def test_timing_logic_with_stand_in_events(monkeypatch):
+    """measure()'s warm-up, repetition count and percentiles, with a wall-clock stand-in for CUDA events."""
+    import time as _time
+
+    from ssmkernels.bench import timing
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = _time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+    result = timing.measure([lambda: calls.append(_time.sleep(0.001))] * 2, warmup_ms=5, rep_ms=20)
+    assert 10 <= result.reps <= 40 and len(calls) > result.reps
+    assert result.min_ms <= result.p20_ms <= result.median_ms <= result.p80_ms
+    assert 0.5 < result.median_ms < 50
+    assert timing.wall_per_call_us([lambda: None], calls=10) >= 0
+
+
+def test_runner_main_writes_every_output(monkeypatch, tmp_path):
+    """The whole `bench` flow on the CPU: stand-ins for the GPU name, the peaks and the timer."""
+    from ssmkernels.bench import runner, timing
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    monkeypatch.setattr(runner, "peaks", lambda: timing.Peaks(1000.0, 100.0, 1, 1))
+    monkeypatch.setattr(runner, "measure", lambda steps, *a: (steps[0](), timing.Timing(1.0, 0.9, 1.1, 0.8, 3))[1])
+    real_run_case = runner.run_case
+    monkeypatch.setattr(runner, "run_case",
+                        lambda *a, **k: real_run_case(*a, **{**k, "device": torch.device("cpu")}))
+    lines = []
+    case = _tiny_conv_case(list(bench_cases.all_cases()[0].peers))
+    code = runner.main([case], backends=["reference"], compare=True, json_path=str(tmp_path / "b.json"),
+                       markdown_path=str(tmp_path / "b.md"), plot_path=str(tmp_path / "b.png"), log=lines.append)
+    assert code == 0, lines
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["meta"]["peaks"]["copy_gbps"] == 1000.0 and data["meta"]["timestamp"]
+    assert {r["impl"] for r in data["results"]} >= {"ssmkernels:reference", "torch", "causal_conv1d"}
+    assert "tiny-conv-fwdbwd" in (tmp_path / "b.md").read_text()
+    assert (tmp_path / "b.png").exists()
+    assert any("median ms" in line for line in lines)
