@@ -82,7 +82,7 @@ def representative_calls(device: torch.device) -> list[tuple[str, str, dict]]:
           "cache_seqlens": False, "indices": False}),
         ("selective_scan", "selective_scan",
          {"dtype": dtype, "d_state": 16, "bc_layout": "shared", "z": True, "cu_seqlens": False,
-          "initial_state": False}),
+          "initial_state": False, "needs_grad": True}),
         ("ssd_chunk_scan", "ssd",
          {"dtype": dtype, "headdim": 64, "d_state": 128, "ngroups": 8, "chunk_size": 256, "seq_idx": False,
           "cu_seqlens": False, "initial_states": False, "z": False, "D_per_channel": False}),
