@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import os
 import platform
@@ -150,6 +151,20 @@ def versions() -> dict[str, str]:
     }
 
 
+def _triton_kernels_status(primitive: str, features: dict) -> str:
+    """What the Triton module itself says about a call, whatever the device (defining Triton kernels
+    needs no GPU). The CUDA module is not asked: that could compile the extension."""
+    from ._core import dispatch
+
+    if dispatch.triton_import_error():
+        return "triton is not importable"
+    try:
+        reason = importlib.import_module(f"ssmkernels.ops.{primitive}.triton").unsupported(features)
+    except Exception as exc:
+        return f"error while asking it: {type(exc).__name__}: {exc}"
+    return "kernels available" if reason is None else reason
+
+
 def cmd_info(args) -> int:
     from ._core import config, dispatch
 
@@ -180,6 +195,8 @@ def cmd_info(args) -> int:
                 except Exception as exc:  # a backend module that fails to import says so here
                     reason = f"error while asking it: {type(exc).__name__}: {exc}"
             status = "available" if reason is None else f"unavailable: {reason}"
+            if backend == "triton" and reason and reason == dispatch.triton_device_reason(device):
+                status += f" [on a GPU: {_triton_kernels_status(primitive, features)}]"
             _print(f"  {label:<23} {backend:<10} {status}")
     if device.type == "cpu":
         _print("note: without a GPU, Triton kernels run only under TRITON_INTERPRET=1 (tests and `check`), "
