@@ -842,6 +842,9 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     varlen = cu_seqlens is not None
     f32 = torch.float32
     dev = x.device
+    # upstream gradients may arrive as broadcast views (e.g. the gradient of a sum)
+    dfinal_states = None if dfinal_states is None else dfinal_states.to(f32).contiguous()
+    dvarlen_states = None if dvarlen_states is None else dvarlen_states.to(f32).contiguous()
     if varlen:
         count = cu_seqlens.numel() - 1
         dvl = torch.zeros(count, h, p, n, device=dev, dtype=f32)
@@ -967,21 +970,23 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     elif varlen and dinitial_states is not None:
         dinitial_states.copy_(dvl)
 
-    # 7. d(cs) -> d(A dt) by a reverse cumulative sum in each chunk; then dt, A, dt_bias, D
+    # 7. d(cs) -> d(A dt) by cumulative sums in each chunk; then dt, A, dt_bias, D. These are small
+    # (b, h, l) tensors summed in float64: dA, ddt_bias and dD add up every position's share and are
+    # rounded to float32 once.
+    f64 = torch.float64
+    dcs, dcs_fwd = dcs.to(f64), dcs_fwd.to(f64)
     da = torch.flip(torch.cumsum(torch.flip(dcs, (3,)), 3), (3,))
-    da += torch.cumsum(dcs_fwd, 3) - dcs_fwd + dai.sum(3)
+    da += torch.cumsum(dcs_fwd, 3) - dcs_fwd + dai.to(f64).sum(3)
     if dcs_seg is not None:
-        da[0].view(h, -1)[:, :l] += _within_sequence_reverse_sum(dcs_seg[0], seq_idx[0], cu_seqlens, l).float()
+        da[0].view(h, -1)[:, :l] += _within_sequence_reverse_sum(dcs_seg[0], seq_idx[0], cu_seqlens, l)
     if dcs_end is not None:
-        da[0].view(h, -1)[:, :l] += _within_sequence_forward_sum(dcs_end[0], seq_idx[0], cu_seqlens, l).float()
-    A32 = A.to(f32)
-    ddtp += da * A32[None, :, None, None]
-    dA.copy_((da * dtp).sum(dim=(0, 2, 3)))
-    ddtp_l = ddtp.view(b, h, nc * chunk_size)[:, :, :l].transpose(1, 2)  # (b, l, h)
-    pre = dt.to(f32)
+        da[0].view(h, -1)[:, :l] += _within_sequence_forward_sum(dcs_end[0], seq_idx[0], cu_seqlens, l)
+    ddtp = ddtp.to(f64) + da * A.to(f64)[None, :, None, None]
+    dA.copy_((da * dtp.to(f64)).sum(dim=(0, 2, 3)))
+    grad = ddtp.view(b, h, nc * chunk_size)[:, :, :l].transpose(1, 2)  # (b, l, h)
+    pre = dt.to(f64)
     if dt_bias is not None:
-        pre = pre + dt_bias.to(f32)
-    grad = ddtp_l
+        pre = pre + dt_bias.to(f64)
     if dt_min > 0.0 or dt_max < math.inf:
         v = torch.nn.functional.softplus(pre) if dt_softplus else pre
         grad = grad * ((v >= dt_min) & (v <= dt_max))
@@ -991,5 +996,5 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     if ddt_bias is not None:
         ddt_bias.copy_(grad.sum(dim=(0, 1)))
     if dD is not None:
-        total = dpart.sum(dim=(0, 1))  # (h, p)
+        total = dpart.to(f64).sum(dim=(0, 1))  # (h, p)
         dD.copy_(total.sum(1) if D.dim() == 1 else total)
