@@ -263,6 +263,8 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
   }
 }
 
+// Launchers: compiled by nvcc only (emulation.cc builds the kernels above as host code).
+#ifndef SSMK_SCAN_EMULATION
 template <typename input_t, typename bc_t>
 void launch_backward(const Params& p) {
   dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(p.num_seqs));
@@ -276,8 +278,11 @@ void launch_backward(const Params& p) {
   check_launch("selective_scan backward_kernel");
 }
 
+#endif  // SSMK_SCAN_EMULATION
+
 }  // namespace
 
+#ifndef SSMK_SCAN_EMULATION
 void backward(const Params& p) {
   if (p.num_seqs == 0 || p.dim == 0) return;
   if (p.num_seqs > 65535) throw std::invalid_argument("selective_scan cuda: at most 65535 sequences per call");
@@ -292,6 +297,8 @@ void backward(const Params& p) {
     }
   });
 }
+
+#endif  // SSMK_SCAN_EMULATION
 
 }  // namespace scan
 }  // namespace ssmk

@@ -144,6 +144,15 @@ __global__ __launch_bounds__(kTh) void forward_kernel(const Params p) {
   for (int64_t i = tid; i < kCh * n_state; i += kTh) last[state_offset + i] = state[final_buf * kCh * n_state + i];
 }
 
+// Whether the launcher uses 4-channel blocks: they must not straddle a group of B or C, and they
+// only pay off when B or C is input-dependent (shared loads).
+inline bool four_channel_blocks(const Params& p) {
+  return !(p.b_fixed && p.c_fixed) && p.dim % 4 == 0 && (p.b_fixed || p.channels_per_b_group % 4 == 0) &&
+         (p.c_fixed || p.channels_per_c_group % 4 == 0);
+}
+
+// Launchers: compiled by nvcc only (emulation.cc builds the kernels above as host code).
+#ifndef SSMK_SCAN_EMULATION
 template <typename input_t, typename bc_t, int kTh, int kIt, int kCh>
 void launch(const Params& p) {
   dim3 grid(static_cast<unsigned>(p.dim / kCh), static_cast<unsigned>(p.num_seqs));
@@ -157,18 +166,12 @@ void launch(const Params& p) {
   check_launch("selective_scan forward_kernel");
 }
 
-// Whether blocks of `channels` consecutive channels never straddle a group of B or C.
-bool blocks_fit(const Params& p, int64_t channels) {
-  return p.dim % channels == 0 && (p.b_fixed || p.channels_per_b_group % channels == 0) &&
-         (p.c_fixed || p.channels_per_c_group % channels == 0);
-}
-
 // kMulti: whether to instantiate the 4-channel kernel (only for B/C in u's dtype, the common case,
 // to keep the build small; float32 B/C with 16-bit u take the one-channel kernel).
 template <typename input_t, typename bc_t, bool kMulti>
 void launch_forward(const Params& p) {
   if constexpr (kMulti) {
-    if (!(p.b_fixed && p.c_fixed) && blocks_fit(p, 4)) {
+    if (four_channel_blocks(p)) {
       launch<input_t, bc_t, 256, kChunk / 256, 4>(p);
       return;
     }
@@ -176,8 +179,11 @@ void launch_forward(const Params& p) {
   launch<input_t, bc_t, kThreads, kItems, 1>(p);
 }
 
+#endif  // SSMK_SCAN_EMULATION
+
 }  // namespace
 
+#ifndef SSMK_SCAN_EMULATION
 void forward(const Params& p) {
   if (p.num_seqs == 0 || p.dim == 0) return;
   if (p.num_seqs > 65535) throw std::invalid_argument("selective_scan cuda: at most 65535 sequences per call");
@@ -192,6 +198,8 @@ void forward(const Params& p) {
     }
   });
 }
+
+#endif  // SSMK_SCAN_EMULATION
 
 }  // namespace scan
 }  // namespace ssmk
