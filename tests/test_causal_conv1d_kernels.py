@@ -588,17 +588,19 @@ def test_cuda_forward_backward_emulated(emulated_cuda, dtype, case_name, layout)
                            grad_names=grads, label=f"emulated cuda {case_name} {layout}")
 
 
-def test_cuda_forward_emulated_long_aligned(emulated_cuda):
-    """Lengths spanning several channel-first chunks and channel-last segments, vector paths on."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_ids([torch.float32, torch.bfloat16]))
+def test_cuda_forward_emulated_long_aligned(emulated_cuda, dtype):
+    """Lengths spanning several channel-first chunks and channel-last segments, vector paths on
+    (16-byte aligned rows; a varlen start at a multiple of 8 keeps the channel-first vectors)."""
     for layout in ("channel_first", "channel_last"):
-        case = {**BASE, "b": 1, "d": 16, "l": 1100, "init": True, "final": True,
-                "seq": [[0] * 500 + [1] * 600]}
+        case = {**BASE, "b": 1, "d": 16, "l": 2056, "init": True, "final": True,
+                "seq": [[0] * 1000 + [1] * 1056]}
         grads = ("x", "weight", "bias", "initial_states")
-        inputs = _conv_inputs(case, torch.float16, layout)
+        inputs = _conv_inputs(case, dtype, layout)
         compare_with_reference(_emulated_conv_fn(layout, "silu", True), inputs, "cuda", grad_names=grads,
                                label=f"long {layout}")
-        case = {**case, "seq": None, "cu": [0, 3, 515, 515, 1100]}
-        inputs = _conv_inputs(case, torch.float16, layout)
+        case = {**case, "seq": None, "cu": [0, 3, 520, 520, 2056]}
+        inputs = _conv_inputs(case, dtype, layout)
         compare_with_reference(_emulated_conv_fn(layout, "silu", True), inputs, "cuda", grad_names=grads,
                                label=f"long varlen {layout}")
 

@@ -1,7 +1,7 @@
 // causal_conv1d forward for channel-first x (x.stride(2) == 1), and the final states (SPEC.md section 1).
 //
 // One block per (channel, batch row or cu_seqlens sequence) walks the sequence in chunks of
-// kFirstThreads * kElts positions; each thread owns kElts consecutive positions (one 16-byte load
+// kFirstThreads * kPer positions; each thread owns kPer consecutive positions (two 16-byte loads
 // when aligned) and takes the w-1 inputs before them from its left neighbour through shared memory
 // (thread 0 from the previous chunk, or from the initial states).
 //
@@ -21,6 +21,9 @@ namespace conv {
 namespace {
 
 constexpr int kFirstThreads = 128;
+// Two 16-byte loads per thread per chunk: twice the bytes in flight of one, which a bandwidth-bound
+// kernel needs at the occupancy its registers allow (6 blocks of 128 threads per SM).
+constexpr int kVecsPerThread = 2;
 
 template <int kWidth>
 struct Filter {
@@ -38,9 +41,10 @@ struct Filter {
 template <typename T, int kWidth>
 __global__ void __launch_bounds__(kFirstThreads, 6) forward_channel_first_kernel(ForwardParams p, bool vec_ok) {
   constexpr int kElts = Vec16<T>::kElts;
+  constexpr int kPer = kVecsPerThread * kElts;  // consecutive positions per thread
   constexpr int kHist = kWidth - 1;
-  constexpr int kChunk = kFirstThreads * kElts;
-  static_assert(kElts >= kHist, "a thread must hold at least w-1 positions");
+  constexpr int kChunk = kFirstThreads * kPer;
+  static_assert(kPer >= kHist, "a thread must hold at least w-1 positions");
   __shared__ float tail[kFirstThreads + 1][kHist];
   __shared__ int tail_seq[kFirstThreads + 1][kHist];
 
@@ -68,23 +72,25 @@ __global__ void __launch_bounds__(kFirstThreads, 6) forward_channel_first_kernel
   const bool vec = vec_ok && start % kElts == 0;
 
   for (int64_t chunk = start; chunk < end; chunk += kChunk) {
-    const int64_t p0 = chunk + static_cast<int64_t>(tid) * kElts;
-    float xv[kElts];
-    int sv[kElts];
-    if (vec && p0 + kElts <= end) {
-      load_vec(x + p0, xv);
+    const int64_t p0 = chunk + static_cast<int64_t>(tid) * kPer;
+    const bool full_vec = vec && p0 + kPer <= end;
+    float xv[kPer];  // inputs, then (in place) outputs
+    int sv[kPer];
+    if (full_vec) {
+#pragma unroll
+      for (int v = 0; v < kVecsPerThread; ++v) load_vec(x + p0 + v * kElts, xv + v * kElts);
     } else {
 #pragma unroll
-      for (int i = 0; i < kElts; ++i) xv[i] = p0 + i < end ? to_float(x[(p0 + i) * p.x_l_stride]) : 0.0f;
+      for (int i = 0; i < kPer; ++i) xv[i] = p0 + i < end ? to_float(x[(p0 + i) * p.x_l_stride]) : 0.0f;
     }
     if (seq) {
 #pragma unroll
-      for (int i = 0; i < kElts; ++i) sv[i] = p0 + i < end ? seq[(p0 + i) * p.seq_l_stride] : INT_MIN;
+      for (int i = 0; i < kPer; ++i) sv[i] = p0 + i < end ? seq[(p0 + i) * p.seq_l_stride] : INT_MIN;
     }
 #pragma unroll
     for (int k = 0; k < kHist; ++k) {
-      tail[tid + 1][k] = xv[kElts - kHist + k];
-      if (seq) tail_seq[tid + 1][k] = sv[kElts - kHist + k];
+      tail[tid + 1][k] = xv[kPer - kHist + k];
+      if (seq) tail_seq[tid + 1][k] = sv[kPer - kHist + k];
     }
     __syncthreads();
     float prev[kHist];
@@ -94,9 +100,9 @@ __global__ void __launch_bounds__(kFirstThreads, 6) forward_channel_first_kernel
       prev[k] = tail[tid][k];
       prev_seq[k] = seq ? tail_seq[tid][k] : 0;
     }
-    float yv[kElts];
+    // Last position first, so that xv[i] can take its output: lower entries are still inputs.
 #pragma unroll
-    for (int i = 0; i < kElts; ++i) {
+    for (int i = kPer - 1; i >= 0; --i) {
       float acc = f.bias;
 #pragma unroll
       for (int k = 0; k < kWidth; ++k) {
@@ -105,14 +111,15 @@ __global__ void __launch_bounds__(kFirstThreads, 6) forward_channel_first_kernel
         if (seq && (idx < 0 ? prev_seq[kHist + idx] : sv[idx]) != sv[i]) value = 0.0f;
         acc += f.w[k] * value;
       }
-      yv[i] = p.silu ? silu(acc) : acc;
+      xv[i] = p.silu ? silu(acc) : acc;
     }
-    if (vec && p0 + kElts <= end) {
-      store_vec(out + p0, yv);
+    if (full_vec) {
+#pragma unroll
+      for (int v = 0; v < kVecsPerThread; ++v) store_vec(out + p0 + v * kElts, xv + v * kElts);
     } else {
 #pragma unroll
-      for (int i = 0; i < kElts; ++i)
-        if (p0 + i < end) out[(p0 + i) * p.out_l_stride] = from_float<T>(yv[i]);
+      for (int i = 0; i < kPer; ++i)
+        if (p0 + i < end) out[(p0 + i) * p.out_l_stride] = from_float<T>(xv[i]);
     }
     __syncthreads();
     if (tid == kFirstThreads - 1) {

@@ -40,7 +40,7 @@ struct Vec16 {
 };
 
 template <typename T>
-__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec16<T>::kElts]) {
+__device__ __forceinline__ void load_vec(const T* ptr, float* out) {
   uint4 raw = *reinterpret_cast<const uint4*>(ptr);
   const T* elts = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -48,7 +48,7 @@ __device__ __forceinline__ void load_vec(const T* ptr, float (&out)[Vec16<T>::kE
 }
 
 template <typename T>
-__device__ __forceinline__ void store_vec(T* ptr, const float (&in)[Vec16<T>::kElts]) {
+__device__ __forceinline__ void store_vec(T* ptr, const float* in) {
   uint4 raw;
   T* elts = reinterpret_cast<T*>(&raw);
 #pragma unroll

@@ -184,7 +184,7 @@ def _final_states_kernel(
         seq_first = 0
     else:
         start = zero
-        end = l
+        end = zero + l  # int64: end * stride may pass 2^31
         x_row = x_ptr + r * stride_xb
         seq_row = seq_ptr + r * stride_sb
         init_row = zero + r
