@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(BackwardParams p,
   __shared__ float xs[kTileC][kX + 1];
   __shared__ float gs[kTileC][kG + 1];
   __shared__ int keys[kX];
+  __shared__ float dxs[kTileC][kBackwardTileL + 1];  // dx, written out coalesced at the end
   __shared__ float ws[kTileC][kWidth + 1];
   __shared__ float red[kGroups][kTileC][kWidth + 1];
 
@@ -131,7 +132,6 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(BackwardParams p,
   const int64_t cc = c0 + c;
   float dw[kWidth] = {}, db = 0.0f;
   constexpr int kPerGroup = kBackwardTileL / kGroups;
-  T* dx = reinterpret_cast<T*>(p.dx) + row * p.dx_batch_stride + cc * p.dx_c_stride;
   const T* dfinal = reinterpret_cast<const T*>(p.dfinal_states);
   for (int jj = 0; jj < kPerGroup; ++jj) {
     const int j = group * kPerGroup + jj;
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(BackwardParams p,
       if (m >= 0 && (!seq || key_u == seq_last))
         acc += to_float(dfinal[(cu ? key_u : row) * p.dfinal_batch_stride + cc * p.dfinal_c_stride + m * p.dfinal_l_stride]);
     }
-    dx[u * p.dx_l_stride] = from_float<T>(acc);
+    dxs[c][j] = acc;
     const float g = gs[c][j];
     db += g;
 #pragma unroll
@@ -158,6 +158,14 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(BackwardParams p,
   for (int k = 0; k < kWidth; ++k) red[group][c][k] = dw[k];
   red[group][c][kWidth] = db;
   __syncthreads();
+  T* dx = reinterpret_cast<T*>(p.dx) + row * p.dx_batch_stride;
+  const bool dx_positions_fastest = p.dx_l_stride == 1;
+  for (int i = tid; i < kTileC * kBackwardTileL; i += kBwdThreads) {
+    const int ci = dx_positions_fastest ? i / kBackwardTileL : i % kTileC;
+    const int j = dx_positions_fastest ? i % kBackwardTileL : i / kTileC;
+    const int64_t u = u0 + j;
+    if (c0 + ci < p.dim && u < l) dx[(c0 + ci) * p.dx_c_stride + u * p.dx_l_stride] = from_float<T>(dxs[ci][j]);
+  }
   if (tid < kTileC && c0 + tid < p.dim) {
     float* dw_out = reinterpret_cast<float*>(p.dweight_partial) + (blockIdx.x * p.dim + c0 + tid) * kWidth;
     float* db_out = reinterpret_cast<float*>(p.dbias_partial) + blockIdx.x * p.dim + c0 + tid;
