@@ -81,6 +81,7 @@ def _state_update_kernel(
     DT_PER_HEAD: tl.constexpr,  # dt (and dt_bias) have stride 0 along p: one dt per head
     A_PER_HEAD: tl.constexpr,  # A has stride 0 along p and n: one decay per head
     BF16_BY_BITS: tl.constexpr,  # under the interpreter: see _store_cast
+    EVEN_N: tl.constexpr,  # n == BLOCK_N
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -93,7 +94,10 @@ def _state_update_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < p
     mask_n = offs_n < n
-    mask_pn = mask_p[:, None] & mask_n[None, :]
+    if EVEN_N:  # no mask along n: lets the compiler use 16-byte accesses of the state rows
+        mask_pn = mask_p[:, None]
+    else:
+        mask_pn = mask_p[:, None] & mask_n[None, :]
     offs_p64 = offs_p.to(tl.int64)
     offs_n64 = offs_n.to(tl.int64)
 
@@ -155,8 +159,12 @@ def _state_update_kernel(
             dt = dt + dt_bias
         if DT_SOFTPLUS:
             dt = _softplus(dt)
-        B = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
-        C = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        if EVEN_N:
+            B = tl.load(B_ptrs).to(tl.float32)
+            C = tl.load(C_ptrs).to(tl.float32)
+        else:
+            B = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+            C = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
         if DT_PER_HEAD:
             decay = tl.exp(A * dt)  # a scalar when A_PER_HEAD too: one exp per head and token
         else:
@@ -222,6 +230,7 @@ def update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indice
         DT_PER_HEAD=dt_per_head,
         A_PER_HEAD=a_per_head,
         BF16_BY_BITS=_INTERPRETED,
+        EVEN_N=block_n == n,
         BLOCK_P=block_p,
         BLOCK_N=block_n,
         num_warps=num_warps,
