@@ -131,9 +131,10 @@ def _forward_kernel(
     HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SEQ_MODE: tl.constexpr, SILU: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # Position blocks on grid axis 0 (the only axis allowed past 65535 programs).
+    t = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = tl.program_id(2).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    row = tl.program_id(2).to(tl.int64)
     mask_d = offs_d < d
     t_ok = t < l
     x_row = x_ptr + row * stride_xb
@@ -234,7 +235,7 @@ def forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, out, fin
     init_strides = _strides3(initial_states)
     block_d, block_l = _tile(x, d, l, _FWD_TILE)
     if l > 0 and d > 0:
-        grid = (b, triton.cdiv(d, block_d), triton.cdiv(l, block_l))
+        grid = (triton.cdiv(l, block_l), triton.cdiv(d, block_d), b)
         _forward_kernel[grid](
             x, weight, bias if bias is not None else weight, seq, init, cu, out,
             d, l, num_seqs, *x.stride(), *weight.stride(), *seq_strides, *init_strides, *out.stride(),
