@@ -19,7 +19,7 @@ GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 # ----------------------------------------------------------------------------- cases
 # One base case, then rows that change one thing. l = 33 and 70 are not multiples of any chunk.
-BASE = dict(b=2, l=33, h=4, p=8, g=2, n=8, chunk=16, D="head", z=True, bias=True, softplus=True,
+BASE = dict(b=2, l=33, h=2, p=8, g=1, n=8, chunk=16, D="head", z=True, bias=True, softplus=True,
             limit=(0.0, math.inf), init=False, final=True, seq=None, cu=None, varlen=False, sliced=False)
 CASES = {
     "base": {},
@@ -31,10 +31,10 @@ CASES = {
     "plain": dict(D=None, z=False, bias=False, softplus=False, final=False),
     "D_per_channel": dict(D="channel", init=True),
     "dt_limit": dict(limit=(0.3, 0.9)),
-    "ngroups1": dict(g=1),
-    "ngroups_eq_heads": dict(g=4, h=4),
+    "ngroups2": dict(h=4, g=2),
+    "ngroups_eq_heads": dict(h=2, g=2),
     "odd_dims": dict(p=6, n=5, h=3, g=3, l=21),
-    "wide_state": dict(p=16, n=32, h=2, g=1, l=40),
+    "wide_state": dict(p=16, n=32, l=40),
     "batch3": dict(b=3, l=19, init=True),
     "seq_idx": dict(l=70, seq=[[0, 5, 40], [17, 20, 21]], init=True),
     "seq_idx_chunk_aligned": dict(l=64, seq=[[16, 48], [32, 33]], init=True),

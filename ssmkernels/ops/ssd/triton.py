@@ -402,7 +402,8 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
 
 
 @triton.jit
-def _scan_kernel(
+def _scan_head(
+        hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio,
         k_ptr, k_sb, k_sl, k_sh, k_ratio,
         v_ptr, v_sb, v_sl, v_sh, v_ratio,
@@ -411,38 +412,12 @@ def _scan_kernel(
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
         ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
-        x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh,
-        D_ptr, D_sh, D_sp,
-        o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
-        vec1_ptr, vec2_ptr, dpart_ptr,
-        seqlen, nheads, nchunks, chunk, DQK, DV, D2,
-        REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
-        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-        EPILOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_V: tl.constexpr,
-        BLOCK_D2: tl.constexpr):
-    """One (b, chunk, h), BLOCK_M rows, BLOCK_V value columns of a masked chunk scan.
-
-    Causal (REVERSE=False), row t: ``acc_t = sum_{s<=t} (q_t.k_s) exp(cs_t - cs_s) [dtp_s] v_s
-    + exp(cs_t) q_t st_c`` (rows continuing the previous chunk's sequence) ``+ sum_j exp(cs_t -
-    cs_{start_j - 1}) q_t ext_j`` (rows of cu_seqlens sequences j starting in the chunk).
-    Reverse, row s: ``acc_s = sum_{t>=s} (q_s.k_t) exp(cs_t - cs_s) v_t + exp(cs_end - cs_s) q_s st_c``
-    (rows of the chunk's last sequence) ``+ sum_j exp(cs_{end_j} - cs_s) q_s ext_j`` (rows of
-    sequences j ending in the chunk). ``st``/``ext`` are read as (DQK x DV) matrices by strides.
-    Pairs of different sequences never interact. The epilogue turns acc into outputs.
-    """
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    pid_v = tl.program_id(2)
-    hh = pid % nheads
-    bc = pid // nheads
-    c = bc % nchunks
-    bb = bc // nchunks
-    chunk_start = c * chunk
-    chunk_len = tl.minimum(chunk, seqlen - chunk_start)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < chunk_len
-    pos_r = chunk_start + rows
+        nheads, nchunks, chunk, DQK, DV, D2,
+        REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """The three accumulators (intra-chunk, state, per-sequence matrices) of one head's rows."""
     cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
     cs_r = tl.load(cs_ptr + cs_base + rows, mask=row_ok, other=0.0)
     lo_r = tl.load(cs_ptr + lo_off + cs_base + rows, mask=row_ok, other=0.0)
@@ -454,8 +429,6 @@ def _scan_kernel(
     d_ok = offs_d < DQK
     offs_d2 = tl.arange(0, BLOCK_D2)
     d2_ok = offs_d2 < D2
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = offs_v < DV
     q = tl.load(q_ptr + bb * q_sb + (hh // q_ratio) * q_sh + pos_r[:, None] * q_sl + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
     end_pos = chunk_start + chunk_len - 1
@@ -542,7 +515,17 @@ def _scan_kernel(
                 dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
                 REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, DOT_DTYPE, PREC, BLOCK_K)
 
-    # epilogues
+    return acc, acc_st, acc_ex
+
+
+@triton.jit
+def _scan_epilogue(
+        acc, acc_st, acc_ex, hh, bb, bc, pid_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
+        x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh, D_ptr, D_sh, D_sp, o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
+        vec1_ptr, vec2_ptr, dpart_ptr, dtp_ptr, nheads, DV,
+        SPLIT: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_EXT: tl.constexpr, HAS_D: tl.constexpr,
+        HAS_Z: tl.constexpr, EPILOGUE: tl.constexpr):
+    """Accumulators -> outputs: 0 out; 1 dy, dz, d(cs) at rows, dD partials; 2 dx, ddtp, d(cs); 3 plain."""
     mask2 = row_ok[:, None] & v_ok[None, :]
     hp = bb * hp_sb + pos_r[:, None] * hp_sl + hh * hp_sh + offs_v[None, :]
     if EPILOGUE == 0 or EPILOGUE == 1:
@@ -602,6 +585,134 @@ def _scan_kernel(
                  acc.to(o1_ptr.dtype.element_ty), mask=mask2)
 
 
+@triton.jit
+def _group_head_step(total, ROW_SCALE: tl.constexpr,
+        hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        q_ptr, q_sb, q_sl, q_sh, q_ratio,
+        k_ptr, k_sb, k_sl, k_sh, k_ratio,
+        v_ptr, v_sb, v_sl, v_sh, v_ratio,
+        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio,
+        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+        st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
+        ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
+        nheads, nchunks, chunk, DQK, DV, D2,
+        REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """One head's share of a group-summed plain scan (dB, dC)."""
+    acc, acc_st, acc_ex = _scan_head(
+        hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
+        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+        st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
+        REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, DOT_DTYPE, PREC, INTERPRET,
+        BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
+    if SPLIT:
+        acc = acc + acc_st + acc_ex
+    if ROW_SCALE:
+        cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
+        acc = acc * tl.load(dtp_ptr + cs_base + rows, mask=row_ok, other=0.0)[:, None]
+    return total + acc
+
+
+@triton.jit
+def _scan_kernel(
+        q_ptr, q_sb, q_sl, q_sh, q_ratio,
+        k_ptr, k_sb, k_sl, k_sh, k_ratio,
+        v_ptr, v_sb, v_sl, v_sh, v_ratio,
+        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio,
+        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+        st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
+        ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
+        x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh,
+        D_ptr, D_sh, D_sp,
+        o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
+        vec1_ptr, vec2_ptr, dpart_ptr,
+        seqlen, nheads, nchunks, chunk, DQK, DV, D2,
+        REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+        EPILOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_D2: tl.constexpr, GROUP_HEADS: tl.constexpr, heads_per_group):
+    """One (b, chunk, h), BLOCK_M rows, BLOCK_V value columns of a masked chunk scan.
+
+    Causal (REVERSE=False), row t: ``acc_t = sum_{s<=t} (q_t.k_s) exp(cs_t - cs_s) [dtp_s] v_s
+    + exp(cs_t) q_t st_c`` (rows continuing the previous chunk's sequence) ``+ sum_j exp(cs_t -
+    cs_{start_j - 1}) q_t ext_j`` (rows of cu_seqlens sequences j starting in the chunk).
+    Reverse, row s: ``acc_s = sum_{t>=s} (q_s.k_t) exp(cs_t - cs_s) v_t + exp(cs_end - cs_s) q_s st_c``
+    (rows of the chunk's last sequence) ``+ sum_j exp(cs_{end_j} - cs_s) q_s ext_j`` (rows of
+    sequences j ending in the chunk). ``st``/``ext`` are read as (DQK x DV) matrices by strides.
+    Pairs of different sequences never interact. The epilogue turns acc into outputs.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    if GROUP_HEADS:
+        slots = nheads // heads_per_group
+    else:
+        slots = nheads
+    slot = pid % slots
+    bc = pid // slots
+    c = bc % nchunks
+    bb = bc // nchunks
+    chunk_start = c * chunk
+    chunk_len = tl.minimum(chunk, seqlen - chunk_start)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < chunk_len
+    pos_r = chunk_start + rows
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < DV
+    if GROUP_HEADS:
+        # dB / dC: sum the heads of group ``slot`` here instead of writing per-head partials
+        total = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        h0 = slot * heads_per_group
+        if INTERPRET:
+            hh = h0
+            while hh < h0 + heads_per_group:
+                total = _group_head_step(total, ROW_SCALE,
+            hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+            q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
+            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+            st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+            dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
+            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, DOT_DTYPE, PREC, INTERPRET,
+            BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
+                hh += 1
+        else:
+            for hh in range(h0, h0 + heads_per_group):
+                total = _group_head_step(total, ROW_SCALE,
+            hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+            q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
+            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+            st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+            dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
+            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, DOT_DTYPE, PREC, INTERPRET,
+            BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
+        tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + slot * o1_sh + offs_v[None, :],
+                 total.to(o1_ptr.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
+    else:
+        hh = slot
+        acc, acc_st, acc_ex = _scan_head(
+            hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+            q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
+            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+            st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+            dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
+            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, DOT_DTYPE, PREC, INTERPRET,
+            BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
+        cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
+        v_base = v_ptr + bb * v_sb + (hh // v_ratio) * v_sh
+        _scan_epilogue(
+            acc, acc_st, acc_ex, hh, bb, bc, pid_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
+            x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh, D_ptr, D_sh, D_sp, o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
+            vec1_ptr, vec2_ptr, dpart_ptr, dtp_ptr, nheads, DV,
+            SPLIT, ROW_SCALE, HAS_EXT, HAS_D, HAS_Z, EPILOGUE)
+
+
 # ----------------------------------------------------------------------------- launchers
 def _operand(t: torch.Tensor, nheads: int):
     """(ptr, batch stride, seq stride, head stride, heads per slice) of a (b, l, heads, dim) tensor."""
@@ -644,7 +755,7 @@ def _launch_segments(u, w, dtp, cs, seq_idx, segs, dst, dst_strides, forward: bo
 def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu_seqlens, *,
                  reverse, col_scale=False, row_scale=False, epilogue, x=None, z=None, dout=None,
                  D=None, o1=None, o2=None, vec1=None, vec2=None, dpart=None, dtype, full_value,
-                 q2=None, k2=None, dai=None):
+                 q2=None, k2=None, dai=None, group_heads=False):
     b, l, h, _ = v.shape[0], v.shape[1], cs.shape[1], None
     nc = cs.shape[2]
     chunk_size = cs.shape[3]
@@ -658,7 +769,8 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
     seq = cs if seq_idx is None else seq_idx
     dummy = cs
     hp = x if x is not None else (dout if dout is not None else o1)
-    grid = (b * nc * h, triton.cdiv(chunk_size, bm), triton.cdiv(DV, bv))
+    heads_per_group = h // o1.shape[2] if group_heads else 1
+    grid = (b * nc * (h // heads_per_group), triton.cdiv(chunk_size, bm), triton.cdiv(DV, bv))
     _scan_kernel[grid](
         *_operand(q, h), *_operand(k, h), *_operand(v, h),
         *_operand(q if q2 is None else q2, h), *_operand(k if k2 is None else k2, h),
@@ -674,6 +786,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
         REVERSE=reverse, SPLIT=epilogue in (_EPI_DZ, _EPI_DX), INTRA_DA=dai is not None, COL_SCALE=col_scale, ROW_SCALE=row_scale, HAS_SEQ=seq_idx is not None,
         HAS_EXT=ext is not None, HAS_D=D is not None, HAS_Z=z is not None, EPILOGUE=epilogue,
         DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DQK=_p2(DQK), BLOCK_V=bv, BLOCK_D2=_p2(D2),
+        GROUP_HEADS=group_heads, heads_per_group=heads_per_group,
         num_warps=cfg["num_warps"])
     return grid
 
@@ -939,17 +1052,14 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     _launch_scan(B, C, dy, dstates, ds_np, dvl if varlen else None, dvl_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, epilogue=_EPI_DX, x=x, D=D, o1=dx, vec1=dcs_end, vec2=ddtp, dpart=dcs_fwd,
                  dtype=x.dtype, full_value=True)
-    dB_heads = torch.empty(b, l, h, n, device=dev, dtype=f32)
+    # dB, dC: each program sums the heads of one group (no per-head buffers)
     _launch_scan(x, dy, C, dstates, ds_pn, dvl if varlen else None, dvl_pn, dtp, cs, seq_idx, cu_seqlens,
-                 reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB_heads, dtype=x.dtype,
-                 full_value=False)
-    dC_heads = torch.empty(b, l, h, n, device=dev, dtype=f32)
+                 reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB, dtype=x.dtype,
+                 full_value=False, group_heads=True)
     dai = torch.zeros(b, h, nc, nmb, chunk_size, device=dev, dtype=f32)
     _launch_scan(dy, x, B, states, st_strides_pn, varlen_init, init_pn, dtp, cs, seq_idx, cu_seqlens,
-                 reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC_heads, dtype=x.dtype,
-                 full_value=False, q2=C, k2=B, dai=dai)
-    dB.copy_(dB_heads.view(b, l, g, h // g, n).sum(3))
-    dC.copy_(dC_heads.view(b, l, g, h // g, n).sum(3))
+                 reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC, dtype=x.dtype,
+                 full_value=False, q2=C, k2=B, dai=dai, group_heads=True)
 
     # 6. cu_seqlens initial states: outputs of the start chunk, the chunk-end state, the final state
     if varlen and varlen_init is not None:
