@@ -618,3 +618,24 @@ def test_cuda_update_emulated(emulated_cuda, dtype, case_name):
         inputs.get("cache_seqlens"), inputs.get("conv_state_indices"), "cuda")
     assert_spec_close(f"emulated cuda {case_name} out", out, out64, out_lowp, dtype)
     assert torch.equal(state, state_lowp), f"emulated cuda {case_name}: conv_state differs from the reference"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:2])
+def test_cuda_emulated_several_channel_blocks(emulated_cuda, layout):
+    """Channel counts spanning several CUDA blocks: channel-last forward (512 fp32 channels per block),
+    backward tiles (32 channels) and update blocks (128 channels); lengths over several segments."""
+    case = {**BASE, "b": 2, "d": 520, "l": 70, "init": True, "final": True, "seq": [[0] * 20 + [1] * 50, [3] * 70]}
+    inputs = _conv_inputs(case, torch.float32, layout)
+    compare_with_reference(_emulated_conv_fn(layout, "silu", True), inputs, "cuda",
+                           grad_names=("x", "weight", "bias", "initial_states"), label=f"wide {layout}")
+    update_case = {**UPDATE_BASE, "d": 130, "s": 5, "t": 2, "circular": [0, 7, 3], "indices": [2, -1, 0], "slots": 3}
+    update_inputs = _update_inputs(update_case, torch.float32)
+    _, state_lowp = _run_update(update_inputs, "silu", "reference")
+    out64, _ = _run_update(update_inputs, "silu", "reference", torch.float64)
+    out_lowp, _ = _run_update(update_inputs, "silu", "reference")
+    state = update_inputs["conv_state"].clone()
+    out = torch.ops.ssmkernels.causal_conv1d_update(
+        update_inputs["x"], state, update_inputs["weight"], update_inputs["bias"], True,
+        update_inputs["cache_seqlens"], update_inputs["conv_state_indices"], "cuda")
+    assert_spec_close("wide update", out, out64, out_lowp, torch.float32)
+    assert torch.equal(state, state_lowp)
