@@ -31,7 +31,7 @@ PRIMITIVE = "state_update"
 
 
 # ``Library.define`` + ``impl`` rather than ``torch.library.custom_op``: see the module docstring.
-# The op has no autograd formula (decode only). Tensors arrive as the caller passed them.
+# Tensors arrive as the caller passed them.
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 _LIBRARY.define(
     "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
@@ -55,6 +55,9 @@ def _state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_
 
 
 _LIBRARY.impl("selective_state_update", _state_update_impl, "CompositeExplicitAutograd")
+# Not differentiable (decode only): autograd passes straight through, so ``out`` never carries a
+# grad_fn (a backward through it fails loudly instead of silently returning wrong gradients).
+_LIBRARY.impl("selective_state_update", torch.library.fallthrough_kernel, "Autograd")
 torch.library.register_fake(qualified("selective_state_update"), _state_update_fake, lib=_LIBRARY)
 _state_update = torch.ops.ssmkernels.selective_state_update.default
 
