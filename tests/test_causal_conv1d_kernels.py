@@ -639,3 +639,14 @@ def test_cuda_emulated_several_channel_blocks(emulated_cuda, layout):
         update_inputs["cache_seqlens"], update_inputs["conv_state_indices"], "cuda")
     assert_spec_close("wide update", out, out64, out_lowp, torch.float32)
     assert torch.equal(state, state_lowp)
+
+
+def test_cuda_emulated_long_rows_split(emulated_cuda):
+    """Channel-first rows longer than one block's piece (8192 fp32 positions) run as several blocks;
+    a sequence boundary sits just before a piece boundary."""
+    l = 2 * 8192 + 100
+    for seq in (None, [[0] * 8190 + [1] * (l - 8190)]):
+        case = {**BASE, "b": 1, "d": 3, "l": l, "init": True, "final": True, "seq": seq}
+        inputs = _conv_inputs(case, torch.float32, "channel_first")
+        compare_with_reference(_emulated_conv_fn("channel_first", "silu", True), inputs, "cuda",
+                               label=f"split rows seq={seq is not None}")

@@ -24,6 +24,7 @@ constexpr int kFirstThreads = 128;
 // Two 16-byte loads per thread per chunk: twice the bytes in flight of one, which a bandwidth-bound
 // kernel needs at the occupancy its registers allow (6 blocks of 128 threads per SM).
 constexpr int kVecsPerThread = 2;
+constexpr int kChunksPerSplit = 8;
 
 template <int kWidth>
 struct Filter {
@@ -39,7 +40,9 @@ struct Filter {
 
 // ------------------------------------------------------------------------------ channel-first
 template <typename T, int kWidth>
-__global__ void __launch_bounds__(kFirstThreads, 6) forward_channel_first_kernel(ForwardParams p, bool vec_ok) {
+__global__ void __launch_bounds__(kFirstThreads, 6) forward_channel_first_kernel(ForwardParams p, bool vec_ok,
+                                                                                      int64_t num_groups,
+                                                                                      int64_t split_len) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kPer = kVecsPerThread * kElts;  // consecutive positions per thread
   constexpr int kHist = kWidth - 1;
@@ -49,24 +52,38 @@ __global__ void __launch_bounds__(kFirstThreads, 6) forward_channel_first_kernel
   __shared__ int tail_seq[kFirstThreads + 1][kHist];
 
   const int64_t c = static_cast<int64_t>(blockIdx.x) % p.dim;
-  const int64_t group = static_cast<int64_t>(blockIdx.x) / p.dim;  // batch row, or sequence (varlen)
+  const int64_t rest = static_cast<int64_t>(blockIdx.x) / p.dim;
+  const int64_t group = rest % num_groups;  // batch row, or sequence (varlen)
+  const int64_t split = rest / num_groups;  // which split_len-long piece of the sequence
   const int tid = threadIdx.x;
   const int32_t* cu = reinterpret_cast<const int32_t*>(p.cu_seqlens);
   const int64_t row = cu ? 0 : group;
-  const int64_t start = cu ? cu[group] : 0;
-  const int64_t end = cu ? cu[group + 1] : p.seqlen;
+  const int64_t seq_start = cu ? cu[group] : 0;
+  const int64_t seq_end = cu ? cu[group + 1] : p.seqlen;
+  const int64_t start = seq_start + split * split_len;
+  const int64_t end = start + split_len < seq_end ? start + split_len : seq_end;
   const T* x = reinterpret_cast<const T*>(p.x) + row * p.x_batch_stride + c * p.x_c_stride;
   T* out = reinterpret_cast<T*>(p.out) + row * p.out_batch_stride + c * p.out_c_stride;
   const int32_t* seq = p.seq_idx ? reinterpret_cast<const int32_t*>(p.seq_idx) + row * p.seq_batch_stride : nullptr;
   const Filter<kWidth> f(p, c);
 
   if (tid == 0) {
-    const int first_seq = (seq && end > start) ? seq[start * p.seq_l_stride] : 0;
-    const T* init = reinterpret_cast<const T*>(p.initial_states);
+    if (split == 0) {  // the sequence's start: its initial states
+      const int first_seq = (seq && seq_end > seq_start) ? seq[seq_start * p.seq_l_stride] : 0;
+      const T* init = reinterpret_cast<const T*>(p.initial_states);
 #pragma unroll
-    for (int k = 0; k < kHist; ++k) {
-      tail[0][k] = init ? to_float(init[group * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]) : 0.0f;
-      tail_seq[0][k] = first_seq;
+      for (int k = 0; k < kHist; ++k) {
+        tail[0][k] = init ? to_float(init[group * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride])
+                          : 0.0f;
+        tail_seq[0][k] = first_seq;
+      }
+    } else {  // a later piece: the w-1 inputs before it
+#pragma unroll
+      for (int k = 0; k < kHist; ++k) {
+        const int64_t v = start - kHist + k;
+        tail[0][k] = to_float(x[v * p.x_l_stride]);
+        tail_seq[0][k] = seq ? seq[v * p.seq_l_stride] : 0;
+      }
     }
   }
   const bool vec = vec_ok && start % kElts == 0;
@@ -172,17 +189,23 @@ int64_t groups_of(const ForwardParams& p) { return p.cu_seqlens ? p.num_seqs : p
 }  // namespace
 
 void forward_channel_first(const ForwardParams& p) {
-  const int64_t blocks = groups_of(p) * p.dim;
-  if (blocks == 0 || p.seqlen == 0) return;
-  if (blocks > INT_MAX) throw std::invalid_argument("causal_conv1d_fwd: too many (batch, channel) pairs");
+  const int64_t groups = groups_of(p);
+  if (groups == 0 || p.dim == 0 || p.seqlen == 0) return;
   SSMK_DISPATCH_FLOAT(p.dtype, "causal_conv1d_fwd", [&] {
     SSMK_DISPATCH_WIDTH(static_cast<int>(p.width), "causal_conv1d_fwd", [&] {
       constexpr int kElts = Vec16<scalar_t>::kElts;
+      // Long rows are cut into pieces of kChunksPerSplit chunks, one block each, so that few
+      // (batch, channel) pairs still fill the GPU. cu_seqlens sequences are not cut (their lengths
+      // are on the device; cutting by the total length would launch mostly empty blocks).
+      const int64_t split_len = p.cu_seqlens ? p.seqlen : int64_t{kChunksPerSplit} * kFirstThreads * kVecsPerThread * kElts;
+      const int64_t splits = ceil_div(p.seqlen, split_len);
+      const int64_t blocks = groups * p.dim * splits;
+      if (blocks > INT_MAX) throw std::invalid_argument("causal_conv1d_fwd: input too large for the grid");
       const bool vec_ok = p.x_l_stride == 1 && p.out_l_stride == 1 && aligned16(p.x) && aligned16(p.out) &&
                           p.x_batch_stride % kElts == 0 && p.x_c_stride % kElts == 0 &&
                           p.out_batch_stride % kElts == 0 && p.out_c_stride % kElts == 0;
       forward_channel_first_kernel<scalar_t, kWidth>
-          <<<static_cast<unsigned>(blocks), kFirstThreads, 0, as_stream(p.stream)>>>(p, vec_ok);
+          <<<static_cast<unsigned>(blocks), kFirstThreads, 0, as_stream(p.stream)>>>(p, vec_ok, groups, split_len);
       check_launch("causal_conv1d_fwd (channel-first)");
     });
   });
