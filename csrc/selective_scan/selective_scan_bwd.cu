@@ -103,7 +103,11 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
       ddt[i] = 0.f;
     }
 
-    for (int64_t n = 0; n < n_state; ++n) {
+    for (int64_t step_n = 0; step_n < n_state; ++step_n) {
+      // Each channel starts at another state index, so that the blocks running side by side (the
+      // channels of one sequence, in the same chunk) spread their B/C atomics over n rows instead
+      // of all hitting the same addresses at once.
+      const int64_t n = (step_n + channel) % n_state;
       const float An = A[n];
       const float A2 = An * kLog2e;
       float Bv[I], Cv[I], a[I], hs[I];
@@ -139,7 +143,7 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
       }
       warp_scan_affine(fa, fb);
       warp_scan_affine_reverse(ra, rb);
-      const int buf = n & 1;
+      const int buf = step_n & 1;
       if (lane == 31) {
         fwd_a[buf * W + warp] = fa;
         fwd_b[buf * W + warp] = fb;
