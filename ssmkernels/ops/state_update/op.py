@@ -48,7 +48,11 @@ def _state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_
     if module is None:
         module = _KERNELS[backend] = kernels(PRIMITIVE, backend)
     out = empty_like(x)
-    module.update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out)
+    if x.is_cuda and x.device.index != torch.cuda.current_device():  # kernels launch on the current device
+        with torch.cuda.device(x.device):
+            module.update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out)
+    else:
+        module.update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out)
     return out
 
 
