@@ -485,13 +485,14 @@ def _update_kernel(
     for j in tl.static_range(TOKENS):
         acc = bias
         for k in tl.static_range(W):
-            p: tl.constexpr = j - (W - 1) + k  # position relative to the first new token
-            if p >= 0:
-                value = tl.load(x_row + p * stride_xt, mask=mask, other=0.0)
+            # j - (W - 1) + k: position relative to the first new token (compile-time; spelled out
+            # because compiled Triton refuses to re-bind a constexpr name inside static_range).
+            if j - (W - 1) + k >= 0:
+                value = tl.load(x_row + (j - (W - 1) + k) * stride_xt, mask=mask, other=0.0)
             elif CIRCULAR:
-                value = tl.load(state_row + ((c + p + S) % S) * stride_cs, mask=mask, other=0.0)
+                value = tl.load(state_row + ((c + (j - (W - 1) + k) + S) % S) * stride_cs, mask=mask, other=0.0)
             else:
-                value = tl.load(state_row + (S + p) * stride_cs, mask=mask, other=0.0)
+                value = tl.load(state_row + (S + (j - (W - 1) + k)) * stride_cs, mask=mask, other=0.0)
             w_k = tl.load(w_ptr + offs_d * stride_wd + k * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
             acc += w_k * value.to(tl.float32)
         if SILU:
