@@ -52,8 +52,8 @@ def check_tensor(
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if shape is not None:
-        expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
         if t.dim() != len(shape) or any(s is not None and s != ts for s, ts in zip(shape, t.shape)):
+            expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise ValueError(f"{name} must have shape {expected}, got {_describe(t)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype in ({_dtype_names(dtypes)}), got {_describe(t)}")
