@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._core import config
+from ..._core import autotune, config
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,9 +43,17 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # a module constant, not a tuning knob that could differ between forward and backward).
 CHUNK = 32
 # Largest BLOCK_D * BLOCK_N * CHUNK tile a program holds (forward; backward holds several of them).
-_FWD_TILE = 4096
-_BWD_TILE = 2048
+# The pinned configuration (interpreter, deterministic mode) takes the largest BLOCK_D within the
+# first budget with 4 warps; on a GPU the autotuner picks among the configs below, pruned to the
+# second budget (larger tiles spill) and to BLOCK_D <= the channel segment.
+_FWD_TILE, _FWD_TILE_MAX = 4096, 8192
+_BWD_TILE, _BWD_TILE_MAX = 2048, 4096
 _NUM_WARPS = 4
+# (BLOCK_D, num_warps): few wide programs vs many narrow ones (the grid is b x d / BLOCK_D, and
+# Mamba sizes give thousands of programs either way); 8 warps for the largest tiles.
+_FWD_CONFIGS = [(8, 4), (4, 4), (16, 8), (8, 8), (2, 4), (1, 4)]
+_BWD_CONFIGS = [(4, 4), (2, 4), (8, 8), (4, 8), (1, 4)]
+_TUNING_KEY = ["dim", "nstate", "segment_len", "B_FIXED", "C_FIXED", "HAS_Z", "VARLEN"]
 
 
 def _static_chunks(seqlen: int) -> int:
@@ -126,7 +134,7 @@ def _load_bc(ptr, row, grp, ch, n_idx, t, mask_d, mask_n, mask_t,
 
 
 @triton.jit
-def _program_layout(cu_ptr, seqlen, chunks_per_row, blocks_per_segment, segment_len, dim,
+def _program_layout(cu_ptr, seqlen, chunks_per_row, segment_len, dim,
                     channels_per_b_group, channels_per_c_group,
                     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
     """Where this program works: sequence bounds, batch row, first checkpoint slot, channels."""
@@ -142,6 +150,7 @@ def _program_layout(cu_ptr, seqlen, chunks_per_row, blocks_per_segment, segment_
         end = start + seqlen
         row = pid_s
         slot0 = pid_s * chunks_per_row
+    blocks_per_segment = (segment_len + BLOCK_D - 1) // BLOCK_D
     segment = pid_d // blocks_per_segment
     block = pid_d % blocks_per_segment
     first = segment * segment_len
@@ -161,7 +170,7 @@ def _program_layout(cu_ptr, seqlen, chunks_per_row, blocks_per_segment, segment_
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, cu_ptr,
     out_ptr, last_ptr, ckpt_ptr,
-    seqlen, dim, nstate, chunks_per_row, blocks_per_segment, segment_len,
+    seqlen, dim, nstate, chunks_per_row, segment_len,
     channels_per_b_group, channels_per_c_group,
     stride_Bb, stride_Bg, stride_Bn, stride_Bl,
     stride_Cb, stride_Cg, stride_Cn, stride_Cl,
@@ -171,7 +180,7 @@ def _selective_scan_fwd_kernel(
     STATIC_CHUNKS: tl.constexpr,
 ):
     pid_s, start, end, row, slot0, ch, mask_d, grp_b, grp_c, _part_b, _part_c = _program_layout(
-        cu_ptr, seqlen, chunks_per_row, blocks_per_segment, segment_len, dim,
+        cu_ptr, seqlen, chunks_per_row, segment_len, dim,
         channels_per_b_group, channels_per_c_group, BLOCK_D, CHUNK, VARLEN)
     n_idx = tl.arange(0, BLOCK_N)
     mask_n = n_idx < nstate
@@ -229,7 +238,7 @@ def _selective_scan_bwd_kernel(
     dout_ptr, dlast_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dinit_ptr,
     dA_part_ptr, dD_part_ptr, dbias_part_ptr, dB_ptr, dC_ptr,
-    seqlen, dim, nstate, chunks_per_row, blocks_per_segment, segment_len,
+    seqlen, dim, nstate, chunks_per_row, segment_len,
     channels_per_b_group, channels_per_c_group,
     stride_Bb, stride_Bg, stride_Bn, stride_Bl,
     stride_Cb, stride_Cg, stride_Cn, stride_Cl,
@@ -241,7 +250,7 @@ def _selective_scan_bwd_kernel(
     HAS_DLAST: tl.constexpr, VARLEN: tl.constexpr, ATOMIC: tl.constexpr, STATIC_CHUNKS: tl.constexpr,
 ):
     pid_s, start, end, row, slot0, ch, mask_d, grp_b, grp_c, part_b, part_c = _program_layout(
-        cu_ptr, seqlen, chunks_per_row, blocks_per_segment, segment_len, dim,
+        cu_ptr, seqlen, chunks_per_row, segment_len, dim,
         channels_per_b_group, channels_per_c_group, BLOCK_D, CHUNK, VARLEN)
     n_idx = tl.arange(0, BLOCK_N)
     mask_n = n_idx < nstate
@@ -352,6 +361,37 @@ def _selective_scan_bwd_kernel(
     tl.store(dbias_part_ptr + pid_s * dim + ch, dbias_acc, mask=mask_d)
 
 
+# ----------------------------------------------------------------------------- tuning
+def _prune(tile_max: int):
+    def prune(configs, named_args, **kwargs):
+        widest = triton.next_power_of_2(named_args["segment_len"])
+        fitting = [c for c in configs
+                   if c.kwargs["BLOCK_D"] * kwargs["BLOCK_N"] * kwargs["CHUNK"] <= tile_max
+                   and c.kwargs["BLOCK_D"] <= widest]
+        return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
+    return prune
+
+
+def _tuned(kernel, configs, tile_max: int, **kwargs):
+    return autotune.autotune([triton.Config({"BLOCK_D": bd}, num_warps=w) for bd, w in configs], _TUNING_KEY,
+                             prune_configs_by={"early_config_prune": _prune(tile_max)}, **kwargs)(kernel)
+
+
+_selective_scan_fwd_tuned = _tuned(_selective_scan_fwd_kernel, _FWD_CONFIGS, _FWD_TILE_MAX)
+# Trials add into dB/dC with atomics: zeroed before each trial and before the real run.
+_selective_scan_bwd_tuned = _tuned(_selective_scan_bwd_kernel, _BWD_CONFIGS, _BWD_TILE_MAX,
+                                   reset_to_zero=["dB_ptr", "dC_ptr"])
+
+
+def _launch(raw, tuned, lay: dict, count: int, d: int, *args, **kwargs) -> None:
+    """Pinned heuristic config (interpreter, deterministic mode) or the autotuned one."""
+    if autotune.pinned():
+        raw[(count, lay["num_blocks"])](*args, BLOCK_D=lay["block_d"], num_warps=_NUM_WARPS, **kwargs)
+    else:
+        segments, segment_len = d // lay["segment_len"], lay["segment_len"]
+        tuned[lambda meta: (count, segments * triton.cdiv(segment_len, meta["BLOCK_D"]))](*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- launchers
 def _bc_args(M: torch.Tensor, d: int):
     """(fixed, channels per group, (stride_b, stride_g, stride_n, stride_l)) of B or C."""
@@ -400,21 +440,21 @@ def forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delt
     if count == 0 or d == 0:
         return
     lay = _layout(u, B, C, n, _FWD_TILE)
-    grid = (count, lay["num_blocks"])
     with _device_guard(u):
-        _selective_scan_fwd_kernel[grid](
+        _launch(
+            _selective_scan_fwd_kernel, _selective_scan_fwd_tuned, lay, count, d,
             u, delta, A, B, C, u if D is None else D, u if z is None else z,
             u if delta_bias is None else delta_bias,
             last_state if initial_state is None else initial_state,
             last_state if cu_seqlens is None else cu_seqlens,
             out, last_state, checkpoints,
-            l, d, n, triton.cdiv(l, CHUNK), lay["blocks_per_segment"], lay["segment_len"],
+            l, d, n, triton.cdiv(l, CHUNK), lay["segment_len"],
             lay["b_cpg"], lay["c_cpg"], *lay["b_strides"], *lay["c_strides"],
-            BLOCK_D=lay["block_d"], BLOCK_N=lay["block_n"], CHUNK=CHUNK,
+            BLOCK_N=lay["block_n"], CHUNK=CHUNK,
             B_FIXED=lay["b_fixed"], C_FIXED=lay["c_fixed"], HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
             HAS_INIT=initial_state is not None, VARLEN=cu_seqlens is not None,
-            STATIC_CHUNKS=_static_chunks(l), num_warps=_NUM_WARPS,
+            STATIC_CHUNKS=_static_chunks(l),
         )
 
 
@@ -453,9 +493,9 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
     dC_buf, dC_strides = _partials_for(C, dC, lay, "c", count, d, atomic)
     if dlast_state is not None:
         dlast_state = dlast_state.to(torch.float32).contiguous()
-    grid = (count, lay["num_blocks"])
     with _device_guard(u):
-        _selective_scan_bwd_kernel[grid](
+        _launch(
+            _selective_scan_bwd_kernel, _selective_scan_bwd_tuned, lay, count, d,
             u, delta, A, B, C, u if D is None else D, u if z is None else z,
             u if delta_bias is None else delta_bias,
             checkpoints if cu_seqlens is None else cu_seqlens, checkpoints,
@@ -463,15 +503,14 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
             du, ddelta, du if dz is None else dz,
             checkpoints if dinitial_state is None else dinitial_state,
             dA_part, dD_part, dbias_part, dB_buf, dC_buf,
-            l, d, n, triton.cdiv(l, CHUNK), lay["blocks_per_segment"], lay["segment_len"],
+            l, d, n, triton.cdiv(l, CHUNK), lay["segment_len"],
             lay["b_cpg"], lay["c_cpg"], *lay["b_strides"], *lay["c_strides"],
             *dB_strides, *dC_strides,
-            BLOCK_D=lay["block_d"], BLOCK_N=lay["block_n"], CHUNK=CHUNK,
+            BLOCK_N=lay["block_n"], CHUNK=CHUNK,
             B_FIXED=lay["b_fixed"], C_FIXED=lay["c_fixed"], HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
             HAS_INIT=initial_state is not None, HAS_DLAST=dlast_state is not None,
             VARLEN=cu_seqlens is not None, ATOMIC=atomic, STATIC_CHUNKS=_static_chunks(l),
-            num_warps=_NUM_WARPS,
         )
     # Second, fixed-order stage of every reduction.
     dA += dA_part.sum(0)
