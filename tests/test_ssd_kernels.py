@@ -226,3 +226,34 @@ def test_ssd_varlen_many_sequences_gpu(backend):
     case = {**BASE, "b": 1, "l": 1500, "h": 4, "p": 32, "g": 1, "n": 64, "chunk": 64, "init": True,
             "cu": cu, "varlen": True}
     _check(case, torch.float32, backend, f"{backend}/varlen_many")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_ssd_long_sequence_int64_offsets_gpu(backend):
+    """x of more than 2^31 elements (l > 128K): a sequence starting at position s0 (seq_idx) past the
+    2^31-element mark must equal a separate run on x[:, s0:], forward and backward."""
+    h, p, n, chunk = 128, 128, 16, 256
+    l = (1 << 31) // (h * p) + 1000
+    s0 = l - 3000 + 7  # not chunk-aligned; its elements lie past 2^31
+    dtype = torch.bfloat16
+    x = torch.randn(1, l, h, p, device=DEVICE, dtype=dtype)
+    dt = (torch.randn(1, l, h, device=DEVICE) * 0.5).to(dtype)
+    A = -(torch.rand(h, device=DEVICE) + 0.5)
+    B = torch.randn(1, l, 1, n, device=DEVICE, dtype=dtype)
+    C = torch.randn(1, l, 1, n, device=DEVICE, dtype=dtype)
+    D = torch.randn(h, device=DEVICE)
+    seq_idx = torch.zeros(1, l, dtype=torch.int32, device=DEVICE)
+    seq_idx[:, s0:] = 1
+    xs = x[:, s0:].clone().requires_grad_(True)
+    x.requires_grad_(True)
+    out, final = ssmkernels.ssd_chunk_scan(x, dt, A, B, C, chunk, D=D, seq_idx=seq_idx, dt_softplus=True,
+                                           return_final_states=True, backend=backend)
+    out_s, final_s = ssmkernels.ssd_chunk_scan(xs, dt[:, s0:], A, B[:, s0:], C[:, s0:], chunk, D=D,
+                                               dt_softplus=True, return_final_states=True, backend=backend)
+    torch.testing.assert_close(out[:, s0:], out_s, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(final, final_s, rtol=2e-2, atol=2e-2)
+    upstream = torch.randn_like(out_s)
+    (gx,) = torch.autograd.grad((out[:, s0:] * upstream).sum(), x)
+    (gxs,) = torch.autograd.grad((out_s * upstream).sum(), xs)
+    torch.testing.assert_close(gx[:, s0:], gxs, rtol=2e-2, atol=2e-2)

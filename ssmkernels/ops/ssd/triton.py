@@ -50,17 +50,21 @@ MAX_HEADDIM = 256
 MAX_DSTATE = 256
 
 # ----------------------------------------------------------------------------- tuning configs
-# One place per kernel. Chosen for H100 at the target shape (P64 N128 chunk 256, bf16): tiles are
-# tensor-core friendly (>= 16 in every dot dimension), the value dimension of the scan is one tile
-# (p <= 128 fits in registers with BLOCK_M=64), and the state tiles are 64 x 64 fp32.
+# One place per kernel. Chosen for H100 at the target shape (P64 N128 chunk 256, bf16) without a
+# GPU to measure on (see the report): tiles are tensor-core friendly (>= 16 in every dot
+# dimension; wgmma in the sm_90a build), the value dimension of the forward/dx scans is one tile
+# (p <= 128), and the state tiles are 64 x 64 fp32. num_warps=8 because ptxas (sm_90a, bf16) shows
+# 255 registers and spills with 4 warps for the scan and segment kernels; the dC pass (float64
+# intra-chunk dA sums) still spills ~1.5 KB/thread with 8 warps: the first thing to tune on a GPU.
 # dt kernel: one program per (b, h, chunk), the whole chunk in one tile.
 # segment-state kernel: (BLOCK_T positions) x (BLOCK_P x BLOCK_N) state tile.
-_SEGMENT_CFG = {"BLOCK_T": 64, "BLOCK_P": 64, "BLOCK_N": 64, "num_warps": 4}
+_SEGMENT_CFG = {"BLOCK_T": 64, "BLOCK_P": 64, "BLOCK_N": 64, "num_warps": 8}
 # state-pass kernels: flat blocks of the p*n state, sequential over chunks.
 _PASS_CFG = {"BLOCK": 1024, "num_warps": 4}
 # scan kernel: BLOCK_M rows x BLOCK_K columns per step; value tile up to BLOCK_V_MAX wide when the
-# epilogue does not need full rows (dB/dC); otherwise the whole value dimension.
-_SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_V_MAX": 128, "num_warps": 4}
+# epilogue does not need full rows (dB/dC, which loop over the heads of a group); otherwise the
+# whole value dimension.
+_SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_V_MAX": 64, "num_warps": 8}
 
 # Epilogues of the scan kernel.
 _EPI_OUT, _EPI_DZ, _EPI_DX, _EPI_PLAIN = 0, 1, 2, 3
@@ -554,7 +558,8 @@ def _scan_epilogue(
             else:
                 dy = do
             dy = tl.where(mask2, dy, 0.0)
-            tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + hh * o1_sh + offs_v[None, :], dy, mask=mask2)
+            tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + hh * o1_sh + offs_v[None, :],
+                     dy.to(o1_ptr.dtype.element_ty), mask=mask2)
             tl.store(vec1_ptr + cs_base + rows, tl.sum(dy * acc_st, axis=1), mask=row_ok)
             if HAS_EXT:  # pairs with a sequence's start, summed per sequence (see backward)
                 tl.store(vec2_ptr + cs_base + rows, tl.sum(dy * acc_ex, axis=1), mask=row_ok)
@@ -989,7 +994,9 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     # 1. recompute y: dy (fp32), dz, d(cs) from the query side (dy . y), dD partials
     # d(A dt) = reverse cumsum of dcs + exclusive cumsum of dcs_fwd + dai (see the scan kernel):
     # each (query, key) pair of positions is booked where no large terms cancel.
-    dy = torch.empty(b, l, h, p, device=dev, dtype=f32)
+    # dy is read by four passes, always as a matmul operand rounded to the dot dtype: bfloat16 for
+    # bfloat16 inputs halves that traffic; float32 otherwise (float16 keeps its range that way)
+    dy = torch.empty(b, l, h, p, device=dev, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else f32)
     dcs = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
     dcs_fwd = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
     # cu_seqlens initial states: pairs (t, start_j - 1) add to da_k for k in [start_j, t] only; their
