@@ -17,10 +17,25 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (t
 
 
 def floats_as(value, dtype: torch.dtype):
-    """``value`` cast to ``dtype`` if it is a floating-point tensor (recursively in tuples)."""
+    """``value`` cast to ``dtype`` if it is a floating-point tensor, keeping its memory layout."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.detach().to(dtype)
+        return copy_keeping_layout(value, dtype)
     return value
+
+
+def copy_keeping_layout(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A detached copy with ``t``'s strides: sliced (non-contiguous) inputs stay sliced and broadcast
+    (stride-0) inputs stay broadcast, so kernels see the layout the test meant to exercise."""
+    t = t.detach()
+    dtype = dtype or t.dtype
+    broadcast = [d for d in range(t.dim()) if t.stride(d) == 0 and t.shape[d] > 1]
+    if broadcast:
+        base = t
+        for d in broadcast:
+            base = base.narrow(d, 0, 1)
+        return copy_keeping_layout(base, dtype).expand(t.shape)
+    out = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
+    return out.copy_(t)
 
 
 def _outputs(result) -> list[torch.Tensor]:
@@ -50,7 +65,7 @@ def compare_with_reference(
         for name, value in inputs.items():
             cast = value if (target_dtype is None or name in keep_dtype) else floats_as(value, target_dtype)
             if isinstance(cast, torch.Tensor):
-                cast = cast.detach().clone()
+                cast = copy_keeping_layout(cast)
                 if name in grad_names:
                     cast.requires_grad_(True)
             prepared[name] = cast
