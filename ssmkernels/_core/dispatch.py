@@ -102,3 +102,12 @@ def select_backend(primitive: str, requested: str | None, device: torch.device,
 def availability(primitive: str, device: torch.device, features: dict[str, Any]) -> dict[str, str | None]:
     """backend -> reason it is unavailable (None when available), for ``info`` and ``check``."""
     return {b: unavailable_reason(primitive, b, device, features) for b in config.BACKENDS}
+
+
+@torch._dynamo.assume_constant_result
+def traced_select_backend(primitive: str, requested: str | None, device: torch.device,
+                          features: dict[str, Any]) -> str:
+    """:func:`select_backend` for the ops' public functions: under ``torch.compile`` it runs once at
+    trace time as a constant (it imports modules and reads the environment, which Dynamo cannot
+    trace; the choice depends only on these constant arguments)."""
+    return select_backend(primitive, requested, device, features)

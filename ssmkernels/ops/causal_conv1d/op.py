@@ -24,13 +24,6 @@ def layout_of(x: Tensor) -> str:
     return "strided"
 
 
-@torch._dynamo.assume_constant_result
-def _select_backend(requested: Optional[str], device: torch.device, features: dict) -> str:
-    """Backend choice, evaluated once at trace time under torch.compile (dispatch imports modules,
-    which Dynamo cannot trace; the choice only depends on these constant arguments)."""
-    return dispatch.select_backend(PRIMITIVE, requested, device, features)
-
-
 def _normalise_layout(x: Tensor) -> Tensor:
     """Kernels take either layout; anything else is copied to channel-first (never rejected)."""
     return x if layout_of(x) != "strided" else x.contiguous()
@@ -175,7 +168,7 @@ def causal_conv1d(
                 "seq_idx": seq_idx is not None, "cu_seqlens": cu_seqlens is not None,
                 "initial_states": initial_states is not None,
                 "final_states": return_final_states or final_states_out is not None}
-    chosen = _select_backend(backend, x.device, features)
+    chosen = dispatch.traced_select_backend(PRIMITIVE, backend, x.device, features)
     want_final = features["final_states"]
     if chosen == "reference":
         out, final = reference.causal_conv1d(x, weight, bias, seq_idx, initial_states, True, None,
@@ -240,7 +233,7 @@ def causal_conv1d_update(
     features = {"dtype": x.dtype, "state_dtype": conv_state.dtype, "width": w,
                 "state_len": conv_state.shape[2], "tokens": 1 if x.dim() == 2 else x.shape[2],
                 "cache_seqlens": cache_seqlens is not None, "indices": conv_state_indices is not None}
-    chosen = _select_backend(backend, x.device, features)
+    chosen = dispatch.traced_select_backend(PRIMITIVE, backend, x.device, features)
     if chosen == "reference":
         return reference.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
                                               conv_state_indices)

@@ -18,13 +18,6 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch._dynamo.assume_constant_result
-def _select_backend(requested: Optional[str], device: torch.device, features: dict) -> str:
-    """Backend choice, evaluated once at trace time under torch.compile (dispatch imports modules,
-    which Dynamo cannot trace; the choice only depends on these constant arguments)."""
-    return dispatch.select_backend(PRIMITIVE, requested, device, features)
-
-
 # ----------------------------------------------------------------------------- custom ops
 # The forward returns, besides out and the last state, an opaque float32 ``checkpoints`` tensor
 # whose shape the backend defines (``checkpoint_shape``): the states it keeps at chunk boundaries
@@ -161,7 +154,7 @@ def selective_scan(
                 "initial_state": initial_state is not None,
                 "needs_grad": torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))}
-    chosen = _select_backend(backend, dev, features)
+    chosen = dispatch.traced_select_backend(PRIMITIVE, backend, dev, features)
     if chosen == "reference":
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         return_last_state, initial_state, cu_seqlens)

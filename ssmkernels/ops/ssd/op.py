@@ -19,13 +19,6 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch._dynamo.assume_constant_result
-def _select_backend(requested: Optional[str], device: torch.device, features: dict) -> str:
-    """Backend choice, evaluated once at trace time under torch.compile (dispatch imports modules,
-    which Dynamo cannot trace; the choice only depends on these constant arguments)."""
-    return dispatch.select_backend(PRIMITIVE, requested, device, features)
-
-
 # ----------------------------------------------------------------------------- custom ops
 # Outputs: out, final_states (b, h, p, n) of each row's last sequence, varlen_states (s, h, p, n)
 # (placeholder without cu_seqlens), and an opaque float32 ``checkpoints`` tensor whose shape the
@@ -181,7 +174,7 @@ def ssd_chunk_scan(
                 "seq_idx": seq_idx is not None, "cu_seqlens": cu_seqlens is not None,
                 "initial_states": initial_states is not None, "z": z is not None,
                 "D_per_channel": D is not None and D.dim() == 2}
-    chosen = _select_backend(backend, dev, features)
+    chosen = dispatch.traced_select_backend(PRIMITIVE, backend, dev, features)
     if chosen == "reference":
         return reference.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                                         cu_seqlens, dt_softplus, (dt_min, dt_max), return_final_states,
