@@ -14,6 +14,10 @@ import ssmkernels
 from ssmkernels._core.dispatch import BackendUnavailable
 from tests.helpers import DEVICE, KERNEL_BACKENDS, KERNEL_DTYPES, ON_GPU, compare_with_reference, run_opcheck
 
+# The CUDA SSD kernels are not written yet (issue #5): their rows show up as skips with that reason.
+SSD_BACKENDS = [pytest.param(b, marks=pytest.mark.skip(reason="no CUDA SSD kernels yet (issue #5)"))
+                if b == "cuda" else b for b in KERNEL_BACKENDS]
+
 DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
@@ -117,13 +121,13 @@ def _params():
 
 
 # ----------------------------------------------------------------------------- forward + backward
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 @pytest.mark.parametrize("name,dtype", _params())
 def test_ssd_against_reference(backend, name, dtype):
     _check({**BASE, **CASES[name]}, dtype, backend, f"{backend}/{name}/{DTYPE_IDS[dtype]}")
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 def test_chunk_size_invariance(backend):
     """SPEC law 1: chunk 16, 32 and 64 agree (forward and gradients) beyond rounding."""
     case = {**BASE, "l": 70, "init": True, "seq": [[0, 30], [10, 64]]}
@@ -145,7 +149,7 @@ def test_chunk_size_invariance(backend):
             torch.testing.assert_close(g_other, g_first, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 def test_varlen_equals_loop(backend):
     """SPEC law 4 on the kernels: a cu_seqlens call equals running each sequence alone."""
     case = {**BASE, "b": 1, "l": 45, "init": True, "cu": [0, 7, 7, 30, 45], "varlen": True}
@@ -165,7 +169,7 @@ def test_varlen_equals_loop(backend):
         torch.testing.assert_close(varlen_states[j:j + 1], final, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 def test_float64_is_refused_with_reason(backend):
     inputs = make_inputs(BASE, torch.float64)
     with pytest.raises(BackendUnavailable, match="float32/float16/bfloat16"):
@@ -173,7 +177,7 @@ def test_float64_is_refused_with_reason(backend):
 
 
 # ----------------------------------------------------------------------------- custom ops, compile
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 def test_opcheck_custom_ops(backend):
     b, l, h, p, g, n = 2, 20, 2, 4, 1, 4
     x = torch.randn(b, l, h, p, device=DEVICE, requires_grad=True)
@@ -192,7 +196,7 @@ def test_opcheck_custom_ops(backend):
                  backend))
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 def test_compile_fullgraph(backend):
     inputs = make_inputs({**BASE, "init": True}, torch.float32)
     x = inputs.pop("x").requires_grad_(True)
@@ -212,7 +216,7 @@ def test_compile_fullgraph(backend):
 
 # ----------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=[DTYPE_IDS[d] for d in KERNEL_DTYPES])
 def test_ssd_realistic_shape_gpu(backend, dtype):
     case = {**BASE, "b": 2, "l": 1000, "h": 8, "p": 64, "g": 2, "n": 128, "chunk": 256, "init": True}
@@ -220,7 +224,7 @@ def test_ssd_realistic_shape_gpu(backend, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 def test_ssd_varlen_many_sequences_gpu(backend):
     cu = [0, 1, 2, 2, 300, 301, 700, 1023, 1024, 1500]
     case = {**BASE, "b": 1, "l": 1500, "h": 4, "p": 32, "g": 1, "n": 64, "chunk": 64, "init": True,
@@ -229,7 +233,7 @@ def test_ssd_varlen_many_sequences_gpu(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 def test_ssd_long_sequence_int64_offsets_gpu(backend):
     """x of more than 2^31 elements (l > 128K): a sequence starting at position s0 (seq_idx) past the
     2^31-element mark must equal a separate run on x[:, s0:], forward and backward."""

@@ -65,6 +65,15 @@ _PASS_CFG = {"BLOCK": 1024, "num_warps": 4}
 # epilogue does not need full rows (dB/dC, which loop over the heads of a group); otherwise the
 # whole value dimension.
 _SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_V_MAX": 64, "num_warps": 8}
+# float32 operands take twice the shared memory: narrower key blocks and two pipeline stages keep
+# the full-value scans (p = 64, n = 128) under the 227 KB of an H100 (seen: 232,960 B requested).
+_SCAN_CFG_F32 = {"BLOCK_K": 32, "num_stages": 2}
+
+# The backward's matmul operands are float32 (exact products, "ieee") whatever the input dtype:
+# dA and ddt_bias are sums over the whole sequence, and rounding dy, decay-scaled scores and x*dt
+# to bfloat16/float16 operands measured 2.7x (bf16 dA) and 4.5x (fp16 ddt_bias) past the SPEC
+# tolerance on an H100. Costs tensor-core speed in the backward; see issue #5's notes.
+GRAD_DOT_DTYPE = torch.float32
 
 # Epilogues of the scan kernel.
 _EPI_OUT, _EPI_DZ, _EPI_DX, _EPI_PLAIN = 0, 1, 2, 3
@@ -766,7 +775,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
     chunk_size = cs.shape[3]
     DQK, DV = q.shape[3], v.shape[3]
     D2 = DQK if q2 is None else q2.shape[3]
-    cfg = _SCAN_CFG
+    cfg = _SCAN_CFG if dtype != torch.float32 else {**_SCAN_CFG, **_SCAN_CFG_F32}
     bm = min(_p2(chunk_size), cfg["BLOCK_M"])
     bk = min(_p2(chunk_size), cfg["BLOCK_K"])
     bv = _p2(DV) if full_value else min(_p2(DV), cfg["BLOCK_V_MAX"])
@@ -792,7 +801,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
         HAS_EXT=ext is not None, HAS_D=D is not None, HAS_Z=z is not None, EPILOGUE=epilogue,
         DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DQK=_p2(DQK), BLOCK_V=bv, BLOCK_D2=_p2(D2),
         GROUP_HEADS=group_heads, heads_per_group=heads_per_group,
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
     return grid
 
 
@@ -994,9 +1003,8 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     # 1. recompute y: dy (fp32), dz, d(cs) from the query side (dy . y), dD partials
     # d(A dt) = reverse cumsum of dcs + exclusive cumsum of dcs_fwd + dai (see the scan kernel):
     # each (query, key) pair of positions is booked where no large terms cancel.
-    # dy is read by four passes, always as a matmul operand rounded to the dot dtype: bfloat16 for
-    # bfloat16 inputs halves that traffic; float32 otherwise (float16 keeps its range that way)
-    dy = torch.empty(b, l, h, p, device=dev, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else f32)
+    # dy is read by four passes as a float32 matmul operand (see GRAD_DOT_DTYPE)
+    dy = torch.empty(b, l, h, p, device=dev, dtype=f32)
     dcs = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
     dcs_fwd = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
     # cu_seqlens initial states: pairs (t, start_j - 1) add to da_k for k in [start_j, t] only; their
@@ -1010,13 +1018,13 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     dpart = None if D is None else torch.empty(b * nc, nmb, h, p, device=dev, dtype=f32)
     _launch_scan(C, B, x, states, st_strides_np, varlen_init, init_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=False, col_scale=True, epilogue=_EPI_DZ, x=x, z=z, dout=dout, D=D,
-                 o1=dy, o2=dz, vec1=dcs, vec2=dcs_seg, dpart=dpart, dtype=x.dtype, full_value=True)
+                 o1=dy, o2=dz, vec1=dcs, vec2=dcs_seg, dpart=dpart, dtype=GRAD_DOT_DTYPE, full_value=True)
 
     # 2. gradient reaching S_{c-1} from chunk c's outputs -> slot c of dstates
     dstates = torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
     _launch_segments(dy, C, dtp, cs, seq_idx,
                      _chunk_segments(seq_idx, b, l, h, p, n, nc, chunk_size, dev, False, False),
-                     dstates, (p * n, n, 1), False, l, chunk_size, x.dtype)
+                     dstates, (p * n, n, 1), False, l, chunk_size, GRAD_DOT_DTYPE)
 
     # 3. cu_seqlens: final states' gradients -> the matrices they started their end chunk from
     if varlen:
@@ -1058,21 +1066,21 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     ds_pn = (dstates.stride(0), dstates.stride(1), dstates.stride(2), n, 1)
     _launch_scan(B, C, dy, dstates, ds_np, dvl if varlen else None, dvl_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, epilogue=_EPI_DX, x=x, D=D, o1=dx, vec1=dcs_end, vec2=ddtp, dpart=dcs_fwd,
-                 dtype=x.dtype, full_value=True)
+                 dtype=GRAD_DOT_DTYPE, full_value=True)
     # dB, dC: each program sums the heads of one group (no per-head buffers)
     _launch_scan(x, dy, C, dstates, ds_pn, dvl if varlen else None, dvl_pn, dtp, cs, seq_idx, cu_seqlens,
-                 reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB, dtype=x.dtype,
+                 reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB, dtype=GRAD_DOT_DTYPE,
                  full_value=False, group_heads=True)
     dai = torch.zeros(b, h, nc, nmb, chunk_size, device=dev, dtype=f32)
     _launch_scan(dy, x, B, states, st_strides_pn, varlen_init, init_pn, dtp, cs, seq_idx, cu_seqlens,
-                 reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC, dtype=x.dtype,
+                 reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC, dtype=GRAD_DOT_DTYPE,
                  full_value=False, q2=C, k2=B, dai=dai, group_heads=True)
 
     # 6. cu_seqlens initial states: outputs of the start chunk, the chunk-end state, the final state
     if varlen and varlen_init is not None:
         from_out = torch.empty(vl.count, h, p, n, device=dev, dtype=f32)
         _launch_segments(dy, C, dtp, cs, seq_idx, vl.segments(h, p, n, False), from_out, (p * n, n, 1),
-                         False, l, chunk_size, x.dtype)
+                         False, l, chunk_size, GRAD_DOT_DTYPE)
         dinit += from_out * vl.nonempty[:, None, None, None]
         # the sequence is its start chunk's last one: its initial state reached S_c
         chunk_last = torch.clamp((vl.start_chunk + 1) * chunk_size, max=l) - 1
