@@ -124,13 +124,16 @@ def _load_bc(ptr, row, grp, ch, n_idx, t, mask_d, mask_n, mask_t,
     Fixed ``(d, n)``: ``(BLOCK_D, BLOCK_N, 1)`` (stride_g is the channel stride). Input-dependent:
     ``(1, BLOCK_N, CHUNK)`` for the program's one group ``grp`` (shared layout: stride_g = 0).
     """
+    # Both branches end in a return and the second sits under ``else``: compiled Triton visits code
+    # after a compile-time ``if`` that returned, and rejects the two tile shapes as inconsistent.
     if FIXED:
         offs = ch[:, None] * stride_g + n_idx[None, :] * stride_n
         tile = tl.load(ptr + offs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         return tile.to(tl.float32)[:, :, None]
-    offs = row * stride_b + grp * stride_g + n_idx[:, None] * stride_n + t[None, :] * stride_l
-    tile = tl.load(ptr + offs, mask=mask_n[:, None] & mask_t[None, :], other=0.0)
-    return tile.to(tl.float32)[None, :, :]
+    else:
+        offs = row * stride_b + grp * stride_g + n_idx[:, None] * stride_n + t[None, :] * stride_l
+        tile = tl.load(ptr + offs, mask=mask_n[:, None] & mask_t[None, :], other=0.0)
+        return tile.to(tl.float32)[None, :, :]
 
 
 @triton.jit
