@@ -7,15 +7,12 @@ import torch
 from torch import Tensor
 
 from ..._core import dispatch
+from ..._core.dtypes import accumulation_dtype
 from ..._core import validation as v
 from ..._core.custom_op import absent, empty_like, kernels, new_empty, placeholder, qualified
 from . import reference
 
 PRIMITIVE = "selective_scan"
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -30,8 +27,8 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     impl = kernels(PRIMITIVE, backend)
     count = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     out = empty_like(u)
-    last_state = new_empty(u, (count, u.shape[1], A.shape[1]), _state_dtype(u.dtype))
-    checkpoints = new_empty(u, impl.checkpoint_shape(u.shape, A.shape[1], count), _state_dtype(u.dtype))
+    last_state = new_empty(u, (count, u.shape[1], A.shape[1]), accumulation_dtype(u.dtype))
+    checkpoints = new_empty(u, impl.checkpoint_shape(u.shape, A.shape[1], count), accumulation_dtype(u.dtype))
     impl.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
                  out, last_state, checkpoints)
     return out, last_state, checkpoints
@@ -41,8 +38,8 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, backend):
     count = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     shape = kernels(PRIMITIVE, backend).checkpoint_shape(u.shape, A.shape[1], count)
-    return (torch.empty_like(u), u.new_empty(count, u.shape[1], A.shape[1], dtype=_state_dtype(u.dtype)),
-            u.new_empty(shape, dtype=_state_dtype(u.dtype)))
+    return (torch.empty_like(u), u.new_empty(count, u.shape[1], A.shape[1], dtype=accumulation_dtype(u.dtype)),
+            u.new_empty(shape, dtype=accumulation_dtype(u.dtype)))
 
 
 @torch.library.custom_op(qualified("selective_scan_bwd"), mutates_args=())
@@ -158,7 +155,7 @@ def selective_scan(
     if chosen == "reference":
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         return_last_state, initial_state, cu_seqlens)
-    state_dtype = _state_dtype(u.dtype)
+    state_dtype = accumulation_dtype(u.dtype)
     out, last_state, _ = _scan_fwd(
         u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
         None if D is None else D.contiguous(), None if z is None else z.contiguous(),

@@ -8,9 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..._core.dtypes import accumulation_dtype
 
 
 def _expand_bc(M: torch.Tensor, b: int, d: int, l: int, acc) -> torch.Tensor:

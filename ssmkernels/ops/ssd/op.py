@@ -8,15 +8,12 @@ import torch
 from torch import Tensor
 
 from ..._core import dispatch
+from ..._core.dtypes import accumulation_dtype
 from ..._core import validation as v
 from ..._core.custom_op import absent, empty_like, kernels, new_empty, placeholder, qualified
 from . import reference
 
 PRIMITIVE = "ssd"
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -32,7 +29,7 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     impl = kernels(PRIMITIVE, backend)
     b, l, h, p = x.shape
     n = B.shape[-1]
-    sd = _state_dtype(x.dtype)
+    sd = accumulation_dtype(x.dtype)
     out = empty_like(x)
     final_states = new_empty(x, (b, h, p, n), sd)
     varlen_states = placeholder(x) if cu_seqlens is None else new_empty(x, (cu_seqlens.numel() - 1, h, p, n), sd)
@@ -47,7 +44,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_
       dt_min, dt_max, backend):
     b, l, h, p = x.shape
     n = B.shape[-1]
-    sd = _state_dtype(x.dtype)
+    sd = accumulation_dtype(x.dtype)
     varlen = placeholder(x) if cu_seqlens is None else x.new_empty(cu_seqlens.shape[0] - 1, h, p, n, dtype=sd)
     shape = kernels(PRIMITIVE, backend).checkpoint_shape(x.shape, n, chunk_size)
     return torch.empty_like(x), x.new_empty(b, h, p, n, dtype=sd), varlen, x.new_empty(shape, dtype=sd)
@@ -183,7 +180,7 @@ def ssd_chunk_scan(
         x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
         None if D is None else D.contiguous(), None if z is None else z.contiguous(),
         None if dt_bias is None else dt_bias.contiguous(),
-        None if initial_states is None else initial_states.to(_state_dtype(x.dtype)).contiguous(),
+        None if initial_states is None else initial_states.to(accumulation_dtype(x.dtype)).contiguous(),
         v.as_int32(seq_idx), v.as_int32(cu_seqlens), chunk_size, bool(dt_softplus), dt_min, dt_max, chosen)
     result = [out]
     if return_final_states:
