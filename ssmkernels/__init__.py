@@ -12,6 +12,17 @@ from .ops.state_update.op import selective_state_update
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name: str):
+    # ``ssmkernels.models`` and ``ssmkernels.demos`` load on first use, so importing the kernels stays light.
+    if name in ("models", "demos"):
+        import importlib
+
+        return importlib.import_module(f"ssmkernels.{name}")
+    raise AttributeError(f"module 'ssmkernels' has no attribute {name!r}")
+
+
 __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
