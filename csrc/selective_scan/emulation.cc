@@ -9,6 +9,7 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #include <limits>
 
@@ -105,13 +106,26 @@ void run_grid(Kernel kernel, unsigned gx, unsigned gy, int threads, const Params
   }
 }
 
-template <typename T>
-void fwd_typed(const Params& p, bool multi) {
-  if (multi && four_channel_blocks(p)) {
-    run_grid(forward_kernel<T, T, 256, kChunk / 256, 4>, p.dim / 4, p.num_seqs, 256, p);
+template <typename T, typename BC>
+void fwd_typed(const Params& p) {
+  // Mirrors launch_forward: 4-channel blocks only when B/C have u's dtype.
+  if (std::is_same_v<T, BC> && four_channel_blocks(p)) {
+    run_grid(forward_kernel<T, BC, 256, kChunk / 256, 4>, p.dim / 4, p.num_seqs, 256, p);
   } else {
-    run_grid(forward_kernel<T, T, kThreads, kItems, 1>, p.dim, p.num_seqs, kThreads, p);
+    run_grid(forward_kernel<T, BC, kThreads, kItems, 1>, p.dim, p.num_seqs, kThreads, p);
   }
+}
+
+template <typename T>
+void fwd_dispatch(const Params& p) {
+  if (p.bc_dtype == p.dtype) fwd_typed<T, T>(p);
+  else fwd_typed<T, float>(p);
+}
+
+template <typename T>
+void bwd_dispatch(const Params& p) {
+  if (p.bc_dtype == p.dtype) run_grid(backward_kernel<T, T>, p.dim, p.num_seqs, kThreadsBwd, p);
+  else run_grid(backward_kernel<T, float>, p.dim, p.num_seqs, kThreadsBwd, p);
 }
 
 }}}  // namespace
@@ -119,15 +133,15 @@ void fwd_typed(const Params& p, bool multi) {
 extern "C" void emu_forward(const ssmk::scan::Params* p) {
   using namespace ssmk::scan;
   if (p->num_seqs == 0 || p->dim == 0) return;
-  if (p->dtype == 0) fwd_typed<float>(*p, true);
-  else if (p->dtype == 1) fwd_typed<__half>(*p, true);
-  else fwd_typed<__nv_bfloat16>(*p, true);
+  if (p->dtype == 0) fwd_dispatch<float>(*p);
+  else if (p->dtype == 1) fwd_dispatch<__half>(*p);
+  else fwd_dispatch<__nv_bfloat16>(*p);
 }
 
 extern "C" void emu_backward(const ssmk::scan::Params* p) {
   using namespace ssmk::scan;
   if (p->num_seqs == 0 || p->dim == 0) return;
-  if (p->dtype == 0) run_grid(backward_kernel<float, float>, p->dim, p->num_seqs, kThreadsBwd, *p);
-  else if (p->dtype == 1) run_grid(backward_kernel<__half, __half>, p->dim, p->num_seqs, kThreadsBwd, *p);
-  else run_grid(backward_kernel<__nv_bfloat16, __nv_bfloat16>, p->dim, p->num_seqs, kThreadsBwd, *p);
+  if (p->dtype == 0) bwd_dispatch<float>(*p);
+  else if (p->dtype == 1) bwd_dispatch<__half>(*p);
+  else bwd_dispatch<__nv_bfloat16>(*p);
 }
