@@ -157,6 +157,18 @@ def test_scan_deterministic_mode(backend, case_name):
         config._deterministic_override = None
 
 
+@pytest.mark.parametrize("case_name", ["base", "fixed_BC", "d8_grouped"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_scan_float32_BC_with_half_u(backend, case_name):
+    """mamba_ssm's common mix: 16-bit activations with float32 B and C (and A, D, delta_bias)."""
+    case = {**BASE, **CASES[case_name], "init": True}
+    inputs = _scan_inputs(case, torch.float16)
+    for name in ("A", "B", "C", "D", "delta_bias", "initial_state"):
+        inputs[name] = inputs[name].float()
+    compare_with_reference(_scan_fn(case), inputs, backend, grad_names=_grad_names(inputs),
+                           keep_dtype=(), label=f"{backend} float32 B/C {case_name}")
+
+
 # ----------------------------------------------------------------------------- SPEC law 3
 @pytest.mark.parametrize("k", [1, 20, 32, 45])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
