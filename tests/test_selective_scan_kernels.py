@@ -218,6 +218,18 @@ def test_opcheck_selective_scan_fwd(backend, case_name):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck_selective_scan_bwd(backend):
+    case = {**BASE, "init": True}
+    args = _op_args(case, backend)
+    _, last_state, checkpoints = torch.ops.ssmkernels.selective_scan_fwd.default(*args)
+    u = args[0]
+    bwd_args = (*args[:-1], checkpoints, torch.randn_like(u), torch.randn_like(last_state), backend)
+    results = torch.library.opcheck(torch.ops.ssmkernels.selective_scan_bwd.default, bwd_args,
+                                    test_utils=("test_schema", "test_faketensor"))
+    assert all(r == "SUCCESS" for r in results.values()), results
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_fullgraph(backend):
     case = {**BASE, "l": 21, "init": True}
     inputs = _scan_inputs(case, torch.float32)
