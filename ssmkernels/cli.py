@@ -376,6 +376,13 @@ def cmd_demo(args) -> int:
     return int(module.main(list(args.rest)) or 0)
 
 
+def cmd_model(args) -> int:
+    """Runs the hybrid-model benchmarks (``python -m ssmkernels.models.bench``) with the given options."""
+    from .models import bench as model_bench
+
+    return int(model_bench.main(list(args.rest)) or 0)
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .bench.checks import SIZES
@@ -439,10 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("name", nargs="?", help="which demo")
     demo.add_argument("rest", nargs=argparse.REMAINDER, help="the demo's own options")
     demo.set_defaults(func=cmd_demo)
+
+    model = sub.add_parser("model", help="end-to-end hybrid model benchmarks: training tokens/s, decode "
+                                         "tokens/s and memory vs context (ssmkernels.models.bench)")
+    model.add_argument("rest", nargs=argparse.REMAINDER, help="options of ssmkernels.models.bench (--out, --quick, ...)")
+    model.set_defaults(func=cmd_model)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["model"] and argv[1:2] not in (["-h"], ["--help"]):
+        # `model` hands every option to ssmkernels.models.bench (argparse's REMAINDER cannot take
+        # options that come first).
+        return cmd_model(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
