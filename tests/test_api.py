@@ -209,3 +209,15 @@ def test_nan_inputs_propagate_not_zeroed():
     x[0, 1, 3] = math.nan
     out = ssmkernels.causal_conv1d(x, w, backend="reference")
     assert torch.isnan(out[0, 1, 3:6]).all() and not torch.isnan(out[1]).any()
+
+
+def test_preferred_order_follows_the_measurements():
+    order = dispatch.preferred_order
+    assert order("causal_conv1d", {"layout": "channel_first"})[0] == "cuda"
+    assert order("causal_conv1d", {"layout": "channel_last"})[0] == "triton"
+    assert order("selective_scan", {})[0] == "cuda"
+    assert order("state_update", {"small_batch": True})[0] == "cuda"
+    assert order("state_update", {"small_batch": False})[0] == "triton"
+    assert order("ssd", {})[0] == "triton"
+    for primitive in ("causal_conv1d", "selective_scan", "state_update", "ssd"):
+        assert order(primitive, {})[-1] == "reference"

@@ -4,23 +4,37 @@ Each primitive's ``triton.py`` and ``cuda.py`` expose ``unsupported(features) ->
 reason the backend cannot serve a call with these features (``None`` = it can). ``features`` is a
 plain dict the op builds (dtype, layout, optional inputs ...). A backend the caller asked for that
 cannot serve the call raises :class:`BackendUnavailable` with that reason; there is no silent
-fallback. ``backend=None`` takes ``SSMKERNELS_BACKEND`` if set, else the first backend of the
-primitive's preference order that can serve the call.
+fallback. ``backend=None`` takes ``SSMKERNELS_BACKEND`` if set, else the first backend of
+:func:`preferred_order` (measured, per primitive and case) that can serve the call.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from . import config
 
-# Preference when the caller names no backend. Triton comes first until the CUDA kernels have been
-# run against the reference on a GPU (they are compile-checked in CI but no GPU was available yet);
-# after that, `bench` decides per primitive (pass ``prefer`` to select_backend for per-case choices).
+# Preference when the caller names no backend: Triton first where nothing was measured.
 DEFAULT_ORDER = ("triton", "cuda", "reference")
+CUDA_FIRST = ("cuda", "triton", "reference")
+
+
+def preferred_order(primitive: str, features: dict[str, Any]) -> tuple[str, ...]:
+    """Fastest backend first, per primitive and case, from `python -m ssmkernels bench` on an H100
+    (2026-11-23, README "Status and measured numbers"). Both kernel backends passed the GPU suite
+    there for the primitives that have both."""
+    if primitive == "causal_conv1d":
+        # channel-first fwd 0.368 (cuda) vs 0.476 ms; channel-last fwd 0.441 vs 0.382 ms (triton)
+        return DEFAULT_ORDER if features.get("layout") == "channel_last" else CUDA_FIRST
+    if primitive == "selective_scan":
+        return CUDA_FIRST  # fwd 4.89 (cuda) vs 6.24 ms, fwd+bwd 19.2 vs 24.9 ms
+    if primitive == "state_update":
+        # batch 1: 0.051 (cuda) vs 0.099 ms and 40 vs 87 us wall; batch 256: 1.06 vs 0.76 ms (triton)
+        return CUDA_FIRST if features.get("small_batch") else DEFAULT_ORDER
+    return DEFAULT_ORDER  # ssd: Triton only so far
 
 
 class BackendUnavailable(RuntimeError):
@@ -78,9 +92,7 @@ def unavailable_reason(primitive: str, backend: str, device: torch.device,
 
 
 def select_backend(primitive: str, requested: str | None, device: torch.device,
-                   features: dict[str, Any],
-                   order: tuple[str, ...] = DEFAULT_ORDER,
-                   prefer: Callable[[dict[str, Any]], tuple[str, ...]] | None = None) -> str:
+                   features: dict[str, Any]) -> str:
     """Resolve ``backend=`` (or ``SSMKERNELS_BACKEND``) to a backend that can serve the call."""
     if requested is not None and requested not in config.BACKENDS:
         raise ValueError(f"backend must be one of {config.BACKENDS} or None, got {requested!r}")
@@ -93,7 +105,7 @@ def select_backend(primitive: str, requested: str | None, device: torch.device,
         return chosen
     if device.type != "cuda":
         return "reference"  # Triton on CPU (interpreter) is for testing only: ask for it by name
-    for candidate in (prefer(features) if prefer else order):
+    for candidate in preferred_order(primitive, features):
         if unavailable_reason(primitive, candidate, device, features) is None:
             return candidate
     return "reference"

@@ -164,15 +164,18 @@ def _fast_check(state, x, dt, A, B, C, D, z, dt_bias):
 
 
 _DISPATCH: dict = {}  # (call features) -> backend name: dispatch decides once per kind of call
+# Batches up to this size are launch-bound (CUDA wins, measured at batch 1); larger ones are
+# bandwidth-bound (Triton wins, measured at batch 256). The crossover in between is unmeasured.
+SMALL_BATCH = 8
 
 
 @torch._dynamo.assume_constant_result
-def _backend_for(requested, default, device, dtype, state_dtype, mamba1, indices, d_state) -> str:
-    key = (requested, default, device, dtype, state_dtype, mamba1, indices, d_state)
+def _backend_for(requested, default, device, dtype, state_dtype, mamba1, indices, d_state, small_batch) -> str:
+    key = (requested, default, device, dtype, state_dtype, mamba1, indices, d_state, small_batch)
     chosen = _DISPATCH.get(key)
     if chosen is None:
         features = {"dtype": dtype, "state_dtype": state_dtype, "form": "mamba1" if mamba1 else "mamba2",
-                    "d_state": d_state, "indices": indices}
+                    "d_state": d_state, "indices": indices, "small_batch": small_batch}
         chosen = _DISPATCH[key] = dispatch.select_backend(PRIMITIVE, requested, device, features)
     return chosen
 
@@ -231,7 +234,7 @@ def selective_state_update(
         if not idx.is_cuda:  # reading CUDA values would synchronise the decode loop: see the docstring
             v.check_indices("state_batch_indices", idx, b, state.shape[0], x.device, pad_value=pad_slot_id)
     chosen = _backend_for(backend, config.default_backend(), x.device, x.dtype, state.dtype, state.dim() == 3,
-                          state_batch_indices is not None, state.shape[-1])
+                          state_batch_indices is not None, state.shape[-1], b <= SMALL_BATCH)
     if chosen == "reference":
         return reference.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                                 state_batch_indices, pad_slot_id)
