@@ -27,7 +27,7 @@ inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), ke
 inline cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 
 template <typename T>
-inline T* as_ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+__host__ __device__ inline T* as_ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

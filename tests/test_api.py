@@ -94,7 +94,7 @@ def test_set_deterministic_overrides_env(monkeypatch):
         ssmkernels.set_deterministic(False)
         assert not config.deterministic()
     finally:
-        config._deterministic_override = None
+        ssmkernels.set_deterministic(None)
 
 
 # ------------------------------------------------------------------- bad input: one row per error path

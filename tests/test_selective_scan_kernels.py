@@ -154,7 +154,7 @@ def test_scan_deterministic_mode(backend, case_name):
         compare_with_reference(_scan_fn(case), inputs, backend, grad_names=_grad_names(inputs),
                                label=f"{backend} deterministic {case_name}")
     finally:
-        config._deterministic_override = None
+        ssmkernels.set_deterministic(None)
 
 
 @pytest.mark.parametrize("case_name", ["base", "fixed_BC", "d8_grouped"])

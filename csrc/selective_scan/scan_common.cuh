@@ -17,9 +17,6 @@ constexpr int kThreadsBwd = 256;
 constexpr int kItemsBwd = kChunk / kThreadsBwd;
 constexpr int kWarpsBwd = kThreadsBwd / 32;
 
-// Typed view of an address (common.h's as_ptr is host-only).
-template <typename T>
-__host__ __device__ __forceinline__ T* addr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 // Where one block works: the sequence's bounds along l, its batch row, its first checkpoint slot.
 struct Span {
@@ -28,7 +25,7 @@ struct Span {
 
 __device__ __forceinline__ Span sequence_span(const Params& p, int64_t seq) {
   if (p.cu_seqlens) {
-    const int* cu = addr<const int>(p.cu_seqlens);
+    const int* cu = as_ptr<const int>(p.cu_seqlens);
     const int64_t start = cu[seq];
     // Sequence j's chunks use slots cu[j] / kChunk + j + k: disjoint and below the buffer's size.
     return {start, static_cast<int64_t>(cu[seq + 1]), 0, start / kChunk + seq};
@@ -137,7 +134,7 @@ struct BCPointer {
   __device__ __forceinline__ static const T* at(std::uintptr_t base, bool fixed, int64_t row, int64_t channel,
                                                   int64_t channels_per_group, int64_t batch_stride,
                                                   int64_t group_stride, int64_t n_stride, int64_t n, int64_t t0) {
-    const T* ptr = addr<const T>(base);
+    const T* ptr = as_ptr<const T>(base);
     if (fixed) return ptr + channel * group_stride + n * n_stride;
     return ptr + row * batch_stride + (channel / channels_per_group) * group_stride + n * n_stride + t0;
   }

@@ -50,19 +50,19 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
   const Span span = sequence_span(p, seq);
   const int64_t state_offset = (seq * p.dim + channel) * n_state;
 
-  const float* A = addr<const float>(p.A) + channel * n_state;
-  const float bias = p.delta_bias ? addr<const float>(p.delta_bias)[channel] : 0.f;
-  const float D = p.D ? addr<const float>(p.D)[channel] : 0.f;
+  const float* A = as_ptr<const float>(p.A) + channel * n_state;
+  const float bias = p.delta_bias ? as_ptr<const float>(p.delta_bias)[channel] : 0.f;
+  const float D = p.D ? as_ptr<const float>(p.D)[channel] : 0.f;
   for (int64_t n = tid; n < n_state; n += kThreadsBwd) {
-    carry[n] = p.dlast_state ? addr<const float>(p.dlast_state)[state_offset + n] : 0.f;
+    carry[n] = p.dlast_state ? as_ptr<const float>(p.dlast_state)[state_offset + n] : 0.f;
   }
   for (int64_t i = tid; i < 3 * n_state * W + 2 * W; i += kThreadsBwd) acc_A[i] = 0.f;
   __syncthreads();
 
   const int64_t x_offset = span.row * p.x_batch_stride + channel * p.x_d_stride;
-  const float* checkpoints = addr<const float>(p.checkpoints);
-  float* dB = addr<float>(p.dB);
-  float* dC = addr<float>(p.dC);
+  const float* checkpoints = as_ptr<const float>(p.checkpoints);
+  float* dB = as_ptr<float>(p.dB);
+  float* dC = as_ptr<float>(p.dC);
   const int64_t grp_b = channel / p.channels_per_b_group, grp_c = channel / p.channels_per_c_group;
   const int64_t num_chunks = ceil_div(span.end - span.start, kChunk);
 
@@ -76,10 +76,10 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
     const int64_t slot = span.slot0 + k;
 
     float u[I], dt[I], sg[I], dy[I], zf[I], y[I], du[I], ddt[I];
-    load_items(addr<const input_t>(p.u) + x_offset + t_read, valid, u);
-    load_items(addr<const input_t>(p.delta) + x_offset + t_read, valid, dt);
+    load_items(as_ptr<const input_t>(p.u) + x_offset + t_read, valid, u);
+    load_items(as_ptr<const input_t>(p.delta) + x_offset + t_read, valid, dt);
     step_sizes(dt, sg, bias, p.softplus, valid);
-    load_items(addr<const input_t>(p.dout) + x_offset + t_read, valid, dy);
+    load_items(as_ptr<const input_t>(p.dout) + x_offset + t_read, valid, dy);
 #pragma unroll
     for (int i = 0; i < I; ++i) {
       // sg: d dt / d delta (softplus' derivative is the sigmoid), 0 past the end.
@@ -89,7 +89,7 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
     }
     if (p.z) {
       float z[I];
-      load_items(addr<const input_t>(p.z) + x_offset + t_read, valid, z);
+      load_items(as_ptr<const input_t>(p.z) + x_offset + t_read, valid, z);
 #pragma unroll
       for (int i = 0; i < I; ++i) {
         const float sig = 1.f / (1.f + expf(-z[i]));
@@ -230,9 +230,9 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
     }
     if (valid > 0) {
       const int64_t offset = x_offset + t0;
-      store_items(addr<input_t>(p.du) + offset, valid, du);
-      store_items(addr<input_t>(p.ddelta) + offset, valid, ddt);
-      if (p.z) store_items(addr<input_t>(p.dz) + offset, valid, y);
+      store_items(as_ptr<input_t>(p.du) + offset, valid, du);
+      store_items(as_ptr<input_t>(p.ddelta) + offset, valid, ddt);
+      if (p.z) store_items(as_ptr<input_t>(p.dz) + offset, valid, y);
     }
     D_sum = warp_sum(D_sum);
     bias_sum = warp_sum(bias_sum);
@@ -245,14 +245,14 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
 
   const int final_buf = static_cast<int>(num_chunks & 1);
   for (int64_t n = tid; n < n_state; n += kThreadsBwd) {
-    if (p.dinitial_state) addr<float>(p.dinitial_state)[state_offset + n] = carry[final_buf * n_state + n];
+    if (p.dinitial_state) as_ptr<float>(p.dinitial_state)[state_offset + n] = carry[final_buf * n_state + n];
     float sA = 0.f, sB = 0.f, sC = 0.f;
     for (int w = 0; w < W; ++w) {
       sA += acc_A[n * W + w];
       sB += acc_B[n * W + w];
       sC += acc_C[n * W + w];
     }
-    addr<float>(p.dA_part)[state_offset + n] = sA;
+    as_ptr<float>(p.dA_part)[state_offset + n] = sA;
     if (p.b_fixed) dB[state_offset + n] = sB;
     if (p.c_fixed) dC[state_offset + n] = sC;
   }
@@ -262,8 +262,8 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
       sD += acc_D[w];
       sBias += acc_bias[w];
     }
-    addr<float>(p.dD_part)[seq * p.dim + channel] = sD;
-    addr<float>(p.dbias_part)[seq * p.dim + channel] = sBias;
+    as_ptr<float>(p.dD_part)[seq * p.dim + channel] = sD;
+    as_ptr<float>(p.dbias_part)[seq * p.dim + channel] = sBias;
   }
 }
 

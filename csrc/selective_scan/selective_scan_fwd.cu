@@ -35,17 +35,17 @@ __global__ __launch_bounds__(kTh) void forward_kernel(const Params p) {
   float bias[kCh], D[kCh];
 #pragma unroll
   for (int c = 0; c < kCh; ++c) {
-    bias[c] = p.delta_bias ? addr<const float>(p.delta_bias)[channel0 + c] : 0.f;
-    D[c] = p.D ? addr<const float>(p.D)[channel0 + c] : 0.f;
+    bias[c] = p.delta_bias ? as_ptr<const float>(p.delta_bias)[channel0 + c] : 0.f;
+    D[c] = p.D ? as_ptr<const float>(p.D)[channel0 + c] : 0.f;
   }
   const int64_t state_offset = (seq * p.dim + channel0) * n_state;  // kCh channels are consecutive
   for (int64_t i = tid; i < kCh * n_state; i += kTh) {
-    state[i] = p.initial_state ? addr<const float>(p.initial_state)[state_offset + i] : 0.f;
+    state[i] = p.initial_state ? as_ptr<const float>(p.initial_state)[state_offset + i] : 0.f;
   }
   __syncthreads();
 
   const int64_t x_offset = span.row * p.x_batch_stride + channel0 * p.x_d_stride;
-  float* checkpoints = addr<float>(p.checkpoints);
+  float* checkpoints = as_ptr<float>(p.checkpoints);
   const int64_t num_chunks = ceil_div(span.end - span.start, kChunk);
 
   for (int64_t k = 0; k < num_chunks; ++k) {
@@ -59,8 +59,8 @@ __global__ __launch_bounds__(kTh) void forward_kernel(const Params p) {
     for (int c = 0; c < kCh; ++c) {
       float raw[kIt];
       const int64_t offset = x_offset + c * p.x_d_stride + t_read;
-      load_items(addr<const input_t>(p.u) + offset, valid, dtu[c]);
-      load_items(addr<const input_t>(p.delta) + offset, valid, dt[c]);
+      load_items(as_ptr<const input_t>(p.u) + offset, valid, dtu[c]);
+      load_items(as_ptr<const input_t>(p.delta) + offset, valid, dt[c]);
       step_sizes(dt[c], raw, bias[c], p.softplus, valid);
 #pragma unroll
       for (int i = 0; i < kIt; ++i) {
@@ -83,7 +83,7 @@ __global__ __launch_bounds__(kTh) void forward_kernel(const Params p) {
       for (int c = 0; c < kCh; ++c) {
         // Fixed B: (d, n), so the channel's own value (group stride = channel stride).
         const float b_fixed = p.b_fixed ? to_float(B_ptr[c * p.B_group_stride]) : 0.f;
-        const float A2 = addr<const float>(p.A)[(channel0 + c) * n_state + n] * kLog2e;
+        const float A2 = as_ptr<const float>(p.A)[(channel0 + c) * n_state + n] * kLog2e;
         fa[c] = 1.f;
         fb[c] = 0.f;
 #pragma unroll
@@ -129,18 +129,18 @@ __global__ __launch_bounds__(kTh) void forward_kernel(const Params p) {
         const int64_t offset = x_offset + c * p.x_d_stride + t0;
         if (p.z) {
           float z[kIt];
-          load_items(addr<const input_t>(p.z) + offset, valid, z);
+          load_items(as_ptr<const input_t>(p.z) + offset, valid, z);
 #pragma unroll
           for (int i = 0; i < kIt; ++i) y[c][i] *= z[i] / (1.f + expf(-z[i]));
         }
-        store_items(addr<input_t>(p.out) + offset, valid, y[c]);
+        store_items(as_ptr<input_t>(p.out) + offset, valid, y[c]);
       }
     }
     __syncthreads();  // the next chunk reads the state the last thread just wrote
   }
 
   const int final_buf = static_cast<int>(num_chunks & 1);
-  float* last = addr<float>(p.last_state);
+  float* last = as_ptr<float>(p.last_state);
   for (int64_t i = tid; i < kCh * n_state; i += kTh) last[state_offset + i] = state[final_buf * kCh * n_state + i];
 }
 

@@ -44,10 +44,14 @@ def deterministic() -> bool:
     return _flag("SSMKERNELS_DETERMINISTIC")
 
 
-def set_deterministic(enabled: bool = True) -> None:
-    """Make every kernel bitwise reproducible run to run (no float atomics, pinned configs)."""
+def set_deterministic(enabled: bool | None = True) -> None:
+    """Make every kernel bitwise reproducible run to run (no float atomics, pinned configs).
+
+    ``None`` clears the setting, so ``SSMKERNELS_DETERMINISTIC`` decides again. Triton tuning
+    configs are pinned when a kernel module is first imported: set this before the first call.
+    """
     global _deterministic_override
-    _deterministic_override = bool(enabled)
+    _deterministic_override = None if enabled is None else bool(enabled)
 
 
 def jit_disabled() -> bool:
