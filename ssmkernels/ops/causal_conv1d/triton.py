@@ -98,6 +98,24 @@ def _tap(x_row_ptr, init_ptr, seq_row_ptr, offs_d, mask_d, v, t_ok, start, init_
 
 
 @triton.jit
+def _preactivation(x_row, w_ptr, bias_ptr, init_ptr, seq_row, offs_d, mask_d, t, t_ok, start, init_row, seq_t,
+                   seq_first, stride_xd, stride_xl, stride_wd, stride_ww, stride_ib, stride_id, stride_iw, stride_sl,
+                   HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SEQ_MODE: tl.constexpr, W: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """``bias + sum_k weight[:, k] * xx[t - (W-1) + k]`` at positions t, float32 ``(BLOCK_D, BLOCK_L)``:
+    the forward's output before the activation, recomputed by the backward for silu's derivative."""
+    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    for k in tl.static_range(W):
+        w_k = tl.load(w_ptr + offs_d * stride_wd + k * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
+        acc += w_k[:, None] * _tap(x_row, init_ptr, seq_row, offs_d, mask_d, t - (W - 1) + k, t_ok, start,
+                                   init_row, seq_t, seq_first, stride_xd, stride_xl, stride_ib, stride_id,
+                                   stride_iw, stride_sl, HAS_INIT, SEQ_MODE, W)
+    return acc
+
+
+@triton.jit
 def _context(seq_row_ptr, cu_ptr, t, t_ok, row, l, num_seqs, stride_sl,
              SEQ_MODE: tl.constexpr, SEARCH_STEPS: tl.constexpr):
     """Per position t: (start of its sequence, row of its initial state, its seq_idx, its end)."""
@@ -143,14 +161,9 @@ def _forward_kernel(
                                          SEQ_MODE, SEARCH_STEPS)
     seq_first = tl.load(seq_row) if SEQ_MODE == 1 else 0
 
-    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-    for k in tl.static_range(W):
-        w_k = tl.load(w_ptr + offs_d * stride_wd + k * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
-        acc += w_k[:, None] * _tap(x_row, init_ptr, seq_row, offs_d, mask_d, t - (W - 1) + k, t_ok, start,
-                                   init_row, seq_t, seq_first, stride_xd, stride_xl, stride_ib, stride_id,
-                                   stride_iw, stride_sl, HAS_INIT, SEQ_MODE, W)
+    acc = _preactivation(x_row, w_ptr, bias_ptr, init_ptr, seq_row, offs_d, mask_d, t, t_ok, start, init_row,
+                         seq_t, seq_first, stride_xd, stride_xl, stride_wd, stride_ww, stride_ib, stride_id,
+                         stride_iw, stride_sl, HAS_BIAS, HAS_INIT, SEQ_MODE, W, BLOCK_D, BLOCK_L)
     if SILU:
         acc = _silu(acc)
     out_ptrs = out_ptr + row * stride_ob + offs_d[:, None] * stride_od + t[None, :] * stride_ol
@@ -261,14 +274,9 @@ def _dpreact(x_row, w_ptr, bias_ptr, init_ptr, seq_row, dout_row, offs_d, mask_d
     g = tl.load(dout_row + offs_d[:, None] * stride_gd + t[None, :] * stride_gl,
                 mask=mask_d[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
     if SILU:
-        z = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-        for k in tl.static_range(W):
-            w_k = tl.load(w_ptr + offs_d * stride_wd + k * stride_ww, mask=mask_d, other=0.0).to(tl.float32)
-            z += w_k[:, None] * _tap(x_row, init_ptr, seq_row, offs_d, mask_d, t - (W - 1) + k, t_ok, start,
-                                     init_row, seq_t, seq_first, stride_xd, stride_xl, stride_ib, stride_id,
-                                     stride_iw, stride_sl, HAS_INIT, SEQ_MODE, W)
+        z = _preactivation(x_row, w_ptr, bias_ptr, init_ptr, seq_row, offs_d, mask_d, t, t_ok, start, init_row,
+                           seq_t, seq_first, stride_xd, stride_xl, stride_wd, stride_ww, stride_ib, stride_id,
+                           stride_iw, stride_sl, HAS_BIAS, HAS_INIT, SEQ_MODE, W, BLOCK_D, BLOCK_L)
         sig = tl.sigmoid(z)
         g = g * sig * (1.0 + z * (1.0 - sig))
     return g
