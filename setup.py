@@ -38,6 +38,22 @@ def _cuda_mode() -> str:
     return "auto"
 
 
+def _load_build_module():
+    """ssmkernels/_core/build.py (and the config it reads), without importing the ssmkernels package:
+    the package imports torch, which pip's isolated build environment does not have."""
+    import importlib.util
+    import types
+
+    core = types.ModuleType("_ssmkernels_build_core")
+    core.__path__ = [str(ROOT / "ssmkernels" / "_core")]
+    sys.modules[core.__name__] = core
+    spec = importlib.util.spec_from_file_location(f"{core.__name__}.build", ROOT / "ssmkernels" / "_core" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 class BuildPyWithNative(build_py):
     """Ships CMakeLists.txt + csrc/ inside the package (for first-use builds) and, when CUDA is
     wanted, builds ssmkernels._C into the package."""
@@ -53,9 +69,7 @@ class BuildPyWithNative(build_py):
         mode = _cuda_mode()
         if mode == "off" or (mode == "auto" and not (shutil.which("nvcc") and _gpu_present())):
             return
-        sys.path.insert(0, str(ROOT))
-        from ssmkernels._core import build
-
+        build = _load_build_module()
         try:
             build.build(package_dir, Path(self.build_temp if hasattr(self, "build_temp") else "build") / "cmake",
                         verbose=True)
