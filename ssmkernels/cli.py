@@ -302,6 +302,11 @@ def cmd_bench(args) -> int:
                "Use `python -m ssmkernels bench --dry-run` to list the cases, or `python -m ssmkernels check` "
                "to check correctness on the CPU.")
         return 2
+    if args.profile:
+        from .bench import profile
+
+        return profile.main(selected, tuple(_backends(args.backend) or runner.KERNEL_BACKENDS), args.compare,
+                            log=_print)
     return runner.main(selected, backends=_backends(args.backend), compare=args.compare, json_path=args.json,
                        markdown_path=args.markdown, plot_path=args.plot, warmup_ms=args.warmup_ms,
                        rep_ms=args.rep_ms, measure_peaks=not args.no_peaks, deterministic=args.deterministic,
@@ -422,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rep-ms", type=float, default=100.0, help="measured time per measurement")
     bench.add_argument("--deterministic", action="store_true",
                        help="also time each fwd+bwd case under set_deterministic(True) (its cost)")
+    bench.add_argument("--profile", action="store_true",
+                       help="instead of timing, list each implementation's GPU kernels by time (torch.profiler)")
     bench.add_argument("--no-peaks", action="store_true",
                        help="skip measuring the copy bandwidth and bf16 matmul peak")
     bench.set_defaults(func=cmd_bench)

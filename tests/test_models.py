@@ -34,6 +34,20 @@ def random_ids(cfg: HybridConfig, b: int, l: int) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (b, l))
 
 
+def require_model_backend(backend: str) -> None:
+    """Skip when a primitive of the model has no kernel on ``backend`` here (the CUDA SSD kernel is
+    not written yet, issue #5): the model's backend switch runs every primitive on that backend."""
+    import ssmkernels
+
+    x = torch.randn(1, 4, 2, 4, device=DEVICE)
+    try:
+        ssmkernels.ssd_chunk_scan(x, torch.rand(1, 4, 2, device=DEVICE), -torch.ones(2, device=DEVICE),
+                                  torch.randn(1, 4, 1, 4, device=DEVICE), torch.randn(1, 4, 1, 4, device=DEVICE), 4,
+                                  backend=backend)
+    except BackendUnavailable as exc:
+        pytest.skip(f"the model cannot run on {backend}: {exc}")
+
+
 # ----------------------------------------------------------------------------- config
 def test_counts_and_presets():
     assert HybridConfig.tiny().counts() == {"M": 3, "*": 2, "-": 2}
@@ -378,7 +392,14 @@ def test_training_loss_curves_agree_across_backends():
     torch.manual_seed(0)
     cfg = HybridConfig.tiny(d_model=64, headdim=16, d_state=16, vocab_size=128, chunk_size=32)
     init = HybridLM(cfg).state_dict()
-    data = torch.randint(0, cfg.vocab_size, (50, 4, 129), generator=torch.Generator().manual_seed(0))
+    # learnable data: each next token is a fixed random function of the current one (uniform random
+    # tokens would leave nothing to learn below log(vocab))
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randperm(cfg.vocab_size, generator=gen)
+    data = torch.empty(50, 4, 129, dtype=torch.long)
+    data[..., 0] = torch.randint(0, cfg.vocab_size, (50, 4), generator=gen)
+    for t in range(1, 129):
+        data[..., t] = table[data[..., t - 1]]
 
     def curve(backend: str, dtype: torch.dtype) -> torch.Tensor:
         model = HybridLM(cfg).to(DEVICE, dtype)
@@ -398,6 +419,10 @@ def test_training_loss_curves_agree_across_backends():
     truth, lowp = curve("reference", F64), curve("reference", torch.float32)
     assert truth[-1] < truth[0] - 0.5, "the reference run does not learn"
     for backend in KERNEL_BACKENDS:
+        try:
+            require_model_backend(backend)
+        except pytest.skip.Exception:
+            continue  # (the other backend is still checked)
         assert_spec_close(f"{backend} loss curve", curve(backend, torch.float32), truth, lowp, torch.float32)
 
 
@@ -499,6 +524,7 @@ def test_from_pretrained_errors(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
 def test_cuda_graph_decode_matches_eager(backend):
+    require_model_backend(backend)
     cfg = HybridConfig.tiny(d_model=64, headdim=16, d_state=16, backend=backend)
     model = HybridLM(cfg).to(DEVICE).eval()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
@@ -529,6 +555,7 @@ def test_cuda_graph_decode_matches_eager(backend):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_torch_compile_fullgraph(backend):
     """The whole model (forward and backward) traces without graph breaks on the kernel backends."""
+    require_model_backend(backend)
     model = HybridLM(HybridConfig.tiny(d_model=64, headdim=16, d_state=16, backend=backend)).to(DEVICE)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 40), device=DEVICE)
     compiled = torch.compile(model, fullgraph=True)(ids)

@@ -9,6 +9,7 @@
 | SSMKERNELS_CUDA_ARCHS       | CUDA archs to build, ';'-separated (default 90a)               |
 | SSMKERNELS_CUDA             | setup.py: 1 build the extension, 0 never, unset auto-detect    |
 | SSMKERNELS_POISON_OUTPUTS   | 1: fill kernel outputs with NaN before kernels write (tests)   |
+| SSMKERNELS_SSD_DOT_PRECISION| ieee/tf32x3/tf32: float32-operand dots of the Triton SSD       |
 | TRITON_INTERPRET            | Triton's own: 1 runs Triton kernels on the CPU (tests)         |
 
 Values are read when asked for (not cached at import), so tests can monkeypatch the environment.
@@ -77,3 +78,16 @@ def cuda_archs() -> str:
 def poison_outputs() -> bool:
     """Tests set this so that any output element a kernel fails to write shows up as NaN."""
     return _flag("SSMKERNELS_POISON_OUTPUTS")
+
+
+_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def ssd_dot_precision() -> str | None:
+    """Forced input_precision of the Triton SSD's float32-operand dots (None: chosen per dtype)."""
+    value = os.environ.get("SSMKERNELS_SSD_DOT_PRECISION", "").strip().lower()
+    if not value:
+        return None
+    if value not in _DOT_PRECISIONS:
+        raise ValueError(f"SSMKERNELS_SSD_DOT_PRECISION must be one of {', '.join(_DOT_PRECISIONS)}, got {value!r}")
+    return value

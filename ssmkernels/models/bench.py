@@ -226,8 +226,8 @@ def decode_sweep(model: HybridLM, contexts: Iterable[int] = (1024, 2048, 4096, 8
     for batch_size in batch_sizes:
         for context in contexts:
             for graph in cuda_graphs:
-                if graph and not torch.cuda.is_available():
-                    continue
+                if graph and next(model.parameters()).device.type != "cuda":
+                    continue  # CUDA graphs need the model on a GPU
                 try:
                     rows.append(decode_throughput(model, batch_size, context, new_tokens, cuda_graph=graph, **kwargs))
                 except torch.OutOfMemoryError as exc:

@@ -69,11 +69,23 @@ _SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_V_MAX": 64, "num_warps": 8}
 # the full-value scans (p = 64, n = 128) under the 227 KB of an H100 (seen: 232,960 B requested).
 _SCAN_CFG_F32 = {"BLOCK_K": 32, "num_stages": 2}
 
-# The backward's matmul operands are float32 (exact products, "ieee") whatever the input dtype:
-# dA and ddt_bias are sums over the whole sequence, and rounding dy, decay-scaled scores and x*dt
-# to bfloat16/float16 operands measured 2.7x (bf16 dA) and 4.5x (fp16 ddt_bias) past the SPEC
-# tolerance on an H100. Costs tensor-core speed in the backward; see issue #5's notes.
+# Precision of the tensor-core dots (Triton's ``input_precision``) where the operands are float32.
+# The backward's operands are float32 whatever the input dtype: dA and ddt_bias are sums over the
+# whole sequence, and rounding dy, decay-scaled scores and x*dt to bfloat16/float16 operands
+# measured 2.7x (bf16 dA) and 4.5x (fp16 ddt_bias) past the SPEC tolerance on an H100. "ieee" (FMA
+# dots) is exact but its register tiles go to local memory (ptxas: 32 registers, 9-14 KB of spills per
+# thread at P64 N128), which made the backward 100x slower than the forward. So the dots run on
+# tensor cores: tf32 (10-bit mantissa, 8x finer than bf16's) for bfloat16 inputs; tf32x3 (three tf32
+# products, about float32 accuracy) for float16, whose tolerance is 10x tighter, and for float32.
+# SSMKERNELS_SSD_DOT_PRECISION=ieee restores exact float32 dots (slow) for numerical studies.
 GRAD_DOT_DTYPE = torch.float32
+_F32_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32x3", torch.float32: "tf32x3"}
+
+
+def _f32_precision(input_dtype: torch.dtype) -> str:
+    """input_precision of the float32-operand dots of a call whose inputs are ``input_dtype``."""
+    forced = config.ssd_dot_precision()
+    return forced if forced else _F32_PRECISION[input_dtype]
 
 # Epilogues of the scan kernel.
 _EPI_OUT, _EPI_DZ, _EPI_DX, _EPI_PLAIN = 0, 1, 2, 3
@@ -126,9 +138,11 @@ def _p2(v: int, low: int = 16) -> int:
     return max(low, triton.next_power_of_2(int(v)))
 
 
-def _dot_types(dtype: torch.dtype):
+def _dot_types(dtype: torch.dtype, input_dtype: torch.dtype):
+    """(operand dtype, input_precision) of the dots: operands in ``dtype`` (the inputs' dtype, or
+    float32 in the backward), float32 operands at the precision chosen for ``input_dtype``."""
     if dtype == torch.float32:
-        return tl.float32, "ieee"
+        return tl.float32, _f32_precision(input_dtype)
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"
 
 
@@ -745,14 +759,14 @@ def _launch_dt(dt, dt_bias, A, dtp, cs, chunk_size, dt_softplus, dt_min, dt_max)
 
 
 def _launch_segments(u, w, dtp, cs, seq_idx, segs, dst, dst_strides, forward: bool, seqlen: int,
-                     chunk_size: int, dtype: torch.dtype):
+                     chunk_size: int, dtype: torch.dtype, input_dtype: torch.dtype | None = None):
     """Run ``_segment_state_kernel`` over ``segs = (seg_b, seg_c, seg_ref, seg_seq, seg_dst)``."""
     nseg = segs[0].numel()
     if nseg == 0:
         return
     b, h, nc, _ = cs.shape
     P, N = u.shape[3], w.shape[3]
-    dot_dtype, prec = _dot_types(dtype)
+    dot_dtype, prec = _dot_types(dtype, input_dtype or dtype)
     cfg = _SEGMENT_CFG
     bp = min(_p2(P), cfg["BLOCK_P"])
     bn = min(_p2(N), cfg["BLOCK_N"])
@@ -769,7 +783,7 @@ def _launch_segments(u, w, dtp, cs, seq_idx, segs, dst, dst_strides, forward: bo
 def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu_seqlens, *,
                  reverse, col_scale=False, row_scale=False, epilogue, x=None, z=None, dout=None,
                  D=None, o1=None, o2=None, vec1=None, vec2=None, dpart=None, dtype, full_value,
-                 q2=None, k2=None, dai=None, group_heads=False):
+                 q2=None, k2=None, dai=None, group_heads=False, input_dtype=None):
     b, l, h, _ = v.shape[0], v.shape[1], cs.shape[1], None
     nc = cs.shape[2]
     chunk_size = cs.shape[3]
@@ -779,7 +793,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
     bm = min(_p2(chunk_size), cfg["BLOCK_M"])
     bk = min(_p2(chunk_size), cfg["BLOCK_K"])
     bv = _p2(DV) if full_value else min(_p2(DV), cfg["BLOCK_V_MAX"])
-    dot_dtype, prec = _dot_types(dtype)
+    dot_dtype, prec = _dot_types(dtype, input_dtype or dtype)
     seq = cs if seq_idx is None else seq_idx
     dummy = cs
     hp = x if x is not None else (dout if dout is not None else o1)
@@ -1018,13 +1032,13 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     dpart = None if D is None else torch.empty(b * nc, nmb, h, p, device=dev, dtype=f32)
     _launch_scan(C, B, x, states, st_strides_np, varlen_init, init_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=False, col_scale=True, epilogue=_EPI_DZ, x=x, z=z, dout=dout, D=D,
-                 o1=dy, o2=dz, vec1=dcs, vec2=dcs_seg, dpart=dpart, dtype=GRAD_DOT_DTYPE, full_value=True)
+                 o1=dy, o2=dz, vec1=dcs, vec2=dcs_seg, dpart=dpart, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype, full_value=True)
 
     # 2. gradient reaching S_{c-1} from chunk c's outputs -> slot c of dstates
     dstates = torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
     _launch_segments(dy, C, dtp, cs, seq_idx,
                      _chunk_segments(seq_idx, b, l, h, p, n, nc, chunk_size, dev, False, False),
-                     dstates, (p * n, n, 1), False, l, chunk_size, GRAD_DOT_DTYPE)
+                     dstates, (p * n, n, 1), False, l, chunk_size, GRAD_DOT_DTYPE, x.dtype)
 
     # 3. cu_seqlens: final states' gradients -> the matrices they started their end chunk from
     if varlen:
@@ -1066,21 +1080,21 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     ds_pn = (dstates.stride(0), dstates.stride(1), dstates.stride(2), n, 1)
     _launch_scan(B, C, dy, dstates, ds_np, dvl if varlen else None, dvl_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, epilogue=_EPI_DX, x=x, D=D, o1=dx, vec1=dcs_end, vec2=ddtp, dpart=dcs_fwd,
-                 dtype=GRAD_DOT_DTYPE, full_value=True)
+                 dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype, full_value=True)
     # dB, dC: each program sums the heads of one group (no per-head buffers)
     _launch_scan(x, dy, C, dstates, ds_pn, dvl if varlen else None, dvl_pn, dtp, cs, seq_idx, cu_seqlens,
-                 reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB, dtype=GRAD_DOT_DTYPE,
+                 reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
                  full_value=False, group_heads=True)
     dai = torch.zeros(b, h, nc, nmb, chunk_size, device=dev, dtype=f32)
     _launch_scan(dy, x, B, states, st_strides_pn, varlen_init, init_pn, dtp, cs, seq_idx, cu_seqlens,
-                 reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC, dtype=GRAD_DOT_DTYPE,
+                 reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
                  full_value=False, q2=C, k2=B, dai=dai, group_heads=True)
 
     # 6. cu_seqlens initial states: outputs of the start chunk, the chunk-end state, the final state
     if varlen and varlen_init is not None:
         from_out = torch.empty(vl.count, h, p, n, device=dev, dtype=f32)
         _launch_segments(dy, C, dtp, cs, seq_idx, vl.segments(h, p, n, False), from_out, (p * n, n, 1),
-                         False, l, chunk_size, GRAD_DOT_DTYPE)
+                         False, l, chunk_size, GRAD_DOT_DTYPE, x.dtype)
         dinit += from_out * vl.nonempty[:, None, None, None]
         # the sequence is its start chunk's last one: its initial state reached S_c
         chunk_last = torch.clamp((vl.start_chunk + 1) * chunk_size, max=l) - 1
