@@ -14,6 +14,9 @@
 #   check        python -m ssmkernels check (every primitive/feature/backend vs float64)
 #   bench        python -m ssmkernels bench --compare, with JSON, Markdown and PNG output
 #   benchmarks   the pytest-benchmark wrappers in benchmarks/ (opt-in)
+#   robustness   python -m ssmkernels robustness: cold/warm first calls, batch invariance, prefill vs
+#                decode, 256K-token fwd+bwd vs float64, compute-sanitizer memcheck (opt-in; about 4 min
+#                plus the sanitizer; ROBUSTNESS_ARGS e.g. "--quick" or "--only long,sanitizer")
 #
 # First calls compile and autotune Triton kernels (ours and mamba_ssm's), so `bench` over every case
 # can outlast a 10-minute command: split it, e.g. BENCH_ARGS="--primitive ssd" BENCH_NAME=bench-ssd.
@@ -143,6 +146,11 @@ stage_bench() {  # BENCH_ARGS filters (e.g. "--primitive ssd"); BENCH_NAME names
         --plot "$OUT/$name.png" ${BENCH_ARGS:-}
 }
 
+stage_robustness() {  # ROBUSTNESS_ARGS: e.g. "--quick", "--only first-call,long"
+    # shellcheck disable=SC2086
+    "$PYTHON" -m ssmkernels robustness --json "$OUT/robustness.json" ${ROBUSTNESS_ARGS:-}
+}
+
 stage_benchmarks() {
     "$PYTHON" -m pytest benchmarks/ -q --benchmark-json="$OUT/pytest-benchmark.json" \
         --benchmark-columns=median,iqr,rounds
@@ -154,7 +162,7 @@ for stage in "${STAGES[@]}"; do
     PEERS_PATH=$(peer_paths)
     export PYTHONPATH="$PEERS_PATH${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"
     case "$stage" in
-        env|peers|build|test|check|bench|benchmarks) run_stage "$stage" "stage_$stage" ;;
+        env|peers|build|test|check|bench|benchmarks|robustness) run_stage "$stage" "stage_$stage" ;;
         peers-build) run_stage "$stage" stage_peers_build ;;
         *) log "unknown stage $stage"; FAILED=1 ;;
     esac

@@ -6,6 +6,7 @@
 - ``build``   compile the CUDA extension ahead of time (JIT cache, or ``--inplace`` into the package).
 - ``warmup``  run each primitive once on a backend so that kernels are compiled before real work.
 - ``demo``    not available yet.
+- ``robustness`` first-call times, batch invariance, prefill vs decode, long sequences, compute-sanitizer.
 """
 from __future__ import annotations
 
@@ -388,6 +389,13 @@ def cmd_model(args) -> int:
     return int(model_bench.main(list(args.rest)) or 0)
 
 
+def cmd_robustness(args) -> int:
+    """Runs the robustness measurements (``ssmkernels.bench.robustness``) with the given options."""
+    from .bench import robustness
+
+    return int(robustness.main(list(args.rest)) or 0)
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from .bench.checks import SIZES
@@ -458,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "tokens/s and memory vs context (ssmkernels.models.bench)")
     model.add_argument("rest", nargs=argparse.REMAINDER, help="options of ssmkernels.models.bench (--out, --quick, ...)")
     model.set_defaults(func=cmd_model)
+
+    robust = sub.add_parser("robustness", help="first-call times, batch invariance, prefill vs decode, 256K-token "
+                                                "fwd+bwd vs float64, compute-sanitizer (ssmkernels.bench.robustness)")
+    robust.add_argument("rest", nargs=argparse.REMAINDER, help="its options (--quick, --json PATH, --only NAME,...)")
+    robust.set_defaults(func=cmd_robustness)
     return parser
 
 
@@ -467,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         # `model` hands every option to ssmkernels.models.bench (argparse's REMAINDER cannot take
         # options that come first).
         return cmd_model(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] == ["robustness"]:  # its own parser, --help included
+        return cmd_robustness(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
