@@ -39,11 +39,11 @@ def require_model_backend(backend: str) -> None:
     not written yet, issue #5): the model's backend switch runs every primitive on that backend."""
     import ssmkernels
 
-    x = torch.randn(1, 4, 2, 4, device=DEVICE)
+    x = torch.randn(1, 16, 2, 4, device=DEVICE)
     try:
-        ssmkernels.ssd_chunk_scan(x, torch.rand(1, 4, 2, device=DEVICE), -torch.ones(2, device=DEVICE),
-                                  torch.randn(1, 4, 1, 4, device=DEVICE), torch.randn(1, 4, 1, 4, device=DEVICE), 4,
-                                  backend=backend)
+        ssmkernels.ssd_chunk_scan(x, torch.rand(1, 16, 2, device=DEVICE), -torch.ones(2, device=DEVICE),
+                                  torch.randn(1, 16, 1, 4, device=DEVICE), torch.randn(1, 16, 1, 4, device=DEVICE),
+                                  16, backend=backend)
     except BackendUnavailable as exc:
         pytest.skip(f"the model cannot run on {backend}: {exc}")
 

@@ -48,8 +48,11 @@ CASES = {
     "varlen_empty_last": dict(b=1, l=36, cu=[0, 36, 36], init=True, varlen=True),
     "varlen_final_only": dict(b=1, l=40, cu=[0, 20, 40], init=True),
 }
+# On the GPU also chunks of several row / key blocks (the block sizes differ per operand dtype).
+if ON_GPU:
+    CASES["l300_chunk256"] = dict(l=300, chunk=256, init=True, seq=[[100], [255, 256]])
 # Float16 (and bf16 on the GPU) run a representative subset: the interpreter is slow.
-LOWP_CASES = ("base", "l70_chunk32", "plain", "seq_idx", "varlen")
+LOWP_CASES = ("base", "l70_chunk32", "plain", "seq_idx", "varlen") + (("l70_chunk64", "l300_chunk256") if ON_GPU else ())
 
 
 def _seq_idx(b, l, cuts):

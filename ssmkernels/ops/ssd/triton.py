@@ -67,7 +67,20 @@ _PASS_CFG = {"BLOCK": 1024, "num_warps": 4}
 _SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_V_MAX": 64, "num_warps": 8}
 # float32 operands take twice the shared memory: narrower key blocks and two pipeline stages keep
 # the full-value scans (p = 64, n = 128) under the 227 KB of an H100 (seen: 232,960 B requested).
-_SCAN_CFG_F32 = {"BLOCK_K": 32, "num_stages": 2}
+# 32-row blocks: with tf32x3 dots, 64-row blocks gave wrong dt gradients on an H100 at chunk 64
+# (error 5.1 against a tolerance of 1.5e-4) where 32-row blocks (chunk 32) passed; the backward of
+# every input dtype runs on float32 operands, so it uses this configuration too.
+_SCAN_CFG_F32 = {"BLOCK_M": 32, "BLOCK_K": 32, "num_stages": 2}
+
+
+def _scan_cfg(dtype: torch.dtype) -> dict:
+    """Scan-kernel configuration for dot operands of ``dtype``."""
+    return _SCAN_CFG if dtype != torch.float32 else {**_SCAN_CFG, **_SCAN_CFG_F32}
+
+
+def _scan_block_m(chunk_size: int, dtype: torch.dtype) -> int:
+    """Rows per scan program (the backward sizes its per-row-block buffers with it)."""
+    return min(_p2(chunk_size), _scan_cfg(dtype)["BLOCK_M"])
 
 # Precision of the tensor-core dots (Triton's ``input_precision``) where the operands are float32.
 # The backward's operands are float32 whatever the input dtype: dA and ddt_bias are sums over the
@@ -789,8 +802,8 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
     chunk_size = cs.shape[3]
     DQK, DV = q.shape[3], v.shape[3]
     D2 = DQK if q2 is None else q2.shape[3]
-    cfg = _SCAN_CFG if dtype != torch.float32 else {**_SCAN_CFG, **_SCAN_CFG_F32}
-    bm = min(_p2(chunk_size), cfg["BLOCK_M"])
+    cfg = _scan_cfg(dtype)
+    bm = _scan_block_m(chunk_size, dtype)
     bk = min(_p2(chunk_size), cfg["BLOCK_K"])
     bv = _p2(DV) if full_value else min(_p2(DV), cfg["BLOCK_V_MAX"])
     dot_dtype, prec = _dot_types(dtype, input_dtype or dtype)
@@ -1027,8 +1040,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     # cu_seqlens final states: pairs (end_j - 1, s) add to da_k for k in (s, end_j - 1] only
     dcs_end = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32) if varlen else None
     ddtp = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
-    bm = min(_p2(chunk_size), _SCAN_CFG["BLOCK_M"])
-    nmb = triton.cdiv(chunk_size, bm)
+    nmb = triton.cdiv(chunk_size, _scan_block_m(chunk_size, GRAD_DOT_DTYPE))
     dpart = None if D is None else torch.empty(b * nc, nmb, h, p, device=dev, dtype=f32)
     _launch_scan(C, B, x, states, st_strides_np, varlen_init, init_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=False, col_scale=True, epilogue=_EPI_DZ, x=x, z=z, dout=dout, D=D,
