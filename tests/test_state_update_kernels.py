@@ -48,6 +48,7 @@ class Case:
     pad_slot_id: int = -1
     index_dtype: torch.dtype = torch.int32
     noncontig: bool = False  # x, dt, z, B, C, state as strided slices of bigger buffers
+    strided_indices: bool = False  # state_batch_indices as every other element of a bigger buffer
 
 
 BASE = Case()
@@ -68,6 +69,7 @@ CASES = {
     "mamba2_indices_int64": replace(BASE, batch=3, cache=4, indices=(1, -1, 3), index_dtype=torch.int64, tokens=2),
     "mamba2_noncontig": replace(BASE, noncontig=True, tokens=2, per_head=False),
     "mamba2_noncontig_indices": replace(BASE, noncontig=True, cache=5, indices=(4, -1), per_head=True),
+    "mamba2_strided_indices": replace(BASE, batch=3, cache=5, indices=(4, -1, 1), strided_indices=True, tokens=2),
     "mamba1_step": replace(BASE, mamba1=True, headdim=6, per_head=False),
     "mamba1_tokens2": replace(BASE, mamba1=True, headdim=6, tokens=2, D=False, softplus=False),
     "mamba1_indices_pad": replace(BASE, mamba1=True, headdim=5, batch=3, cache=4, indices=(-1, 3, 0)),
@@ -141,6 +143,8 @@ def run_case(case: Case):
             target.copy_(state)
         x_, dt_, A_, B_, C_, D_, z_, dt_bias_ = caller_views(case, x, target, dt, A, B, C, D, z, dt_bias)
         target_ = target[:, 0] if case.mamba1 else target
+        if case.strided_indices:
+            state_batch_indices = _strided(state_batch_indices)
         out = ssmkernels.selective_state_update(target_, x_, dt_, A_, B_, C_, D=D_, z=z_, dt_bias=dt_bias_,
                                                 dt_softplus=case.softplus, state_batch_indices=state_batch_indices,
                                                 pad_slot_id=case.pad_slot_id, backend=backend)
@@ -218,6 +222,105 @@ def test_kernel_skips_out_of_range_indices(backend):
     before = args[0].clone()
     out = torch.ops.ssmkernels.selective_state_update(*args)
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(args[0], before)
+
+
+# ------------------------------------------------------------------- the eager fast path
+# After the first call of a kind, a plain eager call skips the checks it already passed, the backend
+# choice and the op dispatcher (op.py's plans). These tests pin what must not change because of it.
+def _step_args(backend: str, batch: int = 2, indices: tuple[int, ...] | None = None):
+    case = replace(BASE, batch=batch, cache=3 if indices else None, indices=indices)
+    i = make_inputs(case, torch.float32, torch.float32)
+    x, dt, A, B, C, D, z, dt_bias = caller_views(case, i["x"], i["state"], i["dt"], i["A"], i["B"], i["C"], i["D"],
+                                                 i["z"], i["dt_bias"])
+    return dict(state=i["state"], x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True,
+                state_batch_indices=i["state_batch_indices"], backend=backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fast_path_matches_the_op(backend, monkeypatch):
+    """Repeated eager calls give what the op gives, and do not go through the op dispatcher."""
+    from ssmkernels.ops.state_update import op
+
+    args = _step_args(backend, indices=(2, -1))
+    state_op = args["state"].clone()
+    op_args = [args[k] for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "dt_softplus", "state_batch_indices")]
+    outs_op = [torch.ops.ssmkernels.selective_state_update(state_op, *op_args, -1, backend) for _ in range(3)]
+    ssmkernels.selective_state_update(**{**args, "state": args["state"].clone()})  # caches the plan
+
+    def no_dispatcher(*_):
+        raise AssertionError("a repeated plain eager call went through the op dispatcher")
+
+    monkeypatch.setattr(op, "_state_update", no_dispatcher)
+    outs = [ssmkernels.selective_state_update(**args) for _ in range(3)]
+    for out, expected in zip(outs, outs_op):
+        assert not out.requires_grad
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(args["state"], state_op, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ("reference",))
+def test_fast_path_still_rejects_bad_input(backend, monkeypatch):
+    """Once a kind of call is cached, a call that differs in any checked property is checked again."""
+    args = _step_args(backend)
+    ssmkernels.selective_state_update(**args)
+    ssmkernels.selective_state_update(**args)
+    bad = {
+        "B": (ValueError, "B must have shape", args["B"][:, :, :-1]),
+        "x": (TypeError, "x must be a torch.Tensor", args["x"].tolist()),
+        "z": (ValueError, "z must have shape", args["z"][:1]),
+        "D": (TypeError, "D must have dtype", args["D"].to(torch.int32)),
+        "dt_bias": (ValueError, "dt_bias must be on", args["dt_bias"].to("meta")),
+    }
+    for name, (error, message, value) in bad.items():
+        with pytest.raises(error, match=message):
+            ssmkernels.selective_state_update(**{**args, name: value})
+    with pytest.raises(ValueError, match="slots for batch"):
+        ssmkernels.selective_state_update(**{**args, "state": args["state"][:1]})
+    monkeypatch.setenv("SSMKERNELS_BACKEND", "bogus")  # read on every call, cached plan or not
+    with pytest.raises(ValueError, match="SSMKERNELS_BACKEND"):
+        ssmkernels.selective_state_update(**{**args, "backend": None})
+
+
+def test_fast_path_checks_cpu_index_values_every_call():
+    args = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in _step_args("reference", indices=(2, -1)).items()}
+    ssmkernels.selective_state_update(**args)
+    ssmkernels.selective_state_update(**args)
+    args["state_batch_indices"][0] = 3  # 3 slots
+    with pytest.raises(ValueError, match="state_batch_indices holds 3"):
+        ssmkernels.selective_state_update(**args)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_modes_and_profiler_see_the_op(backend):
+    """Under a TorchDispatchMode, FakeTensorMode or the profiler, calls go through the op (cached plan or not)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    args = _step_args(backend)
+    ssmkernels.selective_state_update(**args)  # a cached plan exists from here on
+    ssmkernels.selective_state_update(**args)
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        ssmkernels.selective_state_update(**args)
+    assert "ssmkernels.selective_state_update.default" in recorder.ops
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        ssmkernels.selective_state_update(**args)
+    assert any(event.name == "ssmkernels::selective_state_update" for event in profile.events())
+
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        fake = {k: (mode.from_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        out = ssmkernels.selective_state_update(**fake)
+    assert type(out).__name__ == "FakeTensor" and out.shape == args["x"].shape
 
 
 # ------------------------------------------------------------------- torch.library integration

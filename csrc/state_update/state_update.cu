@@ -70,8 +70,8 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
 
   int64_t slot = b;
   if (params.indices != nullptr) {
-    slot = params.index_is_int64 ? static_cast<const int64_t*>(params.indices)[b]
-                                 : static_cast<const int32_t*>(params.indices)[b];
+    slot = params.index_is_int64 ? static_cast<const int64_t*>(params.indices)[b * params.index_stride]
+                                 : static_cast<const int32_t*>(params.indices)[b * params.index_stride];
     // Padding rows (and, defensively, any index outside the cache) touch no state: zeros out.
     // Uniform over the block (one batch row per block), so returning here is safe for the shuffles.
     if (slot == params.pad_slot_id || slot < 0 || slot >= params.slots) {

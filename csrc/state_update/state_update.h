@@ -23,6 +23,7 @@ struct Params {
   int64_t pad_slot_id = -1;
   bool dt_softplus = false;
   bool index_is_int64 = false;
+  int64_t index_stride = 1;  // of indices, in elements (a strided view works as well as a packed one)
 
   // Element types (ssmk::DType codes). The state's type is a template parameter of the kernel;
   // the inputs' types are read at run time (they are loaded once per row and token, or are small).

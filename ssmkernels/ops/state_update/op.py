@@ -41,19 +41,76 @@ _LIBRARY.define(
     "-> Tensor"
 )
 _KERNELS: dict = {}  # backend -> kernel module (an import_module per call costs microseconds)
+_MAX_CACHED = 4096  # entries per cache below; past this the cache starts over (shapes that never repeat)
 
 
-def _state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, backend):
+def _kernel_module(backend: str):
     module = _KERNELS.get(backend)
     if module is None:
         module = _KERNELS[backend] = kernels(PRIMITIVE, backend)
-    out = empty_like(x)
-    if x.is_cuda and x.device.index != torch.cuda.current_device():  # kernels launch on the current device
-        with torch.cuda.device(x.device):
-            module.update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out)
-    else:
-        module.update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out)
-    return out
+    return module
+
+
+def _signature(state, x, dt, A, B, C, D, z, dt_bias, idx) -> tuple:
+    """Everything about the tensors that validation, the backend choice and the kernels' launch
+    arguments depend on: type, shape, strides, dtype, device (~2.5 us for a decode step's nine)."""
+    return (
+        type(state), state.shape, state.stride(), state.dtype, state.device,
+        type(x), x.shape, x.stride(), x.dtype, x.device,
+        type(dt), dt.shape, dt.stride(), dt.dtype, dt.device,
+        type(A), A.shape, A.stride(), A.dtype, A.device,
+        type(B), B.shape, B.stride(), B.dtype, B.device,
+        type(C), C.shape, C.stride(), C.dtype, C.device,
+        None if D is None else (type(D), D.shape, D.stride(), D.dtype, D.device),
+        None if z is None else (type(z), z.shape, z.stride(), z.dtype, z.device),
+        None if dt_bias is None else (type(dt_bias), dt_bias.shape, dt_bias.stride(), dt_bias.dtype, dt_bias.device),
+        None if idx is None else (type(idx), idx.shape, idx.stride(), idx.dtype, idx.device),
+    )
+
+
+class _Launch:
+    """A kernel backend's launch arguments for one kind of call (``prepare`` of cuda.py / triton.py),
+    computed once: per call only the addresses (and the stream) are new."""
+    __slots__ = ("module", "prepared", "device_index")
+
+    def __init__(self, backend, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id):
+        self.module = _kernel_module(backend)
+        # ``out`` is allocated by empty_like(x), whose strides depend only on x's shape and strides.
+        self.prepared = self.module.prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id,
+                                            torch.empty_like(x))
+        self.device_index = x.get_device()  # -1 on the CPU (Triton's interpreter)
+
+    def __call__(self, state, x, dt, A, B, C, D, z, dt_bias, idx) -> Tensor:
+        out = empty_like(x)
+        index = self.device_index
+        if index >= 0 and index != _current_device():  # kernels launch on the current device
+            with torch.cuda.device(index):
+                self.module.launch(self.prepared, state, x, dt, A, B, C, D, z, dt_bias, idx, out)
+        else:
+            self.module.launch(self.prepared, state, x, dt, A, B, C, D, z, dt_bias, idx, out)
+        return out
+
+
+def _current_device() -> int:
+    """torch's current CUDA device (``torch.cuda.current_device()`` without its Python layers)."""
+    global _current_device
+    _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+    return _current_device()
+
+
+_LAUNCHES: dict = {}  # (backend, flags, _signature) -> _Launch, for calls through the op
+
+
+def _state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, backend):
+    idx = state_batch_indices
+    key = (backend, dt_softplus, pad_slot_id, _signature(state, x, dt, A, B, C, D, z, dt_bias, idx))
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) >= _MAX_CACHED:
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = _Launch(backend, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx,
+                                          pad_slot_id)
+    return launch(state, x, dt, A, B, C, D, z, dt_bias, idx)
 
 
 def _state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, backend):
@@ -180,6 +237,48 @@ def _backend_for(requested, default, device, dtype, state_dtype, mamba1, indices
     return chosen
 
 
+def _check(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id) -> int:
+    """Every check of the arguments (ValueError / TypeError saying what is wrong); returns the batch."""
+    shapes = _fast_check(state, x, dt, A, B, C, D, z, dt_bias)
+    b, _ = shapes if shapes is not None else _check_shapes(state, x, dt, A, B, C, D, z, dt_bias)
+    if idx is None:
+        if state.shape[0] < b:
+            raise ValueError(f"state has {state.shape[0]} slots for batch {b}; pass state_batch_indices "
+                             f"or a state with at least {b} rows")
+    else:
+        if not (isinstance(idx, Tensor) and idx.shape == (b,) and idx.dtype in _INDEX_DTYPES
+                and idx.device == x.device):
+            v.check_tensor("state_batch_indices", idx, (b,), v.INDEX_DTYPES, x.device)
+        if not idx.is_cuda:  # reading CUDA values would synchronise the decode loop: see the docstring
+            v.check_indices("state_batch_indices", idx, b, state.shape[0], x.device, pad_value=pad_slot_id)
+    return b
+
+
+class _Plan:
+    """What a plain eager call of one kind (same ``_signature``, backend request and flags) needs
+    after its first call: the checks passed and the backend is chosen, so only the index values (CPU
+    tensors) are checked again and the kernel is launched directly (``launch``; None: reference)."""
+    __slots__ = ("batch", "slots", "host_indices", "launch")
+
+    def __init__(self, b, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id, backend):
+        self.batch, self.slots = b, state.shape[0]
+        self.host_indices = idx is not None and not idx.is_cuda
+        self.launch = None if backend == "reference" else _Launch(
+            backend, state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), idx, int(pad_slot_id))
+
+
+_PLANS: dict = {}  # (backend=, SSMKERNELS_BACKEND, flags, _signature) -> _Plan, for plain eager calls
+
+# What makes the op dispatcher necessary: Dynamo tracing, a TorchDispatchMode (FakeTensorMode,
+# functionalization and proxy tracing included), a TorchFunctionMode, a functorch transform (vmap,
+# grad, functionalize), the profiler (which records the op). Each check is a ~50 ns C call.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_functorch_active = torch._C._are_functorch_transforms_active
+_profiling = torch._C._autograd._profiler_enabled
+
+
 def selective_state_update(
     state: Tensor,
     x: Tensor,
@@ -220,21 +319,35 @@ def selective_state_update(
     Returns:
         ``out`` shaped like x, in x's dtype.
     """
-    shapes = _fast_check(state, x, dt, A, B, C, D, z, dt_bias)
-    b, tokens = shapes if shapes is not None else _check_shapes(state, x, dt, A, B, C, D, z, dt_bias)
-    if state_batch_indices is None:
-        if state.shape[0] < b:
-            raise ValueError(f"state has {state.shape[0]} slots for batch {b}; pass state_batch_indices "
-                             f"or a state with at least {b} rows")
+    if not _is_compiling() and not (_dispatch_modes() or _function_modes() or _functorch_active() or _profiling()):
+        # Plain eager call: see the module docstring. Under tracing, modes or the profiler, and on
+        # the first call of a kind, the full path below runs (it fills the plan cache).
+        default = config.default_backend()
+        try:
+            key = (backend, default, bool(dt_softplus), int(pad_slot_id),
+                   _signature(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices))
+            plan = _PLANS.get(key)
+        except (AttributeError, TypeError, ValueError, RuntimeError):  # not tensors ...: the full path says what
+            key = plan = None
+        if plan is not None:
+            if plan.host_indices:  # CPU index values: checked every call, as on the full path
+                v.check_indices("state_batch_indices", state_batch_indices, plan.batch, plan.slots, x.device,
+                                pad_value=pad_slot_id)
+            if plan.launch is None:
+                return reference.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                                        state_batch_indices, pad_slot_id)
+            return plan.launch(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     else:
-        idx = state_batch_indices
-        if not (isinstance(idx, Tensor) and idx.shape == (b,) and idx.dtype in _INDEX_DTYPES
-                and idx.device == x.device):
-            v.check_tensor("state_batch_indices", idx, (b,), v.INDEX_DTYPES, x.device)
-        if not idx.is_cuda:  # reading CUDA values would synchronise the decode loop: see the docstring
-            v.check_indices("state_batch_indices", idx, b, state.shape[0], x.device, pad_value=pad_slot_id)
+        key = None
+    b = _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id)
     chosen = _backend_for(backend, config.default_backend(), x.device, x.dtype, state.dtype, state.dim() == 3,
                           state_batch_indices is not None, state.shape[-1], b <= SMALL_BATCH)
+    if key is not None and all(type(t) is Tensor for t in (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+                               if t is not None):
+        if len(_PLANS) >= _MAX_CACHED:
+            _PLANS.clear()
+        _PLANS[key] = _Plan(b, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id,
+                            chosen)
     if chosen == "reference":
         return reference.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                                 state_batch_indices, pad_slot_id)

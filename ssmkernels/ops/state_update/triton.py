@@ -62,7 +62,7 @@ def _store_cast(value, ptr_dtype: tl.constexpr, BF16_BY_BITS: tl.constexpr):
 @triton.jit(do_not_specialize=["tokens", "batch_cache", "pad_slot_id"])
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, indices_ptr, out_ptr,
-    tokens, p, n, heads_per_group, batch_cache, pad_slot_id,
+    tokens, p, n, heads_per_group, batch_cache, pad_slot_id, stride_indices,
     stride_state_slot, stride_state_h, stride_state_p, stride_state_n,
     stride_x_b, stride_x_t, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_t, stride_dt_h, stride_dt_p,
@@ -104,7 +104,7 @@ def _state_update_kernel(
     out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_p64 * stride_out_p
 
     if HAS_INDICES:
-        slot = tl.load(indices_ptr + pid_b).to(tl.int64)
+        slot = tl.load(indices_ptr + pid_b * stride_indices).to(tl.int64)
         # Pad rows (and, defensively, any index outside the cache) touch no state: zeros out.
         if (slot == pad_slot_id) | (slot < 0) | (slot >= batch_cache):
             zeros = tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptr.dtype.element_ty)
@@ -204,34 +204,48 @@ def _launch_config(batch: int, heads: int, p: int, n: int) -> tuple[int, int, in
     return block_p, block_n, num_warps
 
 
-def update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out):
-    """Apply the call's tokens to ``state`` in place and write ``out`` (shaped like ``x``).
-
-    Tensors come as the caller passed them (any of SPEC's forms, any strides); ``layout`` reads
-    them as the multi-token Mamba-2 form. ``state_batch_indices`` may be int32 or int64.
-    """
+def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out):
+    """What a launch needs besides the tensors: ``(grid, scalar arguments, constexpr arguments)``, or
+    None when there is nothing to compute. It depends only on the tensors' shapes, strides and
+    dtypes and on the flags, so ``op.py`` computes it once per kind of call."""
     lay = mamba2_layout(state, x, dt, A, B, C, D, z, dt_bias, out)
     b, t, h, p, n = lay.batch, lay.tokens, lay.heads, lay.headdim, lay.dstate
     if b == 0 or t == 0 or h == 0 or p == 0:
-        return
+        return None
     block_p, block_n, num_warps = _launch_config(b, h, p, n)
-    dt_per_head = lay.dt[3] == 0 and lay.dt_bias[1] == 0
-    a_per_head = lay.A[1] == 0 and lay.A[2] == 0
-    grid = (triton.cdiv(p, block_p), b, h)
-    _state_update_kernel[grid](
-        state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out,
-        t, p, n, h // lay.groups, lay.slots, pad_slot_id,
-        *lay.state, *lay.x, *lay.dt, *lay.A, *lay.B, *lay.C, *lay.D, *lay.z, *lay.dt_bias, *lay.out,
+    idx = state_batch_indices
+    scalars = (t, p, n, h // lay.groups, lay.slots, pad_slot_id, 1 if idx is None else idx.stride(0),
+               *lay.state, *lay.x, *lay.dt, *lay.A, *lay.B, *lay.C, *lay.D, *lay.z, *lay.dt_bias, *lay.out)
+    constants = dict(
         DT_SOFTPLUS=bool(dt_softplus),
         HAS_D=D is not None,
         HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None,
-        HAS_INDICES=state_batch_indices is not None,
-        DT_PER_HEAD=dt_per_head,
-        A_PER_HEAD=a_per_head,
+        HAS_INDICES=idx is not None,
+        DT_PER_HEAD=lay.dt[3] == 0 and lay.dt_bias[1] == 0,  # dt and dt_bias have stride 0 along p
+        A_PER_HEAD=lay.A[1] == 0 and lay.A[2] == 0,
         BF16_BY_BITS=_INTERPRETED,
         EVEN_N=block_n == n,
         BLOCK_P=block_p,
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
+    return (triton.cdiv(p, block_p), b, h), scalars, constants
+
+
+def launch(prepared, state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out) -> None:
+    """Launch with ``prepared`` from :func:`prepare` (None: nothing to do)."""
+    if prepared is None:
+        return
+    grid, scalars, constants = prepared
+    _state_update_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out, *scalars, **constants)
+
+
+def update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out):
+    """Apply the call's tokens to ``state`` in place and write ``out`` (shaped like ``x``).
+
+    Tensors come as the caller passed them (any of SPEC's forms, any strides); ``layout`` reads
+    them as the multi-token Mamba-2 form. ``state_batch_indices`` may be int32 or int64, any stride.
+    """
+    prepared = prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out)
+    launch(prepared, state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out)

@@ -1,0 +1,220 @@
+"""Per-call cost of selective_state_update at batch 1 (issue #7): what a decode loop without CUDA
+graphs pays per layer and step.
+
+    python scripts/state_update_overhead.py              # on the GPU machine: everything below
+    python scripts/state_update_overhead.py --json out.json
+
+The call is the Mamba-2 decode step of the issue: state (1, 128, 64, 128) float32, x/z (1, 128, 64)
+bf16, B/C (1, 8, 128) bf16, stride-0 views for A (h, p, n), dt (b, h, p), D and dt_bias (h, p),
+dt_softplus=True.
+
+1. ``wall``, CUDA only: each available backend in a back-to-back loop, wall clock per call
+   (``--calls`` calls, then one synchronize; median of ``--repeats`` loops), and the GPU time of
+   one call from CUDA events. This is the number of the issue (40 us cuda, 87 us triton before).
+2. ``host``: host time per call with the CUDA backend's kernel call stubbed out (the binding is
+   replaced by a no-op), on the GPU's tensors when there is a GPU, else on CPU tensors; then each
+   piece of the call timed alone. On a machine without a GPU this is the whole measurement.
+The stubbed pieces use the op module's internals, so they follow its code; ``wall`` uses only the
+public function.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ssmkernels  # noqa: E402
+from ssmkernels._core import config, ext  # noqa: E402
+from ssmkernels._core.custom_op import empty_like  # noqa: E402
+from ssmkernels.ops.state_update import cuda as cuda_kernels  # noqa: E402
+from ssmkernels.ops.state_update import op  # noqa: E402
+
+H, P, N, G = 128, 64, 128, 8
+
+
+def decode_inputs(device: torch.device, batch: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(7)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    bf16 = torch.bfloat16
+    return {
+        "state": rand(batch, H, P, N),
+        "x": rand(batch, H, P, dtype=bf16),
+        "dt": rand(batch, H, dtype=bf16)[..., None].expand(batch, H, P),
+        "A": (-rand(H).abs() - 0.5)[:, None, None].expand(H, P, N),
+        "B": rand(batch, G, N, dtype=bf16),
+        "C": rand(batch, G, N, dtype=bf16),
+        "D": rand(H)[:, None].expand(H, P),
+        "z": rand(batch, H, P, dtype=bf16),
+        "dt_bias": rand(H)[:, None].expand(H, P),
+    }
+
+
+def call(kw: dict, backend: str | None):
+    return ssmkernels.selective_state_update(kw["state"], kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"],
+                                             kw["z"], kw["dt_bias"], True, backend=backend)
+
+
+def per_call_us(fn, calls: int, repeats: int, sync: bool = False) -> dict:
+    """Median and minimum over ``repeats`` loops of ``calls`` calls, in microseconds per call."""
+    for _ in range(min(calls, 200)):
+        fn()
+    if sync:
+        torch.cuda.synchronize()
+    loops = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if sync:
+            torch.cuda.synchronize()
+        loops.append((time.perf_counter() - started) / calls * 1e6)
+    return {"median_us": statistics.median(loops), "min_us": min(loops)}
+
+
+def gpu_us(fn, reps: int = 200) -> float:
+    """Median GPU time of one call from CUDA events around it."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+
+
+def wall(calls: int, repeats: int) -> dict:
+    kw = decode_inputs(torch.device("cuda"))
+    results = {}
+    for backend in ("cuda", "triton", "reference"):
+        try:
+            call(kw, backend)
+        except Exception as exc:  # an unavailable backend says why (BackendUnavailable)
+            results[backend] = {"unavailable": f"{type(exc).__name__}: {exc}"}
+            continue
+        results[backend] = per_call_us(lambda: call(kw, backend), calls, repeats, sync=True)
+        results[backend]["gpu_us"] = gpu_us(lambda: call(kw, backend))
+    results["default"] = per_call_us(lambda: call(kw, None), calls, repeats, sync=True)
+    return results
+
+
+@contextlib.contextmanager
+def stubbed_cuda_backend():
+    """Every call served by the CUDA backend's Python side (on CPU tensors too), its kernel call a no-op."""
+    saved = op._backend_for, cuda_kernels._kernel, cuda_kernels._raw_stream
+    op._backend_for = lambda *args: "cuda"
+    cuda_kernels._kernel = lambda params, addresses, stream: None
+    if not torch.cuda.is_available():
+        cuda_kernels._raw_stream = lambda device_index: 0
+    op._PLANS.clear()
+    op._LAUNCHES.clear()
+    try:
+        yield
+    finally:
+        op._backend_for, cuda_kernels._kernel, cuda_kernels._raw_stream = saved
+        op._PLANS.clear()
+        op._LAUNCHES.clear()
+
+
+def host(device: torch.device, calls: int, repeats: int) -> dict:
+    kw = decode_inputs(device)
+    state, x, dt, A, B, C, D, z, dt_bias = (kw[k] for k in ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias"))
+    args = (state, x, dt, A, B, C, D, z, dt_bias, True, None, -1)
+    results = {}
+    with stubbed_cuda_backend():
+        call(kw, None)  # the first call checks, dispatches and caches the plan
+        plan = next(iter(op._PLANS.values()))
+        prepared = plan.launch.prepared
+        out = empty_like(x)
+        pieces = {
+            "whole call (public function, kernel call stubbed)": lambda: call(kw, None),
+            "  guards (is_compiling, modes, functorch, profiler)": lambda: (
+                op._is_compiling() or op._dispatch_modes() or op._function_modes() or op._functorch_active()
+                or op._profiling()),
+            "  plan key (_signature) + lookup": lambda: op._PLANS.get(
+                (None, config.default_backend(), True, -1, op._signature(state, x, dt, A, B, C, D, z, dt_bias, None))),
+            "  out = empty_like(x)": lambda: empty_like(x),
+            "  cuda.launch: addresses + stream + (stubbed) binding": lambda: cuda_kernels.launch(
+                prepared, state, x, dt, A, B, C, D, z, dt_bias, None, out),
+            "first call of a kind only: validation (_check)": lambda: op._check(
+                state, x, dt, A, B, C, D, z, dt_bias, None, -1),
+            "first call of a kind only: backend choice (memoised)": lambda: op._backend_for(
+                None, config.default_backend(), x.device, x.dtype, state.dtype, False, False, N, True),
+            "first call of a kind only: cuda.prepare (layout, params tuple)": lambda: cuda_kernels.prepare(
+                state, x, dt, A, B, C, D, z, dt_bias, True, None, -1, out),
+            "through the op dispatcher (compile / modes path), stubbed": lambda: op._state_update(*args, "cuda"),
+        }
+        for name, fn in pieces.items():
+            results[name] = per_call_us(fn, calls, repeats)
+    if ext.load_error() is None and getattr(ext.module(), "state_update_binding_version", 0) == cuda_kernels.BINDING_VERSION:
+        # The real binding's argument conversion: tokens = 0 makes the launcher return before any CUDA call.
+        params = list(prepared[0])
+        params[11] = 0
+        params = tuple(params)
+        addresses = tuple(range(1 << 20, (1 << 20) + 11))
+        binding = ext.module().state_update
+        results["  the binding's argument conversion (real, no launch)"] = per_call_us(
+            lambda: binding(params, addresses, 0), calls, repeats)
+    return results
+
+
+def environment() -> dict:
+    info = {"timestamp": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per timed loop")
+    parser.add_argument("--repeats", type=int, default=7, help="timed loops (median and minimum reported)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="tensors of the stubbed host measurement (auto: cuda when available)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    report = {"environment": environment()}
+    print(json.dumps(report["environment"]))
+    if torch.cuda.is_available():
+        report["wall"] = wall(args.calls, args.repeats)
+        print(f"\nwall clock per call, batch 1, back-to-back ({args.calls} calls, median of {args.repeats} loops)")
+        for backend, r in report["wall"].items():
+            if "unavailable" in r:
+                print(f"  {backend:10s} unavailable: {r['unavailable'][:150]}")
+            else:
+                gpu = f"   GPU {r['gpu_us']:6.2f} us" if "gpu_us" in r else ""
+                print(f"  {backend:10s} {r['median_us']:7.2f} us (min {r['min_us']:6.2f}){gpu}")
+    report["host"] = host(device, args.calls, args.repeats)
+    report["host_device"] = str(device)
+    print(f"\nhost time per call on {device} tensors, CUDA backend's kernel call stubbed out")
+    for name, r in report["host"].items():
+        print(f"  {name:66s} {r['median_us']:7.2f} us (min {r['min_us']:6.2f})")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
