@@ -10,6 +10,7 @@
 | SSMKERNELS_CUDA             | setup.py: 1 build the extension, 0 never, unset auto-detect    |
 | SSMKERNELS_POISON_OUTPUTS   | 1: fill kernel outputs with NaN before kernels write (tests)   |
 | SSMKERNELS_SSD_DOT_PRECISION| ieee/tf32x3/tf32: float32-operand dots of the Triton SSD       |
+| SSMKERNELS_SSD_PRECOMPUTE_CB| 0: Triton SSD heads recompute C B^T (default 1: once per group)|
 | TRITON_INTERPRET            | Triton's own: 1 runs Triton kernels on the CPU (tests)         |
 
 Values are read when asked for (not cached at import), so tests can monkeypatch the environment.
@@ -91,3 +92,8 @@ def ssd_dot_precision() -> str | None:
     if value not in _DOT_PRECISIONS:
         raise ValueError(f"SSMKERNELS_SSD_DOT_PRECISION must be one of {', '.join(_DOT_PRECISIONS)}, got {value!r}")
     return value
+
+
+def ssd_precompute_cb() -> bool:
+    """Whether the Triton SSD computes each chunk's C B^T once per group (default) or per head."""
+    return os.environ.get("SSMKERNELS_SSD_PRECOMPUTE_CB", "1").strip() != "0"

@@ -59,6 +59,8 @@ MAX_DSTATE = 256
 # dt kernel: one program per (b, h, chunk), the whole chunk in one tile.
 # segment-state kernel: (BLOCK_T positions) x (BLOCK_P x BLOCK_N) state tile.
 _SEGMENT_CFG = {"BLOCK_T": 64, "BLOCK_P": 64, "BLOCK_N": 64, "num_warps": 8}
+# C B^T kernel: BLOCK_M x BLOCK_M tiles of a chunk's (Q x Q) matrix, the whole d_state in one dot.
+_CB_CFG = {"BLOCK_M": 64, "num_warps": 4}
 # state-pass kernels: flat blocks of the p*n state, sequential over chunks.
 _PASS_CFG = {"BLOCK": 1024, "num_warps": 4}
 # scan kernel: BLOCK_M rows x BLOCK_K columns per step; value tile up to BLOCK_V_MAX wide when the
@@ -190,6 +192,35 @@ def _dt_kernel(dt_ptr, dt_sb, dt_sl, dt_sh, bias_ptr, A_ptr, dtp_ptr, cs_ptr, lo
     tl.store(dtp_ptr + base + t, v, mask=t < chunk)
     tl.store(cs_ptr + base + t, cs, mask=t < chunk)
     tl.store(cs_ptr + lo_off + base + t, lo, mask=t < chunk)
+
+
+@triton.jit
+def _cb_kernel(c_ptr, c_sb, c_sl, c_sg, b_ptr, b_sb, b_sl, b_sg, cb_ptr, seqlen, ngroups, nchunks, chunk, N,
+               DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``cb[b, c, g, t, s] = C_t . B_s`` (positions t, s of chunk c, group g) for the blocks on or
+    below the diagonal (t >= s); the scans of the group's heads read it instead of each
+    recomputing the dot (the heads of a group share C and B: 16x fewer such dots at h/g = 16)."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if pid_s <= pid_m:
+        gg = pid % ngroups
+        bc = pid // ngroups
+        c = bc % nchunks
+        bb = bc // nchunks
+        chunk_start = c * chunk
+        chunk_len = tl.minimum(chunk, seqlen - chunk_start)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
+        nn = tl.arange(0, BLOCK_N)
+        n_ok = nn < N
+        cq = tl.load(c_ptr + bb * c_sb + gg * c_sg + (chunk_start + rows)[:, None] * c_sl + nn[None, :],
+                     mask=(rows < chunk_len)[:, None] & n_ok[None, :], other=0.0).to(DOT_DTYPE)
+        bk = tl.load(b_ptr + bb * b_sb + gg * b_sg + (chunk_start + cols)[None, :] * b_sl + nn[:, None],
+                     mask=n_ok[:, None] & (cols < chunk_len)[None, :], other=0.0).to(DOT_DTYPE)
+        cb = tl.dot(cq, bk, input_precision=PREC)
+        tl.store(cb_ptr + pid * chunk * chunk + rows[:, None] * chunk + cols[None, :], cb,
+                 mask=(rows < chunk)[:, None] & (cols < chunk)[None, :])
 
 
 @triton.jit
@@ -395,22 +426,33 @@ def _state_pass_bwd_kernel(dstates_ptr, states_ptr, dfinal_ptr, dinit_ptr, endte
 
 @triton.jit
 def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
-               offs_v, v_ok, k2_base, k2_sl, offs_d2, d2_ok, dai_ptr, dai_ok,
+               offs_v, v_ok, k2_base, k2_sl, offs_d2, d2_ok, dai_ptr, dai_ok, cb_base, chunk,
                dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
                REVERSE: tl.constexpr, COL_SCALE: tl.constexpr, HAS_SEQ: tl.constexpr, INTRA_DA: tl.constexpr,
-               DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+               HAS_CB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
     """One BLOCK_K block of columns of the intra-chunk term of ``_scan_kernel``.
 
     INTRA_DA (causal only): also the intra-chunk part of d(A dt) in its cancellation-free form,
     ``da_k = sum_{t >= k} sum_{s < k} G_ts`` with ``G_ts = scores_ts (q2_t . k2_s)``; ``carry`` holds
     each row's sum over the earlier column blocks, ``dai`` gets this row block's share for the
-    columns k of this block."""
+    columns k of this block.
+
+    HAS_CB: ``q_t . k_s`` is read from the group's precomputed ``C B^T`` of the chunk (``_cb_kernel``;
+    entry (t, s) for t >= s, and its transpose in reverse scans) instead of a dot per head."""
     cols = k0 + tl.arange(0, BLOCK_K)
     col_ok = cols < chunk_len
     pos_c = chunk_start + cols
-    kt = tl.load(k_base + pos_c[None, :] * k_sl + offs_d[:, None], mask=d_ok[:, None] & col_ok[None, :],
-                 other=0.0).to(DOT_DTYPE)
-    scores = tl.dot(q, kt, input_precision=PREC)
+    if HAS_CB:
+        if REVERSE:  # rows s, columns t >= s: C_t . B_s = CB[t, s]
+            scores = tl.load(cb_base + cols[None, :] * chunk + rows[:, None],
+                             mask=(cols[None, :] >= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
+        else:  # rows t, columns s <= t: CB[t, s]
+            scores = tl.load(cb_base + rows[:, None] * chunk + cols[None, :],
+                             mask=(cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
+    else:
+        kt = tl.load(k_base + pos_c[None, :] * k_sl + offs_d[:, None], mask=d_ok[:, None] & col_ok[None, :],
+                     other=0.0).to(DOT_DTYPE)
+        scores = tl.dot(q, kt, input_precision=PREC)
     cs_c = tl.load(cs_ptr + cs_base + cols, mask=col_ok, other=0.0)
     lo_c = tl.load(cs_ptr + lo_off + cs_base + cols, mask=col_ok, other=0.0)
     if REVERSE:
@@ -448,17 +490,18 @@ def _scan_head(
         k_ptr, k_sb, k_sl, k_sh, k_ratio,
         v_ptr, v_sb, v_sl, v_sh, v_ratio,
         q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio,
-        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
         ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
         nheads, nchunks, chunk, DQK, DV, D2,
         REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr,
-        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
         INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D2: tl.constexpr):
     """The three accumulators (intra-chunk, state, per-sequence matrices) of one head's rows."""
     cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
+    cb_base = cb_ptr + ((bb * nchunks + c) * (nheads // cb_ratio) + hh // cb_ratio) * chunk * chunk
     cs_r = tl.load(cs_ptr + cs_base + rows, mask=row_ok, other=0.0)
     lo_r = tl.load(cs_ptr + lo_off + cs_base + rows, mask=row_ok, other=0.0)
     seq_base = seq_ptr + bb * seq_sb
@@ -542,18 +585,18 @@ def _scan_head(
             acc, carry = _scan_step(
                 acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
                 offs_v, v_ok, k2_ptr + bb * k2_sb + (hh // k2_ratio) * k2_sh, k2_sl, offs_d2, d2_ok,
-                dai_ptr + cs_base * tl.num_programs(1) + pid_m * chunk, pid_v == 0,
+                dai_ptr + cs_base * tl.num_programs(1) + pid_m * chunk, pid_v == 0, cb_base, chunk,
                 dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
-                REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, DOT_DTYPE, PREC, BLOCK_K)
+                REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, HAS_CB, DOT_DTYPE, PREC, BLOCK_K)
             k0 += BLOCK_K
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             acc, carry = _scan_step(
                 acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
                 offs_v, v_ok, k2_ptr + bb * k2_sb + (hh // k2_ratio) * k2_sh, k2_sl, offs_d2, d2_ok,
-                dai_ptr + cs_base * tl.num_programs(1) + pid_m * chunk, pid_v == 0,
+                dai_ptr + cs_base * tl.num_programs(1) + pid_m * chunk, pid_v == 0, cb_base, chunk,
                 dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
-                REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, DOT_DTYPE, PREC, BLOCK_K)
+                REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, HAS_CB, DOT_DTYPE, PREC, BLOCK_K)
 
     return acc, acc_st, acc_ex
 
@@ -633,23 +676,23 @@ def _group_head_step(total, ROW_SCALE: tl.constexpr,
         k_ptr, k_sb, k_sl, k_sh, k_ratio,
         v_ptr, v_sb, v_sl, v_sh, v_ratio,
         q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio,
-        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
         ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
         nheads, nchunks, chunk, DQK, DV, D2,
         REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr,
-        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
         INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D2: tl.constexpr):
     """One head's share of a group-summed plain scan (dB, dC)."""
     acc, acc_st, acc_ex = _scan_head(
         hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
-        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-        REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, DOT_DTYPE, PREC, INTERPRET,
+        REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
         BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
     if SPLIT:
         acc = acc + acc_st + acc_ex
@@ -665,7 +708,7 @@ def _scan_kernel(
         k_ptr, k_sb, k_sl, k_sh, k_ratio,
         v_ptr, v_sb, v_sl, v_sh, v_ratio,
         q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio,
-        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
         ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
@@ -675,7 +718,7 @@ def _scan_kernel(
         vec1_ptr, vec2_ptr, dpart_ptr,
         seqlen, nheads, nchunks, chunk, DQK, DV, D2,
         REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
-        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
         EPILOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_V: tl.constexpr,
         BLOCK_D2: tl.constexpr, GROUP_HEADS: tl.constexpr, heads_per_group):
@@ -717,10 +760,10 @@ def _scan_kernel(
                 total = _group_head_step(total, ROW_SCALE,
             hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
             q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
-            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
             st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
             dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, DOT_DTYPE, PREC, INTERPRET,
+            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
             BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
                 hh += 1
         else:
@@ -728,10 +771,10 @@ def _scan_kernel(
                 total = _group_head_step(total, ROW_SCALE,
             hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
             q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
-            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
             st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
             dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, DOT_DTYPE, PREC, INTERPRET,
+            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
             BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
         tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + slot * o1_sh + offs_v[None, :],
                  total.to(o1_ptr.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
@@ -740,10 +783,10 @@ def _scan_kernel(
         acc, acc_st, acc_ex = _scan_head(
             hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
             q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
-            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr,
+            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
             st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
             dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, DOT_DTYPE, PREC, INTERPRET,
+            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
             BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
         cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
         v_base = v_ptr + bb * v_sb + (hh // v_ratio) * v_sh
@@ -793,10 +836,28 @@ def _launch_segments(u, w, dtp, cs, seq_idx, segs, dst, dst_strides, forward: bo
         BLOCK_T=bt, BLOCK_P=bp, BLOCK_N=bn, num_warps=cfg["num_warps"])
 
 
+def _launch_cb(C, B, chunk_size: int, input_dtype: torch.dtype):
+    """``(b, nc, g, Q, Q)`` float32: each chunk's ``C B^T`` per group (see ``_cb_kernel``), or None
+    when SSMKERNELS_SSD_PRECOMPUTE_CB=0 (every head then computes its own dot)."""
+    if not config.ssd_precompute_cb():
+        return None
+    b, l, g, n = C.shape
+    nc = _nchunks(l, chunk_size)
+    cb = torch.empty(b, nc, g, chunk_size, chunk_size, device=C.device, dtype=torch.float32)
+    bm = min(_p2(chunk_size), _CB_CFG["BLOCK_M"])
+    dot_dtype, prec = _dot_types(C.dtype, input_dtype)
+    nb = triton.cdiv(chunk_size, bm)
+    _cb_kernel[(b * nc * g, nb, nb)](
+        C, C.stride(0), C.stride(1), C.stride(2), B, B.stride(0), B.stride(1), B.stride(2), cb,
+        l, g, nc, chunk_size, n, DOT_DTYPE=dot_dtype, PREC=prec, BLOCK_M=bm, BLOCK_N=_p2(n),
+        num_warps=_CB_CFG["num_warps"])
+    return cb
+
+
 def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu_seqlens, *,
                  reverse, col_scale=False, row_scale=False, epilogue, x=None, z=None, dout=None,
                  D=None, o1=None, o2=None, vec1=None, vec2=None, dpart=None, dtype, full_value,
-                 q2=None, k2=None, dai=None, group_heads=False, input_dtype=None):
+                 q2=None, k2=None, dai=None, group_heads=False, input_dtype=None, cb=None):
     b, l, h, _ = v.shape[0], v.shape[1], cs.shape[1], None
     nc = cs.shape[2]
     chunk_size = cs.shape[3]
@@ -815,7 +876,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
     _scan_kernel[grid](
         *_operand(q, h), *_operand(k, h), *_operand(v, h),
         *_operand(q if q2 is None else q2, h), *_operand(k if k2 is None else k2, h),
-        dummy if dai is None else dai,
+        dummy if dai is None else dai, dummy if cb is None else cb, 1 if cb is None else h // cb.shape[2],
         st, *st_strides, dummy if ext is None else ext, *(ext_strides or (0, 0, 0, 0)),
         dtp, cs, _lo_off(cs), seq, seq.stride(0), seq.stride(-1), dummy if cu_seqlens is None else cu_seqlens,
         dummy if x is None else x, dummy if z is None else z, dummy if dout is None else dout,
@@ -825,7 +886,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
         dummy if vec1 is None else vec1, dummy if vec2 is None else vec2, dummy if dpart is None else dpart,
         l, h, nc, chunk_size, DQK, DV, D2,
         REVERSE=reverse, SPLIT=epilogue in (_EPI_DZ, _EPI_DX), INTRA_DA=dai is not None, COL_SCALE=col_scale, ROW_SCALE=row_scale, HAS_SEQ=seq_idx is not None,
-        HAS_EXT=ext is not None, HAS_D=D is not None, HAS_Z=z is not None, EPILOGUE=epilogue,
+        HAS_EXT=ext is not None, HAS_CB=cb is not None, HAS_D=D is not None, HAS_Z=z is not None, EPILOGUE=epilogue,
         DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DQK=_p2(DQK), BLOCK_V=bv, BLOCK_D2=_p2(D2),
         GROUP_HEADS=group_heads, heads_per_group=heads_per_group,
         num_warps=cfg["num_warps"], **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
@@ -951,10 +1012,11 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, 
         HAS_INIT=row_init is not None, HAS_SEQ=seq_idx is not None, HAS_VARLEN_INIT=varlen_init is not None,
         BLOCK=block, num_warps=_PASS_CFG["num_warps"])
     # outputs: q = C, k = B, v = x; state S_{c-1} read as (n, p); ext = initial states^T
+    cb = _launch_cb(C, B, chunk_size, x.dtype)
     _launch_scan(C, B, x, states, (states.stride(0), states.stride(1), states.stride(2), 1, n),
                  varlen_init, None if varlen_init is None else (h * p * n, p * n, 1, n),
                  dtp, cs, seq_idx, cu_seqlens, reverse=False, col_scale=True, epilogue=_EPI_OUT,
-                 x=x, z=z, D=D, o1=out, dtype=x.dtype, full_value=True)
+                 x=x, z=z, D=D, o1=out, dtype=x.dtype, full_value=True, cb=cb)
     if varlen:
         vl = _Varlen(cu_seqlens, l, nc, chunk_size, cs)
         _varlen_final_states(x, B, dtp, cs, seq_idx, vl, states, varlen_init, chunk_size, varlen_states)
@@ -1042,9 +1104,11 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     ddtp = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
     nmb = triton.cdiv(chunk_size, _scan_block_m(chunk_size, GRAD_DOT_DTYPE))
     dpart = None if D is None else torch.empty(b * nc, nmb, h, p, device=dev, dtype=f32)
+    cb = _launch_cb(C, B, chunk_size, x.dtype)  # C B^T per group: read by this pass and the dx pass
     _launch_scan(C, B, x, states, st_strides_np, varlen_init, init_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=False, col_scale=True, epilogue=_EPI_DZ, x=x, z=z, dout=dout, D=D,
-                 o1=dy, o2=dz, vec1=dcs, vec2=dcs_seg, dpart=dpart, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype, full_value=True)
+                 o1=dy, o2=dz, vec1=dcs, vec2=dcs_seg, dpart=dpart, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
+                 full_value=True, cb=cb)
 
     # 2. gradient reaching S_{c-1} from chunk c's outputs -> slot c of dstates
     dstates = torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
@@ -1092,7 +1156,8 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     ds_pn = (dstates.stride(0), dstates.stride(1), dstates.stride(2), n, 1)
     _launch_scan(B, C, dy, dstates, ds_np, dvl if varlen else None, dvl_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, epilogue=_EPI_DX, x=x, D=D, o1=dx, vec1=dcs_end, vec2=ddtp, dpart=dcs_fwd,
-                 dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype, full_value=True)
+                 dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype, full_value=True, cb=cb)
+    del cb
     # dB, dC: each program sums the heads of one group (no per-head buffers)
     _launch_scan(x, dy, C, dstates, ds_pn, dvl if varlen else None, dvl_pn, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
