@@ -3,6 +3,7 @@ graphs pays per layer and step.
 
     python scripts/state_update_overhead.py              # on the GPU machine: everything below
     python scripts/state_update_overhead.py --json out.json
+    python scripts/state_update_overhead.py --wall-only    # public API only: runs on older commits too
 
 The call is the Mamba-2 decode step of the issue: state (1, 128, 64, 128) float32, x/z (1, 128, 64)
 bf16, B/C (1, 8, 128) bf16, stride-0 views for A (h, p, n), dt (b, h, p), D and dt_bias (h, p),
@@ -84,16 +85,18 @@ def per_call_us(fn, calls: int, repeats: int, sync: bool = False) -> dict:
     return {"median_us": statistics.median(loops), "min_us": min(loops)}
 
 
-def gpu_us(fn, reps: int = 200) -> float:
-    """Median GPU time of one call from CUDA events around it."""
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        starts[i].record()
-        fn()
-        ends[i].record()
+def gpu_us(fn, calls: int = 200) -> float:
+    """GPU time per call, host overhead excluded: the GPU is held by a spin kernel while ``calls``
+    calls are queued, so the events around them time the kernels back to back."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) * 1e3
+    torch.cuda._sleep(200_000_000)  # ~0.1 s at H100 clocks: longer than queueing the calls takes
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls * 1e3
 
 
 def wall(calls: int, repeats: int) -> dict:
@@ -119,14 +122,12 @@ def stubbed_cuda_backend():
     cuda_kernels._kernel = lambda params, addresses, stream: None
     if not torch.cuda.is_available():
         cuda_kernels._raw_stream = lambda device_index: 0
-    op._PLANS.clear()
-    op._LAUNCHES.clear()
+    op.clear_caches()
     try:
         yield
     finally:
         op._backend_for, cuda_kernels._kernel, cuda_kernels._raw_stream = saved
-        op._PLANS.clear()
-        op._LAUNCHES.clear()
+        op.clear_caches()
 
 
 def host(device: torch.device, calls: int, repeats: int) -> dict:
@@ -136,17 +137,20 @@ def host(device: torch.device, calls: int, repeats: int) -> dict:
     results = {}
     with stubbed_cuda_backend():
         call(kw, None)  # the first call checks, dispatches and caches the plan
-        plan = next(iter(op._PLANS.values()))
-        prepared = plan.launch.prepared
+        launch = next(iter(op._PLANS.values())).launch
+        prepared = launch.prepared
         out = empty_like(x)
         pieces = {
             "whole call (public function, kernel call stubbed)": lambda: call(kw, None),
             "  guards (is_compiling, modes, functorch, profiler)": lambda: (
                 op._is_compiling() or op._dispatch_modes() or op._function_modes() or op._functorch_active()
                 or op._profiling()),
-            "  plan key (_signature) + lookup": lambda: op._PLANS.get(
-                (None, config.default_backend(), True, -1, op._signature(state, x, dt, A, B, C, D, z, dt_bias, None))),
-            "  out = empty_like(x)": lambda: empty_like(x),
+            "  plan key (_signature of the 9 tensors)": lambda: op._signature(state, x, dt, A, B, C, D, z, dt_bias,
+                                                                              None),
+            "  SSMKERNELS_BACKEND read (part of the plan key)": config.default_backend,
+            "  out: SSMKERNELS_POISON_OUTPUTS read + allocation": lambda: (
+                empty_like(x) if config.poison_outputs() else launch.allocate(launch.size, launch.stride, launch.dtype)),
+            "  (out by torch.empty_like, for comparison)": lambda: torch.empty_like(x),
             "  cuda.launch: addresses + stream + (stubbed) binding": lambda: cuda_kernels.launch(
                 prepared, state, x, dt, A, B, C, D, z, dt_bias, None, out),
             "first call of a kind only: validation (_check)": lambda: op._check(
@@ -191,6 +195,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed loops (median and minimum reported)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="tensors of the stubbed host measurement (auto: cuda when available)")
+    parser.add_argument("--wall-only", action="store_true",
+                        help="only the wall-clock loops (public API only: times older commits too)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -206,11 +212,12 @@ def main() -> int:
             else:
                 gpu = f"   GPU {r['gpu_us']:6.2f} us" if "gpu_us" in r else ""
                 print(f"  {backend:10s} {r['median_us']:7.2f} us (min {r['min_us']:6.2f}){gpu}")
-    report["host"] = host(device, args.calls, args.repeats)
-    report["host_device"] = str(device)
-    print(f"\nhost time per call on {device} tensors, CUDA backend's kernel call stubbed out")
-    for name, r in report["host"].items():
-        print(f"  {name:66s} {r['median_us']:7.2f} us (min {r['min_us']:6.2f})")
+    if not args.wall_only:
+        report["host"] = host(device, args.calls, args.repeats)
+        report["host_device"] = str(device)
+        print(f"\nhost time per call on {device} tensors, CUDA backend's kernel call stubbed out")
+        for name, r in report["host"].items():
+            print(f"  {name:66s} {r['median_us']:7.2f} us (min {r['min_us']:6.2f})")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0

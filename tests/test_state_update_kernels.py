@@ -258,6 +258,23 @@ def test_fast_path_matches_the_op(backend, monkeypatch):
     torch.testing.assert_close(args["state"], state_op, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fast_path_takes_parameters(backend, monkeypatch):
+    """Mamba-1 passes its (d,) parameters as they are: nn.Parameter is a plain tensor to the fast path."""
+    from ssmkernels.ops.state_update import op
+
+    args = _step_args(backend)
+    state, x, A, B, C = args["state"][:, 0], args["x"][:, 0], args["A"][0], args["B"][:, 0], args["C"][:, 0]
+    D, dt_bias = torch.nn.Parameter(args["D"][0].contiguous()), torch.nn.Parameter(args["dt_bias"][0].contiguous())
+    call = lambda s: ssmkernels.selective_state_update(s, x, args["dt"][:, 0], A, B, C, D, args["z"][:, 0], dt_bias,
+                                                        True, backend=backend)
+    expected = call(state.clone())  # the first call of its kind goes through the op and caches a plan
+    monkeypatch.setattr(op, "_state_update", None)  # a call through the op dispatcher would fail
+    out = call(state.clone())
+    assert not out.requires_grad
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS + ("reference",))
 def test_fast_path_still_rejects_bad_input(backend, monkeypatch):
     """Once a kind of call is cached, a call that differs in any checked property is checked again."""

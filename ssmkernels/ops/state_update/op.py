@@ -1,9 +1,18 @@
 """Public selective_state_update: validation -> dispatch -> custom op (SPEC.md section 4).
 
-The decode step is host-bound, so this path is kept lean. Measured per call on the (shared, loaded)
-2-core CPU development machine, kernel stubbed out, batch 1, Mamba-2 with broadcast A/dt/D/dt_bias:
-the whole call went from ~108 us to ~14-27 us; the CUDA backend adds ~6 us of argument packing
-and ~3 us of pybind11 conversion before the launch.
+The decode step is host-bound, so this path is kept lean (issue #7). Host time per call, batch 1,
+the Mamba-2 step of the issue (state (1, 128, 64, 128) float32, bf16 x/z/B/C, stride-0 A/dt/D/
+dt_bias, softplus), CUDA backend with its kernel call stubbed out, on the 2-core CPU development
+machine (``scripts/state_update_overhead.py``, which also times the real thing on a GPU):
+~20 us before the eager fast path below, ~8.5 us with it. Of those 8.5 us: the plan key ~3.1 us,
+the two environment reads that the config module makes on every call (SSMKERNELS_BACKEND,
+SSMKERNELS_POISON_OUTPUTS) ~0.8 us each, ``out`` ~0.5 us, addresses + binding ~0.8 us, the mode
+guards ~0.3 us. On the H100 machine (torch 2.11) the CUDA backend's wall clock per call in a
+back-to-back loop went from 55 us to 20 us with the fast path before its allocation and last-plan
+refinements; Triton's from 110 us to 96 us (the rest is Triton's own launch: it specialises the
+kernel's ~50 integer arguments on every call).
+
+Every call:
 - the op is a ``torch.library.Library`` definition, not ``torch.library.custom_op`` (whose
   mutation bookkeeping rebuilt the schema's argument list on every call: ~110 us -> ~7-12 us);
 - shapes, dtypes and devices are checked by plain comparisons, and the generic helpers (which
@@ -16,6 +25,23 @@ and ~3 us of pybind11 conversion before the launch.
   tensors the check would synchronise every step. The kernels treat an index outside
   ``[0, B_cache)`` like ``pad_slot_id`` (output zeros, no state touched), so a bad index can never
   write out of bounds.
+
+The eager fast path: a *plan* per kind of call, keyed by every tensor's type, shape, strides,
+dtype and device, the flags, ``backend=`` and SSMKERNELS_BACKEND (``_signature``). The first call
+of a kind runs the full path (every check, the backend choice, the op) and stores the plan; a
+later call with the same key has passed the same checks and gets the same backend, so it only
+re-checks CPU index values and launches directly: ``out`` from a cached layout, the kernel's
+static arguments (``prepare`` of cuda.py / triton.py) from the plan, addresses and stream per call,
+no op dispatcher (~4 us) and no layout work (~5 us). Any change in a checked property changes the
+key, so bad input still gets the full path's errors. The fast path is taken only when nothing
+could observe the op: not under Dynamo (``torch.compile`` traces the full path and records the
+op), no TorchDispatchMode (FakeTensorMode, functionalization, proxy tracing, user modes), no
+TorchFunctionMode, no functorch transform, the profiler off (it records the op), and every tensor
+a plain Tensor or Parameter (subclasses take the op). The op path itself caches the kernels'
+static arguments the same way (``_LAUNCHES``), which serves compiled graphs. Autograd is unchanged
+(the op's Autograd kernel is a fallthrough, so neither path attaches a grad_fn or bumps versions);
+launches stay capturable in CUDA graphs (the allocation is the caching allocator's, the stream is
+torch's current one).
 """
 from __future__ import annotations
 
@@ -69,26 +95,45 @@ def _signature(state, x, dt, A, B, C, D, z, dt_bias, idx) -> tuple:
 
 
 class _Launch:
-    """A kernel backend's launch arguments for one kind of call (``prepare`` of cuda.py / triton.py),
-    computed once: per call only the addresses (and the stream) are new."""
-    __slots__ = ("module", "prepared", "device_index")
+    """A kernel backend's launch arguments for one kind of call (``prepare`` of cuda.py / triton.py)
+    and the layout of its ``out``, computed once: per call only ``out`` and the addresses are new."""
+    __slots__ = ("module", "prepared", "device_index", "size", "stride", "dtype", "allocate")
 
     def __init__(self, backend, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id):
         self.module = _kernel_module(backend)
-        # ``out`` is allocated by empty_like(x), whose strides depend only on x's shape and strides.
-        self.prepared = self.module.prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id,
-                                            torch.empty_like(x))
+        out = torch.empty_like(x)  # its layout depends only on x's shape, strides and dtype
+        self.prepared = self.module.prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id, out)
         self.device_index = x.get_device()  # -1 on the CPU (Triton's interpreter)
+        self.size, self.stride, self.dtype = tuple(out.shape), out.stride(), out.dtype  # plain tuples: see _allocator
+        self.allocate = _allocator(out)
 
     def __call__(self, state, x, dt, A, B, C, D, z, dt_bias, idx) -> Tensor:
-        out = empty_like(x)
         index = self.device_index
-        if index >= 0 and index != _current_device():  # kernels launch on the current device
+        if index >= 0 and index != _current_device():  # kernels launch (and out is made) on the current device
             with torch.cuda.device(index):
-                self.module.launch(self.prepared, state, x, dt, A, B, C, D, z, dt_bias, idx, out)
-        else:
-            self.module.launch(self.prepared, state, x, dt, A, B, C, D, z, dt_bias, idx, out)
+                return self(state, x, dt, A, B, C, D, z, dt_bias, idx)
+        out = empty_like(x) if config.poison_outputs() else self.allocate(self.size, self.stride, self.dtype)
+        self.module.launch(self.prepared, state, x, dt, A, B, C, D, z, dt_bias, idx, out)
         return out
+
+
+def _allocator(like: Tensor):
+    """``allocate(size, stride, dtype)`` of an uninitialised tensor on ``like``'s device (the current
+    one): inductor's ``empty_strided_{cpu,cuda}`` (~0.5 us) where this torch has it and it makes
+    what ``torch.empty_like`` makes, else ``torch.empty_strided`` (~1.5 us: the dispatcher)."""
+    device = like.device
+
+    def public(size, stride, dtype):
+        return torch.empty_strided(size, stride, dtype=dtype, device=device)
+
+    try:
+        fast = getattr(torch._C._dynamo.guards, f"_empty_strided_{device.type}")
+        made = fast(tuple(like.shape), like.stride(), like.dtype)  # exact tuples, not torch.Size
+    except Exception:  # an older or newer torch without it, or with another signature
+        return public
+    same = (type(made) is Tensor and made.shape == like.shape and made.stride() == like.stride()
+            and made.dtype == like.dtype and made.device == device and not made.requires_grad)
+    return fast if same else public
 
 
 def _current_device() -> int:
@@ -268,6 +313,21 @@ class _Plan:
 
 
 _PLANS: dict = {}  # (backend=, SSMKERNELS_BACKEND, flags, _signature) -> _Plan, for plain eager calls
+# The last plan used with its key: a decode step calls every Mamba layer with the same kind of
+# arguments, and comparing with one key (~0.6 us) skips hashing it for the dict (~0.6 us more).
+_last_plan: tuple = (None, None)
+
+
+def clear_caches() -> None:
+    """Forget every plan and launch (the next call of each kind checks and dispatches again)."""
+    global _last_plan
+    _PLANS.clear()
+    _LAUNCHES.clear()
+    _last_plan = (None, None)
+
+
+# Tensor types a plan is made for: Parameter disables __torch_function__, so it is a plain Tensor here.
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 # What makes the op dispatcher necessary: Dynamo tracing, a TorchDispatchMode (FakeTensorMode,
 # functionalization and proxy tracing included), a TorchFunctionMode, a functorch transform (vmap,
@@ -319,6 +379,7 @@ def selective_state_update(
     Returns:
         ``out`` shaped like x, in x's dtype.
     """
+    global _last_plan
     if not _is_compiling() and not (_dispatch_modes() or _function_modes() or _functorch_active() or _profiling()):
         # Plain eager call: see the module docstring. Under tracing, modes or the profiler, and on
         # the first call of a kind, the full path below runs (it fills the plan cache).
@@ -326,7 +387,11 @@ def selective_state_update(
         try:
             key = (backend, default, bool(dt_softplus), int(pad_slot_id),
                    _signature(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices))
-            plan = _PLANS.get(key)
+            last_key, plan = _last_plan
+            if key != last_key:
+                plan = _PLANS.get(key)
+                if plan is not None:
+                    _last_plan = (key, plan)
         except (AttributeError, TypeError, ValueError, RuntimeError):  # not tensors ...: the full path says what
             key = plan = None
         if plan is not None:
@@ -342,7 +407,7 @@ def selective_state_update(
     b = _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id)
     chosen = _backend_for(backend, config.default_backend(), x.device, x.dtype, state.dtype, state.dim() == 3,
                           state_batch_indices is not None, state.shape[-1], b <= SMALL_BATCH)
-    if key is not None and all(type(t) is Tensor for t in (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if key is not None and all(type(t) in _PLAIN_TYPES for t in (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
                                if t is not None):
         if len(_PLANS) >= _MAX_CACHED:
             _PLANS.clear()
