@@ -141,6 +141,25 @@ def test_sanitizer_without_compute_sanitizer_says_not_available(monkeypatch):
     assert section["status"] == "skipped" and section["reason"].startswith("not available")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script would run the real kernels")
+def test_sanitizer_section_runs_the_script_under_the_tool(monkeypatch, tmp_path):
+    """The plumbing, with a stand-in for compute-sanitizer that runs the command and prints a summary
+    (on a CPU the script runs the reference backend: the section removes TRITON_INTERPRET)."""
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text('#!/bin/sh\nshift 6  # --tool memcheck --error-exitcode 1 --print-limit 50\n"$@"\ncode=$?\n'
+                    'echo "========= ERROR SUMMARY: 0 errors"\nexit $code\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(robustness, "find_compute_sanitizer", lambda: str(fake))
+    ctx = robustness.Context(torch.device("cuda"), "gpu", torch.bfloat16, log=lambda message: None)
+    section = robustness.section_sanitizer(ctx)
+    assert section["status"] == "ran" and section["tool"] == str(fake)
+    plain, memcheck = section["rows"]
+    assert plain["exit_code"] == 0 and plain["error_summary"] is None
+    assert any("13 ok, 0 skipped, 0 failed" in line for line in plain["tail"]), plain["tail"]
+    assert memcheck["exit_code"] == 0 and memcheck["error_summary"] == "========= ERROR SUMMARY: 0 errors"
+    assert robustness.failures(section) == 0
+
+
 def test_unknown_section_is_an_error(capsys):
     with pytest.raises(SystemExit) as info:
         robustness.main(["--only", "first-call,nonsense"])

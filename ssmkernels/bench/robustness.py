@@ -377,17 +377,19 @@ def _first_call_closure(primitive: str, backend: str, device: torch.device, dtyp
 
 
 def first_call_child(primitive: str, backend: str, import_s: float) -> None:
-    """Runs in the child process: time the first and second call, print one tagged JSON line."""
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    """Runs in the child process: time the first and second call, print one tagged JSON line.
+    (On a machine without a GPU it runs on the CPU in float32: only to test the plumbing.)"""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result: dict[str, Any] = {"import_ms": 1e3 * import_s}
     try:
         shape, call = _first_call_closure(primitive, backend, device, dtype)
         result["shape"] = shape
-        torch.cuda.synchronize()
+        _sync(device)
         for key in ("first_ms", "second_ms"):
             started = time.perf_counter()
             call()
-            torch.cuda.synchronize()
+            _sync(device)
             result[key] = 1e3 * (time.perf_counter() - started)
     except BackendUnavailable as exc:
         result["reason"] = str(exc)
@@ -536,7 +538,7 @@ def _ours_prefill_decode(key: str, backend: Optional[str]):
     def steps(i, s, k):
         L = i[spec.seq_names[0]].shape[spec.length_axis]
         _, state = spec.run(_positions(i, spec.seq_names, spec.length_axis, 0, k), backend, want_final=True, s=s)
-        state = state.clone()
+        state = state.contiguous().clone()
         outs = []
         for t in range(k, L):
             if key == "ssd":
@@ -710,7 +712,8 @@ def _long_one(ctx: Context, key: str, s: dict, backend: str) -> dict:
     if ctx.on_gpu:
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     tensors = {"out": out, "final_state": final, **{f"d{k}": leaves[k].grad for k in grad_names}}
-    row["all_finite"] = all(bool(torch.isfinite(t).all()) for t in tensors.values())
+    row["missing"] = [name for name, t in tensors.items() if t is None]
+    row["all_finite"] = not row["missing"] and all(bool(torch.isfinite(t).all()) for t in tensors.values())
     grads = {name: leaves[name].grad for name in spec.seq_names}
     out, final = out.detach(), final.detach()
 
@@ -786,7 +789,8 @@ def section_long(ctx: Context) -> dict:
                 what = (f"{row['status']}: worst {row['worst']} err {_fmt(c['error'])} vs tol {_fmt(c['tolerance'])}"
                         f" ({100 * c['ratio']:.0f}% of tol); fwd+bwd {row['fwd_bwd_ms']:.1f} ms"
                         + (f", peak {row['peak_mib']:.0f} MiB" if "peak_mib" in row else "")
-                        + ("" if row["all_finite"] else ", NON-FINITE values") + f"; {row['seconds']:.1f} s")
+                        + ("" if row["all_finite"] else f", NON-FINITE or missing ({', '.join(row['missing'])})")
+                        + f"; {row['seconds']:.1f} s")
             else:
                 what = f"{row['status']}: {_note(row)}"
             ctx.log(f"  {spec.name:<15}{backend:<8}L={s['l']:<8}{what}")
