@@ -47,8 +47,9 @@ comma-separated subset):
     memory.
 ``sanitizer``
     Runs ``scripts/sanitize_kernels.py`` (every primitive on every GPU backend, forward and backward,
-    varlen, initial states, index maps with padding slots) once normally, to fill a Triton cache,
-    then under ``compute-sanitizer --tool memcheck --error-exitcode 1`` with the same cache and
+    varlen, initial states, index maps with padding slots) once normally, to fill Triton's usual cache
+    (kernels and autotune results), then under ``compute-sanitizer --tool memcheck --error-exitcode 1``
+    with the same cache and
     ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (so that every tensor is its own allocation and an
     out-of-bounds access cannot land silently in a neighbour of the caching allocator's pool).
     Reports the exit code and the ``ERROR SUMMARY`` line; "not available" without compute-sanitizer.
@@ -214,7 +215,7 @@ def table(columns: list[tuple[str, Callable[[dict], Any]]], rows: list[dict]) ->
     """A Markdown table, columns padded so it also reads as plain text."""
     cells = [[header for header, _ in columns]]
     for row in rows:
-        cells.append([_fmt(get(row)) for _, get in columns])
+        cells.append([_fmt(get(row)).replace("|", "/").replace("\n", " ") for _, get in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -410,7 +411,7 @@ def _run_child(primitive: str, backend: str, env: dict, timeout_s: int = 400) ->
         if line.startswith(_RESULT_TAG):
             return {**json.loads(line[len(_RESULT_TAG):]), "process_s": wall}
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": f"child exited {proc.returncode} without a result: {' | '.join(tail)}"}
+    return {"error": f"child exited {proc.returncode} without a result: {' / '.join(tail)}"}
 
 
 def section_first_call(ctx: Context) -> dict:
@@ -831,36 +832,36 @@ def section_sanitizer(ctx: Context) -> dict:
     if not SANITIZE_SCRIPT.is_file():
         return {"status": "skipped", "reason": f"{SANITIZE_SCRIPT} not found (run from a source checkout)", "rows": []}
     rows = []
-    with tempfile.TemporaryDirectory(prefix="ssmkernels-sanitize-") as tmp:
-        env = dict(os.environ, TRITON_CACHE_DIR=tmp, PYTORCH_NO_CUDA_MEMORY_CACHING="1",
-                   PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-        env.pop("TRITON_INTERPRET", None)
-        script = [sys.executable, str(SANITIZE_SCRIPT)]
-        for label, command in (("plain (fills the Triton cache)", script),
-                               ("memcheck", [tool, "--tool", "memcheck", "--error-exitcode", "1",
-                                             "--print-limit", "50", *script])):
-            ctx.log(f"  running {label}: {' '.join(command)}")
-            started = time.perf_counter()
-            try:
-                proc = subprocess.run(command, env=env, cwd=str(ROOT), capture_output=True, text=True,
-                                      timeout=ctx.sanitizer_timeout_s)
-                code, output = proc.returncode, proc.stdout + proc.stderr
-            except subprocess.TimeoutExpired as exc:
-                code = None
-                output = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes)
-                          else (exc.stdout or "")) + f"\ntimed out after {ctx.sanitizer_timeout_s} s"
-            summary = next((line.strip() for line in reversed(output.splitlines()) if "ERROR SUMMARY" in line), None)
-            row = {"run": label, "exit_code": code, "seconds": time.perf_counter() - started,
-                   "error_summary": summary, "tail": _tail(output),
-                   "status": "ok" if code == 0 else "error"}
-            if code != 0:
-                row["error"] = f"exit code {code}: {summary or (row['tail'][-1] if row['tail'] else '')}"
-            rows.append(row)
-            ctx.log(f"  {label}: exit {code} after {row['seconds']:.1f} s"
-                    + (f"; {summary}" if summary else ""))
-            if code != 0:
-                for line in row["tail"]:
-                    ctx.log(f"    | {line}")
+    # Triton's cache is the usual one (TRITON_CACHE_DIR or ~/.triton/cache), shared by both runs: the
+    # plain run compiles and autotunes, so the memcheck run only loads kernels (and never benchmarks
+    # autotune configs under the sanitizer).
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    env.pop("TRITON_INTERPRET", None)
+    script = [sys.executable, str(SANITIZE_SCRIPT)]
+    for label, command in (("plain (fills the Triton cache)", script),
+                           ("memcheck", [tool, "--tool", "memcheck", "--error-exitcode", "1",
+                                         "--print-limit", "50", *script])):
+        ctx.log(f"  running {label}: {' '.join(command)}")
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run(command, env=env, cwd=str(ROOT), capture_output=True, text=True,
+                                  timeout=ctx.sanitizer_timeout_s)
+            code, output = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            code = None
+            output = ((exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes)
+                      else (exc.stdout or "")) + f"\ntimed out after {ctx.sanitizer_timeout_s} s"
+        summary = next((line.strip() for line in reversed(output.splitlines()) if "ERROR SUMMARY" in line), None)
+        row = {"run": label, "exit_code": code, "seconds": time.perf_counter() - started,
+               "error_summary": summary, "tail": _tail(output), "status": "ok" if code == 0 else "error"}
+        if code != 0:
+            row["error"] = f"exit code {code}: {summary or (row['tail'][-1] if row['tail'] else '')}"
+        rows.append(row)
+        ctx.log(f"  {label}: exit {code} after {row['seconds']:.1f} s" + (f"; {summary}" if summary else ""))
+        if code != 0:
+            for line in row["tail"]:
+                ctx.log(f"    | {line}")
     return {"status": "ran", "rows": rows, "tool": tool}
 
 
