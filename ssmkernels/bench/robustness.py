@@ -146,7 +146,7 @@ class Context:
     size: str                      # a key of SHAPES
     dtype: torch.dtype             # inputs; states are float32
     log: Callable[[str], None]
-    sanitizer_timeout_s: int = 300
+    sanitizer_timeout_s: int = 240  # each of the two runs; keeps the whole command under 10 minutes
 
     @property
     def on_gpu(self) -> bool:
