@@ -58,7 +58,7 @@ MAX_DSTATE = 256
 # intra-chunk dA sums) still spills ~1.5 KB/thread with 8 warps: the first thing to tune on a GPU.
 # dt kernel: one program per (b, h, chunk), the whole chunk in one tile.
 # segment-state kernel: (BLOCK_T positions) x (BLOCK_P x BLOCK_N) state tile.
-_SEGMENT_CFG = {"BLOCK_T": 64, "BLOCK_P": 64, "BLOCK_N": 64, "num_warps": 8}
+_SEGMENT_CFG = {"BLOCK_T": 64, "BLOCK_P": 64, "BLOCK_N": 128, "num_warps": 8}
 # C B^T kernel: BLOCK_M x BLOCK_M tiles of a chunk's (Q x Q) matrix, the whole d_state in one dot.
 _CB_CFG = {"BLOCK_M": 64, "num_warps": 4}
 # state-pass kernels: flat blocks of the p*n state, sequential over chunks.
