@@ -195,6 +195,17 @@ def _dt_kernel(dt_ptr, dt_sb, dt_sl, dt_sh, bias_ptr, A_ptr, dtp_ptr, cs_ptr, lo
 
 
 @triton.jit
+def _chunk_program(pid, slots, nchunks, chunk, seqlen):
+    """Program id over (b, chunk, slot), slot fastest -> (slot, chunk, row, chunk start, chunk length)."""
+    slot = pid % slots
+    bc = pid // slots
+    c = bc % nchunks
+    bb = bc // nchunks
+    chunk_start = c * chunk
+    return slot, c, bb, chunk_start, tl.minimum(chunk, seqlen - chunk_start)
+
+
+@triton.jit
 def _cb_kernel(c_ptr, c_sb, c_sl, c_sg, b_ptr, b_sb, b_sl, b_sg, cb_ptr, seqlen, ngroups, nchunks, chunk, N,
                DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``cb[b, c, g, t, s] = C_t . B_s`` (positions t, s of chunk c, group g) for the blocks on or
@@ -204,12 +215,7 @@ def _cb_kernel(c_ptr, c_sb, c_sl, c_sg, b_ptr, b_sb, b_sl, b_sg, cb_ptr, seqlen,
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     if pid_s <= pid_m:
-        gg = pid % ngroups
-        bc = pid // ngroups
-        c = bc % nchunks
-        bb = bc // nchunks
-        chunk_start = c * chunk
-        chunk_len = tl.minimum(chunk, seqlen - chunk_start)
+        gg, c, bb, chunk_start, chunk_len = _chunk_program(pid, ngroups, nchunks, chunk, seqlen)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
         nn = tl.arange(0, BLOCK_N)
@@ -739,12 +745,8 @@ def _scan_kernel(
         slots = nheads // heads_per_group
     else:
         slots = nheads
-    slot = pid % slots
-    bc = pid // slots
-    c = bc % nchunks
-    bb = bc // nchunks
-    chunk_start = c * chunk
-    chunk_len = tl.minimum(chunk, seqlen - chunk_start)
+    slot, c, bb, chunk_start, chunk_len = _chunk_program(pid, slots, nchunks, chunk, seqlen)
+    bc = bb * nchunks + c
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < chunk_len
     pos_r = chunk_start + rows
