@@ -730,7 +730,7 @@ def _scan_kernel(
         HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
         EPILOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_V: tl.constexpr,
-        BLOCK_D2: tl.constexpr, GROUP_HEADS: tl.constexpr, heads_per_group):
+        BLOCK_D2: tl.constexpr, GROUP_HEADS: tl.constexpr, heads_per_group, STATIC_HEADS: tl.constexpr):
     """One (b, chunk, h), BLOCK_M rows, BLOCK_V value columns of a masked chunk scan.
 
     Causal (REVERSE=False), row t: ``acc_t = sum_{s<=t} (q_t.k_s) exp(cs_t - cs_s) [dtp_s] v_s
@@ -759,28 +759,16 @@ def _scan_kernel(
         # dB / dC: sum the heads of group ``slot`` here instead of writing per-head partials
         total = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
         h0 = slot * heads_per_group
-        if INTERPRET:
-            hh = h0
-            while hh < h0 + heads_per_group:
-                total = _group_head_step(total, ROW_SCALE,
-            hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
-            q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
-            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
-            st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
-            dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
-            BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
-                hh += 1
-        else:
-            for hh in range(h0, h0 + heads_per_group):
-                total = _group_head_step(total, ROW_SCALE,
-            hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
-            q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
-            q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
-            st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
-            dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
-            BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
+        # (a constexpr bound under the interpreter, which cannot loop to a run-time value)
+        for i in range(0, STATIC_HEADS if STATIC_HEADS > 0 else heads_per_group):
+            total = _group_head_step(total, ROW_SCALE,
+        h0 + i, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
+        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
+        st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
+        REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
+        BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
         tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + slot * o1_sh + offs_v[None, :],
                  total.to(o1_ptr.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
     else:
@@ -894,6 +882,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
         HAS_EXT=ext is not None, HAS_CB=cb is not None, HAS_D=D is not None, HAS_Z=z is not None, EPILOGUE=epilogue,
         DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DQK=_p2(DQK), BLOCK_V=bv, BLOCK_D2=_p2(D2),
         GROUP_HEADS=group_heads, heads_per_group=heads_per_group,
+        STATIC_HEADS=heads_per_group if _INTERPRET else 0,
         num_warps=cfg["num_warps"], **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
     return grid
 
