@@ -137,6 +137,30 @@ def _load_bc(ptr, row, grp, ch, n_idx, t, mask_d, mask_n, mask_t,
 
 
 @triton.jit
+def _chunk_states(h, chunk_start, end, t_idx, row_base, mask_d, u_ptr, delta_ptr, bias, A2,
+                  B_ptr, C_ptr, row, grp_b, grp_c, ch, n_idx, mask_n,
+                  stride_Bb, stride_Bg, stride_Bn, stride_Bl, stride_Cb, stride_Cg, stride_Cn, stride_Cl,
+                  HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, B_FIXED: tl.constexpr, C_FIXED: tl.constexpr):
+    """The states of one chunk from the state ``h`` entering it (the forward's pass, recomputed by the
+    backward from its checkpoint), with the inputs both need."""
+    t = chunk_start + t_idx
+    mask_t = t < end
+    mask = mask_d[:, None] & mask_t[None, :]
+    offs = row_base + t[None, :]
+    uu = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dt, raw = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
+    decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
+    Bt = _load_bc(B_ptr, row, grp_b, ch, n_idx, t, mask_d, mask_n, mask_t,
+                  stride_Bb, stride_Bg, stride_Bn, stride_Bl, B_FIXED)
+    step = (dt * uu)[:, None, :] * Bt
+    decay_run, states = tl.associative_scan((decay, step), 2, _affine_combine)
+    states = states + decay_run * h[:, :, None]
+    Ct = _load_bc(C_ptr, row, grp_c, ch, n_idx, t, mask_d, mask_n, mask_t,
+                  stride_Cb, stride_Cg, stride_Cn, stride_Cl, C_FIXED)
+    return t, mask_t, mask, offs, uu, dt, raw, decay, Bt, states, Ct
+
+
+@triton.jit
 def _program_layout(cu_ptr, seqlen, chunks_per_row, segment_len, dim,
                     channels_per_b_group, channels_per_c_group,
                     BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
@@ -208,20 +232,11 @@ def _selective_scan_fwd_kernel(
         if k < num_chunks:
             chunk_start = start + k * CHUNK
             tl.store(ckpt_ptr + (slot0 + k) * dim * nstate + state_offs, h, mask=mask_dn)
-            t = chunk_start + t_idx
-            mask_t = t < end
-            mask = mask_d[:, None] & mask_t[None, :]
-            offs = row_base + t[None, :]
-            uu = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dt, _raw = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
-            decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
-            Bt = _load_bc(B_ptr, row, grp_b, ch, n_idx, t, mask_d, mask_n, mask_t,
-                          stride_Bb, stride_Bg, stride_Bn, stride_Bl, B_FIXED)
-            step = (dt * uu)[:, None, :] * Bt
-            decay_run, states = tl.associative_scan((decay, step), 2, _affine_combine)
-            states = states + decay_run * h[:, :, None]
-            Ct = _load_bc(C_ptr, row, grp_c, ch, n_idx, t, mask_d, mask_n, mask_t,
-                          stride_Cb, stride_Cg, stride_Cn, stride_Cl, C_FIXED)
+            _t, _mask_t, mask, offs, uu, dt, _raw, _decay, _Bt, states, Ct = _chunk_states(
+                h, chunk_start, end, t_idx, row_base, mask_d, u_ptr, delta_ptr, bias, A2,
+                B_ptr, C_ptr, row, grp_b, grp_c, ch, n_idx, mask_n,
+                stride_Bb, stride_Bg, stride_Bn, stride_Bl, stride_Cb, stride_Cg, stride_Cn, stride_Cl,
+                HAS_BIAS, SOFTPLUS, B_FIXED, C_FIXED)
             y = tl.sum(states * Ct, axis=1)
             if HAS_D:
                 y += Dv[:, None] * uu
@@ -286,20 +301,11 @@ def _selective_scan_bwd_kernel(
             k = num_chunks - 1 - i
             chunk_start = start + k * CHUNK
             h0 = tl.load(ckpt_ptr + (slot0 + k) * dim * nstate + state_offs, mask=mask_dn, other=0.0)
-            t = chunk_start + t_idx
-            mask_t = t < end
-            mask = mask_d[:, None] & mask_t[None, :]
-            offs = row_base + t[None, :]
-            uu = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            dt, raw = _load_dt(delta_ptr, offs, mask, bias, HAS_BIAS, SOFTPLUS)
-            decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
-            Bt = _load_bc(B_ptr, row, grp_b, ch, n_idx, t, mask_d, mask_n, mask_t,
-                          stride_Bb, stride_Bg, stride_Bn, stride_Bl, B_FIXED)
-            step = (dt * uu)[:, None, :] * Bt
-            decay_run, states = tl.associative_scan((decay, step), 2, _affine_combine)
-            states = states + decay_run * h0[:, :, None]
-            Ct = _load_bc(C_ptr, row, grp_c, ch, n_idx, t, mask_d, mask_n, mask_t,
-                          stride_Cb, stride_Cg, stride_Cn, stride_Cl, C_FIXED)
+            t, mask_t, mask, offs, uu, dt, raw, decay, Bt, states, Ct = _chunk_states(
+                h0, chunk_start, end, t_idx, row_base, mask_d, u_ptr, delta_ptr, bias, A2,
+                B_ptr, C_ptr, row, grp_b, grp_c, ch, n_idx, mask_n,
+                stride_Bb, stride_Bg, stride_Bn, stride_Bl, stride_Cb, stride_Cg, stride_Cn, stride_Cl,
+                HAS_BIAS, SOFTPLUS, B_FIXED, C_FIXED)
             dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_Z:
                 y = tl.sum(states * Ct, axis=1) + Dv[:, None] * uu
@@ -317,7 +323,7 @@ def _selective_scan_bwd_kernel(
             g = g + decay_back * carry[:, :, None]
             carry = tl.sum(tl.where(t_idx[None, None, :] == 0, decay * g, 0.0), axis=2)
 
-            decayed = states - step  # a_t h_{t-1}
+            decayed = states - (dt * uu)[:, None, :] * Bt  # a_t h_{t-1}
             g_dt = g * dt[:, None, :]
             du = tl.sum(g_dt * Bt, axis=1) + Dv[:, None] * dy
             tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=mask)
