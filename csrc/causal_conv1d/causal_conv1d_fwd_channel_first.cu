@@ -158,10 +158,8 @@ __global__ void final_states_kernel(ForwardParams p, int hist) {
   const int64_t r = blockIdx.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= p.dim) return;
-  const int32_t* cu = reinterpret_cast<const int32_t*>(p.cu_seqlens);
-  const int64_t row = cu ? 0 : r;
-  const int64_t start = cu ? cu[r] : 0;
-  const int64_t end = cu ? cu[r + 1] : p.seqlen;
+  const SequenceSpan span = sequence_span(p.cu_seqlens, r, p.seqlen);
+  const int64_t row = span.row, start = span.start, end = span.end;
   const T* x = reinterpret_cast<const T*>(p.x) + row * p.x_batch_stride + c * p.x_c_stride;
   const T* init = reinterpret_cast<const T*>(p.initial_states);
   const int32_t* seq = p.seq_idx ? reinterpret_cast<const int32_t*>(p.seq_idx) + row * p.seq_batch_stride : nullptr;

@@ -58,5 +58,15 @@ __device__ __forceinline__ void store_vec(T* ptr, const float* in) {
 
 inline bool aligned16(std::uintptr_t address) { return address % 16 == 0; }
 
+// The positions of sequence r: row r of the batch, or the r-th cu_seqlens sequence of row 0.
+struct SequenceSpan {
+  int64_t row, start, end;
+};
+
+__device__ __forceinline__ SequenceSpan sequence_span(std::uintptr_t cu_seqlens, int64_t r, int64_t seqlen) {
+  const int32_t* cu = reinterpret_cast<const int32_t*>(cu_seqlens);
+  return cu ? SequenceSpan{0, cu[r], cu[r + 1]} : SequenceSpan{r, 0, seqlen};
+}
+
 }  // namespace conv
 }  // namespace ssmk
