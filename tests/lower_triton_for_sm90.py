@@ -6,9 +6,18 @@ accepts constructs that the real compiler rejects (re-bound constexpr names, bra
 different shapes, shared-memory overflows), and CI has no GPU. Triton is pointed at a stand-in
 driver that reports an sm_90 target, and every launch becomes a compile-only ``warmup``. Kernel
 outputs are therefore never written: this checks compilation, not results.
+
+When ``ptxas`` is on PATH, each kernel's PTX is also assembled with ``-v`` and its local-memory
+spills are checked against ``SPILL_LIMIT``: the SSD backward once ran its float32 matmuls as FMA
+dots whose register tiles spilled 9-14 KB per thread, 100x slower on the GPU, and nothing
+functional caught it.
 """
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["SSMKERNELS_DETERMINISTIC"] = "1"  # one pinned config per kernel: nothing to benchmark
@@ -43,7 +52,8 @@ compiled = []
 
 def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
-    compiled.append((self.fn.__name__, kernel.metadata.shared if kernel is not None else None))
+    compiled.append((self.fn.__name__, kernel.metadata.shared if kernel is not None else None,
+                     kernel.asm.get("ptx") if kernel is not None else None))
     return kernel
 
 
@@ -54,6 +64,27 @@ from ssmkernels._core import dispatch  # noqa: E402
 
 dispatch.triton_device_reason = lambda device: None  # CPU tensors stand in for CUDA ones
 SHARED_LIMIT = 232448  # bytes of shared memory per block on an H100
+# Bytes of spill stores per thread a kernel may have (ptxas -v). The largest today: 1408 B (an SSD
+# float32 backward scan), 996 B (the conv backward, channel-first); the regression this guards
+# against was 13 KB (SSMKERNELS_SSD_DOT_PRECISION=ieee still shows it).
+SPILL_LIMIT = 2048
+_SPILLS = re.compile(r"(\d+) bytes spill stores")
+
+
+def spill_stores(ptx: str) -> int | None:
+    """Bytes of spill stores per thread of ``ptx`` assembled for sm_90a (None without ptxas)."""
+    ptxas = shutil.which("ptxas")
+    if ptxas is None or not ptx:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        os.unlink(f.name)
+    found = _SPILLS.findall(result.stderr)
+    return max(int(v) for v in found) if found else None
 
 
 def grad_all(outputs, inputs):
@@ -134,10 +165,20 @@ if __name__ == "__main__":
                 failures.append(f"{name}/{dtype}: {type(exc).__name__}: {str(exc)[:2000]}")
                 continue
             new = compiled[start:]
-            too_big = [(k, s) for k, s in new if s is not None and s > SHARED_LIMIT]
+            too_big = [(k, s) for k, s, _ in new if s is not None and s > SHARED_LIMIT]
             if too_big:
                 failures.append(f"{name}/{dtype}: shared memory over the H100's {SHARED_LIMIT} B: {too_big}")
-            print(f"{name}/{str(dtype).replace('torch.', '')}: {len(new)} launches compiled for sm_90", flush=True)
+            spills = {}
+            for kernel, _, ptx in new:
+                if ptx is not None and (kernel, ptx) not in spills:
+                    spills[(kernel, ptx)] = spill_stores(ptx)
+            worst = max((v for v in spills.values() if v is not None), default=None)
+            spilling = sorted({(k, v) for (k, _), v in spills.items() if v is not None and v > SPILL_LIMIT})
+            if spilling:
+                failures.append(f"{name}/{dtype}: spill stores over {SPILL_LIMIT} B per thread: {spilling}")
+            print(f"{name}/{str(dtype).replace('torch.', '')}: {len(new)} launches compiled for sm_90, "
+                  f"{len(spills)} distinct kernels, most spill stores per thread: "
+                  f"{'no ptxas' if worst is None else f'{worst} B'}", flush=True)
     if failures:
         print("\n".join(failures))
         sys.exit(1)
