@@ -24,6 +24,11 @@
 # Each stage logs to $OUT/<stage>.log; $OUT/summary.txt gets one line per stage (exit code,
 # seconds). The peers' paths are put on PYTHONPATH for every later stage, so a command that runs
 # out of time can be split: `... gpu_suite.sh peers build test`, then `... gpu_suite.sh peers check bench`.
+#
+# For machines that hand back only a few files (the device tool: 8 from $OUT): BUNDLE=1 keeps every
+# log and JSON in a scratch folder and leaves $OUT/summary.txt plus one $OUT/logs.tgz, also when a
+# stage fails or the command is cut short by a signal. STAGE_TIMEOUT=SECONDS stops a stage that runs
+# longer (exit 124 in the summary) so that the later stages still run.
 # Exit code: 0 when every stage that ran succeeded, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +36,16 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_logs}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [ -n "${BUNDLE:-}" ]; then
+    BUNDLE_OUT=$OUT
+    OUT=$(mktemp -d /tmp/gpu_suite.XXXXXX)
+    bundle() {
+        cp -f "$OUT/summary.txt" "$BUNDLE_OUT/summary.txt" 2>/dev/null
+        tar -czf "$BUNDLE_OUT/logs.tgz" -C "$OUT" . 2>/dev/null
+    }
+    trap bundle EXIT
+    trap 'exit 143' TERM INT
+fi
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 PYTHON=${PYTHON:-python}
@@ -46,8 +61,23 @@ run_stage() {  # run_stage NAME COMMAND...: logs to $OUT/NAME.log, records rc an
     local name=$1; shift
     log "$name: start ($*)"
     local start=$SECONDS
-    ( "$@" ) > "$OUT/$name.log" 2>&1
-    local rc=$?
+    if [ -n "${STAGE_TIMEOUT:-}" ]; then
+        # A shell function cannot be handed to timeout(1): run the stage as its own process group
+        # (job control on) and signal the whole group, its Python processes included.
+        set -m
+        ( "$@" ) > "$OUT/$name.log" 2>&1 &
+        local pid=$!
+        set +m
+        ( sleep "$STAGE_TIMEOUT" && kill -TERM -- -"$pid" 2>/dev/null ) > /dev/null 2>&1 &
+        local watchdog=$!
+        wait "$pid"
+        local rc=$?
+        kill "$watchdog" 2>/dev/null
+        [ $rc -eq 143 ] && rc=124 && echo "stopped after STAGE_TIMEOUT=${STAGE_TIMEOUT} s" >> "$OUT/$name.log"
+    else
+        ( "$@" ) > "$OUT/$name.log" 2>&1
+        local rc=$?
+    fi
     log "$name: exit $rc after $((SECONDS - start)) s (log: $OUT/$name.log)"
     tail -n 25 "$OUT/$name.log"
     [ $rc -ne 0 ] && FAILED=1
