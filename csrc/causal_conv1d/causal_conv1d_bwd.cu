@@ -11,6 +11,8 @@
 // Sequences: each position carries a key (its seq_idx, its cu_seqlens sequence, or 0); an input
 // reaches an output only with the same key. Inputs before a sequence's start come from the initial
 // states when that sequence has them (the row's first with seq_idx, every one with cu_seqlens).
+// Calls with none of seq_idx, cu_seqlens, initial states and final-state gradients (training on
+// whole rows, the common case) run the kPlain instantiation: no keys, no per-tap sequence checks.
 #include <climits>
 #include <stdexcept>
 #include <string>
@@ -59,7 +61,7 @@ __device__ __forceinline__ float input_for(const BackwardParams& p, int64_t row,
   return to_float(init[row * p.init_batch_stride + c * p.init_c_stride + (kHist + v) * p.init_l_stride]);
 }
 
-template <typename T, int kWidth>
+template <typename T, int kWidth, bool kPlain>
 __global__ void __launch_bounds__(kBwdThreads) backward_kernel(BackwardParams p, int64_t num_l_blocks) {
   constexpr int kHist = kWidth - 1;
   constexpr int kX = kBackwardTileL + 2 * kHist;  // x at u0 - (w-1) .. u0 + L + w - 2
@@ -83,11 +85,13 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(BackwardParams p,
   const int seq_first = seq ? seq[0] : 0;
   const int seq_last = seq ? seq[(l - 1) * p.seq_l_stride] : 0;
 
-  for (int i = tid; i < kX; i += kBwdThreads) {
-    const int64_t v = u0 - kHist + i;
-    int key = INT_MIN;  // outside the row: never equal to a real key
-    if (v >= 0 && v < l) key = cu ? static_cast<int>(find_sequence(cu, p.num_seqs, v)) : (seq ? seq[v * p.seq_l_stride] : 0);
-    keys[i] = key;
+  if constexpr (!kPlain) {
+    for (int i = tid; i < kX; i += kBwdThreads) {
+      const int64_t v = u0 - kHist + i;
+      int key = INT_MIN;  // outside the row: never equal to a real key
+      if (v >= 0 && v < l) key = cu ? static_cast<int>(find_sequence(cu, p.num_seqs, v)) : (seq ? seq[v * p.seq_l_stride] : 0);
+      keys[i] = key;
+    }
   }
   for (int i = tid; i < kTileC * (kWidth + 1); i += kBwdThreads) {
     const int c = i / (kWidth + 1), k = i % (kWidth + 1);
@@ -105,9 +109,13 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(BackwardParams p,
   }
   __syncthreads();
 
-  auto input = [&](int c, int64_t t, int64_t v) {
-    return input_for<T, kHist>(p, row, c0 + c, v, keys[t - u0 + kHist], keys[v - u0 + kHist], seq_first,
-                               [&](int64_t pos) { return xs[c][pos - u0 + kHist]; });
+  auto input = [&](int c, int64_t t, int64_t v) -> float {
+    if constexpr (kPlain) {
+      return xs[c][v - u0 + kHist];  // staged as zero outside the row
+    } else {
+      return input_for<T, kHist>(p, row, c0 + c, v, keys[t - u0 + kHist], keys[v - u0 + kHist], seq_first,
+                                 [&](int64_t pos) { return xs[c][pos - u0 + kHist]; });
+    }
   };
   const bool dout_positions_fastest = p.dout_l_stride == 1;
   for (int i = tid; i < kTileC * kG; i += kBwdThreads) {
@@ -137,12 +145,12 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(BackwardParams p,
     const int j = group * kPerGroup + jj;
     const int64_t u = u0 + j;
     if (cc >= p.dim || u >= l) break;
-    const int key_u = keys[j + kHist];
+    const int key_u = kPlain ? 0 : keys[j + kHist];
     float acc = 0.0f;
 #pragma unroll
-    for (int jt = 0; jt < kWidth; ++jt)
-      if (keys[j + kHist + jt] == key_u) acc += ws[c][kHist - jt] * gs[c][j + jt];
-    if (dfinal) {
+    for (int jt = 0; jt < kWidth; ++jt)  // (g is zero past the row's end)
+      if (kPlain || keys[j + kHist + jt] == key_u) acc += ws[c][kHist - jt] * gs[c][j + jt];
+    if (!kPlain && dfinal) {
       const int64_t end = cu ? cu[key_u + 1] : l;
       const int64_t m = u - (end - kHist);
       if (m >= 0 && (!seq || key_u == seq_last))
@@ -237,7 +245,11 @@ void backward(const BackwardParams& p) {
         if (p.batch * num_l_blocks > INT_MAX || channel_blocks > 65535)
           throw std::invalid_argument("causal_conv1d_bwd: input too large for the grid");
         dim3 grid(static_cast<unsigned>(p.batch * num_l_blocks), static_cast<unsigned>(channel_blocks));
-        backward_kernel<scalar_t, kWidth><<<grid, kBwdThreads, 0, as_stream(p.stream)>>>(p, num_l_blocks);
+        const bool plain = !p.cu_seqlens && !p.seq_idx && !p.initial_states && !p.dfinal_states;
+        if (plain)
+          backward_kernel<scalar_t, kWidth, true><<<grid, kBwdThreads, 0, as_stream(p.stream)>>>(p, num_l_blocks);
+        else
+          backward_kernel<scalar_t, kWidth, false><<<grid, kBwdThreads, 0, as_stream(p.stream)>>>(p, num_l_blocks);
         check_launch("causal_conv1d_bwd");
       }
       if (p.dinitial_states) {
