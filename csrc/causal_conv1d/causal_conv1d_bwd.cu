@@ -141,26 +141,58 @@ __global__ void __launch_bounds__(kBwdThreads) backward_kernel(BackwardParams p,
   float dw[kWidth] = {}, db = 0.0f;
   constexpr int kPerGroup = kBackwardTileL / kGroups;
   const T* dfinal = reinterpret_cast<const T*>(p.dfinal_states);
-  for (int jj = 0; jj < kPerGroup; ++jj) {
-    const int j = group * kPerGroup + jj;
-    const int64_t u = u0 + j;
-    if (cc >= p.dim || u >= l) break;
-    const int key_u = kPlain ? 0 : keys[j + kHist];
-    float acc = 0.0f;
+  if constexpr (kPlain) {
+    // Each thread walks kPerGroup consecutive positions of one channel: the taps slide through
+    // registers (two shared-memory reads per position instead of 2 w + 1).
+    const int j0 = group * kPerGroup;
+    float wr[kWidth], xw[kWidth], gw[kWidth];  // xw[k] = x at u - (w-1) + k, gw[i] = g at u + i
 #pragma unroll
-    for (int jt = 0; jt < kWidth; ++jt)  // (g is zero past the row's end)
-      if (kPlain || keys[j + kHist + jt] == key_u) acc += ws[c][kHist - jt] * gs[c][j + jt];
-    if (!kPlain && dfinal) {
-      const int64_t end = cu ? cu[key_u + 1] : l;
-      const int64_t m = u - (end - kHist);
-      if (m >= 0 && (!seq || key_u == seq_last))
-        acc += to_float(dfinal[(cu ? key_u : row) * p.dfinal_batch_stride + cc * p.dfinal_c_stride + m * p.dfinal_l_stride]);
+    for (int k = 0; k < kWidth; ++k) wr[k] = ws[c][k];
+#pragma unroll
+    for (int k = 0; k < kHist; ++k) {
+      xw[k + 1] = xs[c][j0 + k];
+      gw[k + 1] = gs[c][j0 + k];
     }
-    dxs[c][j] = acc;
-    const float g = gs[c][j];
-    db += g;
+    for (int jj = 0; jj < kPerGroup; ++jj) {
+      const int j = j0 + jj;
+      if (cc >= p.dim || u0 + j >= l) break;
 #pragma unroll
-    for (int k = 0; k < kWidth; ++k) dw[k] += g * input(c, u, u - kHist + k);
+      for (int k = 0; k < kHist; ++k) {
+        xw[k] = xw[k + 1];
+        gw[k] = gw[k + 1];
+      }
+      xw[kHist] = xs[c][j + kHist];
+      gw[kHist] = gs[c][j + kHist];  // (g is zero past the row's end)
+      float acc = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kWidth; ++i) acc += wr[kHist - i] * gw[i];
+      dxs[c][j] = acc;
+      db += gw[0];
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) dw[k] += gw[0] * xw[k];
+    }
+  } else {
+    for (int jj = 0; jj < kPerGroup; ++jj) {
+      const int j = group * kPerGroup + jj;
+      const int64_t u = u0 + j;
+      if (cc >= p.dim || u >= l) break;
+      const int key_u = keys[j + kHist];
+      float acc = 0.0f;
+#pragma unroll
+      for (int jt = 0; jt < kWidth; ++jt)
+        if (keys[j + kHist + jt] == key_u) acc += ws[c][kHist - jt] * gs[c][j + jt];
+      if (dfinal) {
+        const int64_t end = cu ? cu[key_u + 1] : l;
+        const int64_t m = u - (end - kHist);
+        if (m >= 0 && (!seq || key_u == seq_last))
+          acc += to_float(dfinal[(cu ? key_u : row) * p.dfinal_batch_stride + cc * p.dfinal_c_stride + m * p.dfinal_l_stride]);
+      }
+      dxs[c][j] = acc;
+      const float g = gs[c][j];
+      db += g;
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) dw[k] += g * input(c, u, u - kHist + k);
+    }
   }
 #pragma unroll
   for (int k = 0; k < kWidth; ++k) red[group][c][k] = dw[k];
