@@ -446,12 +446,13 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
     each row's sum over the earlier column blocks, ``dai`` gets this row block's share for the
     columns k of this block.
 
-    HAS_CB: ``q_t . k_s`` is read from the group's precomputed ``C B^T`` of the chunk (``_cb_kernel``;
-    entry (t, s) for t >= s, and its transpose in reverse scans) instead of a dot per head."""
+    HAS_CB: the group's precomputed ``C B^T`` of the chunk (``_cb_kernel``; entry (t, s) for t >= s)
+    replaces a dot per head: as ``q_t . k_s`` (its transpose in reverse scans), or with INTRA_DA as
+    ``q2_t . k2_s``."""
     cols = k0 + tl.arange(0, BLOCK_K)
     col_ok = cols < chunk_len
     pos_c = chunk_start + cols
-    if HAS_CB:
+    if HAS_CB and not INTRA_DA:
         if REVERSE:  # rows s, columns t >= s: C_t . B_s = CB[t, s]
             scores = tl.load(cb_base + cols[None, :] * chunk + rows[:, None],
                              mask=(cols[None, :] >= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
@@ -478,10 +479,15 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
         keep = keep & (seq_c[None, :] == seq_r[:, None])
     scores = tl.where(keep, scores * w, 0.0)
     if INTRA_DA:
-        k2t = tl.load(k2_base + pos_c[None, :] * k2_sl + offs_d2[:, None], mask=d2_ok[:, None] & col_ok[None, :],
-                      other=0.0).to(DOT_DTYPE)
+        if HAS_CB:  # q2 . k2 = C_t . B_s = CB[t, s] (causal rows t, columns s <= t)
+            qk2 = tl.load(cb_base + rows[:, None] * chunk + cols[None, :],
+                          mask=(cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
+        else:
+            k2t = tl.load(k2_base + pos_c[None, :] * k2_sl + offs_d2[:, None],
+                          mask=d2_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
+            qk2 = tl.dot(q2, k2t, input_precision=PREC)
         # float64 sums: da_k adds up to Q^2/4 pair terms of both signs
-        G = (scores * tl.dot(q2, k2t, input_precision=PREC)).to(tl.float64)
+        G = (scores * qk2).to(tl.float64)
         before = tl.cumsum(G, axis=1) - G + carry[:, None]
         share = tl.sum(tl.where((rows[:, None] >= cols[None, :]) & row_ok[:, None], before, 0.0), axis=0)
         tl.store(dai_ptr + cols, share.to(tl.float32), mask=col_ok & dai_ok)
@@ -575,11 +581,11 @@ def _scan_head(
     else:
         acc = acc_st + acc_ex
     carry = tl.zeros((BLOCK_M,), dtype=tl.float64)
+    q2 = q
     if INTRA_DA:
-        q2 = tl.load(q2_ptr + bb * q2_sb + (hh // q2_ratio) * q2_sh + pos_r[:, None] * q2_sl + offs_d2[None, :],
-                     mask=row_ok[:, None] & d2_ok[None, :], other=0.0).to(DOT_DTYPE)
-    else:
-        q2 = q
+        if not HAS_CB:
+            q2 = tl.load(q2_ptr + bb * q2_sb + (hh // q2_ratio) * q2_sh + pos_r[:, None] * q2_sl + offs_d2[None, :],
+                         mask=row_ok[:, None] & d2_ok[None, :], other=0.0).to(DOT_DTYPE)
     k_base = k_ptr + bb * k_sb + (hh // k_ratio) * k_sh
     v_base = v_ptr + bb * v_sb + (hh // v_ratio) * v_sh
     if REVERSE:
@@ -1098,7 +1104,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     ddtp = torch.zeros(b, h, nc, chunk_size, device=dev, dtype=f32)
     nmb = triton.cdiv(chunk_size, _scan_block_m(chunk_size, GRAD_DOT_DTYPE))
     dpart = None if D is None else torch.empty(b * nc, nmb, h, p, device=dev, dtype=f32)
-    cb = _launch_cb(C, B, chunk_size, x.dtype)  # C B^T per group: read by this pass and the dx pass
+    cb = _launch_cb(C, B, chunk_size, x.dtype)  # C B^T per group: read by this pass, the dx and the dC pass
     _launch_scan(C, B, x, states, st_strides_np, varlen_init, init_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=False, col_scale=True, epilogue=_EPI_DZ, x=x, z=z, dout=dout, D=D,
                  o1=dy, o2=dz, vec1=dcs, vec2=dcs_seg, dpart=dpart, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
@@ -1151,7 +1157,6 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     _launch_scan(B, C, dy, dstates, ds_np, dvl if varlen else None, dvl_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, epilogue=_EPI_DX, x=x, D=D, o1=dx, vec1=dcs_end, vec2=ddtp, dpart=dcs_fwd,
                  dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype, full_value=True, cb=cb)
-    del cb
     # dB, dC: each program sums the heads of one group (no per-head buffers)
     _launch_scan(x, dy, C, dstates, ds_pn, dvl if varlen else None, dvl_pn, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
@@ -1159,7 +1164,8 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     dai = torch.zeros(b, h, nc, nmb, chunk_size, device=dev, dtype=f32)
     _launch_scan(dy, x, B, states, st_strides_pn, varlen_init, init_pn, dtp, cs, seq_idx, cu_seqlens,
                  reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
-                 full_value=False, q2=C, k2=B, dai=dai, group_heads=True)
+                 full_value=False, q2=C, k2=B, dai=dai, group_heads=True, cb=cb)
+    del cb
 
     # 6. cu_seqlens initial states: outputs of the start chunk, the chunk-end state, the final state
     if varlen and varlen_init is not None:
