@@ -86,17 +86,10 @@ def per_call_us(fn, calls: int, repeats: int, sync: bool = False) -> dict:
 
 
 def gpu_us(fn, calls: int = 200) -> float:
-    """GPU time per call, host overhead excluded: the GPU is held by a spin kernel while ``calls``
-    calls are queued, so the events around them time the kernels back to back."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(200_000_000)  # ~0.1 s at H100 clocks: longer than queueing the calls takes
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls * 1e3
+    """GPU time per call, host overhead excluded (the benchmark harness's queued measurement)."""
+    from ssmkernels.bench.timing import queued_gpu_us
+
+    return queued_gpu_us([fn], calls)
 
 
 def wall(calls: int, repeats: int) -> dict:

@@ -30,6 +30,8 @@ class Row:
     pct_copy_bw: float | None = None
     pct_matmul_peak: float | None = None
     wall_us_per_call: float | None = None
+    queued_gpu_us: float | None = None  # decode cases: GPU time per call, host taken out
+    queued_pct_copy_bw: float | None = None
     speedup_vs_best_peer: float | None = None
     note: str = ""
 
@@ -42,18 +44,25 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _queued(row: Row) -> str:
+    if row.queued_gpu_us is None:
+        return "-"
+    pct = "" if row.queued_pct_copy_bw is None else f" ({row.queued_pct_copy_bw:.0f}%)"
+    return f"{row.queued_gpu_us:.1f}{pct}"
+
+
 def _cells(row: Row) -> list[str]:
     if row.status != "ok":
         return [row.case, row.impl, f"{row.status}: {row.reason}"]
     spread = f"{row.p20_ms:.3f}-{row.p80_ms:.3f}" if row.p20_ms is not None else "-"
     return [row.case, row.impl, _num(row.median_ms, ".3f"), spread, _num(row.gbps, ".0f"),
             _num(row.pct_copy_bw, ".0f"), _num(row.tflops, ".1f"), _num(row.pct_matmul_peak, ".1f"),
-            _num(row.wall_us_per_call, ".1f"),
+            _num(row.wall_us_per_call, ".1f"), _queued(row),
             "-" if row.speedup_vs_best_peer is None else f"{row.speedup_vs_best_peer:.2f}x", row.note]
 
 
 HEADERS = ["case", "impl", "median ms", "p20-p80 ms", "GB/s", "%copy", "TFLOP/s", "%mm", "wall us/call",
-           "vs best peer", "note"]
+           "queued GPU us (%copy)", "vs best peer", "note"]
 
 
 def table(rows: list[Row]) -> str:
@@ -73,7 +82,7 @@ def table(rows: list[Row]) -> str:
         if row.status != "ok":
             lines.append(f"{cells[0].ljust(widths[0])}  {cells[1].ljust(widths[1])}  {cells[2]}")
         else:
-            lines.append("  ".join(c.rjust(w) if 2 <= i <= 9 else c.ljust(w)
+            lines.append("  ".join(c.rjust(w) if 2 <= i <= 10 else c.ljust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths))).rstrip())
     return "\n".join(lines)
 
@@ -99,17 +108,17 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
     for primitive in dict.fromkeys(r.primitive for r in rows):
         lines += [f"## {primitive}", ""]
         lines.append("| case | shape | impl | median ms | p20-p80 ms | GB/s | % copy BW | TFLOP/s | % bf16 mm "
-                     "| wall us/call | vs best peer |")
-        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "| wall us/call | queued GPU us (% copy) | vs best peer |")
+        lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in rows:
             if row.primitive != primitive:
                 continue
             if row.status != "ok":
                 lines.append(f"| {row.case} | {row.shape} | {row.impl} | {row.status}: "
-                             f"{row.reason.replace('|', '/')} | | | | | | | |")
+                             f"{row.reason.replace('|', '/')} | | | | | | | | |")
                 continue
             cells = _cells(row)
-            lines.append(f"| {row.case} | {row.shape} | {row.impl} | " + " | ".join(cells[2:10]) + " |")
+            lines.append(f"| {row.case} | {row.shape} | {row.impl} | " + " | ".join(cells[2:11]) + " |")
         lines.append("")
     notes = sorted({f"{r.impl}: {r.note}" for r in rows if r.note})
     if notes:

@@ -13,7 +13,7 @@ from .._core import config
 from . import peers as peer_registry
 from .cases import BenchCase, Forward, human_bytes, human_flops
 from .report import Row, table, write_json, write_markdown, write_plot
-from .timing import Peaks, measure, peaks, wall_per_call_us
+from .timing import Peaks, measure, peaks, queued_gpu_us, wall_per_call_us
 
 KERNEL_BACKENDS = ("cuda", "triton")
 
@@ -140,6 +140,10 @@ def run_case(case: BenchCase, backends: tuple[str, ...], compare: bool, the_peak
                 row.pct_matmul_peak = 100 * row.tflops / the_peaks.matmul_tflops
             if case.wall_loop:
                 row.wall_us_per_call = wall_per_call_us(steps)
+            if case.mode == "decode":
+                row.queued_gpu_us = queued_gpu_us(steps)
+                if the_peaks:
+                    row.queued_pct_copy_bw = 100 * case.bytes / (row.queued_gpu_us * 1e-6) / 1e9 / the_peaks.copy_gbps
         except BackendUnavailable as exc:
             row.status, row.reason = "unavailable", str(exc).split("cannot serve this call: ", 1)[-1]
         except Exception as exc:  # a failing implementation is reported, the run goes on

@@ -4,6 +4,8 @@
 cycling through ``fns`` (one closure per rotated input copy, so small working sets are not served
 from L2). ``peaks()`` measures, once per run, a large device-to-device copy (bandwidth roof) and an
 8192^3 bf16 matmul (compute roof); results are reported as a percentage of both.
+Decode-sized calls are host-bound, so their per-call events mostly time Python; ``queued_gpu_us``
+times them with the host taken out, and ``wall_per_call_us`` with it included.
 """
 from __future__ import annotations
 
@@ -72,6 +74,27 @@ def wall_per_call_us(fns: Sequence[Callable[[], Any]], calls: int = 500) -> floa
         fns[i % len(fns)]()
     torch.cuda.synchronize()
     return (time.perf_counter() - started) / calls * 1e6
+
+
+def queued_gpu_us(fns: Sequence[Callable[[], Any]], calls: int = 200) -> float:
+    """GPU time per call with the host taken out, in microseconds: a spin kernel holds the GPU while
+    ``calls`` calls are queued behind it, so the events around them time the kernels back to back.
+    For decode-sized calls, whose per-call events mostly time the host (the GPU idles between a
+    start event and a launch that Python has not issued yet)."""
+    fns = list(fns)
+    host_us = wall_per_call_us(fns, calls=20)
+    # hold the GPU for twice the time queueing takes (torch.cuda._sleep spins for a cycle count; 2e9
+    # cycles per second is about an H100's clock, an overestimate of older GPUs')
+    cycles = int(max(2e8, 2 * calls * host_us * 1e-6 * 2e9))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(cycles)
+    start.record()
+    for i in range(calls):
+        fns[i % len(fns)]()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls * 1e3
 
 
 @dataclass
