@@ -20,6 +20,22 @@ def qualified(name: str) -> str:
     return f"{NAMESPACE}::{name}"
 
 
+def define_decode_op(name: str, schema: str, impl, fake):
+    """``ssmkernels::<name>``, an in-place decode op, as ``Library.define`` + ``impl``; returns the
+    op's default overload and the library (keep it alive).
+
+    Not ``torch.library.custom_op``: its mutation bookkeeping rebuilds the argument list on every
+    call, ~100 us, more than the decode kernels take. Not differentiable (decode only): autograd
+    passes straight through, so ``out`` never carries a grad_fn, and a backward through it fails
+    loudly instead of returning wrong gradients."""
+    library = torch.library.Library(NAMESPACE, "FRAGMENT")
+    library.define(f"{name}{schema}")
+    library.impl(name, impl, "CompositeExplicitAutograd")
+    library.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    torch.library.register_fake(qualified(name), fake, lib=library)
+    return getattr(torch.ops.ssmkernels, name).default, library
+
+
 def kernels(primitive: str, backend: str):
     """The module holding ``primitive``'s kernels for ``backend`` (``triton`` or ``cuda``)."""
     if backend not in ("triton", "cuda"):

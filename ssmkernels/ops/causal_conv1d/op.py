@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..._core import dispatch
 from ..._core import validation as v
-from ..._core.custom_op import absent, empty_like, kernels, new_empty, placeholder, qualified
+from ..._core.custom_op import absent, define_decode_op, empty_like, kernels, new_empty, placeholder, qualified
 from . import reference
 
 PRIMITIVE = "causal_conv1d"
@@ -96,19 +96,29 @@ def _backward(ctx, dout, dfinal_states):
 _conv_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op(qualified("causal_conv1d_update"), mutates_args=("conv_state",))
-def _conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
-                 cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor],
-                 backend: str) -> Tensor:
+_UPDATE_KERNELS: dict = {}  # backend -> kernel module (an import_module per call costs microseconds)
+
+
+def _conv_update_impl(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
+                      cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor], backend: str) -> Tensor:
+    module = _UPDATE_KERNELS.get(backend)
+    if module is None:
+        module = _UPDATE_KERNELS[backend] = kernels(PRIMITIVE, backend)
     out = empty_like(x)
-    kernels(PRIMITIVE, backend).update(x, conv_state, weight, bias, silu, cache_seqlens,
-                                       conv_state_indices, out)
+    module.update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out)
     return out
 
 
-@_conv_update.register_fake
-def _(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, backend):
+def _conv_update_fake(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, backend):
     return torch.empty_like(x)
+
+
+# A decode op: Library.define rather than custom_op, whose mutation bookkeeping cost ~50-100 us a call.
+_conv_update, _UPDATE_LIBRARY = define_decode_op(
+    "causal_conv1d_update",
+    "(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu, Tensor? cache_seqlens, "
+    "Tensor? conv_state_indices, str backend) -> Tensor",
+    _conv_update_impl, _conv_update_fake)
 
 
 # ----------------------------------------------------------------------------- public API

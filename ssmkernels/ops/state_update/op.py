@@ -53,20 +53,16 @@ from torch import Tensor
 
 from ..._core import config, dispatch
 from ..._core import validation as v
-from ..._core.custom_op import NAMESPACE, empty_like, kernels, qualified
+from ..._core.custom_op import define_decode_op, empty_like, kernels
 from . import reference
 
 PRIMITIVE = "state_update"
 
 
-# ``Library.define`` + ``impl`` rather than ``torch.library.custom_op``: see the module docstring.
-# Tensors arrive as the caller passed them.
-_LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
-_LIBRARY.define(
-    "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
-    "Tensor? z, Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, int pad_slot_id, str backend) "
-    "-> Tensor"
-)
+# ``Library.define`` + ``impl`` rather than ``torch.library.custom_op`` (custom_op.define_decode_op,
+# below). Tensors arrive as the caller passed them.
+_SCHEMA = ("(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+           "Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, int pad_slot_id, str backend) -> Tensor")
 _KERNELS: dict = {}  # backend -> kernel module (an import_module per call costs microseconds)
 _MAX_CACHED = 4096  # entries per cache below; past this the cache starts over (shapes that never repeat)
 
@@ -164,12 +160,8 @@ def _state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_
     return torch.empty_like(x)
 
 
-_LIBRARY.impl("selective_state_update", _state_update_impl, "CompositeExplicitAutograd")
-# Not differentiable (decode only): autograd passes straight through, so ``out`` never carries a
-# grad_fn (a backward through it fails loudly instead of silently returning wrong gradients).
-_LIBRARY.impl("selective_state_update", torch.library.fallthrough_kernel, "Autograd")
-torch.library.register_fake(qualified("selective_state_update"), _state_update_fake, lib=_LIBRARY)
-_state_update = torch.ops.ssmkernels.selective_state_update.default
+_state_update, _LIBRARY = define_decode_op("selective_state_update", _SCHEMA, _state_update_impl,
+                                           _state_update_fake)
 
 
 def _check_shapes(state, x, dt, A, B, C, D, z, dt_bias):
