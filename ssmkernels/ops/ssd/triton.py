@@ -500,7 +500,7 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
 
 @triton.jit
 def _scan_head(
-        hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio,
         k_ptr, k_sb, k_sl, k_sh, k_ratio,
         v_ptr, v_sb, v_sl, v_sh, v_ratio,
@@ -600,7 +600,7 @@ def _scan_head(
             acc, carry = _scan_step(
                 acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
                 offs_v, v_ok, k2_ptr + bb * k2_sb + (hh // k2_ratio) * k2_sh, k2_sl, offs_d2, d2_ok,
-                dai_ptr + cs_base * tl.num_programs(1) + pid_m * chunk, pid_v == 0, cb_base, chunk,
+                dai_ptr + cs_base * num_m + pid_m * chunk, pid_v == 0, cb_base, chunk,
                 dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
                 REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, HAS_CB, DOT_DTYPE, PREC, BLOCK_K)
             k0 += BLOCK_K
@@ -609,7 +609,7 @@ def _scan_head(
             acc, carry = _scan_step(
                 acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
                 offs_v, v_ok, k2_ptr + bb * k2_sb + (hh // k2_ratio) * k2_sh, k2_sl, offs_d2, d2_ok,
-                dai_ptr + cs_base * tl.num_programs(1) + pid_m * chunk, pid_v == 0, cb_base, chunk,
+                dai_ptr + cs_base * num_m + pid_m * chunk, pid_v == 0, cb_base, chunk,
                 dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
                 REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, HAS_CB, DOT_DTYPE, PREC, BLOCK_K)
 
@@ -618,7 +618,7 @@ def _scan_head(
 
 @triton.jit
 def _scan_epilogue(
-        acc, acc_st, acc_ex, hh, bb, bc, pid_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
+        acc, acc_st, acc_ex, hh, bb, bc, pid_m, num_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
         x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh, D_ptr, D_sh, D_sp, o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
         vec1_ptr, vec2_ptr, dpart_ptr, dtp_ptr, nheads, DV,
         SPLIT: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_EXT: tl.constexpr, HAS_D: tl.constexpr,
@@ -658,7 +658,7 @@ def _scan_epilogue(
             if HAS_EXT:  # pairs with a sequence's start, summed per sequence (see backward)
                 tl.store(vec2_ptr + cs_base + rows, tl.sum(dy * acc_ex, axis=1), mask=row_ok)
             if HAS_D:
-                tl.store(dpart_ptr + ((bc * tl.num_programs(1) + pid_m) * nheads + hh) * DV + offs_v,
+                tl.store(dpart_ptr + ((bc * num_m + pid_m) * nheads + hh) * DV + offs_v,
                          tl.sum(dy * xv, axis=0), mask=v_ok)
     elif EPILOGUE == 2:
         # dx = dtp R + D dy; ddtp (direct) = x . R; d(cs) at rows -= dtp x . R
@@ -686,7 +686,7 @@ def _scan_epilogue(
 
 @triton.jit
 def _group_head_step(total, ROW_SCALE: tl.constexpr,
-        hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio,
         k_ptr, k_sb, k_sl, k_sh, k_ratio,
         v_ptr, v_sb, v_sl, v_sh, v_ratio,
@@ -702,7 +702,7 @@ def _group_head_step(total, ROW_SCALE: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D2: tl.constexpr):
     """One head's share of a group-summed plain scan (dB, dC)."""
     acc, acc_st, acc_ex = _scan_head(
-        hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
         q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
@@ -747,9 +747,13 @@ def _scan_kernel(
     sequences j ending in the chunk). ``st``/``ext`` are read as (DQK x DV) matrices by strides.
     Pairs of different sequences never interact. The epilogue turns acc into outputs.
     """
+    # Row blocks vary fastest: the blocks of one (b, chunk, head) run together and share its state,
+    # x, cs and C B^T tiles through L2 (with row blocks slowest, each was fetched once per block).
+    num_m = tl.cdiv(chunk, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    pid_v = tl.program_id(2)
+    pid_m = (pid % num_m).to(tl.int32)
+    pid = pid // num_m
+    pid_v = tl.program_id(1)
     if GROUP_HEADS:
         slots = nheads // heads_per_group
     else:
@@ -768,7 +772,7 @@ def _scan_kernel(
         # (a constexpr bound under the interpreter, which cannot loop to a run-time value)
         for i in range(0, STATIC_HEADS if STATIC_HEADS > 0 else heads_per_group):
             total = _group_head_step(total, ROW_SCALE,
-        h0 + i, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        h0 + i, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
         q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
@@ -780,7 +784,7 @@ def _scan_kernel(
     else:
         hh = slot
         acc, acc_st, acc_ex = _scan_head(
-            hh, bb, c, pid_m, pid_v, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+            hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
             q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
             q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
             st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
@@ -790,7 +794,7 @@ def _scan_kernel(
         cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
         v_base = v_ptr + bb * v_sb + (hh // v_ratio) * v_sh
         _scan_epilogue(
-            acc, acc_st, acc_ex, hh, bb, bc, pid_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
+            acc, acc_st, acc_ex, hh, bb, bc, pid_m, num_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
             x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh, D_ptr, D_sh, D_sp, o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
             vec1_ptr, vec2_ptr, dpart_ptr, dtp_ptr, nheads, DV,
             SPLIT, ROW_SCALE, HAS_EXT, HAS_D, HAS_Z, EPILOGUE)
@@ -871,7 +875,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
     dummy = cs
     hp = x if x is not None else (dout if dout is not None else o1)
     heads_per_group = h // o1.shape[2] if group_heads else 1
-    grid = (b * nc * (h // heads_per_group), triton.cdiv(chunk_size, bm), triton.cdiv(DV, bv))
+    grid = (b * nc * (h // heads_per_group) * triton.cdiv(chunk_size, bm), triton.cdiv(DV, bv))
     _scan_kernel[grid](
         *_operand(q, h), *_operand(k, h), *_operand(v, h),
         *_operand(q if q2 is None else q2, h), *_operand(k if k2 is None else k2, h),
