@@ -2,9 +2,11 @@
 backward) at a given batch and length, so Triton kernels are compiled (Triton keeps them in its
 own on-disk cache) and the CUDA extension is loaded before real work starts.
 
-This is a placeholder for issue 10: autotuning results are not yet cached on disk, so a later
-process may still autotune on its first call of a new shape. It reports the first and second call
-times so a slow first call is visible, not hidden.
+Triton keeps the compiled kernels and, for the autotuned kernels (``ssmkernels/_core/autotune.py``),
+the chosen configs on disk (``cache_results``, keyed by the kernel's source, the GPU and the tuning
+key), so a later process with the same shapes neither compiles nor tunes again. The first and second
+call times are reported so that a slow first call is visible, not hidden; ``python -m ssmkernels
+robustness --only first-call`` measures cold and warm first calls in fresh processes.
 """
 from __future__ import annotations
 
