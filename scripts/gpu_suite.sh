@@ -7,8 +7,9 @@
 #   env          nvidia-smi and `python -m ssmkernels info`
 #   peers        unpack the peer libraries from .peers/ (see scripts/prepare_peers.sh) into
 #                $PEERS_DIR: fla + einops wheels, the mamba_ssm sdist (its Triton ops need no build)
-#   peers-build  compile causal_conv1d and mamba_ssm's CUDA selective scan for sm_90 only
-#                (about 7 and 3 minutes on 16 cores; in parallel; opt-in, results stay in $PEERS_DIR)
+#   peers-build  compile causal_conv1d and mamba_ssm's CUDA selective scan for sm_90 only (opt-in,
+#                results stay in $PEERS_DIR; in parallel with 8 jobs each they did not finish in 520 s
+#                on the H100 machine while other work ran: give them a call of their own)
 #   build        compile the ssmkernels CUDA extension into the JIT cache, timed (MAX_JOBS=16)
 #   test         the whole pytest suite, GPU tests included: pytest -m "gpu or not gpu"
 #   check        python -m ssmkernels check (every primitive/feature/backend vs float64)
@@ -17,6 +18,8 @@
 #   robustness   python -m ssmkernels robustness: cold/warm first calls, batch invariance, prefill vs
 #                decode, 256K-token fwd+bwd vs float64, compute-sanitizer memcheck (opt-in; about 4 min
 #                plus the sanitizer; ROBUSTNESS_ARGS e.g. "--quick" or "--only long,sanitizer")
+#   model        hybrid-model training/decode benchmarks into $OUT/model (opt-in; MODEL_ARGS)
+#   demo         the phonebook-recall demo, --size small, JSON + plot (opt-in; DEMO_ARGS e.g. "--steps 600")
 #
 # First calls compile and autotune Triton kernels (ours and mamba_ssm's), so `bench` over every case
 # can outlast a 10-minute command: split it, e.g. BENCH_ARGS="--primitive ssd" BENCH_NAME=bench-ssd.
@@ -181,6 +184,17 @@ stage_robustness() {  # ROBUSTNESS_ARGS: e.g. "--quick", "--only first-call,long
     "$PYTHON" -m ssmkernels robustness --json "$OUT/robustness.json" ${ROBUSTNESS_ARGS:-}
 }
 
+stage_model() {  # MODEL_ARGS: options of ssmkernels.models.bench, e.g. "--quick"
+    # shellcheck disable=SC2086
+    "$PYTHON" -m ssmkernels model --out "$OUT/model" ${MODEL_ARGS:-}
+}
+
+stage_demo() {  # DEMO_ARGS: options of the phonebook demo, e.g. "--steps 600"
+    # shellcheck disable=SC2086
+    "$PYTHON" -m ssmkernels demo phonebook --size small --json "$OUT/phonebook.json" --plot "$OUT/phonebook.png" \
+        ${DEMO_ARGS:-}
+}
+
 stage_benchmarks() {
     "$PYTHON" -m pytest benchmarks/ -q --benchmark-json="$OUT/pytest-benchmark.json" \
         --benchmark-columns=median,iqr,rounds
@@ -192,7 +206,7 @@ for stage in "${STAGES[@]}"; do
     PEERS_PATH=$(peer_paths)
     export PYTHONPATH="$PEERS_PATH${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"
     case "$stage" in
-        env|peers|build|test|check|bench|benchmarks|robustness) run_stage "$stage" "stage_$stage" ;;
+        env|peers|build|test|check|bench|benchmarks|robustness|model|demo) run_stage "$stage" "stage_$stage" ;;
         peers-build) run_stage "$stage" stage_peers_build ;;
         *) log "unknown stage $stage"; FAILED=1 ;;
     esac
