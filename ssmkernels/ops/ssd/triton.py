@@ -352,7 +352,7 @@ def _state_pass_kernel(states_ptr, init_ptr, final_ptr, cs_ptr, lo_off, seq_ptr,
                        cu_ptr, vinit_ptr,
                        seqlen, nheads, nchunks, chunk, PN,
                        HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_VARLEN_INIT: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, STATIC_CHUNKS: tl.constexpr):
     """Forward state passing for one (b, h) and a block of the p*n state.
 
     On entry slot c+1 of ``states (b, nc+1, h, p, n)`` holds the chunk state L_c; on exit slot c
@@ -368,8 +368,10 @@ def _state_pass_kernel(states_ptr, init_ptr, final_ptr, cs_ptr, lo_off, seq_ptr,
         s = tl.load(init_ptr + (bb * nheads + hh) * PN + offs, mask=ok, other=0.0).to(tl.float32)
     else:
         s = tl.zeros((BLOCK,), dtype=tl.float32)
-    c = bb * 0
-    while c < nchunks:  # (while: the interpreter cannot take a tensor as a range() bound)
+    # a range() loop, so that Triton can pipeline the loads (bounded by a constexpr under the
+    # interpreter, which cannot loop to a run-time value)
+    for i in range(0, STATIC_CHUNKS if STATIC_CHUNKS > 0 else nchunks):
+        c = bb * 0 + i  # int64 offsets
         local = tl.load(base + (c + 1) * slot, mask=ok, other=0.0)
         tl.store(base + c * slot, s, mask=ok)
         carry, cs_end, lo_end = _chunk_carry(cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, bb, hh, c, seqlen, nheads,
@@ -387,7 +389,6 @@ def _state_pass_kernel(states_ptr, init_ptr, final_ptr, cs_ptr, lo_off, seq_ptr,
             lo_ref = tl.where(inner, tl.load(cs_ptr + lo_off + at_ref), 0.0)
             fac = tl.where(start >= chunk_start, _exp_diff(cs_end, lo_end, cs_ref, lo_ref), 0.0)
             s += fac * tl.load(vinit_ptr + (j * nheads + hh) * PN + offs, mask=ok, other=0.0)
-        c += 1
     tl.store(base + nchunks * slot, s, mask=ok)
     tl.store(final_ptr + (bb * nheads + hh) * PN + offs, s, mask=ok)
 
@@ -396,7 +397,7 @@ def _state_pass_kernel(states_ptr, init_ptr, final_ptr, cs_ptr, lo_off, seq_ptr,
 def _state_pass_bwd_kernel(dstates_ptr, states_ptr, dfinal_ptr, dinit_ptr, endterm_ptr, cs_ptr, lo_off,
                            seq_ptr, seq_sb, seq_sl, seqlen, nheads, nchunks, chunk, PN,
                            HAS_DFINAL: tl.constexpr, HAS_DINIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, STATIC_CHUNKS: tl.constexpr):
     """Reverse state passing for one (b, h) and a block of the p*n state.
 
     On entry slot c of ``dstates (b, nc, h, p, n)`` holds the gradient reaching S_{c-1} directly
@@ -418,8 +419,8 @@ def _state_pass_bwd_kernel(dstates_ptr, states_ptr, dfinal_ptr, dinit_ptr, endte
         ds = tl.load(dfinal_ptr + (bb * nheads + hh) * PN + offs, mask=ok, other=0.0).to(tl.float32)
     else:
         ds = tl.zeros((BLOCK,), dtype=tl.float32)
-    c = nchunks - 1 + bb * 0
-    while c >= 0:
+    for i in range(0, STATIC_CHUNKS if STATIC_CHUNKS > 0 else nchunks):  # (see _state_pass_kernel)
+        c = nchunks - 1 - i + bb * 0
         local = tl.load(dbase + c * slot, mask=ok, other=0.0)
         tl.store(dbase + c * slot, ds, mask=ok)
         s_prev = tl.load(sbase + c * slot, mask=ok, other=0.0)
@@ -428,7 +429,6 @@ def _state_pass_bwd_kernel(dstates_ptr, states_ptr, dfinal_ptr, dinit_ptr, endte
         tl.store(endterm_ptr + ((bb * nheads + hh) * nchunks + c) * nblk + pid_blk,
                  carry * tl.sum(ds * s_prev, axis=0))
         ds = local + carry * ds
-        c -= 1
     if HAS_DINIT:
         tl.store(dinit_ptr + (bb * nheads + hh) * PN + offs, ds, mask=ok)
 
@@ -1014,7 +1014,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, 
         cs if cu_seqlens is None else cu_seqlens, cs if varlen_init is None else varlen_init,
         l, h, nc, chunk_size, p * n,
         HAS_INIT=row_init is not None, HAS_SEQ=seq_idx is not None, HAS_VARLEN_INIT=varlen_init is not None,
-        BLOCK=block, num_warps=_PASS_CFG["num_warps"])
+        BLOCK=block, STATIC_CHUNKS=nc if _INTERPRET else 0, num_warps=_PASS_CFG["num_warps"])
     # outputs: q = C, k = B, v = x; state S_{c-1} read as (n, p); ext = initial states^T
     cb = _launch_cb(C, B, chunk_size, x.dtype)
     _launch_scan(C, B, x, states, (states.stride(0), states.stride(1), states.stride(2), 1, n),
@@ -1149,7 +1149,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
         cs if seq_idx is None else seq_idx, 0 if seq_idx is None else seq_idx.stride(0),
         0 if seq_idx is None else seq_idx.stride(1), l, h, nc, chunk_size, p * n,
         HAS_DFINAL=has_dfinal, HAS_DINIT=has_dinit, HAS_SEQ=seq_idx is not None,
-        BLOCK=block, num_warps=_PASS_CFG["num_warps"])
+        BLOCK=block, STATIC_CHUNKS=nc if _INTERPRET else 0, num_warps=_PASS_CFG["num_warps"])
     last_in_chunk = (torch.clamp((torch.arange(nc, device=dev) + 1) * chunk_size, max=l) - 1) % chunk_size
     dcs.scatter_add_(3, last_in_chunk.view(1, 1, nc, 1).expand(b, h, nc, 1), endterm.sum(3, keepdim=True))
 
