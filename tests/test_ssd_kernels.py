@@ -1,8 +1,10 @@
 """ssd_chunk_scan kernels (triton, cuda) against the float64 reference (SPEC.md section 3): forward
 and backward over the optional inputs, chunk sizes, lengths that are not multiples of the chunk
 (and l = 1), groups, seq_idx, cu_seqlens with uneven and empty sequences, initial / final /
-per-sequence states, non-contiguous inputs; chunk-size invariance (SPEC law 1) on the kernels;
-custom-op registration (opcheck) and torch.compile(fullgraph=True)."""
+per-sequence states, non-contiguous inputs; the SPEC consistency laws on the kernels (1 chunk-size
+invariance, 2 prefill then state-update steps, 3 split prefill with backward, 4 varlen = loop, 5
+bitwise batch invariance, 6 SSD = selective scan); custom-op registration (opcheck) and
+torch.compile(fullgraph=True)."""
 from __future__ import annotations
 
 import math
@@ -170,6 +172,91 @@ def test_varlen_equals_loop(backend):
         o, final = ssmkernels.ssd_chunk_scan(**{**part, "return_final_states": True}, backend=backend)
         torch.testing.assert_close(out[:, s:e], o, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(varlen_states[j:j + 1], final, rtol=1e-4, atol=1e-4)
+
+
+def _split_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, backend, k):
+    """x[:, :k] from initial_states, then x[:, k:] from the first part's final state (SPEC law 3)."""
+    common = dict(chunk_size=chunk_size, D=D, dt_softplus=dt_softplus, dt_bias=dt_bias, return_final_states=True,
+                  backend=backend)
+    y1, s1 = ssmkernels.ssd_chunk_scan(x[:, :k], dt[:, :k], A, B[:, :k], C[:, :k], z=z[:, :k],
+                                       initial_states=initial_states, **common)
+    y2, s2 = ssmkernels.ssd_chunk_scan(x[:, k:], dt[:, k:], A, B[:, k:], C[:, k:], z=z[:, k:], initial_states=s1,
+                                       **common)
+    return torch.cat([y1, y2], dim=1), s2
+
+
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
+def test_split_prefill_law3(backend):
+    """SPEC law 3 on the kernels, forward and backward: two calls chained through the final state
+    (split off the chunk grid) against the float64 reference of the same chain, which equals one
+    pass (tests/test_reference.py); gradients flow through the returned and the initial state."""
+    case = {**BASE, "l": 70, "init": True}
+    inputs = {k: v for k, v in make_inputs(case, torch.float32).items()
+              if k not in ("dt_limit", "return_final_states", "return_varlen_states")}
+    compare_with_reference(lambda **kw: _split_scan(**kw, k=37), inputs, backend,
+                           grad_names=tuple(n for n in GRAD_NAMES if n in inputs), keep_dtype=("initial_states",),
+                           label=f"{backend}/split_prefill")
+
+
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
+def test_batch_invariance_law5(backend):
+    """SPEC law 5 on the kernels: each row's outputs and final state are bitwise those of the row
+    run alone (every program of the forward reads one row)."""
+    case = {**BASE, "b": 3, "l": 45, "init": True}
+    inputs = make_inputs(case, torch.float32)
+    out, final = ssmkernels.ssd_chunk_scan(**inputs, backend=backend)
+    for i in range(3):
+        row = {k: (v[i:i + 1] if k in ("x", "dt", "B", "C", "z", "initial_states") else v) for k, v in inputs.items()}
+        out_i, final_i = ssmkernels.ssd_chunk_scan(**row, backend=backend)
+        assert torch.equal(out[i:i + 1], out_i) and torch.equal(final[i:i + 1], final_i), f"row {i}"
+
+
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
+def test_equals_selective_scan_law6(backend):
+    """SPEC law 6 across primitives: the SSD kernel against the float64 *selective-scan* reference
+    with A broadcast over (headdim, d_state) (SPEC rule, tolerance from the SSD reference in float32)."""
+    from ssmkernels._core.tolerance import assert_spec_close
+
+    case = {**BASE, "l": 45, "h": 4, "g": 2}
+    inputs = make_inputs(case, torch.float32)
+    out, _ = ssmkernels.ssd_chunk_scan(**inputs, backend=backend)
+    lowp, _ = ssmkernels.ssd_chunk_scan(**inputs, backend="reference")
+    b, l, h, p = inputs["x"].shape
+    n, d = inputs["B"].shape[-1], h * p
+    f64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    scan = ssmkernels.selective_scan(
+        f64["x"].reshape(b, l, d).transpose(1, 2), f64["dt"].repeat_interleave(p, dim=2).transpose(1, 2),
+        f64["A"].repeat_interleave(p)[:, None].expand(d, n), f64["B"].permute(0, 2, 3, 1), f64["C"].permute(0, 2, 3, 1),
+        D=f64["D"].repeat_interleave(p), z=f64["z"].reshape(b, l, d).transpose(1, 2),
+        delta_bias=f64["dt_bias"].repeat_interleave(p), delta_softplus=True, backend="reference")
+    assert_spec_close(f"{backend} SSD vs selective scan", out, scan.transpose(1, 2).reshape(b, l, h, p), lowp,
+                      torch.float32)
+
+
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
+@pytest.mark.parametrize("k", [1, 37])
+def test_prefill_then_state_updates_law2(backend, k):
+    """SPEC law 2 on the kernels: an SSD prefill of k tokens, then selective_state_update steps on its
+    final state (same backend), against the float64 reference of the full scan (SPEC rule)."""
+    from ssmkernels._core.tolerance import assert_spec_close
+
+    case = {**BASE, "l": 45, "h": 4, "g": 2}
+    inputs = make_inputs(case, torch.float32)
+    x, dt, A, B, C, D, z, bias = (inputs[k_] for k_ in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias"))
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    f64 = {k_: (v.double() if isinstance(v, torch.Tensor) else v) for k_, v in inputs.items()}
+    truth, _ = ssmkernels.ssd_chunk_scan(**f64, backend="reference")
+    lowp, _ = ssmkernels.ssd_chunk_scan(**inputs, backend="reference")
+    _, state = ssmkernels.ssd_chunk_scan(x[:, :k], dt[:, :k], A, B[:, :k], C[:, :k], inputs["chunk_size"], D=D,
+                                         z=z[:, :k], dt_bias=bias, dt_softplus=True, return_final_states=True,
+                                         backend=backend)
+    steps = [ssmkernels.selective_state_update(
+        state, x[:, t], dt[:, t, :, None].expand(b, h, p), A[:, None, None].expand(h, p, n), B[:, t], C[:, t],
+        D=D[:, None].expand(h, p), z=z[:, t], dt_bias=bias[:, None].expand(h, p), dt_softplus=True,
+        backend=backend) for t in range(k, l)]
+    assert_spec_close(f"{backend} prefill {k} + steps", torch.stack(steps, dim=1), truth[:, k:], lowp[:, k:],
+                      torch.float32)
 
 
 @pytest.mark.parametrize("backend", SSD_BACKENDS)
