@@ -1,6 +1,7 @@
 """selective_scan kernels (triton, cuda) against the float64 reference (SPEC.md section 2): forward
 and backward over the B/C layouts, optional inputs, initial/last states, packed sequences (with an
-empty one), odd lengths and l = 1, non-contiguous inputs; the split-prefill law (SPEC law 3) on the
+empty one), odd lengths and l = 1, non-contiguous inputs; SPEC laws 2 (prefill + Mamba-1 state-update
+steps), 3 (split prefill, with backward), 4 (varlen = loop) and 5 (bitwise batch invariance) on the
 kernels; custom-op registration and torch.compile."""
 from __future__ import annotations
 
@@ -190,6 +191,77 @@ def test_split_prefill_equals_full_scan(backend, k):
         return torch.cat([out1, out2], dim=-1), last
 
     compare_with_reference(fn, inputs, backend, grad_names=_grad_names(inputs), label=f"{backend} split at {k}")
+
+
+# ----------------------------------------------------------------------------- SPEC laws 2, 4, 5
+@pytest.mark.parametrize("k", [1, 20])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_prefill_then_mamba1_state_updates_law2(backend, k):
+    """SPEC law 2: a selective-scan prefill of k steps, then Mamba-1 selective_state_update steps from
+    its last state (same backend), against the float64 reference of the full scan (SPEC rule)."""
+    from ssmkernels._core.tolerance import assert_spec_close
+
+    case = {**BASE, "l": 33, "init": True}
+    inp = _scan_inputs(case, torch.float32)
+    u, delta, A, B, C, D, z, bias = (inp[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"))
+    b, d, l = u.shape
+    full = dict(delta_softplus=True, initial_state=inp["initial_state"])
+    truth = ssmkernels.selective_scan(*(t.double() for t in (u, delta, A, B, C, D, z, bias)),
+                                      initial_state=inp["initial_state"].double(), delta_softplus=True,
+                                      backend="reference")
+    lowp = ssmkernels.selective_scan(u, delta, A, B, C, D, z, bias, backend="reference", **full)
+    try:
+        _, state = ssmkernels.selective_scan(u[..., :k], delta[..., :k], A, B[..., :k], C[..., :k], D, z[..., :k],
+                                             bias, True, True, initial_state=inp["initial_state"], backend=backend)
+        steps = [ssmkernels.selective_state_update(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D=D,
+                                                   z=z[..., t], dt_bias=bias, dt_softplus=True, backend=backend)
+                 for t in range(k, l)]
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    assert_spec_close(f"{backend} prefill {k} + Mamba-1 steps", torch.stack(steps, dim=-1), truth[..., k:],
+                      lowp[..., k:], torch.float32)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_varlen_equals_loop_law4(backend):
+    """SPEC law 4: a cu_seqlens call equals each sequence run alone from its initial state
+    (outputs and last states; same backend, float32 summation-order tolerance)."""
+    case = {**BASE, "b": 1, "l": 70, "B": "grouped", "cu": [0, 5, 5, 6, 40, 70], "init": True}
+    inp = _scan_inputs(case, torch.float32)
+    args = [inp[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    try:
+        out, last = ssmkernels.selective_scan(*args, True, True, initial_state=inp["initial_state"],
+                                              cu_seqlens=inp["cu_seqlens"], backend=backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    cu = case["cu"]
+    for j, (s, e) in enumerate(zip(cu, cu[1:])):
+        if s == e:
+            torch.testing.assert_close(last[j], inp["initial_state"][j])
+            continue
+        part = [t[..., s:e] if t.dim() >= 3 else t for t in args]
+        o, lj = ssmkernels.selective_scan(*part, True, True, initial_state=inp["initial_state"][j:j + 1],
+                                          backend=backend)
+        torch.testing.assert_close(out[..., s:e], o, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last[j:j + 1], lj, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_batch_invariance_law5(backend):
+    """SPEC law 5: each row's output and last state are bitwise those of the row run alone."""
+    case = {**BASE, "b": 3, "l": 40, "B": "grouped", "init": True}
+    inp = _scan_inputs(case, torch.float32)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    try:
+        out, last = ssmkernels.selective_scan(*(inp[n] for n in names), True, True,
+                                              initial_state=inp["initial_state"], backend=backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    for i in range(3):
+        row = [inp[n][i:i + 1] if n in ("u", "delta", "B", "C", "z") else inp[n] for n in names]
+        out_i, last_i = ssmkernels.selective_scan(*row, True, True, initial_state=inp["initial_state"][i:i + 1],
+                                                  backend=backend)
+        assert torch.equal(out[i:i + 1], out_i) and torch.equal(last[i:i + 1], last_i), f"row {i}"
 
 
 # ----------------------------------------------------------------------------- dispatch, custom op, compile
