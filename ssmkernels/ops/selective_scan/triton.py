@@ -100,7 +100,8 @@ def _softplus(x):
     ~20 ulps of dt for negative x, which shows in the A gradient (a sum over every step)."""
     e = tl.exp(-tl.abs(x))
     w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    exact = w == 1.0  # e below half an ulp of 1: log1p(e) = e (and no 0/0 in the other branch)
+    log1p = tl.where(exact, e, tl.log(w) * e / tl.where(exact, 1.0, w - 1.0))
     return tl.maximum(x, 0.0) + log1p
 
 
