@@ -323,6 +323,17 @@ def test_ssd_varlen_many_sequences_gpu(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
+def test_ssd_long_sequence_no_drift_gpu(backend, dtype):
+    """l >= 64K in one sequence (257 chunks of 256, the last partial) with every option: outputs,
+    final state and gradients against the float64 reference by the SPEC rule, so errors that grow
+    along the chunk chain (state passing, cumulative decays) would show."""
+    case = {**BASE, "b": 1, "l": 65536 + 37, "h": 2, "p": 16, "g": 1, "n": 16, "chunk": 256, "init": True}
+    _check(case, dtype, backend, f"{backend}/l=65573/{DTYPE_IDS[dtype]}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", SSD_BACKENDS)
 def test_ssd_long_sequence_int64_offsets_gpu(backend):
     """x of more than 2^31 elements (l > 128K): the outputs and gradients of a sequence starting at
