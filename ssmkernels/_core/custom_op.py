@@ -36,11 +36,17 @@ def define_decode_op(name: str, schema: str, impl, fake):
     return getattr(torch.ops.ssmkernels, name).default, library
 
 
+_KERNEL_MODULES: dict = {}  # (primitive, backend) -> module: import_module costs microseconds per call
+
+
 def kernels(primitive: str, backend: str):
     """The module holding ``primitive``'s kernels for ``backend`` (``triton`` or ``cuda``)."""
-    if backend not in ("triton", "cuda"):
-        raise ValueError(f"kernel backend must be 'triton' or 'cuda', got {backend!r}")
-    return importlib.import_module(f"ssmkernels.ops.{primitive}.{backend}")
+    module = _KERNEL_MODULES.get((primitive, backend))
+    if module is None:
+        if backend not in ("triton", "cuda"):
+            raise ValueError(f"kernel backend must be 'triton' or 'cuda', got {backend!r}")
+        module = _KERNEL_MODULES[(primitive, backend)] = importlib.import_module(f"ssmkernels.ops.{primitive}.{backend}")
+    return module
 
 
 def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -96,16 +96,10 @@ def _backward(ctx, dout, dfinal_states):
 _conv_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-_UPDATE_KERNELS: dict = {}  # backend -> kernel module (an import_module per call costs microseconds)
-
-
 def _conv_update_impl(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
                       cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor], backend: str) -> Tensor:
-    module = _UPDATE_KERNELS.get(backend)
-    if module is None:
-        module = _UPDATE_KERNELS[backend] = kernels(PRIMITIVE, backend)
     out = empty_like(x)
-    module.update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out)
+    kernels(PRIMITIVE, backend).update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out)
     return out
 
 

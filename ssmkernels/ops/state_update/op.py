@@ -63,15 +63,7 @@ PRIMITIVE = "state_update"
 # below). Tensors arrive as the caller passed them.
 _SCHEMA = ("(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
            "Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, int pad_slot_id, str backend) -> Tensor")
-_KERNELS: dict = {}  # backend -> kernel module (an import_module per call costs microseconds)
 _MAX_CACHED = 4096  # entries per cache below; past this the cache starts over (shapes that never repeat)
-
-
-def _kernel_module(backend: str):
-    module = _KERNELS.get(backend)
-    if module is None:
-        module = _KERNELS[backend] = kernels(PRIMITIVE, backend)
-    return module
 
 
 def _signature(state, x, dt, A, B, C, D, z, dt_bias, idx) -> tuple:
@@ -97,7 +89,7 @@ class _Launch:
     __slots__ = ("module", "prepared", "device_index", "size", "stride", "dtype", "allocate")
 
     def __init__(self, backend, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id):
-        self.module = _kernel_module(backend)
+        self.module = kernels(PRIMITIVE, backend)
         out = torch.empty_like(x)  # its layout depends only on x's shape, strides and dtype
         self.prepared = self.module.prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id, out)
         self.device_index = x.get_device()  # -1 on the CPU (Triton's interpreter)
