@@ -83,15 +83,15 @@ def triton_interpret() -> bool:
 
 
 def cache_dir() -> Path:
-    explicit = os.environ.get("SSMKERNELS_CACHE_DIR")
+    explicit = _getenv("SSMKERNELS_CACHE_DIR")
     if explicit:
         return Path(explicit).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = _getenv("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "ssmkernels"
 
 
 def cuda_archs() -> str:
-    return os.environ.get("SSMKERNELS_CUDA_ARCHS", "90a").strip() or "90a"
+    return _getenv("SSMKERNELS_CUDA_ARCHS", "90a").strip() or "90a"
 
 
 def poison_outputs() -> bool:
