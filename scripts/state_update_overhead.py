@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ssmkernels  # noqa: E402
 from ssmkernels._core import config, ext  # noqa: E402
 from ssmkernels._core.custom_op import empty_like  # noqa: E402
+from ssmkernels.bench.timing import queued_gpu_us  # noqa: E402
 from ssmkernels.ops.state_update import cuda as cuda_kernels  # noqa: E402
 from ssmkernels.ops.state_update import op  # noqa: E402
 
@@ -85,13 +86,6 @@ def per_call_us(fn, calls: int, repeats: int, sync: bool = False) -> dict:
     return {"median_us": statistics.median(loops), "min_us": min(loops)}
 
 
-def gpu_us(fn, calls: int = 200) -> float:
-    """GPU time per call, host overhead excluded (the benchmark harness's queued measurement)."""
-    from ssmkernels.bench.timing import queued_gpu_us
-
-    return queued_gpu_us([fn], calls)
-
-
 def wall(calls: int, repeats: int) -> dict:
     kw = decode_inputs(torch.device("cuda"))
     results = {}
@@ -102,7 +96,7 @@ def wall(calls: int, repeats: int) -> dict:
             results[backend] = {"unavailable": f"{type(exc).__name__}: {exc}"}
             continue
         results[backend] = per_call_us(lambda: call(kw, backend), calls, repeats, sync=True)
-        results[backend]["gpu_us"] = gpu_us(lambda: call(kw, backend))
+        results[backend]["gpu_us"] = queued_gpu_us([lambda: call(kw, backend)])
     results["default"] = per_call_us(lambda: call(kw, None), calls, repeats, sync=True)
     return results
 

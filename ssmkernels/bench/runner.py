@@ -141,7 +141,7 @@ def run_case(case: BenchCase, backends: tuple[str, ...], compare: bool, the_peak
             if case.wall_loop:
                 row.wall_us_per_call = wall_per_call_us(steps)
             if case.mode == "decode":
-                row.queued_gpu_us = queued_gpu_us(steps)
+                row.queued_gpu_us = queued_gpu_us(steps, host_us=row.wall_us_per_call)
                 if the_peaks:
                     row.queued_pct_copy_bw = 100 * case.bytes / (row.queued_gpu_us * 1e-6) / 1e9 / the_peaks.copy_gbps
         except BackendUnavailable as exc:

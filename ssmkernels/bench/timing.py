@@ -76,13 +76,14 @@ def wall_per_call_us(fns: Sequence[Callable[[], Any]], calls: int = 500) -> floa
     return (time.perf_counter() - started) / calls * 1e6
 
 
-def queued_gpu_us(fns: Sequence[Callable[[], Any]], calls: int = 200) -> float:
+def queued_gpu_us(fns: Sequence[Callable[[], Any]], calls: int = 200, host_us: float | None = None) -> float:
     """GPU time per call with the host taken out, in microseconds: a spin kernel holds the GPU while
     ``calls`` calls are queued behind it, so the events around them time the kernels back to back.
     For decode-sized calls, whose per-call events mostly time the host (the GPU idles between a
     start event and a launch that Python has not issued yet)."""
     fns = list(fns)
-    host_us = wall_per_call_us(fns, calls=20)
+    if host_us is None:  # (the wall-clock time per call, when the caller measured it already)
+        host_us = wall_per_call_us(fns, calls=20)
     # hold the GPU for twice the time queueing takes (torch.cuda._sleep spins for a cycle count; 2e9
     # cycles per second is about an H100's clock, an overestimate of older GPUs')
     cycles = int(max(2e8, 2 * calls * host_us * 1e-6 * 2e9))
