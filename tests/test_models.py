@@ -434,14 +434,42 @@ def _perturb(module: torch.nn.Module) -> None:
             p.add_(0.1 * torch.randn_like(p))
 
 
+_HF_LOGITS_SCRIPT = """
+import sys, torch, transformers
+model = getattr(transformers, sys.argv[1]).from_pretrained(sys.argv[2]).eval()
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[3])).logits, sys.argv[4])
+"""
+
+
+def _transformers_logits(hf_model, checkpoint, ids) -> torch.Tensor:
+    """transformers' own float32 PyTorch path on the CPU. Where CUDA and mamba_ssm are importable
+    (the GPU machine, peers on PYTHONPATH), transformers routes its Mamba layers to mamba_ssm's
+    Triton kernels even for CPU tensors, which then fail; so there the saved checkpoint is run in a
+    child process that sees no GPU."""
+    if not torch.cuda.is_available():
+        with torch.no_grad():
+            return hf_model(ids).logits
+    import os
+    import subprocess
+    import sys
+
+    ids_path, logits_path = checkpoint / "ids.pt", checkpoint / "logits.pt"
+    torch.save(ids, ids_path)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, "-c", _HF_LOGITS_SCRIPT, type(hf_model).__name__, str(checkpoint),
+                    str(ids_path), str(logits_path)], env=env, check=True, timeout=300)
+    return torch.load(logits_path)
+
+
 def _compare_with_transformers(hf_model, tmp_path, ids):
     hf_model = hf_model.eval()
     _perturb(hf_model)
     hf_model.save_pretrained(tmp_path)
     ours64 = HybridLM.from_pretrained(tmp_path, dtype=F64, backend="reference").eval()
     ours32 = HybridLM.from_pretrained(tmp_path, dtype=torch.float32, backend="reference").eval()
+    theirs32 = _transformers_logits(hf_model, tmp_path, ids)
     with torch.no_grad():
-        theirs32 = hf_model(ids).logits
         mine64, mine32 = ours64(ids), ours32(ids)
     # transformers' PyTorch path runs its scan and norms in float32 whatever the model dtype, so
     # the comparison is the SPEC rule for float32 against our float64 run of the same weights.
