@@ -107,6 +107,31 @@ def test_long_windows_pass_against_float64(report):
         assert starts[0] == 0 and row["windows"][-1][1] == row["length"] and starts[1] % 16 != 0
 
 
+def test_deterministic_mode_rows(report):
+    """Each primitive in both modes, each mode in its own process: times, and two identical
+    runs that agree bitwise in deterministic mode (the row's status says so)."""
+    _, data = report
+    section = data["sections"]["deterministic"]
+    assert {r["primitive"] for r in section["rows"]} == {"ssd_chunk_scan", "selective_scan", "causal_conv1d"}
+    if not config.triton_interpret():
+        assert all(r["status"] == "skipped" for r in section["rows"])
+        return
+    for row in section["rows"]:
+        assert row["status"] == "ok", row
+        assert row["default_ms"] > 0 and row["deterministic_ms"] > 0
+        assert row["cost"] == pytest.approx(row["deterministic_ms"] / row["default_ms"] - 1)
+        assert row["deterministic_repeat_differ"] == 0 and row["elements"] > 0
+
+
+def test_deterministic_child_reports_its_mode(tmp_path):
+    """The child reads SSMKERNELS_DETERMINISTIC from its environment, not from the parent's state."""
+    env = robustness._child_env(SSMKERNELS_DETERMINISTIC="1")
+    result = robustness._run_child("causal_conv1d", "reference", env, entry="deterministic_child")
+    assert result["deterministic"] is True and result["repeat_differ"] == 0, result
+    env = robustness._child_env(SSMKERNELS_DETERMINISTIC="0")
+    assert robustness._run_child("causal_conv1d", "reference", env, entry="deterministic_child")["deterministic"] is False
+
+
 def test_windows_cover_start_unaligned_middle_and_end():
     for length, window, chunk in ((262144, 256, 256), (4096, 256, 256), (96, 16, 16)):
         windows = robustness._windows(length, window, chunk)

@@ -45,6 +45,13 @@ comma-separated subset):
     window, the final state. The gradients of A, D and dt_bias sum over the whole sequence and are
     only checked to be finite, like every other output and gradient. Also: fwd+bwd time and peak
     memory.
+``deterministic``
+    The cost of deterministic mode: forward + backward of ssd_chunk_scan, selective_scan and
+    causal_conv1d per backend, timed (median of 10) in a fresh process with
+    ``SSMKERNELS_DETERMINISTIC=0`` and in one with ``=1`` (the mode pins autotune configs when the
+    kernel modules are imported, so it cannot be switched in-process), plus the number of output and
+    gradient elements whose bits differ between two identical runs in each mode. A deterministic
+    run that differs from its repeat is a FAIL.
 ``sanitizer``
     Runs ``scripts/sanitize_kernels.py`` (every primitive on every GPU backend, forward and backward,
     varlen, initial states, index maps with padding slots) once normally, to fill Triton's usual cache
@@ -87,7 +94,7 @@ from ..ops.selective_scan.op import selective_scan
 from ..ops.ssd.op import ssd_chunk_scan
 from ..ops.state_update.op import selective_state_update
 
-SECTIONS = ("first-call", "batch-invariance", "prefill-decode", "long", "sanitizer")
+SECTIONS = ("first-call", "batch-invariance", "prefill-decode", "long", "deterministic", "sanitizer")
 STEPS = 16  # decode steps of prefill-decode
 ROOT = Path(__file__).resolve().parents[2]
 SANITIZE_SCRIPT = ROOT / "scripts" / "sanitize_kernels.py"
@@ -116,6 +123,11 @@ SHAPES: dict[str, dict[str, dict[str, dict[str, int]]]] = {
             "ssd": dict(b=1, l=262144, h=8, p=64, n=128, g=1, chunk=256, window=256),
             "selective_scan": dict(b=1, d=256, l=262144, n=16, window=256),
         },
+        "deterministic": {
+            "ssd": dict(b=2, l=2048, h=32, p=64, n=128, g=1, chunk=256),
+            "selective_scan": dict(b=2, d=1536, l=2048, n=16),
+            "causal_conv1d": dict(b=2, d=2048, l=2048, w=4),
+        },
     },
     "toy": {
         "batch-invariance": {
@@ -131,6 +143,11 @@ SHAPES: dict[str, dict[str, dict[str, dict[str, int]]]] = {
         "long": {
             "ssd": dict(b=1, l=96, h=2, p=4, n=8, g=1, chunk=16, window=16),
             "selective_scan": dict(b=1, d=6, l=96, n=4, window=16),
+        },
+        "deterministic": {
+            "ssd": dict(b=2, l=40, h=2, p=4, n=8, g=1, chunk=16),
+            "selective_scan": dict(b=2, d=6, l=40, n=4),
+            "causal_conv1d": dict(b=2, d=6, l=40, w=4),
         },
     },
 }
@@ -280,6 +297,7 @@ class Primitive:
     seq_names: tuple[str, ...]   # inputs with a batch axis (0) and a length axis
     length_axis: int             # of those inputs
     run: Callable[..., Any]      # run(inputs, backend, initial, want_final, shape) -> out or (out, final)
+    params: tuple[str, ...]      # inputs without a batch axis that get gradients (weights)
 
 
 def _run_ssd(i: dict, backend, initial=None, want_final=False, s=None):
@@ -299,9 +317,10 @@ def _run_conv(i: dict, backend, initial=None, want_final=False, s=None):
 
 
 PRIMITIVES = {
-    "ssd": Primitive("ssd_chunk_scan", ssd_inputs, ("x", "dt", "B", "C", "z"), 1, _run_ssd),
-    "selective_scan": Primitive("selective_scan", scan_inputs, ("u", "delta", "B", "C", "z"), 2, _run_scan),
-    "causal_conv1d": Primitive("causal_conv1d", conv_inputs, ("x",), 2, _run_conv),
+    "ssd": Primitive("ssd_chunk_scan", ssd_inputs, ("x", "dt", "B", "C", "z"), 1, _run_ssd, ("A", "D", "dt_bias")),
+    "selective_scan": Primitive("selective_scan", scan_inputs, ("u", "delta", "B", "C", "z"), 2, _run_scan,
+                                ("A", "D", "delta_bias")),
+    "causal_conv1d": Primitive("causal_conv1d", conv_inputs, ("x",), 2, _run_conv, ("weight", "bias")),
 }
 
 
@@ -345,7 +364,7 @@ FIRST_CALL_PRIMITIVES = ("ssd", "causal_conv1d", "selective_scan", "state_update
 _RESULT_TAG = "ROBUSTNESS_RESULT "
 _CHILD_CODE = ("import sys, time; t = time.perf_counter(); import torch, ssmkernels; "
                "t = time.perf_counter() - t; from ssmkernels.bench import robustness; "
-               "robustness.first_call_child(sys.argv[1], sys.argv[2], t)")
+               "getattr(robustness, sys.argv[1])(sys.argv[2], sys.argv[3], t)")
 
 
 def _first_call_closure(primitive: str, backend: str, device: torch.device, dtype: torch.dtype):
@@ -366,7 +385,7 @@ def _first_call_closure(primitive: str, backend: str, device: torch.device, dtyp
         return _shape_text(s), call
     spec = PRIMITIVES[primitive]
     inputs = spec.make(s, dtype, device)
-    for name in spec.seq_names + (("weight", "bias") if primitive == "causal_conv1d" else ("A", "D")):
+    for name in spec.seq_names + spec.params:
         inputs[name].requires_grad_(True)
     out = None
 
@@ -399,10 +418,20 @@ def first_call_child(primitive: str, backend: str, import_s: float) -> None:
     print(_RESULT_TAG + json.dumps(result), flush=True)
 
 
-def _run_child(primitive: str, backend: str, env: dict, timeout_s: int = 400) -> dict:
+def _child_env(**extra: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+               **extra)
+    env.pop("SSMKERNELS_POISON_OUTPUTS", None)
+    return env
+
+
+def _run_child(primitive: str, backend: str, env: dict, timeout_s: int = 400,
+               entry: str = "first_call_child") -> dict:
+    """Run ``robustness.<entry>(primitive, backend, import_seconds)`` in a fresh interpreter; its
+    tagged JSON line, plus the process's wall time."""
     started = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, primitive, backend], env=env, cwd=str(ROOT),
+        proc = subprocess.run([sys.executable, "-c", _CHILD_CODE, entry, primitive, backend], env=env, cwd=str(ROOT),
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s} s"}
@@ -429,9 +458,7 @@ def section_first_call(ctx: Context) -> dict:
             for backend in ("triton", "cuda"):
                 cache = Path(tmp) / f"{primitive}-{backend}"
                 cache.mkdir()
-                env = dict(os.environ, TRITON_CACHE_DIR=str(cache), SSMKERNELS_DISABLE_JIT="1",
-                           PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-                env.pop("SSMKERNELS_POISON_OUTPUTS", None)
+                env = _child_env(TRITON_CACHE_DIR=str(cache), SSMKERNELS_DISABLE_JIT="1")
                 env.pop("TRITON_INTERPRET", None)
                 row: dict[str, Any] = {"primitive": primitive, "backend": backend, "dtype": "bfloat16"}
                 cold = _run_child(primitive, backend, env)
@@ -689,7 +716,7 @@ def _leaves(inputs: dict, grad_names: tuple[str, ...]) -> dict:
 
 def _long_one(ctx: Context, key: str, s: dict, backend: str) -> dict:
     spec = PRIMITIVES[key]
-    grad_names = spec.seq_names + (("A", "D", "dt_bias") if key == "ssd" else ("A", "D", "delta_bias"))
+    grad_names = spec.seq_names + spec.params
     torch.manual_seed(3)
     inputs = spec.make(s, ctx.dtype, ctx.device)
     first = inputs[spec.seq_names[0]]
@@ -807,6 +834,98 @@ LONG_COLUMNS = [("primitive", lambda r: r["primitive"]), ("backend", lambda r: r
                 ("finite", lambda r: r.get("all_finite")), ("note", _note)]
 
 
+# ----------------------------------------------------------------------------- deterministic
+DETERMINISTIC_TIMED_RUNS = 10
+
+
+def _forward_backward(spec: Primitive, inputs: dict, backend: str, s: dict, dout: torch.Tensor) -> list[torch.Tensor]:
+    """The output and every gradient of one forward + backward."""
+    leaves = _leaves(inputs, spec.seq_names + spec.params)
+    out = spec.run(leaves, backend, s=s)
+    out.backward(dout)
+    return [out.detach()] + [leaves[name].grad for name in spec.seq_names + spec.params]
+
+
+def deterministic_child(primitive: str, backend: str, import_s: float) -> None:
+    """Runs in a child process whose ``SSMKERNELS_DETERMINISTIC`` the parent set before any kernel
+    module was imported (the mode pins autotune configs at import): median fwd+bwd time, and the
+    number of output/gradient elements whose bits differ between two identical runs."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = "gpu" if device.type == "cuda" else "toy"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    s = SHAPES[size]["deterministic"][primitive]
+    spec = PRIMITIVES[primitive]
+    result: dict[str, Any] = {"shape": _shape_text(s), "deterministic": config.deterministic()}
+    try:
+        torch.manual_seed(5)
+        inputs = spec.make(s, dtype, device)
+        dout = torch.randn(inputs[spec.seq_names[0]].shape, device=device).to(dtype)
+        first = _forward_backward(spec, inputs, backend, s, dout)
+        second = _forward_backward(spec, inputs, backend, s, dout)
+        _sync(device)
+        result["repeat_differ"] = sum(bitwise_differ(a, b) for a, b in zip(first, second))
+        result["elements"] = sum(t.numel() for t in first)
+        times = []
+        for _ in range(DETERMINISTIC_TIMED_RUNS if device.type == "cuda" else 1):
+            _sync(device)
+            started = time.perf_counter()
+            _forward_backward(spec, inputs, backend, s, dout)
+            _sync(device)
+            times.append(1e3 * (time.perf_counter() - started))
+        result["ms"] = sorted(times)[len(times) // 2]
+    except BackendUnavailable as exc:
+        result["reason"] = str(exc)
+    except Exception as exc:
+        result["error"] = _short(exc)
+    print(_RESULT_TAG + json.dumps(result), flush=True)
+
+
+def section_deterministic(ctx: Context) -> dict:
+    """Default vs deterministic mode, each in its own fresh process (the mode is read when the
+    kernel modules are imported): fwd+bwd time, its cost, and whether two identical runs agree
+    bitwise. A deterministic run whose repeat differs is a FAIL; a default-mode difference is a figure."""
+    rows = []
+    backends = ("triton", "cuda") if ctx.on_gpu else ("triton",)
+    for key in ctx.shapes("deterministic"):
+        spec = PRIMITIVES[key]
+        for backend in backends:
+            row: dict[str, Any] = {"primitive": spec.name, "backend": backend, "dtype": _dtype_name(ctx.dtype)}
+            runs = {}
+            for mode in ("0", "1"):
+                runs[mode] = _run_child(key, backend, _child_env(SSMKERNELS_DETERMINISTIC=mode),
+                                        entry="deterministic_child")
+            default, pinned = runs["0"], runs["1"]
+            row["shape"] = default.get("shape") or pinned.get("shape")
+            problem = next((r for r in (pinned, default) if "reason" in r or "error" in r), None)
+            if problem is not None:
+                row.update(status="skipped" if "reason" in problem else "error",
+                           reason=problem.get("reason"), error=problem.get("error"))
+            else:
+                row.update(default_ms=default["ms"], deterministic_ms=pinned["ms"],
+                           cost=pinned["ms"] / default["ms"] - 1.0, elements=pinned["elements"],
+                           default_repeat_differ=default["repeat_differ"],
+                           deterministic_repeat_differ=pinned["repeat_differ"],
+                           status="ok" if pinned["repeat_differ"] == 0 else "FAIL")
+            rows.append(row)
+            if row["status"] in ("ok", "FAIL"):
+                ctx.log(f"  {spec.name:<15}{backend:<8} default {row['default_ms']:8.2f} ms   deterministic "
+                        f"{row['deterministic_ms']:8.2f} ms ({100 * row['cost']:+.0f}%)   repeat differs: default "
+                        f"{row['default_repeat_differ']}, deterministic {row['deterministic_repeat_differ']} "
+                        f"of {row['elements']} elements")
+            else:
+                ctx.log(f"  {spec.name:<15}{backend:<8} {row['status']}: {_note(row)}")
+    return {"status": "ran", "rows": rows}
+
+
+DETERMINISTIC_COLUMNS = [("primitive", lambda r: r["primitive"]), ("backend", lambda r: r["backend"]),
+                         ("shape", lambda r: r.get("shape")), ("default ms", lambda r: r.get("default_ms")),
+                         ("deterministic ms", lambda r: r.get("deterministic_ms")),
+                         ("cost", lambda r: None if r.get("cost") is None else f"{100 * r['cost']:+.0f}%"),
+                         ("repeat differs (default)", lambda r: r.get("default_repeat_differ")),
+                         ("repeat differs (deterministic)", lambda r: r.get("deterministic_repeat_differ")),
+                         ("status", lambda r: r["status"]), ("note", _note)]
+
+
 # ----------------------------------------------------------------------------- sanitizer
 def find_compute_sanitizer() -> Optional[str]:
     found = shutil.which("compute-sanitizer")
@@ -874,6 +993,7 @@ RUNNERS = {"first-call": (section_first_call, FIRST_CALL_COLUMNS),
            "batch-invariance": (section_batch_invariance, BATCH_COLUMNS),
            "prefill-decode": (section_prefill_decode, PREFILL_COLUMNS),
            "long": (section_long, LONG_COLUMNS),
+           "deterministic": (section_deterministic, DETERMINISTIC_COLUMNS),
            "sanitizer": (section_sanitizer, SANITIZER_COLUMNS)}
 
 

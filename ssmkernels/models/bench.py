@@ -219,9 +219,10 @@ def decode_throughput(model: HybridLM, batch_size: int, context: int, new_tokens
 
 def decode_sweep(model: HybridLM, contexts: Iterable[int] = (1024, 2048, 4096, 8192, 16384, 32768, 65536),
                  batch_sizes: Iterable[int] = (1, 64), cuda_graphs: Iterable[bool] = (False, True),
-                 new_tokens: int = 32, **kwargs) -> list[dict]:
+                 new_tokens: int = 32, progress=None, **kwargs) -> list[dict]:
     """:func:`decode_throughput` over every (batch size, context, CUDA graph) combination; a
-    configuration that runs out of memory is recorded with ``"error"`` instead of stopping the sweep."""
+    configuration that runs out of memory is recorded with ``"error"`` instead of stopping the sweep.
+    ``progress(row)`` is called after each configuration."""
     rows = []
     for batch_size in batch_sizes:
         for context in contexts:
@@ -229,12 +230,29 @@ def decode_sweep(model: HybridLM, contexts: Iterable[int] = (1024, 2048, 4096, 8
                 if graph and next(model.parameters()).device.type != "cuda":
                     continue  # CUDA graphs need the model on a GPU
                 try:
-                    rows.append(decode_throughput(model, batch_size, context, new_tokens, cuda_graph=graph, **kwargs))
-                except torch.OutOfMemoryError as exc:
-                    rows.append({"kind": "decode", "pattern": model.cfg.pattern, "batch_size": batch_size,
-                                 "context": context, "cuda_graph": graph, "error": f"out of memory: {exc}"[:200]})
-                    torch.cuda.empty_cache()
+                    row = decode_throughput(model, batch_size, context, new_tokens, cuda_graph=graph, **kwargs)
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    # RuntimeError: torch.AcceleratorError too, e.g. "CUDA error: out of memory" from
+                    # the driver when a graph's stream is created while the allocator holds the rest.
+                    row = {"kind": "decode", "pattern": model.cfg.pattern, "batch_size": batch_size,
+                           "context": context, "cuda_graph": graph, "error": f"{type(exc).__name__}: {exc}"[:200]}
+                _release_memory()
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
     return rows
+
+
+def _release_memory() -> None:
+    """Hand cached blocks (and finished CUDA graphs' pools) back to the driver between measurements,
+    so that one configuration's peak does not starve the next (streams and graphs need driver memory
+    outside the caching allocator)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- the issue's suite
@@ -245,17 +263,28 @@ def _try(fn, *args, **kwargs) -> dict:
 
     try:
         return fn(*args, **kwargs)
-    except (BackendUnavailable, torch.OutOfMemoryError, NotImplementedError) as exc:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    except (BackendUnavailable, torch.OutOfMemoryError, NotImplementedError, RuntimeError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:300], "args": [a for a in args if isinstance(a, (int, str))],
                 **{k: v for k, v in kwargs.items() if isinstance(v, (int, str, bool, type(None)))}}
+    finally:
+        _release_memory()
+
+
+def _describe(row: dict) -> str:
+    """One progress line for a training or decode row."""
+    if "error" in row:
+        return f"error: {row['error']}"
+    text = f"{row['tokens_per_s']:,.0f} tok/s"
+    if row.get("peak_bytes") is not None:
+        text += f", peak {row['peak_bytes'] / 2**30:.2f} GiB"
+    return text
 
 
 def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train_batch: int = 4,
                     backends: Iterable[str] = ("cuda", "triton", "reference"),
                     contexts: Iterable[int] = (1024, 2048, 4096, 8192, 16384, 32768, 65536),
-                    batch_sizes: Iterable[int] = (1, 64), dtype: torch.dtype = torch.bfloat16) -> dict:
+                    batch_sizes: Iterable[int] = (1, 64), dtype: torch.dtype = torch.bfloat16,
+                    log=lambda message: print(message, flush=True)) -> dict:
     """The end-to-end measurements of issue #8 on the current device, returned and (with ``out_dir``)
     written as ``model_bench.json`` plus PNG plots when matplotlib is installed.
 
@@ -279,6 +308,17 @@ def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train
     hybrid = HybridLM(hybrid_cfg).to(device, dtype)
     transformer = HybridLM(transformer_cfg).to(device, dtype)
     results["hybrid_params"], results["transformer_params"] = hybrid.num_parameters(), transformer.num_parameters()
+    log(f"model bench on {results['environment']['device']}: hybrid {hybrid_cfg.pattern} "
+        f"({results['hybrid_params']:,} parameters) vs transformer {transformer_cfg.pattern} "
+        f"({results['transformer_params']:,}), {str(dtype).replace('torch.', '')}")
+
+    def save() -> None:  # after every row, so a run that is cut short keeps what it measured
+        if out_dir is not None:
+            import json
+            from pathlib import Path
+
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / "model_bench.json").write_text(json.dumps(results, indent=2, default=str))
 
     for backend in backends:
         slow = backend == "reference"
@@ -286,24 +326,27 @@ def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train
                    warmup=1 if slow else 3, backend=backend)
         row.update(model="hybrid")
         results["train"].append(row)
+        log(f"  train hybrid      {backend:<10} b{train_batch} L{seqlen}: {_describe(row)}")
+        save()
     row = _try(training_throughput, transformer, train_batch, seqlen)
     row.update(model="transformer")
     results["train"].append(row)
+    log(f"  train transformer {'(sdpa)':<10} b{train_batch} L{seqlen}: {_describe(row)}")
+    save()
 
     graphs = (False, True) if device.type == "cuda" else (False,)
     for name, model in (("hybrid", hybrid), ("transformer", transformer)):
-        for row in decode_sweep(model, contexts, batch_sizes, graphs, new_tokens=8 if quick else 32):
+        def progress(row: dict, name: str = name) -> None:
             row["model"] = name
             results["decode"].append(row)
+            log(f"  decode {name:<11} b{row['batch_size']:<3} context {row['context']:>6} "
+                f"{'graph' if row['cuda_graph'] else 'eager'}: {_describe(row)}")
+            save()
+        decode_sweep(model, contexts, batch_sizes, graphs, new_tokens=8 if quick else 32, progress=progress)
 
+    save()
     if out_dir is not None:
-        import json
-        from pathlib import Path
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "model_bench.json").write_text(json.dumps(results, indent=2, default=str))
-        results["plots"] = plot_decode(results["decode"], out)
+        results["plots"] = plot_decode(results["decode"], out_dir)
     return results
 
 
