@@ -16,7 +16,7 @@
 #   bench        python -m ssmkernels bench --compare, with JSON, Markdown and PNG output
 #   benchmarks   the pytest-benchmark wrappers in benchmarks/ (opt-in)
 #   robustness   python -m ssmkernels robustness: cold/warm first calls, batch invariance, prefill vs
-#                decode, 256K-token fwd+bwd vs float64, compute-sanitizer memcheck (opt-in; about 4 min
+#                decode, 256K-token fwd+bwd vs float64, deterministic-mode cost, compute-sanitizer memcheck (opt-in; about 4 min
 #                plus the sanitizer; ROBUSTNESS_ARGS e.g. "--quick" or "--only long,sanitizer")
 #   model        hybrid-model training/decode benchmarks into $OUT/model (opt-in; MODEL_ARGS)
 #   demo         the phonebook-recall demo, --size small, JSON + plot (opt-in; DEMO_ARGS e.g. "--steps 600")

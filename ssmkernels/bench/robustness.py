@@ -1050,7 +1050,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ssmkernels robustness",
                                      description="robustness measurements (issue #10): first-call times, batch "
                                                  "invariance, prefill vs decode, 256K-token fwd+bwd vs float64, "
-                                                 "compute-sanitizer")
+                                                 "deterministic-mode cost, compute-sanitizer")
     parser.add_argument("--quick", action="store_true", help="long: L = 4096 instead of 262144")
     parser.add_argument("--json", metavar="PATH", help="write every row and the environment as JSON")
     parser.add_argument("--only", action="append", metavar="NAME,...",
