@@ -25,3 +25,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def scan_cuda_emulation(tmp_path_factory):
+    """The selective-scan CUDA kernels compiled for the host (tests/scan_emulation.py), built once."""
+    from tests import scan_emulation
+
+    return scan_emulation.build_module(tmp_path_factory.mktemp("scan_emulation"))
+
+
+@pytest.fixture
+def emulated_scan_cuda(scan_cuda_emulation, monkeypatch):
+    """``backend="cuda"`` served by the host emulation of the selective-scan kernels (CPU only)."""
+    from tests import scan_emulation
+
+    scan_emulation.install(scan_cuda_emulation, monkeypatch)
+    return scan_cuda_emulation

@@ -5,18 +5,11 @@ steps), 3 (split prefill, with backward), 4 (varlen = loop) and 5 (bitwise batch
 kernels; custom-op registration and torch.compile."""
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 import ssmkernels
-from ssmkernels._core import build, config, dispatch, ext, native
 from ssmkernels._core.dispatch import BackendUnavailable
 from ssmkernels.ops.selective_scan import reference
 from tests.helpers import DEVICE, KERNEL_BACKENDS, KERNEL_DTYPES, ON_GPU, compare_with_reference, run_opcheck
@@ -336,63 +329,9 @@ EMULATED_CASES = {
     # Packed sequences ending just before, at and after the 2048-step chunk edges (checkpoints).
     "varlen_chunk_edges": dict(b=1, l=4500, d=4, n=2, cu=[0, 2047, 2049, 2049, 4500], init=True),
 }
-_P, _I64, _I32, _BOOL = ctypes.c_size_t, ctypes.c_int64, ctypes.c_int, ctypes.c_bool
-
-
-class _EmulatedParams(ctypes.Structure):
-    """Field for field the layout of ssmk::scan::Params (csrc/selective_scan/selective_scan.h)."""
-    _fields_ = ([(f, _I64) for f in "batch dim seqlen dstate num_seqs chunks_per_row".split()]
-                + [("dtype", _I32), ("bc_dtype", _I32)]
-                + [(f, _BOOL) for f in "b_fixed c_fixed softplus".split()]
-                + [(f, _I64) for f in "channels_per_b_group channels_per_c_group".split()]
-                + [(f, _P) for f in ("u delta z out A B C D delta_bias initial_state last_state checkpoints "
-                                     "cu_seqlens").split()]
-                + [(f, _I64) for f in ("x_batch_stride x_d_stride B_batch_stride B_group_stride B_n_stride "
-                                       "C_batch_stride C_group_stride C_n_stride").split()]
-                + [(f, _P) for f in "dout dlast_state du ddelta dz dinitial_state dA_part dD_part dbias_part dB dC".split()]
-                + [(f, _I64) for f in ("dB_batch_stride dB_group_stride dB_n_stride dC_batch_stride dC_group_stride "
-                                       "dC_n_stride").split()]
-                + [("stream", _P)])
-
-
-@pytest.fixture(scope="module")
-def cuda_emulation(tmp_path_factory):
-    compiler, nvcc = shutil.which("g++"), build.find_nvcc()
-    candidates = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
-    if nvcc is not None:
-        candidates.append(Path(nvcc).resolve().parent.parent / "include")
-    include = next((c for c in candidates if (c / "cuda_runtime.h").is_file()), None)
-    if compiler is None or include is None:
-        pytest.skip("the CUDA emulation needs g++ and the CUDA toolkit's headers")
-    root = build.source_root()
-    library = tmp_path_factory.mktemp("scan_emulation") / "libscan_emulation.so"
-    subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{root / 'csrc'}",
-                    f"-I{include}", str(root / "csrc" / "selective_scan" / "emulation.cc"), "-o", str(library)],
-                   check=True, capture_output=True)
-    lib = ctypes.CDLL(str(library))
-
-    class Module:
-        selective_scan_chunk = 2048
-        SelectiveScanParams = _EmulatedParams
-
-        def selective_scan_fwd(self, params):
-            lib.emu_forward(ctypes.byref(params))
-
-        def selective_scan_bwd(self, params):
-            lib.emu_backward(ctypes.byref(params))
-
-    return Module()
-
-
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
 @pytest.mark.parametrize("case_name", list(EMULATED_CASES))
-def test_cuda_kernels_in_host_emulation(case_name, cuda_emulation, monkeypatch):
-    monkeypatch.setattr(ext, "_module", cuda_emulation)
-    monkeypatch.setattr(ext, "_error", None)
-    monkeypatch.setattr(ext, "_tried", True)
-    monkeypatch.setattr(native, "stream_of", lambda t: 0)
-    monkeypatch.setattr(dispatch, "cuda_device_reason", lambda device: None)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+def test_cuda_kernels_in_host_emulation(case_name, emulated_scan_cuda):
     case = {**BASE, **EMULATED_CASES[case_name]}
     inputs = _scan_inputs(case, torch.float32)
     compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),

@@ -34,7 +34,9 @@ def preferred_order(primitive: str, features: dict[str, Any]) -> tuple[str, ...]
     if primitive == "state_update":
         # batch 1: 0.051 (cuda) vs 0.099 ms and 40 vs 87 us wall; batch 256: 1.06 vs 0.76 ms (triton)
         return CUDA_FIRST if features.get("small_batch") else DEFAULT_ORDER
-    return DEFAULT_ORDER  # ssd: Triton only so far
+    # ssd: the chunked Triton kernels first; the CUDA backend (the recurrence on the selective-scan
+    # kernels, ops/ssd/cuda.py) is exact but not tuned, so it comes second.
+    return DEFAULT_ORDER
 
 
 class BackendUnavailable(RuntimeError):

@@ -170,7 +170,9 @@ def ssd_chunk_scan(
     features = {"dtype": x.dtype, "headdim": p, "d_state": n, "ngroups": g, "chunk_size": chunk_size,
                 "seq_idx": seq_idx is not None, "cu_seqlens": cu_seqlens is not None,
                 "initial_states": initial_states is not None, "z": z is not None,
-                "D_per_channel": D is not None and D.dim() == 2}
+                "D_per_channel": D is not None and D.dim() == 2,
+                "needs_grad": torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))}
     chosen = dispatch.traced_select_backend(PRIMITIVE, backend, dev, features)
     if chosen == "reference":
         return reference.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,

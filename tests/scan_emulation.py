@@ -1,0 +1,79 @@
+"""The selective-scan CUDA kernels in host emulation, as a stand-in ``ssmkernels._C`` for CPU tests.
+
+csrc/selective_scan/emulation.cc compiles the kernels' own code as host C++ (one std::thread per
+CUDA thread, barriers for __syncthreads and shuffles). The fixtures in conftest.py build it once and
+put it behind the real op layer (``ext``, ``native``, ``dispatch``), so tests of the selective scan
+and of the SSD CUDA backend (which runs on these kernels) check the kernels' algorithm and indexing
+without a GPU. Slow: hundreds of OS threads per block, so only small cases.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssmkernels._core import build, dispatch, ext, native
+
+_P, _I64, _I32, _BOOL = ctypes.c_size_t, ctypes.c_int64, ctypes.c_int, ctypes.c_bool
+
+
+class EmulatedParams(ctypes.Structure):
+    """Field for field the layout of ssmk::scan::Params (csrc/selective_scan/selective_scan.h)."""
+    _fields_ = ([(f, _I64) for f in "batch dim seqlen dstate num_seqs chunks_per_row".split()]
+                + [("dtype", _I32), ("bc_dtype", _I32)]
+                + [(f, _BOOL) for f in "b_fixed c_fixed softplus".split()]
+                + [(f, _I64) for f in "channels_per_b_group channels_per_c_group".split()]
+                + [(f, _P) for f in ("u delta z out A B C D delta_bias initial_state last_state checkpoints "
+                                     "cu_seqlens").split()]
+                + [(f, _I64) for f in ("x_batch_stride x_d_stride B_batch_stride B_group_stride B_n_stride "
+                                       "C_batch_stride C_group_stride C_n_stride").split()]
+                + [(f, _P) for f in "dout dlast_state du ddelta dz dinitial_state dA_part dD_part dbias_part dB dC".split()]
+                + [(f, _I64) for f in ("dB_batch_stride dB_group_stride dB_n_stride dC_batch_stride dC_group_stride "
+                                       "dC_n_stride").split()]
+                + [("stream", _P)])
+
+
+def build_module(directory: Path):
+    """Compile emulation.cc into ``directory``; a module object with the extension's scan entry
+    points, or skip the test when g++ or the CUDA headers are missing."""
+    compiler, nvcc = shutil.which("g++"), build.find_nvcc()
+    candidates = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
+    if nvcc is not None:
+        candidates.append(Path(nvcc).resolve().parent.parent / "include")
+    include = next((c for c in candidates if (c / "cuda_runtime.h").is_file()), None)
+    if compiler is None or include is None:
+        pytest.skip("the CUDA emulation needs g++ and the CUDA toolkit's headers")
+    root = build.source_root()
+    library = directory / "libscan_emulation.so"
+    subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{root / 'csrc'}",
+                    f"-I{include}", str(root / "csrc" / "selective_scan" / "emulation.cc"), "-o", str(library)],
+                   check=True, capture_output=True)
+    lib = ctypes.CDLL(str(library))
+
+    class Module:
+        selective_scan_chunk = 2048
+        SelectiveScanParams = EmulatedParams
+
+        def selective_scan_fwd(self, params):
+            lib.emu_forward(ctypes.byref(params))
+
+        def selective_scan_bwd(self, params):
+            lib.emu_backward(ctypes.byref(params))
+
+    return Module()
+
+
+def install(module, monkeypatch) -> None:
+    """Serve ``backend="cuda"`` with the emulated module, for CPU tensors."""
+    monkeypatch.setattr(ext, "_module", module)
+    monkeypatch.setattr(ext, "_error", None)
+    monkeypatch.setattr(ext, "_tried", True)
+    monkeypatch.setattr(native, "stream_of", lambda t: 0)
+    monkeypatch.setattr(dispatch, "cuda_device_reason", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
