@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import ssmkernels
 from ssmkernels import BackendUnavailable
 from ssmkernels._core.tolerance import assert_spec_close
 from ssmkernels.models import PATTERN_8B, HybridConfig, HybridLM, left_pad
@@ -667,3 +668,26 @@ def test_bench_functions_run_on_cpu():
     ours, theirs = bench.count_parameters(model.cfg), bench.count_parameters(baseline)
     assert abs(theirs - ours) / ours < 0.15
     assert "timestamp" in bench.environment()
+
+
+def test_ssd_from_routes_the_model_through_another_ssd():
+    """The model bench's peer row: the Mamba blocks' SSD calls go to the given function (here a
+    counting wrapper of the reference), and ssmkernels.ssd_chunk_scan is restored afterwards."""
+    from ssmkernels.models import bench
+    from ssmkernels.ops.ssd import reference
+
+    calls = []
+
+    def peer(*args, **kwargs):
+        calls.append(kwargs)
+        return reference.ssd_chunk_scan(*args, **kwargs)
+
+    model = HybridLM(HybridConfig.tiny(backend="reference")).to(F64)
+    ids = random_ids(model.cfg, 2, 12)
+    with torch.no_grad():
+        expected = model(ids)
+        with bench.ssd_from(peer):
+            routed = model(ids)
+    assert len(calls) == model.cfg.pattern.count("M") and all("backend" not in kw for kw in calls)
+    assert_exact64("routed through the peer SSD", routed, expected)
+    assert ssmkernels.ssd_chunk_scan is not peer and "backend" in ssmkernels.ssd_chunk_scan.__code__.co_varnames

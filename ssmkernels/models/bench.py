@@ -18,6 +18,7 @@ would dominate the benchmark's run time. ``fill="prefill"`` prefills real tokens
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import time
@@ -243,6 +244,29 @@ def decode_sweep(model: HybridLM, contexts: Iterable[int] = (1024, 2048, 4096, 8
     return rows
 
 
+@contextlib.contextmanager
+def ssd_from(function):
+    """Run the model's ``ssd_chunk_scan`` calls through ``function``, a drop-in with the same
+    arguments but no ``backend`` (mamba_ssm's ``mamba_chunk_scan_combined``): the same model, with
+    the peer's SSD kernels in place of ours (the Mamba blocks call ``ssmkernels.ssd_chunk_scan``)."""
+    import ssmkernels
+
+    original = ssmkernels.ssd_chunk_scan
+    ssmkernels.ssd_chunk_scan = lambda *args, backend=None, **kwargs: function(*args, **kwargs)
+    try:
+        yield
+    finally:
+        ssmkernels.ssd_chunk_scan = original
+
+
+def _peer_ssd():
+    """mamba_ssm's ``mamba_chunk_scan_combined``, or the reason it cannot be imported here."""
+    from ..bench import peers
+
+    peer = peers.load()["mamba_ssm"]
+    return peer.get("mamba_chunk_scan_combined") or f"mamba_ssm: {peer.why_missing('mamba_chunk_scan_combined')}"
+
+
 def _release_memory() -> None:
     """Hand cached blocks (and finished CUDA graphs' pools) back to the driver between measurements,
     so that one configuration's peak does not starve the next (streams and graphs need driver memory
@@ -328,6 +352,17 @@ def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train
         results["train"].append(row)
         log(f"  train hybrid      {backend:<10} b{train_batch} L{seqlen}: {_describe(row)}")
         save()
+    # The same hybrid with mamba_ssm's SSD kernels (its Triton chunk scan; our conv and the rest).
+    peer_ssd = _peer_ssd() if device.type == "cuda" else "peers are measured on the GPU only"
+    if isinstance(peer_ssd, str):
+        row = {"error": peer_ssd}
+    else:
+        with ssd_from(peer_ssd):
+            row = _try(training_throughput, hybrid, train_batch, seqlen, backend="triton")
+    row.update(model="hybrid", backend="triton, mamba_ssm SSD")
+    results["train"].append(row)
+    log(f"  train hybrid      {'mamba_ssm SSD':<10} b{train_batch} L{seqlen}: {_describe(row)}")
+    save()
     row = _try(training_throughput, transformer, train_batch, seqlen)
     row.update(model="transformer")
     results["train"].append(row)
