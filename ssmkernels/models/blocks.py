@@ -41,10 +41,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        # F.rms_norm: one fused kernel on CUDA instead of six elementwise ones, which matters in
+        # eager decode, where each of the model's launches costs host time.
         acc = compute_dtype(x.dtype)
-        xf = x.to(acc)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.to(acc) * xf).to(x.dtype)
+        return F.rms_norm(x.to(acc), (x.shape[-1],), self.weight.to(acc), self.eps).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
