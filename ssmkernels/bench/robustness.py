@@ -396,11 +396,17 @@ def _first_call_closure(primitive: str, backend: str, device: torch.device, dtyp
     return _shape_text(s), call
 
 
+def _child_device() -> tuple[torch.device, torch.dtype]:
+    """A child's device and input dtype: the GPU in bfloat16, else the CPU in float32 (plumbing only)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
 def first_call_child(primitive: str, backend: str, import_s: float) -> None:
     """Runs in the child process: time the first and second call, print one tagged JSON line.
     (On a machine without a GPU it runs on the CPU in float32: only to test the plumbing.)"""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = _child_device()
     result: dict[str, Any] = {"import_ms": 1e3 * import_s}
     try:
         shape, call = _first_call_closure(primitive, backend, device, dtype)
@@ -850,10 +856,8 @@ def deterministic_child(primitive: str, backend: str, import_s: float) -> None:
     """Runs in a child process whose ``SSMKERNELS_DETERMINISTIC`` the parent set before any kernel
     module was imported (the mode pins autotune configs at import): median fwd+bwd time, and the
     number of output/gradient elements whose bits differ between two identical runs."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = "gpu" if device.type == "cuda" else "toy"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    s = SHAPES[size]["deterministic"][primitive]
+    device, dtype = _child_device()
+    s = SHAPES["gpu" if device.type == "cuda" else "toy"]["deterministic"][primitive]
     spec = PRIMITIVES[primitive]
     result: dict[str, Any] = {"shape": _shape_text(s), "deterministic": config.deterministic()}
     try:
@@ -890,11 +894,8 @@ def section_deterministic(ctx: Context) -> dict:
         spec = PRIMITIVES[key]
         for backend in backends:
             row: dict[str, Any] = {"primitive": spec.name, "backend": backend, "dtype": _dtype_name(ctx.dtype)}
-            runs = {}
-            for mode in ("0", "1"):
-                runs[mode] = _run_child(key, backend, _child_env(SSMKERNELS_DETERMINISTIC=mode),
-                                        entry="deterministic_child")
-            default, pinned = runs["0"], runs["1"]
+            default, pinned = (_run_child(key, backend, _child_env(SSMKERNELS_DETERMINISTIC=mode),
+                                          entry="deterministic_child") for mode in ("0", "1"))
             row["shape"] = default.get("shape") or pinned.get("shape")
             problem = next((r for r in (pinned, default) if "reason" in r or "error" in r), None)
             if problem is not None:

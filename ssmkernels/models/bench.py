@@ -344,14 +344,16 @@ def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / "model_bench.json").write_text(json.dumps(results, indent=2, default=str))
 
+    def record_train(row: dict, label: str, **fields) -> None:
+        row.update(fields)
+        results["train"].append(row)
+        log(f"  train {row['model']:<11} {label:<13} b{train_batch} L{seqlen}: {_describe(row)}")
+        save()
+
     for backend in backends:
         slow = backend == "reference"
-        row = _try(training_throughput, hybrid, train_batch, seqlen, steps=2 if slow else 10,
-                   warmup=1 if slow else 3, backend=backend)
-        row.update(model="hybrid")
-        results["train"].append(row)
-        log(f"  train hybrid      {backend:<10} b{train_batch} L{seqlen}: {_describe(row)}")
-        save()
+        record_train(_try(training_throughput, hybrid, train_batch, seqlen, steps=2 if slow else 10,
+                          warmup=1 if slow else 3, backend=backend), backend, model="hybrid")
     # The same hybrid with mamba_ssm's SSD kernels (its Triton chunk scan; our conv and the rest).
     peer_ssd = _peer_ssd() if device.type == "cuda" else "peers are measured on the GPU only"
     if isinstance(peer_ssd, str):
@@ -359,15 +361,8 @@ def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train
     else:
         with ssd_from(peer_ssd):
             row = _try(training_throughput, hybrid, train_batch, seqlen, backend="triton")
-    row.update(model="hybrid", backend="triton, mamba_ssm SSD")
-    results["train"].append(row)
-    log(f"  train hybrid      {'mamba_ssm SSD':<10} b{train_batch} L{seqlen}: {_describe(row)}")
-    save()
-    row = _try(training_throughput, transformer, train_batch, seqlen)
-    row.update(model="transformer")
-    results["train"].append(row)
-    log(f"  train transformer {'(sdpa)':<10} b{train_batch} L{seqlen}: {_describe(row)}")
-    save()
+    record_train(row, "mamba_ssm SSD", model="hybrid", backend="triton, mamba_ssm SSD")
+    record_train(_try(training_throughput, transformer, train_batch, seqlen), "(sdpa)", model="transformer")
 
     graphs = (False, True) if device.type == "cuda" else (False,)
     for name, model in (("hybrid", hybrid), ("transformer", transformer)):
@@ -379,7 +374,6 @@ def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train
             save()
         decode_sweep(model, contexts, batch_sizes, graphs, new_tokens=8 if quick else 32, progress=progress)
 
-    save()
     if out_dir is not None:
         results["plots"] = plot_decode(results["decode"], out_dir)
     return results

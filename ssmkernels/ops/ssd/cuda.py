@@ -92,11 +92,13 @@ class _Layout:
         full[self.first] = states
         return full
 
-    def row_finals(self, last: Tensor) -> Tensor:
-        """Each row's final state ``(b or 1, d, n)`` from the scan's per-sequence ones."""
+    @property
+    def final_rows(self):
+        """Index of each row's last sequence among the scan's ``count``: ``final_states`` (and its
+        gradient) are those sequences' states."""
         if self.last is not None:
-            return last[self.last]
-        return last[-1:] if self.cu is not None else last
+            return self.last
+        return slice(self.count - 1, self.count) if self.cu is not None else slice(None)
 
 
 def _layout(x: Tensor, B: Tensor, seq_idx: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> _Layout:
@@ -147,7 +149,10 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, 
             dt_min, dt_max, out, final_states, varlen_states, checkpoints) -> None:
     if x.numel() == 0:  # no positions: every state is its initial one
         states = varlen_states if cu_seqlens is not None else final_states
-        states.copy_(initial_states) if initial_states is not None else states.zero_()
+        if initial_states is not None:
+            states.copy_(initial_states)
+        else:
+            states.zero_()
         if cu_seqlens is not None:
             final_states.copy_(states[-1:])
         return
@@ -155,7 +160,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, 
     i = _scan_inputs(lay, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max)
     scan_out, last, _ = _run_scan(lay, i)
     out.copy_(lay.from_scan(scan_out))
-    final_states.copy_(lay.row_finals(last).view(final_states.shape))
+    final_states.copy_(last[lay.final_rows].view(final_states.shape))
     if cu_seqlens is not None:
         varlen_states.copy_(last.view(varlen_states.shape))
 
@@ -200,13 +205,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
         if dvarlen_states is not None:
             dlast += dvarlen_states.to(F32).reshape(lay.count, lay.d, lay.n)
         if dfinal_states is not None:
-            rows_final = dfinal_states.to(F32).reshape(-1, lay.d, lay.n)
-            if lay.last is not None:
-                dlast[lay.last] += rows_final
-            elif lay.cu is not None:
-                dlast[-1:] += rows_final
-            else:
-                dlast += rows_final
+            dlast[lay.final_rows] += dfinal_states.to(F32).reshape(-1, lay.d, lay.n)
     u = i["u"]
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
     dz_scan = None if z is None else torch.empty_like(u)
