@@ -298,6 +298,28 @@ def test_fast_path_still_rejects_bad_input(backend, monkeypatch):
         ssmkernels.selective_state_update(**{**args, "backend": None})
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_last_plan_match_tells_kinds_apart(backend):
+    """The last plan is matched by its metadata guard, not by key: calls that alternate between kinds
+    differing only in strides, in an absent optional tensor or in a flag each get their own plan and
+    the same result as a call of that kind alone."""
+    from ssmkernels.ops.state_update import op
+
+    args = _step_args(backend)
+    assert op._guard_rejects_changes(), "this torch's TensorGuards no longer rejects metadata changes"
+    strided_x = torch.empty_like(args["x"]).transpose(-1, -2).contiguous().transpose(-1, -2).copy_(args["x"])
+    kinds = {"base": args, "strided x": {**args, "x": strided_x}, "no z": {**args, "z": None},
+             "no softplus": {**args, "dt_softplus": False}}
+    alone = {name: ssmkernels.selective_state_update(**{**kind, "state": kind["state"].clone()})
+             for name, kind in kinds.items()}
+    for _ in range(2):
+        for name, kind in kinds.items():
+            out = ssmkernels.selective_state_update(**{**kind, "state": kind["state"].clone()})
+            torch.testing.assert_close(out, alone[name], rtol=0, atol=0, msg=name)
+    assert all(plan.guard is not None for plan in op._PLANS.values())
+    assert not torch.equal(alone["base"], alone["no z"]) and not torch.equal(alone["base"], alone["no softplus"])
+
+
 def test_fast_path_checks_cpu_index_values_every_call():
     args = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in _step_args("reference", indices=(2, -1)).items()}
     ssmkernels.selective_state_update(**args)
