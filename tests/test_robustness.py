@@ -178,10 +178,12 @@ def test_sanitizer_section_runs_the_script_under_the_tool(monkeypatch, tmp_path)
     ctx = robustness.Context(torch.device("cuda"), "gpu", torch.bfloat16, log=lambda message: None)
     section = robustness.section_sanitizer(ctx)
     assert section["status"] == "ran" and section["tool"] == str(fake)
-    plain, memcheck = section["rows"]
+    plain, *memchecks = section["rows"]
     assert plain["exit_code"] == 0 and plain["error_summary"] is None
     assert any("13 ok, 0 skipped, 0 failed" in line for line in plain["tail"]), plain["tail"]
-    assert memcheck["exit_code"] == 0 and memcheck["error_summary"] == "========= ERROR SUMMARY: 0 errors"
+    assert [row["run"] for row in memchecks] == ["memcheck cuda", "memcheck triton"]  # one run per backend
+    for memcheck in memchecks:
+        assert memcheck["exit_code"] == 0 and memcheck["error_summary"] == "========= ERROR SUMMARY: 0 errors"
     assert robustness.failures(section) == 0
 
 

@@ -62,18 +62,22 @@ def measure(fns: Sequence[Callable[[], Any]], warmup_ms: float = 25.0, rep_ms: f
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), times[0], reps)
 
 
-def wall_per_call_us(fns: Sequence[Callable[[], Any]], calls: int = 500) -> float:
+def wall_per_call_us(fns: Sequence[Callable[[], Any]], calls: int = 500, loops: int = 1) -> float:
     """Wall-clock time per call of a back-to-back loop (host overhead included), in microseconds:
-    what a decode loop without CUDA graphs sees."""
+    what a decode loop without CUDA graphs sees. With ``loops`` > 1, the median of that many loops
+    (one loop of 500 calls is 5-10 ms of host time, easily disturbed)."""
     fns = list(fns)
     for i in range(20):
         fns[i % len(fns)]()
     torch.cuda.synchronize()
-    started = time.perf_counter()
-    for i in range(calls):
-        fns[i % len(fns)]()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / calls * 1e6
+    per_loop = []
+    for _ in range(loops):
+        started = time.perf_counter()
+        for i in range(calls):
+            fns[i % len(fns)]()
+        torch.cuda.synchronize()
+        per_loop.append((time.perf_counter() - started) / calls * 1e6)
+    return statistics.median(per_loop)
 
 
 def queued_gpu_us(fns: Sequence[Callable[[], Any]], calls: int = 200, host_us: float | None = None) -> float:

@@ -307,7 +307,7 @@ def _describe(row: dict) -> str:
 def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train_batch: int = 4,
                     backends: Iterable[str] = ("cuda", "triton", "reference"),
                     contexts: Iterable[int] = (1024, 2048, 4096, 8192, 16384, 32768, 65536),
-                    batch_sizes: Iterable[int] = (1, 64), dtype: torch.dtype = torch.bfloat16,
+                    batch_sizes: Iterable[int] = (1, 64), dtype: torch.dtype = torch.bfloat16, decode: bool = True,
                     log=lambda message: print(message, flush=True)) -> dict:
     """The end-to-end measurements of issue #8 on the current device, returned and (with ``out_dir``)
     written as ``model_bench.json`` plus PNG plots when matplotlib is installed.
@@ -315,7 +315,7 @@ def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train
     - training tokens/s of the ~125M hybrid at ``seqlen`` on each backend, and of a Transformer of
       equal parameter count (SDPA attention; its MLP/attention do not depend on the backend);
     - decode tokens/s and memory vs context for the hybrid and the Transformer, per batch size,
-      with and without CUDA graphs (graphs only on CUDA).
+      with and without CUDA graphs (graphs only on CUDA); ``decode=False`` skips this part.
 
     ``quick`` shrinks everything (tiny model, short lengths) to check the plumbing on a CPU.
     """
@@ -365,7 +365,7 @@ def run_model_suite(out_dir=None, quick: bool = False, seqlen: int = 4096, train
     record_train(_try(training_throughput, transformer, train_batch, seqlen), "(sdpa)", model="transformer")
 
     graphs = (False, True) if device.type == "cuda" else (False,)
-    for name, model in (("hybrid", hybrid), ("transformer", transformer)):
+    for name, model in (("hybrid", hybrid), ("transformer", transformer)) if decode else ():
         def progress(row: dict, name: str = name) -> None:
             row["model"] = name
             results["decode"].append(row)
@@ -431,9 +431,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and lengths (plumbing check)")
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--backends", default="cuda,triton,reference")
+    parser.add_argument("--skip-decode", action="store_true", help="only the training rows")
     args = parser.parse_args(argv)
     results = run_model_suite(args.out, quick=args.quick, seqlen=args.seqlen,
-                              backends=tuple(b for b in args.backends.split(",") if b))
+                              backends=tuple(b for b in args.backends.split(",") if b), decode=not args.skip_decode)
     summary = {"train": [{k: r.get(k) for k in ("model", "backend", "tokens_per_s", "error")} for r in results["train"]],
                "plots": results.get("plots")}
     print(json.dumps(summary, indent=2, default=str))
