@@ -36,6 +36,7 @@ class EmulatedParams(ctypes.Structure):
                 + [(f, _P) for f in "dout dlast_state du ddelta dz dinitial_state dA_part dD_part dbias_part dB dC".split()]
                 + [(f, _I64) for f in ("dB_batch_stride dB_group_stride dB_n_stride dC_batch_stride dC_group_stride "
                                        "dC_n_stride").split()]
+                + [(f, _I64) for f in "channel_begin channel_count".split()] + [("bc_grad_per_channel", _BOOL)]
                 + [("stream", _P)])
 
 

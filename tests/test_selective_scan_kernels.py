@@ -134,17 +134,12 @@ def test_scan_forward_backward(backend, dtype, case_name):
 @pytest.mark.parametrize("case_name", ["base", "grouped_odd_group", "varlen", "varlen_fixed"])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_scan_deterministic_mode(backend, case_name):
-    """The two-stage (atomic-free) reduction of the B/C gradients gives the same answers."""
+    """The atomic-free reductions of the B/C gradients (Triton: two-stage; CUDA: per-channel slots
+    summed in order) give the same answers."""
     case = {**BASE, **CASES[case_name]}
     inputs = _scan_inputs(case, torch.float32)
     ssmkernels.set_deterministic(True)
     try:
-        if backend == "cuda" and not (case["B"] == case["C"] == "fixed"):
-            # Its B/C gradients sum over channels with atomics: refused, with the reason.
-            with pytest.raises(BackendUnavailable, match="deterministic"):
-                _scan_fn(case)(**{k: v.requires_grad_(True) if v.is_floating_point() else v
-                                  for k, v in inputs.items()}, backend=backend)
-            return
         compare_with_reference(_scan_fn(case), inputs, backend, grad_names=_grad_names(inputs),
                                label=f"{backend} deterministic {case_name}")
     finally:
@@ -336,6 +331,31 @@ def test_cuda_kernels_in_host_emulation(case_name, emulated_scan_cuda):
     inputs = _scan_inputs(case, torch.float32)
     compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),
                            label=f"emulated cuda {case_name}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in test_scan_deterministic_mode")
+@pytest.mark.parametrize("case_name", ["grouped_odd_group", "varlen"])
+def test_cuda_deterministic_slices_in_host_emulation(case_name, emulated_scan_cuda, monkeypatch):
+    """Deterministic mode's per-channel B/C gradient slots, with the slot budget forced down to one
+    or two channels per launch so that several launches (and, grouped, several groups) are summed."""
+    from ssmkernels.ops.selective_scan import cuda as scan_cuda
+
+    case = {**BASE, **CASES[case_name]}
+    inputs = _scan_inputs(case, torch.float32)
+    per_channel = case["b"] * case["n"] * case["l"] * 4
+    monkeypatch.setattr(scan_cuda, "DETERMINISTIC_SLOT_BYTES", per_channel * (1 if case_name == "varlen" else 2))
+    launches = []
+    real_backward = emulated_scan_cuda.selective_scan_bwd
+    monkeypatch.setattr(type(emulated_scan_cuda), "selective_scan_bwd",
+                        lambda self, p: (launches.append((p.channel_begin, p.channel_count)), real_backward(p)))
+    ssmkernels.set_deterministic(True)
+    try:
+        compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),
+                               label=f"emulated cuda deterministic {case_name}")
+    finally:
+        ssmkernels.set_deterministic(None)
+    # grouped_odd_group: 3 channels per group, so 1 channel per launch (the largest divisor of 3 within 2)
+    assert launches == [(c, 1) for c in range(case["d"])], launches
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -28,6 +28,7 @@ void bind_selective_scan(py::module_& m) {
       SSMK_SCAN_FIELD(dbias_part) SSMK_SCAN_FIELD(dB) SSMK_SCAN_FIELD(dC)
       SSMK_SCAN_FIELD(dB_batch_stride) SSMK_SCAN_FIELD(dB_group_stride) SSMK_SCAN_FIELD(dB_n_stride)
       SSMK_SCAN_FIELD(dC_batch_stride) SSMK_SCAN_FIELD(dC_group_stride) SSMK_SCAN_FIELD(dC_n_stride)
+      SSMK_SCAN_FIELD(channel_begin) SSMK_SCAN_FIELD(channel_count) SSMK_SCAN_FIELD(bc_grad_per_channel)
       SSMK_SCAN_FIELD(stream);
 
   m.attr("selective_scan_chunk") = ssmk::scan::kChunk;

@@ -124,8 +124,9 @@ void fwd_dispatch(const Params& p) {
 
 template <typename T>
 void bwd_dispatch(const Params& p) {
-  if (p.bc_dtype == p.dtype) run_grid(backward_kernel<T, T>, p.dim, p.num_seqs, kThreadsBwd, p);
-  else run_grid(backward_kernel<T, float>, p.dim, p.num_seqs, kThreadsBwd, p);
+  const auto channels = static_cast<unsigned>(p.channel_count ? p.channel_count : p.dim);
+  if (p.bc_dtype == p.dtype) run_grid(backward_kernel<T, T>, channels, p.num_seqs, kThreadsBwd, p);
+  else run_grid(backward_kernel<T, float>, channels, p.num_seqs, kThreadsBwd, p);
 }
 
 }}}  // namespace

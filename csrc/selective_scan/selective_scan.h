@@ -43,6 +43,12 @@ struct Params {
   std::uintptr_t dB = 0, dC = 0;  // float32: fixed -> (s, d, n) partials; varying -> (b, g, n, l) atomics
   int64_t dB_batch_stride = 0, dB_group_stride = 0, dB_n_stride = 0;
   int64_t dC_batch_stride = 0, dC_group_stride = 0, dC_n_stride = 0;
+  // Deterministic mode (varying B/C): one launch per slice of channels [channel_begin, channel_begin +
+  // channel_count), and dB/dC index their "group" axis by channel - channel_begin, so every address
+  // gets exactly one add (onto zeros): bitwise reproducible; the caller sums the slots in fixed order.
+  // channel_count 0: every channel, grouped as usual.
+  int64_t channel_begin = 0, channel_count = 0;
+  bool bc_grad_per_channel = false;
 
   std::uintptr_t stream = 0;
 };

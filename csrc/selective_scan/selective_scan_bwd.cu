@@ -44,7 +44,7 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
   float* exchange_B = acc_bias + W;
   float* exchange_C = exchange_B + kExchange;
 
-  const int64_t channel = blockIdx.x;
+  const int64_t channel = p.channel_begin + blockIdx.x;
   const int64_t seq = blockIdx.y;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const Span span = sequence_span(p, seq);
@@ -63,7 +63,9 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
   const float* checkpoints = as_ptr<const float>(p.checkpoints);
   float* dB = as_ptr<float>(p.dB);
   float* dC = as_ptr<float>(p.dC);
-  const int64_t grp_b = channel / p.channels_per_b_group, grp_c = channel / p.channels_per_c_group;
+  // The dB / dC slot this block adds into: its group, or (deterministic mode) its own channel slot.
+  const int64_t grp_b = p.bc_grad_per_channel ? channel - p.channel_begin : channel / p.channels_per_b_group;
+  const int64_t grp_c = p.bc_grad_per_channel ? channel - p.channel_begin : channel / p.channels_per_c_group;
   const int64_t num_chunks = ceil_div(span.end - span.start, kChunk);
 
   for (int64_t kk = 0; kk < num_chunks; ++kk) {
@@ -271,7 +273,7 @@ __global__ __launch_bounds__(kThreadsBwd) void backward_kernel(const Params p) {
 #ifndef SSMK_SCAN_EMULATION
 template <typename input_t, typename bc_t>
 void launch_backward(const Params& p) {
-  dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(p.num_seqs));
+  dim3 grid(static_cast<unsigned>(p.channel_count ? p.channel_count : p.dim), static_cast<unsigned>(p.num_seqs));
   const size_t smem = (2 * p.dstate + 8 * W + 3 * p.dstate * W + 2 * W + 2 * kExchange) * sizeof(float);
   auto kernel = backward_kernel<input_t, bc_t>;
   if (smem > 48 * 1024) {

@@ -3,10 +3,13 @@
 The kernels scan one channel of one sequence per block in chunks of ``CHUNK`` (= 2048) steps and
 keep the state entering every chunk as the backward's checkpoint. A, D and delta_bias go to the
 kernels as float32; delta and z in u's dtype; B and C in u's dtype or float32 (anything else is
-converted here). Gradients of input-dependent B and C sum over channels with float atomics, so
-deterministic mode refuses the backward of those layouts (the Triton backend serves them).
+converted here). Gradients of input-dependent B and C sum over channels with float atomics; in
+deterministic mode the backward instead runs per slice of channels, each channel adding into a slot
+of its own (one add per address, onto zeros), and the slots are summed in a fixed order here.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,11 +27,27 @@ def unsupported(features: dict) -> str | None:
     dtype = features.get("dtype")
     if dtype not in _FLOATS:
         return f"the cuda kernels take float32/float16/bfloat16 inputs, got {dtype}"
-    if (config.deterministic() and features.get("needs_grad")
-            and features.get("bc_layout") != "fixed"):
-        return ("its backward adds the gradients of input-dependent B/C with float atomics, which "
-                "deterministic mode forbids (use backend='triton')")
+    if (config.deterministic() and features.get("needs_grad") and features.get("bc_layout") != "fixed"
+            and not hasattr(ext.module().SelectiveScanParams(), "bc_grad_per_channel")):
+        return ("the loaded ssmkernels._C predates the deterministic backward of input-dependent B/C "
+                "(rebuild it: python -m ssmkernels build)")
     return None
+
+
+# Deterministic mode: the per-channel B/C gradient slots of one backward launch take at most this
+# many bytes each (dB and dC), which sets how many channels a launch covers.
+DETERMINISTIC_SLOT_BYTES = 256 << 20
+
+
+def _deterministic_slice(B, C, d: int, per_channel_bytes: int) -> int:
+    """Channels per launch in deterministic mode: a divisor of every varying B/C's channels per group
+    (so a launch's slots belong to one group of each), within DETERMINISTIC_SLOT_BYTES."""
+    span = 0
+    for M in (B, C):
+        if M.dim() != 2:
+            span = math.gcd(span, d // (1 if M.dim() == 3 else M.shape[1]))
+    limit = max(1, DETERMINISTIC_SLOT_BYTES // max(1, per_channel_bytes))
+    return max(k for k in range(1, min(span, limit) + 1) if span % k == 0)
 
 
 def checkpoint_shape(u_shape, n: int, num_sequences: int) -> tuple:
@@ -119,11 +138,18 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
     dA_part = torch.empty(count, d, n, device=dev, dtype=f32)
     dD_part = torch.empty(count, d, device=dev, dtype=f32)
     dbias_part = torch.empty(count, d, device=dev, dtype=f32)
+    # Deterministic mode with input-dependent B/C: launches over slices of `per_launch` channels,
+    # each channel adding into its own slot of a (b, per_launch, n, l) buffer (see selective_scan.h).
+    per_channel = config.deterministic() and any(M.dim() != 2 for M in (B, C))
+    per_launch = _deterministic_slice(B, C, d, b * n * l * 4) if per_channel else d
     grad_bufs = []
     for prefix, M, dM in (("dB", B, dB), ("dC", C, dC)):
         if M.dim() == 2:
             buf = torch.empty(count, d, n, device=dev, dtype=f32)
             strides = (0, 0, 0)
+        elif per_channel:
+            buf = torch.empty(M.shape[0], per_launch, n, l, device=dev, dtype=f32)
+            strides = (buf.stride(0), buf.stride(1), buf.stride(2))
         else:
             g = 1 if M.dim() == 3 else M.shape[1]
             buf = dM.view(M.shape[0], g, n, l)  # zeroed float32: the kernel adds with atomics
@@ -138,7 +164,20 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
     p.dinitial_state = native.address(dinitial_state)
     p.dA_part, p.dD_part, p.dbias_part = native.address(dA_part), native.address(dD_part), native.address(dbias_part)
     with torch.cuda.device(u.device):
-        ext.module().selective_scan_bwd(p)
+        if not per_channel:
+            ext.module().selective_scan_bwd(p)
+        else:
+            p.bc_grad_per_channel, p.channel_count = True, per_launch
+            for begin in range(0, d, per_launch):
+                for M, buf in zip((B, C), grad_bufs):
+                    if M.dim() != 2:
+                        buf.zero_()
+                p.channel_begin = begin
+                ext.module().selective_scan_bwd(p)
+                for M, dM, buf in ((B, dB, grad_bufs[0]), (C, dC, grad_bufs[1])):
+                    if M.dim() != 2:  # this slice's channels all belong to group begin // (d / g)
+                        g = 1 if M.dim() == 3 else M.shape[1]
+                        dM.view(M.shape[0], g, n, l)[:, begin // (d // g)] += buf.sum(1)
     for name, g in (("ddelta", ddelta), ("dz", dz)):
         if g is not None and staged[name] is not g:
             g.copy_(staged[name])

@@ -19,8 +19,8 @@ the Triton backend, which ``backend=None`` keeps choosing. Its costs:
   changes, which reads ``seq_idx`` on the host (a device sync; such calls cannot be captured in a
   CUDA graph on this backend).
 
-Deterministic mode: the scan's backward adds the B/C gradients with float atomics, so it is
-refused there, as for the selective scan.
+Deterministic mode: the scan's backward then adds the B/C gradients per channel slot instead of
+with float atomics (selective_scan/cuda.py), and everything else here is plain torch arithmetic.
 """
 from __future__ import annotations
 
