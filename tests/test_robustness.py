@@ -187,6 +187,19 @@ def test_sanitizer_section_runs_the_script_under_the_tool(monkeypatch, tmp_path)
     assert robustness.failures(section) == 0
 
 
+def test_primitive_filter_limits_the_deterministic_rows():
+    results = robustness.run(["deterministic"], device=torch.device("cpu"), log=lambda message: None,
+                             primitives=["causal_conv1d"])
+    rows = results["sections"]["deterministic"]["rows"]
+    assert rows and {row["primitive"] for row in rows} == {"causal_conv1d"}
+
+
+def test_unknown_primitive_is_an_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        robustness.main(["--only", "deterministic", "--primitive", "conv"])
+    assert info.value.code == 2 and "conv" in capsys.readouterr().err
+
+
 def test_unknown_section_is_an_error(capsys):
     with pytest.raises(SystemExit) as info:
         robustness.main(["--only", "first-call,nonsense"])

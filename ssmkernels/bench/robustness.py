@@ -82,7 +82,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -164,6 +164,10 @@ class Context:
     dtype: torch.dtype             # inputs; states are float32
     log: Callable[[str], None]
     sanitizer_timeout_s: int = 170  # each of the three runs (plain, memcheck cuda, memcheck triton): under 10 minutes in all
+    primitives: Optional[frozenset] = None  # first-call / deterministic rows of these keys only (None: all)
+
+    def wants(self, key: str) -> bool:
+        return self.primitives is None or key in self.primitives
 
     @property
     def on_gpu(self) -> bool:
@@ -460,7 +464,7 @@ def section_first_call(ctx: Context) -> dict:
             f"({time.perf_counter() - started:.1f} s, not part of any timing below)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="ssmkernels-first-call-") as tmp:
-        for primitive in FIRST_CALL_PRIMITIVES:
+        for primitive in filter(ctx.wants, FIRST_CALL_PRIMITIVES):
             for backend in ("triton", "cuda"):
                 cache = Path(tmp) / f"{primitive}-{backend}"
                 cache.mkdir()
@@ -890,7 +894,7 @@ def section_deterministic(ctx: Context) -> dict:
     bitwise. A deterministic run whose repeat differs is a FAIL; a default-mode difference is a figure."""
     rows = []
     backends = ("triton", "cuda") if ctx.on_gpu else ("triton",)
-    for key in ctx.shapes("deterministic"):
+    for key in filter(ctx.wants, ctx.shapes("deterministic")):
         spec = PRIMITIVES[key]
         for backend in backends:
             row: dict[str, Any] = {"primitive": spec.name, "backend": backend, "dtype": _dtype_name(ctx.dtype)}
@@ -1016,11 +1020,11 @@ def failures(section: dict) -> int:
 
 
 def run(sections: list[str], quick: bool = False, device: Optional[torch.device] = None,
-        log: Callable[[str], None] = print) -> dict:
+        log: Callable[[str], None] = print, primitives: Optional[Iterable[str]] = None) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = ("quick" if quick else "gpu") if device.type == "cuda" else "toy"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ctx = Context(device, size, dtype, log)
+    ctx = Context(device, size, dtype, log, primitives=None if primitives is None else frozenset(primitives))
     results: dict[str, Any] = {"meta": environment(ctx), "sections": {}}
     log(f"ssmkernels robustness on {device} ({results['meta']['gpu']}); sizes: {size}; inputs "
         f"{_dtype_name(dtype)}, states float32; sections: {', '.join(sections)}")
@@ -1060,6 +1064,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--only", action="append", metavar="NAME,...",
                         help=f"sections to run (default all): {', '.join(SECTIONS)}")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--primitive", action="append", metavar="NAME,...",
+                        help=f"first-call and deterministic rows of these only: {', '.join(FIRST_CALL_PRIMITIVES)}")
     args = parser.parse_args(argv)
     names = [item.strip() for value in args.only or () for item in value.split(",") if item.strip()]
     unknown = [name for name in names if name not in SECTIONS]
@@ -1067,7 +1073,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unknown section {unknown[0]!r}; expected one of {', '.join(SECTIONS)}")
     sections = [name for name in SECTIONS if name in names] if names else list(SECTIONS)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    results = run(sections, quick=args.quick, device=torch.device(args.device) if args.device else None, log=log)
+    primitives = [item.strip() for value in args.primitive or () for item in value.split(",") if item.strip()]
+    unknown = [name for name in primitives if name not in FIRST_CALL_PRIMITIVES]
+    if unknown:
+        parser.error(f"unknown primitive {unknown[0]!r}; expected one of {', '.join(FIRST_CALL_PRIMITIVES)}")
+    results = run(sections, quick=args.quick, device=torch.device(args.device) if args.device else None, log=log,
+                  primitives=primitives or None)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
