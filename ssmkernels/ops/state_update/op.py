@@ -37,8 +37,8 @@ key, so bad input still gets the full path's errors. The last plan used is match
 the key at all (``_Plan.matches``: flags, which optionals are absent, and dynamo's C++
 ``TensorGuards`` over the present tensors' dispatch keys, dtype, device, sizes and strides): the
 whole stubbed call went from 6.65 to 4.09 us on the CPU development machine, and from 18.8 to 5.8 us
-on the H100 machine's host. The fast path is taken only when nothing could observe the op: not under Dynamo (``torch.compile`` traces the full path and records the
-op), no TorchDispatchMode (FakeTensorMode, functionalization, proxy tracing, user modes), no
+on the H100 machine's host. The fast path is taken only when nothing could observe the op: not
+under Dynamo (``torch.compile`` traces the full path and records the op), no TorchDispatchMode (FakeTensorMode, functionalization, proxy tracing, user modes), no
 TorchFunctionMode, no functorch transform, the profiler off (it records the op), and every tensor
 a plain Tensor or Parameter (subclasses take the op). The op path itself caches the kernels'
 static arguments the same way (``_LAUNCHES``), which serves compiled graphs. Autograd is unchanged
