@@ -56,6 +56,12 @@ def build_module(directory: Path):
                     f"-I{include}", str(root / "csrc" / "selective_scan" / "emulation.cc"), "-o", str(library)],
                    check=True, capture_output=True)
     lib = ctypes.CDLL(str(library))
+    for name in ("emu_params_size", "emu_params_stream_offset"):
+        getattr(lib, name).restype = ctypes.c_size_t
+    layout = (lib.emu_params_size(), lib.emu_params_stream_offset())
+    mirror = (ctypes.sizeof(EmulatedParams), EmulatedParams.stream.offset)
+    assert layout == mirror, (f"EmulatedParams (size, stream offset) {mirror} differs from ssmk::scan::Params "
+                              f"{layout}: update its fields to csrc/selective_scan/selective_scan.h")
 
     class Module:
         selective_scan_chunk = 2048

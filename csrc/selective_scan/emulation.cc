@@ -6,6 +6,7 @@
 //   g++ -std=c++20 -O1 -shared -fPIC -pthread -Icsrc -I<cuda>/include csrc/selective_scan/emulation.cc
 #include <condition_variable>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -146,3 +147,8 @@ extern "C" void emu_backward(const ssmk::scan::Params* p) {
   else if (p->dtype == 1) bwd_dispatch<__half>(*p);
   else bwd_dispatch<__nv_bfloat16>(*p);
 }
+
+// The Params layout, so that the Python mirror (tests/scan_emulation.py) can check its own against
+// it: the size and the offset of the last field.
+extern "C" size_t emu_params_size() { return sizeof(ssmk::scan::Params); }
+extern "C" size_t emu_params_stream_offset() { return offsetof(ssmk::scan::Params, stream); }
