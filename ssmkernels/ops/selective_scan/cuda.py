@@ -46,6 +46,8 @@ def _deterministic_slice(B, C, d: int, per_channel_bytes: int) -> int:
     for M in (B, C):
         if M.dim() != 2:
             span = math.gcd(span, d // (1 if M.dim() == 3 else M.shape[1]))
+    if span < 1:  # no channels: nothing to slice
+        return 1
     limit = max(1, DETERMINISTIC_SLOT_BYTES // max(1, per_channel_bytes))
     return max(k for k in range(1, min(span, limit) + 1) if span % k == 0)
 
