@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from typing import Any
 
 import torch
@@ -118,7 +119,19 @@ def availability(primitive: str, device: torch.device, features: dict[str, Any])
     return {b: unavailable_reason(primitive, b, device, features) for b in config.BACKENDS}
 
 
-@torch._dynamo.assume_constant_result
+def assume_constant_result(fn):
+    """``torch._dynamo.assume_constant_result`` without importing ``torch._dynamo`` at import time
+    (1.3 s of the 1.7 s that ``import ssmkernels`` took on the CPU development machine): that
+    decorator only sets this attribute, which Dynamo reads when it traces a call (torch 2.4 to 2.13).
+    When Dynamo is already imported, its own decorator. The torch.compile tests would fail if the
+    attribute stopped working (Dynamo would trace into the function and break the graph)."""
+    if "torch._dynamo" in sys.modules:
+        return torch._dynamo.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@assume_constant_result
 def traced_select_backend(primitive: str, requested: str | None, device: torch.device,
                           features: dict[str, Any]) -> str:
     """:func:`select_backend` for the ops' public functions: under ``torch.compile`` it runs once at

@@ -262,7 +262,7 @@ _DISPATCH: dict = {}  # (call features) -> backend name: dispatch decides once p
 SMALL_BATCH = 8
 
 
-@torch._dynamo.assume_constant_result
+@dispatch.assume_constant_result
 def _backend_for(requested, default, device, dtype, state_dtype, mamba1, indices, d_state, small_batch) -> str:
     key = (requested, default, device, dtype, state_dtype, mamba1, indices, d_state, small_batch)
     chosen = _DISPATCH.get(key)
