@@ -1,7 +1,10 @@
 """Test set-up: NaN-poisoned kernel outputs, the Triton interpreter on CPU-only machines, GPU marker.
 
 Both variables must be set before Triton kernels are defined (Triton reads TRITON_INTERPRET when
-a kernel is decorated), hence here, at conftest import.
+a kernel is decorated), hence here, at conftest import. Triton itself is imported here too: some
+of its interpreter state is fixed when the package is first imported, and a test that sets
+TRITON_INTERPRET=0 for a moment (to check the error saying why) must not be the first importer
+(``import ssmkernels`` does not import Triton; it used to, through torch._dynamo).
 """
 import os
 
@@ -11,6 +14,10 @@ import torch
 os.environ.setdefault("SSMKERNELS_POISON_OUTPUTS", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import triton  # noqa: F401,E402  (see the docstring)
+except ImportError:
+    pass
 
 
 def pytest_collection_modifyitems(config, items):
