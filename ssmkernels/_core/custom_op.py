@@ -70,3 +70,9 @@ def absent(t: torch.Tensor | None) -> bool:
     return t is None or t.numel() == 0
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will ask for a backward of a call on these inputs (a dispatch feature: a
+    backend may serve the forward but not that backward, e.g. in deterministic mode)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..._core import dispatch
 from ..._core.dtypes import accumulation_dtype
 from ..._core import validation as v
-from ..._core.custom_op import absent, empty_like, kernels, new_empty, placeholder, qualified
+from ..._core.custom_op import absent, empty_like, kernels, needs_grad, new_empty, placeholder, qualified
 from . import reference
 
 PRIMITIVE = "selective_scan"
@@ -149,8 +149,7 @@ def selective_scan(
     features = {"dtype": u.dtype, "d_state": n, "bc_layout": ("fixed", "shared", "grouped")[B.dim() - 2],
                 "z": z is not None, "cu_seqlens": cu_seqlens is not None,
                 "initial_state": initial_state is not None,
-                "needs_grad": torch.is_grad_enabled() and any(
-                    t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))}
+                "needs_grad": needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)}
     chosen = dispatch.traced_select_backend(PRIMITIVE, backend, dev, features)
     if chosen == "reference":
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..._core import dispatch
 from ..._core.dtypes import accumulation_dtype
 from ..._core import validation as v
-from ..._core.custom_op import absent, empty_like, kernels, new_empty, placeholder, qualified
+from ..._core.custom_op import absent, empty_like, kernels, needs_grad, new_empty, placeholder, qualified
 from . import reference
 
 PRIMITIVE = "ssd"
@@ -171,8 +171,7 @@ def ssd_chunk_scan(
                 "seq_idx": seq_idx is not None, "cu_seqlens": cu_seqlens is not None,
                 "initial_states": initial_states is not None, "z": z is not None,
                 "D_per_channel": D is not None and D.dim() == 2,
-                "needs_grad": torch.is_grad_enabled() and any(
-                    t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))}
+                "needs_grad": needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_states)}
     chosen = dispatch.traced_select_backend(PRIMITIVE, backend, dev, features)
     if chosen == "reference":
         return reference.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
