@@ -39,13 +39,18 @@ def unsupported(features: dict) -> str | None:
 DETERMINISTIC_SLOT_BYTES = 256 << 20
 
 
+def _groups(M) -> int:
+    """Groups of an input-dependent B or C: ``(b, g, n, l)``, or ``(b, n, l)`` shared by all channels."""
+    return 1 if M.dim() == 3 else M.shape[1]
+
+
 def _deterministic_slice(B, C, d: int, per_channel_bytes: int) -> int:
     """Channels per launch in deterministic mode: a divisor of every varying B/C's channels per group
     (so a launch's slots belong to one group of each), within DETERMINISTIC_SLOT_BYTES."""
     span = 0
     for M in (B, C):
         if M.dim() != 2:
-            span = math.gcd(span, d // (1 if M.dim() == 3 else M.shape[1]))
+            span = math.gcd(span, d // _groups(M))
     if span < 1:  # no channels: nothing to slice
         return 1
     limit = max(1, DETERMINISTIC_SLOT_BYTES // max(1, per_channel_bytes))
@@ -153,7 +158,7 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
             buf = torch.empty(M.shape[0], per_launch, n, l, device=dev, dtype=f32)
             strides = (buf.stride(0), buf.stride(1), buf.stride(2))
         else:
-            g = 1 if M.dim() == 3 else M.shape[1]
+            g = _groups(M)
             buf = dM.view(M.shape[0], g, n, l)  # zeroed float32: the kernel adds with atomics
             strides = (buf.stride(0), buf.stride(1) if g > 1 else 0, buf.stride(2))
         grad_bufs.append(buf)
@@ -169,17 +174,17 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
         if not per_channel:
             ext.module().selective_scan_bwd(p)
         else:
+            # (slots, dM as (b, g, n, l), channels per group) of each input-dependent B/C
+            varying = [(buf, dM.view(M.shape[0], _groups(M), n, l), d // _groups(M))
+                       for M, dM, buf in ((B, dB, grad_bufs[0]), (C, dC, grad_bufs[1])) if M.dim() != 2]
             p.bc_grad_per_channel, p.channel_count = True, per_launch
             for begin in range(0, d, per_launch):
-                for M, buf in zip((B, C), grad_bufs):
-                    if M.dim() != 2:
-                        buf.zero_()
+                for slots, _, _ in varying:
+                    slots.zero_()
                 p.channel_begin = begin
                 ext.module().selective_scan_bwd(p)
-                for M, dM, buf in ((B, dB, grad_bufs[0]), (C, dC, grad_bufs[1])):
-                    if M.dim() != 2:  # this slice's channels all belong to group begin // (d / g)
-                        g = 1 if M.dim() == 3 else M.shape[1]
-                        dM.view(M.shape[0], g, n, l)[:, begin // (d // g)] += buf.sum(1)
+                for slots, grouped, per_group in varying:  # the slice lies in one group of each
+                    grouped[:, begin // per_group] += slots.sum(1)
     for name, g in (("ddelta", ddelta), ("dz", dz)):
         if g is not None and staged[name] is not g:
             g.copy_(staged[name])
