@@ -38,8 +38,6 @@ def random_ids(cfg: HybridConfig, b: int, l: int) -> torch.Tensor:
 def require_model_backend(backend: str) -> None:
     """Skip when a primitive of the model cannot run on ``backend`` here (e.g. the CUDA extension is
     not built): the model's backend switch runs every primitive on that backend."""
-    import ssmkernels
-
     x = torch.randn(1, 16, 2, 4, device=DEVICE)
     try:
         ssmkernels.ssd_chunk_scan(x, torch.rand(1, 16, 2, device=DEVICE), -torch.ones(2, device=DEVICE),

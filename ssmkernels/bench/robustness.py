@@ -400,11 +400,15 @@ def _first_call_closure(primitive: str, backend: str, device: torch.device, dtyp
     return _shape_text(s), call
 
 
+def _input_dtype(device: torch.device) -> torch.dtype:
+    """Inputs in bfloat16 on the GPU; float32 on the CPU (toy shapes, plumbing only)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _child_device() -> tuple[torch.device, torch.dtype]:
-    """A child's device and input dtype: the GPU in bfloat16, else the CPU in float32 (plumbing only)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+    """A child's device (the GPU when there is one) and input dtype."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, _input_dtype(device)
 
 
 def first_call_child(primitive: str, backend: str, import_s: float) -> None:
@@ -1023,7 +1027,7 @@ def run(sections: list[str], quick: bool = False, device: Optional[torch.device]
         log: Callable[[str], None] = print, primitives: Optional[Iterable[str]] = None) -> dict:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = ("quick" if quick else "gpu") if device.type == "cuda" else "toy"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = _input_dtype(device)
     ctx = Context(device, size, dtype, log, primitives=None if primitives is None else frozenset(primitives))
     results: dict[str, Any] = {"meta": environment(ctx), "sections": {}}
     log(f"ssmkernels robustness on {device} ({results['meta']['gpu']}); sizes: {size}; inputs "
@@ -1067,16 +1071,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--primitive", action="append", metavar="NAME,...",
                         help=f"first-call and deterministic rows of these only: {', '.join(FIRST_CALL_PRIMITIVES)}")
     args = parser.parse_args(argv)
-    names = [item.strip() for value in args.only or () for item in value.split(",") if item.strip()]
-    unknown = [name for name in names if name not in SECTIONS]
-    if unknown:
-        parser.error(f"unknown section {unknown[0]!r}; expected one of {', '.join(SECTIONS)}")
+
+    def listed(values, allowed, what: str) -> list[str]:
+        """The comma-separated names of a repeatable option, each one of ``allowed``."""
+        names = [item.strip() for value in values or () for item in value.split(",") if item.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown:
+            parser.error(f"unknown {what} {unknown[0]!r}; expected one of {', '.join(allowed)}")
+        return names
+
+    names = listed(args.only, SECTIONS, "section")
     sections = [name for name in SECTIONS if name in names] if names else list(SECTIONS)
+    primitives = listed(args.primitive, FIRST_CALL_PRIMITIVES, "primitive")
     log = lambda message: print(message, flush=True)  # noqa: E731
-    primitives = [item.strip() for value in args.primitive or () for item in value.split(",") if item.strip()]
-    unknown = [name for name in primitives if name not in FIRST_CALL_PRIMITIVES]
-    if unknown:
-        parser.error(f"unknown primitive {unknown[0]!r}; expected one of {', '.join(FIRST_CALL_PRIMITIVES)}")
     results = run(sections, quick=args.quick, device=torch.device(args.device) if args.device else None, log=log,
                   primitives=primitives or None)
     if args.json:
