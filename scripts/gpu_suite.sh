@@ -7,9 +7,11 @@
 #   env          nvidia-smi and `python -m ssmkernels info`
 #   peers        unpack the peer libraries from .peers/ (see scripts/prepare_peers.sh) into
 #                $PEERS_DIR: fla + einops wheels, the mamba_ssm sdist (its Triton ops need no build)
-#   peers-build  compile causal_conv1d and mamba_ssm's CUDA selective scan for sm_90 only (opt-in,
-#                results stay in $PEERS_DIR; in parallel with 8 jobs each they did not finish in 520 s
-#                on the H100 machine while other work ran: give them a call of their own)
+#   peers-build  compile causal_conv1d and mamba_ssm's CUDA selective scan for sm_90 only (opt-in;
+#                PEERS_BUILD="causal_conv1d" picks one; in parallel with 8 jobs each they did not finish
+#                in 520 s on the H100 machine while other work ran). PEERS_SAVE=DIR copies the built
+#                extensions (debug info stripped) there: bring them back into .peers/built and carry
+#                .peers, and later calls import them without building
 #   build        compile the ssmkernels CUDA extension into the JIT cache, timed (MAX_JOBS=16)
 #   test         the whole pytest suite, GPU tests included: pytest -m "gpu or not gpu"
 #   check        python -m ssmkernels check (every primitive/feature/backend vs float64)
@@ -90,6 +92,8 @@ run_stage() {  # run_stage NAME COMMAND...: logs to $OUT/NAME.log, records rc an
 peer_paths() {  # PYTHONPATH entries for whatever peers are unpacked (and built) in $PEERS_DIR
     local paths=""
     [ -d "$PEERS_DIR/site" ] && paths="$PEERS_DIR/site"
+    # Peer extensions built by an earlier call (PEERS_SAVE) and carried back in .peers/built.
+    [ -d "$ROOT/.peers/built" ] && paths="$paths:$ROOT/.peers/built"
     for src in "$PEERS_DIR"/src/mamba_ssm-* "$PEERS_DIR"/src/causal_conv1d-*; do
         [ -d "$src" ] && paths="$paths:$src"
     done
@@ -131,7 +135,9 @@ path = sys.argv[1]
 text = open(path).read()
 tag = "# ssmkernels gpu_suite: sm_90 only"
 if tag not in text:
-    marker = "    ext_modules.append("
+    # Before the compile arguments are built from cc_flag (a filter placed after them, just
+    # before ext_modules.append, changed nothing: the first builds compiled nine architectures).
+    marker = "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI"
     patch = ('    cc_flag = [f for f in cc_flag if f != "-gencode" and not f.startswith("arch=")] '
              f'+ ["-gencode", "arch=compute_90,code=sm_90"]  {tag}\n')
     index = text.index(marker)
@@ -139,24 +145,28 @@ if tag not in text:
 PY
 }
 
-stage_peers_build() {
-    local conv mamba
-    conv=$(ls -d "$PEERS_DIR"/src/causal_conv1d-* 2>/dev/null | head -1)
-    mamba=$(ls -d "$PEERS_DIR"/src/mamba_ssm-* 2>/dev/null | head -1)
-    [ -n "$conv" ] && [ -n "$mamba" ] || { echo "run the peers stage first"; return 1; }
-    sm90_only "$conv/setup.py" && sm90_only "$mamba/setup.py"
-    local half=$(( MAX_JOBS / 2 > 0 ? MAX_JOBS / 2 : 1 ))
-    ( cd "$conv" && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAX_JOBS=$half "$PYTHON" setup.py build_ext --inplace ) \
-        > "$OUT/peers-build-causal_conv1d.log" 2>&1 &
-    local conv_pid=$!
-    ( cd "$mamba" && MAMBA_FORCE_BUILD=TRUE MAX_JOBS=$half "$PYTHON" setup.py build_ext --inplace ) \
-        > "$OUT/peers-build-mamba_ssm.log" 2>&1 &
-    local mamba_pid=$!
-    wait $conv_pid; local conv_rc=$?
-    wait $mamba_pid; local mamba_rc=$?
-    echo "causal_conv1d build exit $conv_rc; mamba_ssm build exit $mamba_rc"
-    ls "$conv"/*.so "$mamba"/*.so 2>/dev/null
-    [ $conv_rc -eq 0 ] && [ $mamba_rc -eq 0 ]
+stage_peers_build() {  # PEERS_BUILD: which peers (default "causal_conv1d mamba_ssm"); PEERS_SAVE: copy the .so there
+    local names=${PEERS_BUILD:-causal_conv1d mamba_ssm} jobs pids=() rc=0
+    local count; count=$(echo $names | wc -w)
+    jobs=$(( MAX_JOBS / count > 0 ? MAX_JOBS / count : 1 ))
+    for name in $names; do
+        local src; src=$(ls -d "$PEERS_DIR"/src/${name}-* 2>/dev/null | head -1)
+        [ -n "$src" ] || { echo "run the peers stage first ($name not unpacked)"; return 1; }
+        sm90_only "$src/setup.py" || return 1
+        ( cd "$src" && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE MAX_JOBS=$jobs \
+            "$PYTHON" setup.py build_ext --inplace ) > "$OUT/peers-build-$name.log" 2>&1 &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    echo "peer builds exit $rc"
+    for name in $names; do ls -la "$PEERS_DIR"/src/${name}-*/*.so 2>/dev/null; done
+    if [ -n "${PEERS_SAVE:-}" ]; then  # stripped copies, small enough to carry back as .peers/built
+        mkdir -p "$PEERS_SAVE"
+        for so in "$PEERS_DIR"/src/*/*.so; do
+            [ -e "$so" ] && strip --strip-debug -o "$PEERS_SAVE/$(basename "$so")" "$so" && ls -la "$PEERS_SAVE/$(basename "$so")"
+        done
+    fi
+    return $rc
 }
 
 stage_build() {
