@@ -113,6 +113,36 @@ def test_conv_forward_backward(backend, dtype, case_name, layout):
                            grad_names=grads, label=f"{backend} {case_name} {layout}")
 
 
+# Whole-row fast paths of the CUDA kernels (csrc/causal_conv1d/causal_conv1d_plain.cu): no sequences,
+# rows that allow 16-byte vectors (d and l multiples of 8). Lengths that are not multiples of a thread's
+# positions (tails inside a vector run), several segments per row, and initial states (forward only:
+# their gradient sends the backward to the general kernel).
+PLAIN_CASES = {
+    "w4_silu": dict(d=16, l=72),
+    "w2_none_nobias": dict(d=16, l=72, w=2, activation=None, bias=False),
+    "w3_b3": dict(b=3, d=16, l=40, w=3),
+    "init_final": dict(d=16, l=72, init=True, final=True),
+    "segments": dict(b=1, d=8, l=4200),
+}
+PLAIN_GRID = [(c, lay) for c in PLAIN_CASES for lay in LAYOUTS[:2]]
+
+
+def _check_plain(fn_for, dtype, case_name, layout, label):
+    case = {**BASE, **PLAIN_CASES[case_name]}
+    inputs = _conv_inputs(case, dtype, layout)
+    grads = tuple(n for n in ("x", "weight", "bias", "initial_states") if inputs.get(n) is not None)
+    compare_with_reference(fn_for(layout, case["activation"], case["final"]), inputs, "cuda", grad_names=grads,
+                           label=f"{label} {case_name} {layout}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case_name,layout", PLAIN_GRID, ids=[f"{c}-{lay}" for c, lay in PLAIN_GRID])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16),
+                         ids=_ids((torch.float32, torch.float16, torch.bfloat16)))
+def test_cuda_whole_row_paths(dtype, case_name, layout):
+    _check_plain(_conv_fn, dtype, case_name, layout, "cuda whole rows")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16],
                          ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -421,6 +451,7 @@ _EMU_FUNCTIONS = {"causal_conv1d_fwd_channel_first": ("ForwardParams", "forward_
                   "causal_conv1d_final_states": ("ForwardParams", "final_states"),
                   "causal_conv1d_bwd": ("BackwardParams", "backward"),
                   "causal_conv1d_update": ("UpdateParams", "update")}
+_EMU_QUERIES = {"causal_conv1d_bwd_partial_rows": ("BackwardParams", "backward_partial_rows")}  # return a count
 _EMU_SHIM = r"""
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -483,6 +514,11 @@ def _emulation_sources(tmp):
         body = " ".join(f"p.{f} = static_cast<decltype(p.{f})>(v[{i}]);" for i, f in enumerate(fields))
         harness.append(f'extern "C" int emu_{name}(const int64_t* v) {{ ssmk::conv::{struct} p; {body} '
                        f"try {{ ssmk::conv::{function}(p); }} catch (...) {{ return 1; }} return 0; }}")
+    for name, (struct, function) in _EMU_QUERIES.items():
+        fields = _EMU_FIELDS["CausalConv1d" + struct]
+        body = " ".join(f"p.{f} = static_cast<decltype(p.{f})>(v[{i}]);" for i, f in enumerate(fields))
+        harness.append(f'extern "C" int64_t emu_{name}(const int64_t* v) {{ ssmk::conv::{struct} p; {body} '
+                       f"return ssmk::conv::{function}(p); }}")
     (tmp / "harness.cpp").write_text("\n".join(harness) + "\n")
     return root, sources + [tmp / "harness.cpp"]
 
@@ -507,7 +543,7 @@ def emulated_native(request):
         pytest.skip("host emulation of the CUDA kernels needs g++ and the CUDA headers")
     # Built once per source state, cached in pytest's cache folder (compiling takes a while).
     root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256((_EMU_SHIM + repr(_EMU_FIELDS) + repr(_EMU_FUNCTIONS)).encode())
+    digest = hashlib.sha256((_EMU_SHIM + repr(_EMU_FIELDS) + repr(_EMU_FUNCTIONS) + repr(_EMU_QUERIES)).encode())
     for path in sorted((root / "csrc").glob("**/*")):
         if path.suffix in (".cu", ".cuh", ".h"):
             digest.update(path.read_bytes())
@@ -543,7 +579,7 @@ def emulated_native(request):
                 setattr(self, f, 0)
         return type(cls_name, (), {"__init__": init, "fields": fields})
 
-    module = types.SimpleNamespace(causal_conv1d_backward_tile_l=64)
+    module = types.SimpleNamespace()
     for cls_name in _EMU_FIELDS:
         setattr(module, cls_name, make_params(cls_name))
     for name in _EMU_FUNCTIONS:
@@ -553,6 +589,13 @@ def emulated_native(request):
             values = (ctypes.c_int64 * len(p.fields))(*[int(getattr(p, f)) for f in p.fields])
             assert function(values) == 0, f"{name} raised"
         setattr(module, name, call)
+    for name in _EMU_QUERIES:
+        function = getattr(lib, f"emu_{name}")
+        function.restype = ctypes.c_int64
+
+        def query(p, function=function):
+            return function((ctypes.c_int64 * len(p.fields))(*[int(getattr(p, f)) for f in p.fields]))
+        setattr(module, name, query)
     return module
 
 
@@ -607,6 +650,12 @@ def test_cuda_forward_emulated_long_aligned(emulated_cuda, dtype):
         inputs = _conv_inputs(case, dtype, layout)
         compare_with_reference(_emulated_conv_fn(layout, "silu", True), inputs, "cuda", grad_names=grads,
                                label=f"long varlen {layout}")
+
+
+@pytest.mark.parametrize("case_name,layout", PLAIN_GRID, ids=[f"{c}-{lay}" for c, lay in PLAIN_GRID])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_ids([torch.float32, torch.bfloat16]))
+def test_cuda_whole_row_paths_emulated(emulated_cuda, dtype, case_name, layout):
+    _check_plain(_emulated_conv_fn, dtype, case_name, layout, "emulated whole rows")
 
 
 @pytest.mark.parametrize("case_name", list(UPDATE_CASES))

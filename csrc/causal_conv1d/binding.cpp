@@ -68,7 +68,8 @@ void bind_causal_conv1d(py::module_& m) {
         "causal_conv1d forward for x with unit stride along d");
   m.def("causal_conv1d_final_states", &ssmk::conv::final_states, py::arg("params"),
         "final states (last w-1 inputs of each sequence) of causal_conv1d");
-  m.attr("causal_conv1d_backward_tile_l") = ssmk::conv::kBackwardTileL;
+  m.def("causal_conv1d_bwd_partial_rows", &ssmk::conv::backward_partial_rows, py::arg("params"),
+        "rows of the float32 dweight/dbias partial sums causal_conv1d_bwd writes for these params");
   m.def("causal_conv1d_bwd", &ssmk::conv::backward, py::arg("params"),
         "causal_conv1d backward: dx, d(initial states), float32 partial sums of dweight and dbias");
   m.def("causal_conv1d_update", &ssmk::conv::update, py::arg("params"),

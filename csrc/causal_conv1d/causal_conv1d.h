@@ -62,7 +62,8 @@ struct UpdateParams {
 
 // Backward: the forward's fields plus gradients. dx/dout/dfinal/dinitial share x's element type;
 // the weight and bias gradients leave as float32 partial sums, one per (backward block, channel):
-// dweight_partial (batch * ceil(l / kBackwardTileL), d, w), dbias_partial (same, d), summed after.
+// dweight_partial (backward_partial_rows(params), d, w), dbias_partial (same, d), summed after.
+// The general kernel's blocks span kBackwardTileL positions.
 constexpr int kBackwardTileL = 64;
 
 struct BackwardParams : ForwardParams {
@@ -73,6 +74,13 @@ struct BackwardParams : ForwardParams {
   int64_t dfinal_batch_stride = 0, dfinal_c_stride = 0, dfinal_l_stride = 0;
   int64_t dinit_batch_stride = 0, dinit_c_stride = 0, dinit_l_stride = 0;
 };
+
+// Whole-row fast paths (causal_conv1d_plain.cu): run and return true when the call qualifies (no
+// sequences; vector-aligned tensors), else return false for the general kernels to take it.
+bool forward_plain(const ForwardParams& params);
+bool backward_plain(const BackwardParams& params);
+// Rows of the weight/bias partial sums the backward writes for these params (its blocks' segments).
+int64_t backward_partial_rows(const BackwardParams& params);
 
 void forward_channel_first(const ForwardParams& params);
 void forward_channel_last(const ForwardParams& params);

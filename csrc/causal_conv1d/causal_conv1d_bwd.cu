@@ -39,11 +39,6 @@ __device__ __forceinline__ int64_t find_sequence(const int32_t* cu, int64_t num_
   return lo;
 }
 
-__device__ __forceinline__ float dsilu(float z, float g) {
-  const float sig = 1.0f / (1.0f + __expf(-z));
-  return g * sig * (1.0f + z * (1.0f - sig));
-}
-
 // xx at position v as seen by an output at t (v <= t, v >= t-(w-1)); key_t, key_v are the sequence
 // keys of t and v. `x_at(v)` reads x (v inside the row); initial states come from global memory.
 template <typename T, int kHist, typename XAt>
@@ -269,6 +264,7 @@ __global__ void dinitial_kernel(BackwardParams p) {
 
 void backward(const BackwardParams& p) {
   if (p.dim == 0) return;
+  if (backward_plain(p)) return;
   SSMK_DISPATCH_FLOAT(p.dtype, "causal_conv1d_bwd", [&] {
     SSMK_DISPATCH_WIDTH(static_cast<int>(p.width), "causal_conv1d_bwd", [&] {
       if (p.batch > 0 && p.seqlen > 0) {

@@ -187,6 +187,7 @@ int64_t groups_of(const ForwardParams& p) { return p.cu_seqlens ? p.num_seqs : p
 }  // namespace
 
 void forward_channel_first(const ForwardParams& p) {
+  if (forward_plain(p)) return;
   const int64_t groups = groups_of(p);
   if (groups == 0 || p.dim == 0 || p.seqlen == 0) return;
   SSMK_DISPATCH_FLOAT(p.dtype, "causal_conv1d_fwd", [&] {

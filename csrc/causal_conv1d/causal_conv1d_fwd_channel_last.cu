@@ -154,6 +154,7 @@ __global__ void __launch_bounds__(kLastThreads, 4) forward_channel_last_kernel(F
 }  // namespace
 
 void forward_channel_last(const ForwardParams& p) {
+  if (forward_plain(p)) return;
   if (p.batch == 0 || p.dim == 0 || p.seqlen == 0) return;
   SSMK_DISPATCH_FLOAT(p.dtype, "causal_conv1d_fwd", [&] {
     SSMK_DISPATCH_WIDTH(static_cast<int>(p.width), "causal_conv1d_fwd", [&] {

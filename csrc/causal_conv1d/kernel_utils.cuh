@@ -39,24 +39,45 @@ struct Vec16 {
   static constexpr int kElts = 16 / sizeof(T);
 };
 
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* ptr, float* out) {
-  uint4 raw = *reinterpret_cast<const uint4*>(ptr);
+// The unsigned type of a kBytes-wide access (one load or store instruction).
+template <int kBytes> struct RawBits;
+template <> struct RawBits<16> { using type = uint4; };
+template <> struct RawBits<8> { using type = uint2; };
+template <> struct RawBits<4> { using type = unsigned int; };
+
+// kN consecutive elements of T (one aligned access of kN * sizeof(T) bytes), as float.
+template <typename T, int kN>
+__device__ __forceinline__ void load_floats(const T* ptr, float* out) {
+  using Raw = typename RawBits<kN * sizeof(T)>::type;
+  Raw raw = *reinterpret_cast<const Raw*>(ptr);
   const T* elts = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-  for (int i = 0; i < Vec16<T>::kElts; ++i) out[i] = to_float(elts[i]);
+  for (int i = 0; i < kN; ++i) out[i] = to_float(elts[i]);
+}
+
+template <typename T, int kN>
+__device__ __forceinline__ void store_floats(T* ptr, const float* in) {
+  using Raw = typename RawBits<kN * sizeof(T)>::type;
+  Raw raw;
+  T* elts = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kN; ++i) elts[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Raw*>(ptr) = raw;
 }
 
 template <typename T>
-__device__ __forceinline__ void store_vec(T* ptr, const float* in) {
-  uint4 raw;
-  T* elts = reinterpret_cast<T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < Vec16<T>::kElts; ++i) elts[i] = from_float<T>(in[i]);
-  *reinterpret_cast<uint4*>(ptr) = raw;
+__device__ __forceinline__ void load_vec(const T* ptr, float* out) { load_floats<T, Vec16<T>::kElts>(ptr, out); }
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* ptr, const float* in) { store_floats<T, Vec16<T>::kElts>(ptr, in); }
+
+__device__ __forceinline__ float dsilu(float z, float g) {  // g * d silu(z) / dz
+  const float sig = 1.0f / (1.0f + __expf(-z));
+  return g * sig * (1.0f + z * (1.0f - sig));
 }
 
 inline bool aligned16(std::uintptr_t address) { return address % 16 == 0; }
+inline bool aligned_to(std::uintptr_t address, int64_t bytes) { return address % bytes == 0; }
 
 // The positions of sequence r: row r of the batch, or the r-th cu_seqlens sequence of row 0.
 struct SequenceSpan {

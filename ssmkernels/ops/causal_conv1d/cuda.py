@@ -14,7 +14,7 @@ from ..._core.native import DTYPE_CODES, address, dtype_code, stream_of
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _WIDTHS = (2, 3, 4)
 _KERNELS = ("causal_conv1d_fwd_channel_first", "causal_conv1d_fwd_channel_last", "causal_conv1d_final_states",
-            "causal_conv1d_bwd", "causal_conv1d_update")
+            "causal_conv1d_bwd", "causal_conv1d_bwd_partial_rows", "causal_conv1d_update")
 
 
 def unsupported(features: dict) -> str | None:
@@ -87,19 +87,20 @@ def backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_
     w = weight.shape[1]
     p = native.CausalConv1dBackwardParams()
     _fill_forward(p, x, weight, bias, seq_idx, initial_states, cu_seqlens, silu)
-    blocks = b * -(-l // native.causal_conv1d_backward_tile_l)
-    dw_partial = torch.empty(blocks, d, w, device=x.device, dtype=torch.float32)
-    db_partial = torch.empty(blocks, d, device=x.device, dtype=torch.float32)
     p.dout, p.dx = address(dout), address(dx)
     p.dout_batch_stride, p.dout_c_stride, p.dout_l_stride = dout.stride()
     p.dx_batch_stride, p.dx_c_stride, p.dx_l_stride = dx.stride()
-    p.dweight_partial, p.dbias_partial = address(dw_partial), address(db_partial)
     if dfinal_states is not None and dfinal_states.numel() > 0:
         p.dfinal_states = address(dfinal_states)
         p.dfinal_batch_stride, p.dfinal_c_stride, p.dfinal_l_stride = dfinal_states.stride()
     if dinitial is not None and dinitial.numel() > 0:
         p.dinitial_states = address(dinitial)
         p.dinit_batch_stride, p.dinit_c_stride, p.dinit_l_stride = dinitial.stride()
+    # The kernel the params select decides how many blocks leave partial sums.
+    blocks = native.causal_conv1d_bwd_partial_rows(p)
+    dw_partial = torch.empty(blocks, d, w, device=x.device, dtype=torch.float32)
+    db_partial = torch.empty(blocks, d, device=x.device, dtype=torch.float32)
+    p.dweight_partial, p.dbias_partial = address(dw_partial), address(db_partial)
     native.causal_conv1d_bwd(p)
     if blocks > 0:
         dweight += dw_partial.sum(dim=0)
