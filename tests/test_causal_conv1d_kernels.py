@@ -478,7 +478,22 @@ void launch(F body, dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) {
     for (auto& th : threads) th.join();
   }
 }
+// Warp shuffles: every thread of the block posts its value, then reads its neighbour's (its own
+// when the neighbour is outside its 32-lane warp), between two barriers.
+inline float shuffle_slots[1024];
+inline float shuffle(float value, int delta) {
+  const unsigned n = block_dim.x * block_dim.y * block_dim.z;
+  const unsigned tid = thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
+  shuffle_slots[tid] = value;
+  block_barrier->arrive_and_wait();
+  const int source = static_cast<int>(tid % 32) + delta;
+  const float result = (source >= 0 && source < 32 && tid + delta < n) ? shuffle_slots[tid + delta] : value;
+  block_barrier->arrive_and_wait();
+  return result;
+}
 }  // namespace ssmk_emu
+#define __shfl_up_sync(mask, value, delta) ssmk_emu::shuffle(value, -(delta))
+#define __shfl_down_sync(mask, value, delta) ssmk_emu::shuffle(value, (delta))
 #undef __shared__
 #define __shared__ static
 #undef __launch_bounds__
@@ -489,6 +504,7 @@ void launch(F body, dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) {
 #define gridDim ssmk_emu::grid_dim
 #define __syncthreads() ssmk_emu::block_barrier->arrive_and_wait()
 #define __expf expf
+#define __fdividef(a, b) ((a) / (b))
 """
 
 

@@ -23,16 +23,22 @@ namespace ssmk {
 namespace conv {
 namespace {
 
-// Channel-first: a block walks one (batch, channel) row; each thread owns kVecs 16-byte vectors of
-// consecutive positions. The forward holds 4 (64 bytes in flight per thread plus the halo); the
-// backward, which also loads dout and keeps gradients, 2.
+// Channel-first: a block walks a segment of one (batch, channel) row; each thread takes kVecs 16-byte
+// vectors of it. The forward holds 4 (64 bytes in flight per thread plus the halo); the backward,
+// which also loads dout and keeps gradients, 2.
 constexpr int kFirstThreadsMax = 128;
 constexpr int kFirstForwardVecs = 4;
 constexpr int kFirstBackwardVecs = 2;
+constexpr bool kFirstShuffle = true;  // halos by warp shuffle (see halo_before)
 // Channel-last forward: a thread owns one 16-byte vector of channels at kLastForwardRows positions
 // and loads those rows plus the w-1 before them at once.
 constexpr int kLastThreads = 128;
+constexpr int kLastForwardChannels = 8;  // 16 bytes of a 16-bit type
 constexpr int kLastForwardRows = 8;
+template <typename T>
+constexpr int last_forward_channels() {  // at most one 16-byte vector
+  return kLastForwardChannels < Vec16<T>::kElts ? kLastForwardChannels : Vec16<T>::kElts;
+}
 // Channel-last backward: 4 channels per thread (its float gradients and weight sums must fit in
 // registers), kLastBackwardRows positions per step; the block's 4 warps take interleaved steps, so
 // a step's halo rows are the neighbouring warp's own rows (L1 hits), and each thread runs
@@ -106,107 +112,141 @@ __device__ __forceinline__ void sum_over_lanes(float (&values)[kValues], int slo
 }
 
 // ------------------------------------------------------------------------------ channel-first
-template <typename T, int kWidth>
+// A block of T threads covers a segment of T * kVecs vectors of a row; thread t takes vectors
+// t, T + t, 2T + t, ... so that each load instruction of a warp reads 512 contiguous bytes (a thread
+// owning consecutive vectors made every instruction touch twice the sectors, and ran at half the
+// copy bandwidth). The w-1 positions before a vector end the previous vector, which the lane before
+// holds: with kShuffle they come from it by a warp shuffle (lane 0 loads them), else every lane
+// reloads them (L1/L2 traffic). Every lane runs every shuffle (positions past the row are masked,
+// not skipped).
+template <bool kShuffle, int kHist, int kElts, typename T>
+__device__ __forceinline__ void halo_before(const T* row, int64_t pos, int64_t len, const float* own, float* halo) {
+  if constexpr (kShuffle) {
+#pragma unroll
+    for (int k = 0; k < kHist; ++k) halo[k] = __shfl_up_sync(0xffffffffu, own[kElts - kHist + k], 1);
+    if (threadIdx.x % 32 != 0) return;
+  }
+  float before[kElts];  // (past the row's end the halo is not used)
+  if (pos > 0 && pos <= len) load_floats<T, kElts>(row + pos - kElts, before);
+#pragma unroll
+  for (int k = 0; k < kHist; ++k) halo[k] = pos > 0 ? before[kElts - kHist + k] : 0.0f;
+}
+
+// The w-1 positions after a vector (zero past the row's end): the next lane's first ones.
+template <bool kShuffle, int kHist, int kElts, typename T>
+__device__ __forceinline__ void halo_after(const T* row, int64_t pos, int64_t len, const float* own, float* halo) {
+  if constexpr (kShuffle) {
+#pragma unroll
+    for (int k = 0; k < kHist; ++k) halo[k] = __shfl_down_sync(0xffffffffu, own[k], 1);
+    if (threadIdx.x % 32 != 31) return;
+  }
+  float after[kElts];
+  load_row<T, kElts>(row, pos + kElts, len, after);
+#pragma unroll
+  for (int k = 0; k < kHist; ++k) halo[k] = after[k];
+}
+
+template <typename T, int kWidth, int kVecs, bool kShuffle>
 __global__ void __launch_bounds__(kFirstThreadsMax) forward_first_plain_kernel(ForwardParams p, int64_t segment) {
   constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kPer = kFirstForwardVecs * kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
   const int64_t b = static_cast<int64_t>(blockIdx.x) / p.dim, c = static_cast<int64_t>(blockIdx.x) % p.dim;
-  const int64_t p0 = blockIdx.y * segment + static_cast<int64_t>(threadIdx.x) * kPer;
-  if (p0 >= p.seqlen) return;
+  const int64_t base = blockIdx.y * segment;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
   T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
-  const Taps<kWidth, 1> taps(p, c);
+  const T* init = reinterpret_cast<const T*>(p.initial_states);
 
-  float xf[kHist + kPer];  // positions p0 - (w-1) .. p0 + kPer - 1, then (in place) the outputs
-  if (p0 > 0) {
-    float before[kElts];
-    load_floats<T, kElts>(x + p0 - kElts, before);
+  float xf[kVecs][kHist + kElts];  // per vector: the w-1 positions before it, then its own
 #pragma unroll
-    for (int k = 0; k < kHist; ++k) xf[k] = before[kElts - kHist + k];
-  } else {
-    const T* init = reinterpret_cast<const T*>(p.initial_states);
-#pragma unroll
-    for (int k = 0; k < kHist; ++k)
-      xf[k] = init ? to_float(init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]) : 0.0f;
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+    load_row<T, kElts>(x, pos, p.seqlen, xf[v] + kHist);  // zeros past the row's end
   }
 #pragma unroll
-  for (int v = 0; v < kFirstForwardVecs; ++v) load_row<T, kElts>(x, p0 + v * kElts, p.seqlen, xf + kHist + v * kElts);
-  // Last output first: output i reads xf[i .. i + w-1] and lands in xf[i + w-1], above them all.
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+    halo_before<kShuffle, kHist, kElts>(x, pos, p.seqlen, xf[v] + kHist, xf[v]);
+    if (pos == 0 && init) {
 #pragma unroll
-  for (int i = kPer - 1; i >= 0; --i) {
-    float acc = taps.bias[0];
-#pragma unroll
-    for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[i + k];
-    xf[kHist + i] = p.silu ? silu(acc) : acc;
+      for (int k = 0; k < kHist; ++k)
+        xf[v][k] = to_float(init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]);
+    }
   }
+  const Taps<kWidth, 1> taps(p, c);
 #pragma unroll
-  for (int v = 0; v < kFirstForwardVecs; ++v) store_row<T, kElts>(out, p0 + v * kElts, p.seqlen, xf + kHist + v * kElts);
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+    if (pos >= p.seqlen) break;
+    // Last output first: output i reads xf[i .. i + w-1] and lands in xf[i + w-1], above them all.
+#pragma unroll
+    for (int i = kElts - 1; i >= 0; --i) {
+      float acc = taps.bias[0];
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[v][i + k];
+      xf[v][kHist + i] = p.silu ? silu(acc) : acc;
+    }
+    store_row<T, kElts>(out, pos, p.seqlen, xf[v] + kHist);
+  }
 }
 
-template <typename T, int kWidth>
+template <typename T, int kWidth, int kVecs, bool kShuffle>
 __global__ void __launch_bounds__(kFirstThreadsMax) backward_first_plain_kernel(BackwardParams p, int64_t segment,
                                                                                 int64_t num_segments) {
   constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kPer = kFirstBackwardVecs * kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
   const int64_t b = static_cast<int64_t>(blockIdx.x) / p.dim, c = static_cast<int64_t>(blockIdx.x) % p.dim;
-  const int64_t p0 = blockIdx.y * segment + static_cast<int64_t>(threadIdx.x) * kPer;
+  const int64_t base = blockIdx.y * segment;
   const int64_t l = p.seqlen;
-  const Taps<kWidth, 1> taps(p, c);
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
+  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
+  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
   float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
 
-  if (p0 < l) {
-    const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-    const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
-    T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
-    float xf[kHist + kPer + kHist];  // x at p0 - (w-1) .. p0 + kPer + w - 2 (zero outside the row)
-    float g[kPer + kHist];           // dout at p0 .. p0 + kPer + w - 2, then d(pre-activation)
-    float edge[kElts];
-    if (p0 > 0) {
-      load_floats<T, kElts>(x + p0 - kElts, edge);
+  // Per vector: x at pos - (w-1) .. pos + kElts + w - 2 and dout at pos .. pos + kElts + w - 2
+  // (zero outside the row); the neighbours' parts come from the vectors before and after.
+  float xf[kVecs][kHist + kElts + kHist];
+  float g[kVecs][kElts + kHist];
 #pragma unroll
-      for (int k = 0; k < kHist; ++k) xf[k] = edge[kElts - kHist + k];
-    } else {
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+    load_row<T, kElts>(x, pos, l, xf[v] + kHist);
+    load_row<T, kElts>(dout, pos, l, g[v]);
+  }
 #pragma unroll
-      for (int k = 0; k < kHist; ++k) xf[k] = 0.0f;
-    }
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+    halo_before<kShuffle, kHist, kElts>(x, pos, l, xf[v] + kHist, xf[v]);
+    halo_after<kShuffle, kHist, kElts>(x, pos, l, xf[v] + kHist, xf[v] + kHist + kElts);
+    halo_after<kShuffle, kHist, kElts>(dout, pos, l, g[v], g[v] + kElts);
+  }
+  const Taps<kWidth, 1> taps(p, c);
 #pragma unroll
-    for (int v = 0; v < kFirstBackwardVecs; ++v) {
-      load_row<T, kElts>(x, p0 + v * kElts, l, xf + kHist + v * kElts);
-      load_row<T, kElts>(dout, p0 + v * kElts, l, g + v * kElts);
-    }
-    load_row<T, kElts>(x, p0 + kPer, l, edge);
-#pragma unroll
-    for (int k = 0; k < kHist; ++k) xf[kHist + kPer + k] = edge[k];
-    load_row<T, kElts>(dout, p0 + kPer, l, edge);
-#pragma unroll
-    for (int k = 0; k < kHist; ++k) g[kPer + k] = edge[k];
-
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+    if (pos >= l) break;
     if (p.silu) {  // past the row's end dout is zero, and so is g
 #pragma unroll
-      for (int i = 0; i < kPer + kHist; ++i) {
+      for (int i = 0; i < kElts + kHist; ++i) {
         float z = taps.bias[0];
 #pragma unroll
-        for (int k = 0; k < kWidth; ++k) z += taps.w[0][k] * xf[i + k];
-        g[i] = dsilu(z, g[i]);
+        for (int k = 0; k < kWidth; ++k) z += taps.w[0][k] * xf[v][i + k];
+        g[v][i] = dsilu(z, g[v][i]);
       }
     }
-    float dxf[kPer];
+    float dxf[kElts];
 #pragma unroll
-    for (int u = 0; u < kPer; ++u) {
+    for (int u = 0; u < kElts; ++u) {
       float acc = 0.0f;
 #pragma unroll
-      for (int j = 0; j < kWidth; ++j) acc += taps.w[0][kHist - j] * g[u + j];
+      for (int j = 0; j < kWidth; ++j) acc += taps.w[0][kHist - j] * g[v][u + j];
       dxf[u] = acc;
-      sums[kWidth] += g[u];
+      sums[kWidth] += g[v][u];
 #pragma unroll
-      for (int k = 0; k < kWidth; ++k) sums[k] += g[u] * xf[u + k];
+      for (int k = 0; k < kWidth; ++k) sums[k] += g[v][u] * xf[v][u + k];
     }
-#pragma unroll
-    for (int v = 0; v < kFirstBackwardVecs; ++v) store_row<T, kElts>(dx, p0 + v * kElts, l, dxf + v * kElts);
+    store_row<T, kElts>(dx, pos, l, dxf);
   }
   sum_over_lanes<kWidth + 1, kFirstThreadsMax, 1>(sums, 0, threadIdx.x, blockDim.x);  // every thread: barriers
   if (threadIdx.x == 0) {
@@ -219,12 +259,11 @@ __global__ void __launch_bounds__(kFirstThreadsMax) backward_first_plain_kernel(
 }
 
 // ------------------------------------------------------------------------------ channel-last
-template <typename T, int kWidth>
+template <typename T, int kWidth, int kCh, int kRows>
 __global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(ForwardParams p, int64_t row_groups) {
-  constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
-  constexpr int kRows = kLastForwardRows;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kLastThreads + threadIdx.x) * kElts;
+  using Raw = typename RawBits<kCh * sizeof(T)>::type;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kLastThreads + threadIdx.x) * kCh;
   if (c0 >= p.dim) return;
   const int64_t b = static_cast<int64_t>(blockIdx.x) / row_groups;
   const int64_t t0 = (static_cast<int64_t>(blockIdx.x) % row_groups) * kRows;
@@ -233,42 +272,41 @@ __global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(Forwar
   const T* init = reinterpret_cast<const T*>(p.initial_states);
 
   // Rows t0 - (w-1) .. t0 + kRows - 1, kept in T until used (half the registers for 16-bit types).
-  alignas(16) T raw[kHist + kRows][kElts];
+  alignas(16) T raw[kHist + kRows][kCh];
 #pragma unroll
   for (int r = 0; r < kHist + kRows; ++r) {
     const int64_t t = t0 - kHist + r;
     if (t >= 0 && t < p.seqlen) {
-      *reinterpret_cast<uint4*>(raw[r]) = *reinterpret_cast<const uint4*>(x + t * p.x_l_stride);
+      *reinterpret_cast<Raw*>(raw[r]) = *reinterpret_cast<const Raw*>(x + t * p.x_l_stride);
     } else {
 #pragma unroll
-      for (int e = 0; e < kElts; ++e)  // before the row: initial-state slot w-1+t; past its end: unused
+      for (int e = 0; e < kCh; ++e)  // before the row: initial-state slot w-1+t; past its end: unused
         raw[r][e] = (t < 0 && init) ? init[b * p.init_batch_stride + (c0 + e) * p.init_c_stride +
                                            (kHist + t) * p.init_l_stride]
                                     : from_float<T>(0.0f);
     }
   }
-  const Taps<kWidth, kElts> taps(p, c0);
+  const Taps<kWidth, kCh> taps(p, c0);
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int64_t t = t0 + r;
     if (t >= p.seqlen) break;
-    float y[kElts];
+    float y[kCh];
 #pragma unroll
-    for (int e = 0; e < kElts; ++e) {
+    for (int e = 0; e < kCh; ++e) {
       float acc = taps.bias[e];
 #pragma unroll
       for (int k = 0; k < kWidth; ++k) acc += taps.w[e][k] * to_float(raw[r + k][e]);
       y[e] = p.silu ? silu(acc) : acc;
     }
-    store_vec(out + t * p.out_l_stride, y);
+    store_floats<T, kCh>(out + t * p.out_l_stride, y);
   }
 }
 
-template <typename T, int kWidth>
+template <typename T, int kWidth, int kCh, int kRows, int kSteps>
 __global__ void __launch_bounds__(kLastThreads) backward_last_plain_kernel(BackwardParams p, int64_t segments) {
-  constexpr int kCh = kLastBackwardChannels;
   constexpr int kHist = kWidth - 1;
-  constexpr int kRows = kLastBackwardRows;
+  constexpr int kSegment = kRows * kLastBackwardLanes * kSteps;
   constexpr int kSlots = kLastThreads / kLastBackwardLanes;  // channel vectors per block
   const int slot = threadIdx.x % kSlots, lane = threadIdx.x / kSlots;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kSlots + slot) * kCh;
@@ -282,8 +320,8 @@ __global__ void __launch_bounds__(kLastThreads) backward_last_plain_kernel(Backw
     const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c0;
     T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c0;
     const Taps<kWidth, kCh> taps(p, c0);
-    for (int step = 0; step < kLastBackwardSteps; ++step) {
-      const int64_t t0 = segment * kLastBackwardSegment + (static_cast<int64_t>(step) * kLastBackwardLanes + lane) * kRows;
+    for (int step = 0; step < kSteps; ++step) {
+      const int64_t t0 = segment * kSegment + (static_cast<int64_t>(step) * kLastBackwardLanes + lane) * kRows;
       if (t0 >= l) break;
       float xr[kHist + kRows + kHist][kCh];  // x rows t0 - (w-1) .. t0 + kRows + w - 2 (zero outside)
       float g[kRows + kHist][kCh];           // dout rows t0 .. t0 + kRows + w - 2, then d(pre-activation)
@@ -392,7 +430,7 @@ Path forward_path(const ForwardParams& p) {
   const Strided out{p.out, p.out_batch_stride, p.out_c_stride, p.out_l_stride};
   constexpr int64_t kElts = Vec16<T>::kElts;
   if (first_ok({x, out}, kElts, sizeof(T))) return Path::kFirst;
-  if (last_ok({x, out}, p.dim, kElts, sizeof(T))) return Path::kLast;
+  if (last_ok({x, out}, p.dim, last_forward_channels<T>(), sizeof(T))) return Path::kLast;
   return Path::kGeneral;
 }
 
@@ -441,14 +479,15 @@ bool forward_plain(const ForwardParams& p) {
         const int threads = first_threads(p.seqlen, kFirstForwardVecs * kElts);
         const int64_t segment = int64_t{threads} * kFirstForwardVecs * kElts;
         const dim3 grid = first_grid(p.batch * p.dim, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        forward_first_plain_kernel<scalar_t, kWidth><<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
+        forward_first_plain_kernel<scalar_t, kWidth, kFirstForwardVecs, kFirstShuffle><<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
       } else {
         const int64_t row_groups = ceil_div(p.seqlen, kLastForwardRows);
-        const int64_t channel_blocks = ceil_div(p.dim / kElts, kLastThreads);
+        constexpr int kCh = last_forward_channels<scalar_t>();
+        const int64_t channel_blocks = ceil_div(p.dim / kCh, kLastThreads);
         if (p.batch * row_groups > INT_MAX || channel_blocks > 65535)
           throw std::invalid_argument("causal_conv1d_fwd: input too large for the channel-last grid");
         const dim3 grid(static_cast<unsigned>(p.batch * row_groups), static_cast<unsigned>(channel_blocks));
-        forward_last_plain_kernel<scalar_t, kWidth><<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p, row_groups);
+        forward_last_plain_kernel<scalar_t, kWidth, kCh, kLastForwardRows><<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p, row_groups);
       }
       check_launch("causal_conv1d_fwd (whole rows)");
     });
@@ -477,14 +516,14 @@ bool backward_plain(const BackwardParams& p) {
         const int threads = static_cast<int>(segment / (kFirstBackwardVecs * Vec16<scalar_t>::kElts));
         const int64_t segments = ceil_div(p.seqlen, segment);
         const dim3 grid = first_grid(p.batch * p.dim, segments, "causal_conv1d_bwd");
-        backward_first_plain_kernel<scalar_t, kWidth><<<grid, threads, 0, as_stream(p.stream)>>>(p, segment, segments);
+        backward_first_plain_kernel<scalar_t, kWidth, kFirstBackwardVecs, kFirstShuffle><<<grid, threads, 0, as_stream(p.stream)>>>(p, segment, segments);
       } else {
         const int64_t segments = ceil_div(p.seqlen, kLastBackwardSegment);
         const int64_t channel_blocks = ceil_div(p.dim / kLastBackwardChannels, kLastThreads / kLastBackwardLanes);
         if (p.batch * segments > INT_MAX || channel_blocks > 65535)
           throw std::invalid_argument("causal_conv1d_bwd: input too large for the channel-last grid");
         const dim3 grid(static_cast<unsigned>(p.batch * segments), static_cast<unsigned>(channel_blocks));
-        backward_last_plain_kernel<scalar_t, kWidth><<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p, segments);
+        backward_last_plain_kernel<scalar_t, kWidth, kLastBackwardChannels, kLastBackwardRows, kLastBackwardSteps><<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p, segments);
       }
       check_launch("causal_conv1d_bwd (whole rows)");
     });

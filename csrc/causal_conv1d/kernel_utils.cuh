@@ -31,7 +31,11 @@ __device__ __forceinline__ void store_from_float(std::uintptr_t base, int code, 
   }
 }
 
-__device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
+// Fast division (two instructions instead of IEEE division's slow path, which showed in the
+// bandwidth-bound kernels): 1 / (1 + exp(-v)) is far from __fdividef's range limits except where
+// exp overflows, and there the quotient is 0 as it should be.
+__device__ __forceinline__ float sigmoid(float v) { return __fdividef(1.0f, 1.0f + __expf(-v)); }
+__device__ __forceinline__ float silu(float v) { return v * sigmoid(v); }
 
 // kElts elements of T in one 16-byte access.
 template <typename T>
@@ -72,7 +76,7 @@ template <typename T>
 __device__ __forceinline__ void store_vec(T* ptr, const float* in) { store_floats<T, Vec16<T>::kElts>(ptr, in); }
 
 __device__ __forceinline__ float dsilu(float z, float g) {  // g * d silu(z) / dz
-  const float sig = 1.0f / (1.0f + __expf(-z));
+  const float sig = sigmoid(z);
   return g * sig * (1.0f + z * (1.0f - sig));
 }
 

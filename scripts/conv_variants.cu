@@ -1,0 +1,145 @@
+// Times the whole-row causal_conv1d kernels (csrc/causal_conv1d/causal_conv1d_plain.cu) under other
+// tuning choices than the library's defaults, next to a device copy, at the issue's shape
+// (B4 D10240 L4096 W4 bf16 silu). A tuning tool: it instantiates the kernels' templates directly.
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc scripts/conv_variants.cu -o /tmp/conv_variants
+//   /tmp/conv_variants
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include "causal_conv1d/causal_conv1d_plain.cu"
+
+using bf16 = __nv_bfloat16;
+using ssmk::ceil_div;
+
+namespace variants {
+constexpr int64_t B = 4, D = 10240, L = 4096, W = 4;
+
+__global__ void fill(bf16* data, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u + seed;
+    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
+    data[i] = __float2bfloat16((h % 2000) / 1000.0f - 1.0f);
+  }
+}
+
+__global__ void copy(const uint4* in, uint4* out, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) out[i] = in[i];
+}
+
+template <typename Launch>
+float time_us(Launch launch) {
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  for (int i = 0; i < 3; ++i) launch();
+  std::vector<float> times;
+  for (int rep = 0; rep < 5; ++rep) {
+    cudaEventRecord(start);
+    for (int i = 0; i < 20; ++i) launch();
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, start, stop);
+    times.push_back(ms * 1000 / 20);
+  }
+  ssmk::check_cuda(cudaGetLastError(), "variant");
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+double copy_gbps = 0;
+void report(const char* name, float us, double bytes) {
+  const double gbps = bytes / us / 1e3;
+  std::printf("%-44s %9.1f us %8.0f GB/s %5.1f%% of copy\n", name, us, gbps, 100 * gbps / copy_gbps);
+}
+}  // namespace variants
+
+int main() {
+  using namespace ssmk::conv;
+  using namespace variants;
+  const int64_t n = B * D * L;
+  bf16 *x, *out, *dout, *dx, *weight, *bias, *xl, *outl, *doutl, *dxl;
+  float *dw, *db;
+  for (bf16** p : {&x, &out, &dout, &dx, &xl, &outl, &doutl, &dxl}) cudaMalloc(p, n * sizeof(bf16));
+  cudaMalloc(&weight, D * W * sizeof(bf16));
+  cudaMalloc(&bias, D * sizeof(bf16));
+  cudaMalloc(&dw, int64_t{4096} * D * W * sizeof(float));
+  cudaMalloc(&db, int64_t{4096} * D * sizeof(float));
+  uint32_t seed = 1;
+  for (bf16* p : {x, dout, xl, doutl}) fill<<<4096, 256>>>(p, n, seed++);
+  fill<<<64, 256>>>(weight, D * W, 7);
+  fill<<<64, 256>>>(bias, D, 8);
+
+  const float copy_us = time_us([&] { copy<<<132 * 16, 256>>>(reinterpret_cast<uint4*>(x), reinterpret_cast<uint4*>(out), n / 8); });
+  copy_gbps = 2.0 * n * 2 / copy_us / 1e3;
+  std::printf("copy %.1f us, %.0f GB/s\n", copy_us, copy_gbps);
+  const double fwd_bytes = 2.0 * n * 2, bwd_bytes = 3.0 * n * 2;
+
+  BackwardParams p;  // channel-first (b, d, l) contiguous
+  p.batch = B; p.dim = D; p.seqlen = L; p.width = W; p.silu = true;
+  p.dtype = p.weight_dtype = p.bias_dtype = static_cast<int>(ssmk::DType::kBFloat16);
+  p.weight = reinterpret_cast<std::uintptr_t>(weight); p.bias = reinterpret_cast<std::uintptr_t>(bias);
+  p.weight_c_stride = W; p.weight_width_stride = 1; p.bias_stride = 1;
+  p.dweight_partial = reinterpret_cast<std::uintptr_t>(dw); p.dbias_partial = reinterpret_cast<std::uintptr_t>(db);
+  BackwardParams first = p, last = p;
+  first.x = reinterpret_cast<std::uintptr_t>(x); first.out = reinterpret_cast<std::uintptr_t>(out);
+  first.dout = reinterpret_cast<std::uintptr_t>(dout); first.dx = reinterpret_cast<std::uintptr_t>(dx);
+  first.x_batch_stride = first.out_batch_stride = first.dout_batch_stride = first.dx_batch_stride = D * L;
+  first.x_c_stride = first.out_c_stride = first.dout_c_stride = first.dx_c_stride = L;
+  first.x_l_stride = first.out_l_stride = first.dout_l_stride = first.dx_l_stride = 1;
+  last.x = reinterpret_cast<std::uintptr_t>(xl); last.out = reinterpret_cast<std::uintptr_t>(outl);
+  last.dout = reinterpret_cast<std::uintptr_t>(doutl); last.dx = reinterpret_cast<std::uintptr_t>(dxl);
+  last.x_batch_stride = last.out_batch_stride = last.dout_batch_stride = last.dx_batch_stride = D * L;
+  last.x_c_stride = last.out_c_stride = last.dout_c_stride = last.dx_c_stride = 1;
+  last.x_l_stride = last.out_l_stride = last.dout_l_stride = last.dx_l_stride = D;
+  const ForwardParams& ff = first;
+  const ForwardParams& fl = last;
+
+#define FIRST_FWD(VECS, SHUFFLE)                                                                        \
+  {                                                                                                     \
+    const int64_t segment = 128 * VECS * 8;                                                            \
+    const dim3 grid(B * D, ceil_div(L, segment));                                                       \
+    report("cf fwd vecs=" #VECS " shuffle=" #SHUFFLE,                                                  \
+           time_us([&] { forward_first_plain_kernel<bf16, 4, VECS, SHUFFLE><<<grid, 128>>>(ff, segment); }), \
+           fwd_bytes);                                                                                  \
+  }
+  FIRST_FWD(4, true) FIRST_FWD(4, false) FIRST_FWD(2, true) FIRST_FWD(1, true) FIRST_FWD(8, true)
+
+#define FIRST_BWD(VECS, SHUFFLE)                                                                        \
+  {                                                                                                     \
+    const int64_t segment = 128 * VECS * 8, segments = ceil_div(L, segment);                           \
+    const dim3 grid(B * D, segments);                                                                   \
+    report("cf bwd vecs=" #VECS " shuffle=" #SHUFFLE,                                                  \
+           time_us([&] {                                                                                \
+             backward_first_plain_kernel<bf16, 4, VECS, SHUFFLE><<<grid, 128>>>(first, segment, segments); \
+           }),                                                                                          \
+           bwd_bytes);                                                                                  \
+  }
+  FIRST_BWD(2, true) FIRST_BWD(2, false) FIRST_BWD(1, true) FIRST_BWD(4, true)
+
+#define LAST_FWD(CH, ROWS)                                                                              \
+  {                                                                                                     \
+    const int64_t groups = ceil_div(L, ROWS);                                                           \
+    const dim3 grid(B * groups, ceil_div(D / CH, kLastThreads));                                        \
+    report("cl fwd ch=" #CH " rows=" #ROWS,                                                             \
+           time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl, groups); }), \
+           fwd_bytes);                                                                                  \
+  }
+  LAST_FWD(8, 8) LAST_FWD(8, 4) LAST_FWD(8, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 16)
+
+#define LAST_BWD(CH, ROWS, STEPS)                                                                       \
+  {                                                                                                     \
+    const int64_t segments = ceil_div(L, ROWS * kLastBackwardLanes * STEPS);                            \
+    const dim3 grid(B * segments, ceil_div(D / CH, kLastThreads / kLastBackwardLanes));                 \
+    report("cl bwd ch=" #CH " rows=" #ROWS " steps=" #STEPS,                                            \
+           time_us([&] {                                                                                \
+             backward_last_plain_kernel<bf16, 4, CH, ROWS, STEPS><<<grid, kLastThreads>>>(last, segments); \
+           }),                                                                                          \
+           bwd_bytes);                                                                                  \
+  }
+  LAST_BWD(4, 4, 16) LAST_BWD(2, 4, 16) LAST_BWD(4, 2, 32) LAST_BWD(2, 8, 8) LAST_BWD(4, 8, 8) LAST_BWD(2, 4, 4)
+  LAST_BWD(8, 4, 16)
+  return 0;
+}
