@@ -97,49 +97,43 @@ int main() {
   const ForwardParams& ff = first;
   const ForwardParams& fl = last;
 
-#define FIRST_FWD(VECS, SHUFFLE)                                                                        \
+// The library's choice first in each group (causal_conv1d_plain.cu's knobs), then alternatives.
+#define FIRST_FWD(VECS, MINB)                                                                           \
   {                                                                                                     \
     const int64_t segment = 128 * VECS * 8;                                                            \
     const dim3 grid(B * D, ceil_div(L, segment));                                                       \
-    report("cf fwd vecs=" #VECS " shuffle=" #SHUFFLE,                                                  \
-           time_us([&] { forward_first_plain_kernel<bf16, 4, VECS, SHUFFLE><<<grid, 128>>>(ff, segment); }), \
-           fwd_bytes);                                                                                  \
+    report("cf fwd vecs=" #VECS " minblocks=" #MINB,                                                   \
+           time_us([&] { forward_first_plain_kernel<bf16, 4, VECS, MINB><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
   }
-  FIRST_FWD(4, true) FIRST_FWD(4, false) FIRST_FWD(2, true) FIRST_FWD(1, true) FIRST_FWD(8, true)
+  FIRST_FWD(2, 16) FIRST_FWD(4, 8) FIRST_FWD(1, 16) FIRST_FWD(2, 12)
 
-#define FIRST_BWD(VECS, SHUFFLE)                                                                        \
+#define FIRST_BWD(VECS, MINB, ROUNDS)                                                                   \
   {                                                                                                     \
-    const int64_t segment = 128 * VECS * 8, segments = ceil_div(L, segment);                           \
+    const int64_t segment = 128 * VECS * 8 * ROUNDS, segments = ceil_div(L, segment);                  \
     const dim3 grid(B * D, segments);                                                                   \
-    report("cf bwd vecs=" #VECS " shuffle=" #SHUFFLE,                                                  \
-           time_us([&] {                                                                                \
-             backward_first_plain_kernel<bf16, 4, VECS, SHUFFLE><<<grid, 128>>>(first, segment, segments); \
-           }),                                                                                          \
+    report("cf bwd vecs=" #VECS " minblocks=" #MINB " rounds=" #ROUNDS,                                \
+           time_us([&] { backward_first_plain_kernel<bf16, 4, VECS, MINB><<<grid, 128>>>(first, segment, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  FIRST_BWD(2, true) FIRST_BWD(2, false) FIRST_BWD(1, true) FIRST_BWD(4, true)
+  FIRST_BWD(1, 12, 4) FIRST_BWD(1, 12, 1) FIRST_BWD(2, 8, 2) FIRST_BWD(1, 16, 4)
 
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \
     const int64_t groups = ceil_div(L, ROWS);                                                           \
     const dim3 grid(B * groups, ceil_div(D / CH, kLastThreads));                                        \
     report("cl fwd ch=" #CH " rows=" #ROWS,                                                             \
-           time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl, groups); }), \
-           fwd_bytes);                                                                                  \
+           time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl, groups); }), fwd_bytes); \
   }
-  LAST_FWD(8, 8) LAST_FWD(8, 4) LAST_FWD(8, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 16)
+  LAST_FWD(4, 8) LAST_FWD(8, 8) LAST_FWD(2, 16) LAST_FWD(4, 4)
 
-#define LAST_BWD(CH, ROWS, STEPS)                                                                       \
+#define LAST_BWD(CH, ROWS, UNROLL)                                                                      \
   {                                                                                                     \
-    const int64_t segments = ceil_div(L, ROWS * kLastBackwardLanes * STEPS);                            \
-    const dim3 grid(B * segments, ceil_div(D / CH, kLastThreads / kLastBackwardLanes));                 \
-    report("cl bwd ch=" #CH " rows=" #ROWS " steps=" #STEPS,                                            \
-           time_us([&] {                                                                                \
-             backward_last_plain_kernel<bf16, 4, CH, ROWS, STEPS><<<grid, kLastThreads>>>(last, segments); \
-           }),                                                                                          \
+    const int64_t segments = ceil_div(L, ROWS);                                                         \
+    const dim3 grid(B * segments, ceil_div(D / CH, kLastThreads));                                      \
+    report("cl bwd ch=" #CH " rows=" #ROWS " unroll=" #UNROLL,                                          \
+           time_us([&] { backward_last_sliding_kernel<bf16, 4, CH, ROWS, UNROLL><<<grid, kLastThreads>>>(last, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  LAST_BWD(4, 4, 16) LAST_BWD(2, 4, 16) LAST_BWD(4, 2, 32) LAST_BWD(2, 8, 8) LAST_BWD(4, 8, 8) LAST_BWD(2, 4, 4)
-  LAST_BWD(8, 4, 16)
+  LAST_BWD(4, 128, 4) LAST_BWD(4, 128, 8) LAST_BWD(2, 128, 4) LAST_BWD(4, 256, 2)
   return 0;
 }

@@ -6,11 +6,12 @@
 // go: its own vectors plus the w-1 neighbours on each side, which it re-reads (they are its
 // neighbour threads' vectors, served from L1/L2) instead of exchanging them through shared memory.
 // No barrier stands between a thread's loads and its stores and every load is issued before the
-// first result is computed, so the kernels keep as many bytes in flight as a copy does. The
+// first result is computed, so the kernels keep as many bytes in flight as a copy does (the
+// channel-last backward, which needs more registers per row, slides along its rows instead). The
 // general kernels (causal_conv1d_fwd_channel_*.cu, causal_conv1d_bwd.cu) handle everything else.
 //
-// The backward leaves one float32 weight/bias partial sum per (block segment, channel), reduced in
-// a fixed order inside the block and summed in a fixed order afterwards: bitwise reproducible.
+// The backward leaves one float32 weight/bias partial sum per (segment, channel), summed in a
+// fixed order (inside the block for channel-first; afterwards for all): bitwise reproducible.
 #include <climits>
 #include <stdexcept>
 #include <string>
@@ -23,31 +24,34 @@ namespace ssmk {
 namespace conv {
 namespace {
 
-// Channel-first: a block walks a segment of one (batch, channel) row; each thread takes kVecs 16-byte
-// vectors of it. The forward holds 4 (64 bytes in flight per thread plus the halo); the backward,
-// which also loads dout and keeps gradients, 2.
+// Tuning knobs. scripts/conv_variants.cu times alternatives next to a device copy; the figures are
+// its H100 readings at B4 D10240 L4096 W4 bf16 silu (copy 2.80 TB/s there).
+// Channel-first: a block walks a segment of one (batch, channel) row, each thread kVecs 16-byte
+// vectors per round. Forward: 2 vectors, at least 16 blocks per SM (92% of copy; 4 vectors 75-89%,
+// 1 vector 81%). Backward: 1 vector, 12 blocks per SM, 4 rounds per block so that the in-block
+// weight sum runs once per 4096 positions (85%; 2 vectors 41-70%, 13+ blocks per SM spills).
 constexpr int kFirstThreadsMax = 128;
-constexpr int kFirstForwardVecs = 4;
-constexpr int kFirstBackwardVecs = 2;
-constexpr bool kFirstShuffle = true;  // halos by warp shuffle (see halo_before)
-// Channel-last forward: a thread owns one 16-byte vector of channels at kLastForwardRows positions
-// and loads those rows plus the w-1 before them at once.
+constexpr int kFirstForwardVecs = 2;
+constexpr int kFirstForwardMinBlocks = 16;
+constexpr int kFirstBackwardVecs = 1;
+constexpr int kFirstBackwardMinBlocks = 12;
+constexpr int kFirstBackwardRounds = 4;
+// Channel-last forward: a thread owns kLastForwardChannels channels (8 bytes of a 16-bit type) at
+// kLastForwardRows positions and loads those rows plus the w-1 before them at once (97% of copy;
+// 16-byte vectors of 8 channels 64%: their weights took the registers that kept loads in flight).
 constexpr int kLastThreads = 128;
-constexpr int kLastForwardChannels = 8;  // 16 bytes of a 16-bit type
+constexpr int kLastForwardChannels = 4;
 constexpr int kLastForwardRows = 8;
 template <typename T>
 constexpr int last_forward_channels() {  // at most one 16-byte vector
   return kLastForwardChannels < Vec16<T>::kElts ? kLastForwardChannels : Vec16<T>::kElts;
 }
-// Channel-last backward: 4 channels per thread (its float gradients and weight sums must fit in
-// registers), kLastBackwardRows positions per step; the block's 4 warps take interleaved steps, so
-// a step's halo rows are the neighbouring warp's own rows (L1 hits), and each thread runs
-// kLastBackwardSteps steps to keep the partial sums few.
+// Channel-last backward: a thread slides along kLastBackwardRows positions of kLastBackwardChannels
+// channels, kLastBackwardUnroll rows per load batch (67% of copy; windows of 4-8 rows re-reading
+// their halos 58-62%, unrolling 8 rows 31%: 184+ registers).
 constexpr int kLastBackwardChannels = 4;
-constexpr int kLastBackwardRows = 4;
-constexpr int kLastBackwardLanes = 4;  // warps per block along the positions
-constexpr int kLastBackwardSteps = 16;
-constexpr int kLastBackwardSegment = kLastBackwardRows * kLastBackwardLanes * kLastBackwardSteps;
+constexpr int kLastBackwardRows = 128;
+constexpr int kLastBackwardUnroll = 4;
 
 template <int kWidth, int kChannels>
 struct Taps {  // weights and bias of kChannels consecutive channels, as float
@@ -88,26 +92,27 @@ __device__ __forceinline__ void store_row(T* row, int64_t pos, int64_t len, cons
   }
 }
 
-// In-block sum of kValues floats per thread over the `lanes` threads (a power of two, at most
-// kMaxLanes) that share `slot` (a channel) and differ in `lane` (their positions): a tree in a fixed
-// order, so the result is bitwise reproducible; lane 0 holds the sums afterwards. Shared memory and
-// barriers only (no shuffles), so the host emulation of the tests runs it as it is.
-template <int kValues, int kMaxLanes, int kSlots>
-__device__ __forceinline__ void sum_over_lanes(float (&values)[kValues], int slot, int lane, int lanes) {
-  __shared__ float partial[kMaxLanes][kValues][kSlots];
+// Sum over the block's threads (a multiple of 32, at most kFirstThreadsMax) of kValues floats each,
+// in a fixed order (shuffle tree inside each warp, then the warps in order): thread 0 holds it.
+template <int kValues>
+__device__ __forceinline__ void sum_over_block(float (&values)[kValues]) {
+  __shared__ float per_warp[kFirstThreadsMax / 32][kValues];
 #pragma unroll
-  for (int v = 0; v < kValues; ++v) partial[lane][v][slot] = values[v];
-  __syncthreads();
-  for (int stride = lanes / 2; stride > 0; stride /= 2) {
-    if (lane < stride) {
+  for (int offset = 16; offset > 0; offset /= 2) {
 #pragma unroll
-      for (int v = 0; v < kValues; ++v) partial[lane][v][slot] += partial[lane + stride][v][slot];
-    }
-    __syncthreads();
+    for (int v = 0; v < kValues; ++v) values[v] += __shfl_down_sync(0xffffffffu, values[v], offset);
   }
-  if (lane == 0) {
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
 #pragma unroll
-    for (int v = 0; v < kValues; ++v) values[v] = partial[0][v][slot];
+    for (int v = 0; v < kValues; ++v) per_warp[warp][v] = values[v];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) {
+#pragma unroll
+      for (int v = 0; v < kValues; ++v) values[v] += per_warp[w][v];
+    }
   }
 }
 
@@ -115,39 +120,29 @@ __device__ __forceinline__ void sum_over_lanes(float (&values)[kValues], int slo
 // A block of T threads covers a segment of T * kVecs vectors of a row; thread t takes vectors
 // t, T + t, 2T + t, ... so that each load instruction of a warp reads 512 contiguous bytes (a thread
 // owning consecutive vectors made every instruction touch twice the sectors, and ran at half the
-// copy bandwidth). The w-1 positions before a vector end the previous vector, which the lane before
-// holds: with kShuffle they come from it by a warp shuffle (lane 0 loads them), else every lane
-// reloads them (L1/L2 traffic). Every lane runs every shuffle (positions past the row are masked,
-// not skipped).
-template <bool kShuffle, int kHist, int kElts, typename T>
-__device__ __forceinline__ void halo_before(const T* row, int64_t pos, int64_t len, const float* own, float* halo) {
-  if constexpr (kShuffle) {
-#pragma unroll
-    for (int k = 0; k < kHist; ++k) halo[k] = __shfl_up_sync(0xffffffffu, own[kElts - kHist + k], 1);
-    if (threadIdx.x % 32 != 0) return;
-  }
+// copy bandwidth). The w-1 positions before a vector end the previous vector, those after it start
+// the next one: every lane reloads those vectors, which its neighbour lanes load in the same
+// round, so L1 serves them (taking them from the neighbour by warp shuffle measured slower:
+// 87% against 92% of copy forward).
+template <int kHist, int kElts, typename T>
+__device__ __forceinline__ void halo_before(const T* row, int64_t pos, int64_t len, float* halo) {
   float before[kElts];  // (past the row's end the halo is not used)
   if (pos > 0 && pos <= len) load_floats<T, kElts>(row + pos - kElts, before);
 #pragma unroll
   for (int k = 0; k < kHist; ++k) halo[k] = pos > 0 ? before[kElts - kHist + k] : 0.0f;
 }
 
-// The w-1 positions after a vector (zero past the row's end): the next lane's first ones.
-template <bool kShuffle, int kHist, int kElts, typename T>
-__device__ __forceinline__ void halo_after(const T* row, int64_t pos, int64_t len, const float* own, float* halo) {
-  if constexpr (kShuffle) {
-#pragma unroll
-    for (int k = 0; k < kHist; ++k) halo[k] = __shfl_down_sync(0xffffffffu, own[k], 1);
-    if (threadIdx.x % 32 != 31) return;
-  }
+// The w-1 positions after a vector (zero past the row's end).
+template <int kHist, int kElts, typename T>
+__device__ __forceinline__ void halo_after(const T* row, int64_t pos, int64_t len, float* halo) {
   float after[kElts];
   load_row<T, kElts>(row, pos + kElts, len, after);
 #pragma unroll
   for (int k = 0; k < kHist; ++k) halo[k] = after[k];
 }
 
-template <typename T, int kWidth, int kVecs, bool kShuffle>
-__global__ void __launch_bounds__(kFirstThreadsMax) forward_first_plain_kernel(ForwardParams p, int64_t segment) {
+template <typename T, int kWidth, int kVecs, int kMinBlocks>
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_plain_kernel(ForwardParams p, int64_t segment) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
@@ -166,7 +161,7 @@ __global__ void __launch_bounds__(kFirstThreadsMax) forward_first_plain_kernel(F
 #pragma unroll
   for (int v = 0; v < kVecs; ++v) {
     const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    halo_before<kShuffle, kHist, kElts>(x, pos, p.seqlen, xf[v] + kHist, xf[v]);
+    halo_before<kHist, kElts>(x, pos, p.seqlen, xf[v]);
     if (pos == 0 && init) {
 #pragma unroll
       for (int k = 0; k < kHist; ++k)
@@ -190,65 +185,71 @@ __global__ void __launch_bounds__(kFirstThreadsMax) forward_first_plain_kernel(F
   }
 }
 
-template <typename T, int kWidth, int kVecs, bool kShuffle>
-__global__ void __launch_bounds__(kFirstThreadsMax) backward_first_plain_kernel(BackwardParams p, int64_t segment,
-                                                                                int64_t num_segments) {
+// The backward's block walks its segment in rounds of T * kVecs vectors, keeping the weight and bias
+// sums in registers, and sums them over the block once at the end (one partial per segment).
+template <typename T, int kWidth, int kVecs, int kMinBlocks>
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_plain_kernel(BackwardParams p,
+                                                                                            int64_t segment,
+                                                                                            int64_t num_segments) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
   const int64_t b = static_cast<int64_t>(blockIdx.x) / p.dim, c = static_cast<int64_t>(blockIdx.x) % p.dim;
-  const int64_t base = blockIdx.y * segment;
   const int64_t l = p.seqlen;
+  const int64_t seg_begin = blockIdx.y * segment;
+  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
   const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
   T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
+  const Taps<kWidth, 1> taps(p, c);
   float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
 
-  // Per vector: x at pos - (w-1) .. pos + kElts + w - 2 and dout at pos .. pos + kElts + w - 2
-  // (zero outside the row); the neighbours' parts come from the vectors before and after.
-  float xf[kVecs][kHist + kElts + kHist];
-  float g[kVecs][kElts + kHist];
+  for (int64_t base = seg_begin; base < seg_end; base += int64_t{blockDim.x} * kVecs * kElts) {
+    // Per vector: x at pos - (w-1) .. pos + kElts + w - 2 and dout at pos .. pos + kElts + w - 2
+    // (zero outside the row); the neighbours' parts come from the vectors before and after.
+    float xf[kVecs][kHist + kElts + kHist];
+    float g[kVecs][kElts + kHist];
 #pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    load_row<T, kElts>(x, pos, l, xf[v] + kHist);
-    load_row<T, kElts>(dout, pos, l, g[v]);
-  }
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+      load_row<T, kElts>(x, pos, l, xf[v] + kHist);
+      load_row<T, kElts>(dout, pos, l, g[v]);
+    }
 #pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    halo_before<kShuffle, kHist, kElts>(x, pos, l, xf[v] + kHist, xf[v]);
-    halo_after<kShuffle, kHist, kElts>(x, pos, l, xf[v] + kHist, xf[v] + kHist + kElts);
-    halo_after<kShuffle, kHist, kElts>(dout, pos, l, g[v], g[v] + kElts);
-  }
-  const Taps<kWidth, 1> taps(p, c);
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+      halo_before<kHist, kElts>(x, pos, l, xf[v]);
+      halo_after<kHist, kElts>(x, pos, l, xf[v] + kHist + kElts);
+      halo_after<kHist, kElts>(dout, pos, l, g[v] + kElts);
+    }
 #pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    if (pos >= l) break;
-    if (p.silu) {  // past the row's end dout is zero, and so is g
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+      if (pos >= seg_end) break;
+      if (p.silu) {  // past the row's end dout is zero, and so is g
 #pragma unroll
-      for (int i = 0; i < kElts + kHist; ++i) {
-        float z = taps.bias[0];
+        for (int i = 0; i < kElts + kHist; ++i) {
+          float z = taps.bias[0];
 #pragma unroll
-        for (int k = 0; k < kWidth; ++k) z += taps.w[0][k] * xf[v][i + k];
-        g[v][i] = dsilu(z, g[v][i]);
+          for (int k = 0; k < kWidth; ++k) z += taps.w[0][k] * xf[v][i + k];
+          g[v][i] = dsilu(z, g[v][i]);
+        }
       }
+      float dxf[kElts];
+#pragma unroll
+      for (int u = 0; u < kElts; ++u) {
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kWidth; ++j) acc += taps.w[0][kHist - j] * g[v][u + j];
+        dxf[u] = acc;
+        sums[kWidth] += g[v][u];
+#pragma unroll
+        for (int k = 0; k < kWidth; ++k) sums[k] += g[v][u] * xf[v][u + k];
+      }
+      store_row<T, kElts>(dx, pos, l, dxf);
     }
-    float dxf[kElts];
-#pragma unroll
-    for (int u = 0; u < kElts; ++u) {
-      float acc = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kWidth; ++j) acc += taps.w[0][kHist - j] * g[v][u + j];
-      dxf[u] = acc;
-      sums[kWidth] += g[v][u];
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) sums[k] += g[v][u] * xf[v][u + k];
-    }
-    store_row<T, kElts>(dx, pos, l, dxf);
   }
-  sum_over_lanes<kWidth + 1, kFirstThreadsMax, 1>(sums, 0, threadIdx.x, blockDim.x);  // every thread: barriers
+  sum_over_block(sums);  // every thread: shuffles and a barrier
   if (threadIdx.x == 0) {
     const int64_t partial_row = b * num_segments + blockIdx.y;
     float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
@@ -303,93 +304,103 @@ __global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(Forwar
   }
 }
 
-template <typename T, int kWidth, int kCh, int kRows, int kSteps>
-__global__ void __launch_bounds__(kLastThreads) backward_last_plain_kernel(BackwardParams p, int64_t segments) {
+// Channel-last backward: a thread owns kCh channels of one segment of kSegmentRows positions and
+// slides along it, kUnroll rows at a time (their x and dout loads issued together), keeping the
+// last w-1 rows of x and of g in registers. Every row is loaded once by its thread (windows that
+// re-read their halo rows ran slower), and the weight sums leave the thread as its own partial,
+// with no in-block reduction. Rows past the segment (up to w-1) only feed the
+// g window for the last outputs' dx.
+template <typename T, int kWidth, int kCh, int kSegmentRows, int kUnroll>
+__global__ void __launch_bounds__(kLastThreads) backward_last_sliding_kernel(BackwardParams p, int64_t segments) {
   constexpr int kHist = kWidth - 1;
-  constexpr int kSegment = kRows * kLastBackwardLanes * kSteps;
-  constexpr int kSlots = kLastThreads / kLastBackwardLanes;  // channel vectors per block
-  const int slot = threadIdx.x % kSlots, lane = threadIdx.x / kSlots;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kSlots + slot) * kCh;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kLastThreads + threadIdx.x) * kCh;
+  if (c0 >= p.dim) return;
   const int64_t b = static_cast<int64_t>(blockIdx.x) / segments;
   const int64_t segment = static_cast<int64_t>(blockIdx.x) % segments;
   const int64_t l = p.seqlen;
-  float sums[kCh * (kWidth + 1)] = {};  // per channel: dweight[0..w-1], dbias
+  const int64_t t0 = segment * kSegmentRows;
+  const int64_t t1 = t0 + kSegmentRows < l ? t0 + kSegmentRows : l;
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c0;
+  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c0;
+  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c0;
+  const Taps<kWidth, kCh> taps(p, c0);
+  float sums[kCh][kWidth + 1] = {};  // per channel: dweight[0..w-1], dbias
 
-  if (c0 < p.dim) {
-    const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c0;
-    const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c0;
-    T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c0;
-    const Taps<kWidth, kCh> taps(p, c0);
-    for (int step = 0; step < kSteps; ++step) {
-      const int64_t t0 = segment * kSegment + (static_cast<int64_t>(step) * kLastBackwardLanes + lane) * kRows;
-      if (t0 >= l) break;
-      float xr[kHist + kRows + kHist][kCh];  // x rows t0 - (w-1) .. t0 + kRows + w - 2 (zero outside)
-      float g[kRows + kHist][kCh];           // dout rows t0 .. t0 + kRows + w - 2, then d(pre-activation)
+  float xwin[kHist][kCh];  // x rows t-(w-1) .. t-1 (zero before the row)
+  float gwin[kHist][kCh];  // g rows t-(w-1) .. t-1 (only read once t - (w-1) >= t0)
 #pragma unroll
-      for (int r = 0; r < kHist + kRows + kHist; ++r) {
-        const int64_t t = t0 - kHist + r;
-        if (t >= 0 && t < l) {
-          load_floats<T, kCh>(x + t * p.x_l_stride, xr[r]);
-        } else {
+  for (int r = 0; r < kHist; ++r) {
+    const int64_t t = t0 - kHist + r;
+    if (t >= 0) {
+      load_floats<T, kCh>(x + t * p.x_l_stride, xwin[r]);
+    } else {
 #pragma unroll
-          for (int e = 0; e < kCh; ++e) xr[r][e] = 0.0f;
-        }
+      for (int e = 0; e < kCh; ++e) xwin[r][e] = 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < kCh; ++e) gwin[r][e] = 0.0f;
+  }
+  const int64_t last = t1 + kHist < l ? t1 + kHist : l;  // rows t0 .. last-1 are loaded
+  for (int64_t tb = t0; tb < t1 + kHist; tb += kUnroll) {
+    float xr[kUnroll][kCh], dr[kUnroll][kCh];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t t = tb + u;
+      if (t < last) {
+        load_floats<T, kCh>(x + t * p.x_l_stride, xr[u]);
+        load_floats<T, kCh>(dout + t * p.dout_l_stride, dr[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kCh; ++e) xr[u][e] = dr[u][e] = 0.0f;
       }
+    }
 #pragma unroll
-      for (int r = 0; r < kRows + kHist; ++r) {
-        const int64_t t = t0 + r;
-        if (t < l) {
-          load_floats<T, kCh>(dout + t * p.dout_l_stride, g[r]);
-        } else {
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t t = tb + u;
+      if (t >= t1 + kHist) break;
+      float g[kCh], d[kCh];
 #pragma unroll
-          for (int e = 0; e < kCh; ++e) g[r][e] = 0.0f;
+      for (int e = 0; e < kCh; ++e) {
+        float z = taps.bias[e] + taps.w[e][kHist] * xr[u][e];
+#pragma unroll
+        for (int k = 0; k < kHist; ++k) z += taps.w[e][k] * xwin[k][e];
+        g[e] = p.silu ? dsilu(z, dr[u][e]) : dr[u][e];  // zero past the row's end (dout is)
+        if (t < t1) {
+          sums[e][kWidth] += g[e];
+          sums[e][kHist] += g[e] * xr[u][e];
+#pragma unroll
+          for (int k = 0; k < kHist; ++k) sums[e][k] += g[e] * xwin[k][e];
+        }
+        // dx at t - (w-1): its taps' gradients are g rows t-(w-1) .. t
+        float acc = taps.w[e][0] * g[e];
+#pragma unroll
+        for (int j = 0; j < kHist; ++j) acc += taps.w[e][kHist - j] * gwin[j][e];
+        d[e] = acc;
+      }
+      if (t - kHist >= t0 && t - kHist < t1) store_floats<T, kCh>(dx + (t - kHist) * p.dx_l_stride, d);
+#pragma unroll
+      for (int k = 0; k + 1 < kHist; ++k) {
+#pragma unroll
+        for (int e = 0; e < kCh; ++e) {
+          xwin[k][e] = xwin[k + 1][e];
+          gwin[k][e] = gwin[k + 1][e];
         }
       }
 #pragma unroll
       for (int e = 0; e < kCh; ++e) {
-        if (p.silu) {
-#pragma unroll
-          for (int r = 0; r < kRows + kHist; ++r) {
-            float z = taps.bias[e];
-#pragma unroll
-            for (int k = 0; k < kWidth; ++k) z += taps.w[e][k] * xr[r + k][e];
-            g[r][e] = dsilu(z, g[r][e]);
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          sums[e * (kWidth + 1) + kWidth] += g[r][e];
-#pragma unroll
-          for (int k = 0; k < kWidth; ++k) sums[e * (kWidth + 1) + k] += g[r][e] * xr[r + k][e];
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int64_t t = t0 + r;
-        if (t >= l) break;
-        float d[kCh];
-#pragma unroll
-        for (int e = 0; e < kCh; ++e) {
-          float acc = 0.0f;
-#pragma unroll
-          for (int j = 0; j < kWidth; ++j) acc += taps.w[e][kHist - j] * g[r + j][e];
-          d[e] = acc;
-        }
-        store_floats<T, kCh>(dx + t * p.dx_l_stride, d);
+        xwin[kHist - 1][e] = xr[u][e];
+        gwin[kHist - 1][e] = g[e];
       }
     }
   }
-  sum_over_lanes<kCh * (kWidth + 1), kLastBackwardLanes, kSlots>(sums, slot, lane, kLastBackwardLanes);  // every thread: barriers
-  if (lane == 0 && c0 < p.dim) {
-    const int64_t partial_row = b * segments + segment;
-    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c0) * kWidth;
-    float* db = reinterpret_cast<float*>(p.dbias_partial) + partial_row * p.dim + c0;
+  const int64_t partial_row = b * segments + segment;
+  float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c0) * kWidth;
+  float* db = reinterpret_cast<float*>(p.dbias_partial) + partial_row * p.dim + c0;
 #pragma unroll
-    for (int e = 0; e < kCh; ++e) {
+  for (int e = 0; e < kCh; ++e) {
 #pragma unroll
-      for (int k = 0; k < kWidth; ++k) dw[e * kWidth + k] = sums[e * (kWidth + 1) + k];
-      db[e] = sums[e * (kWidth + 1) + kWidth];
-    }
+    for (int k = 0; k < kWidth; ++k) dw[e * kWidth + k] = sums[e][k];
+    db[e] = sums[e][kWidth];
   }
 }
 
@@ -461,9 +472,15 @@ dim3 first_grid(int64_t rows, int64_t segments, const char* name) {
 
 // Channel-first backward blocks span one segment of a row: the weight/bias partial rows are
 // batch * segments.
+struct FirstBackwardShape {
+  int threads;
+  int64_t segment;
+};
 template <typename T>
-int64_t first_backward_segment(int64_t seqlen) {
-  return int64_t{first_threads(seqlen, kFirstBackwardVecs * Vec16<T>::kElts)} * kFirstBackwardVecs * Vec16<T>::kElts;
+FirstBackwardShape first_backward_shape(int64_t seqlen) {
+  constexpr int kPer = kFirstBackwardVecs * Vec16<T>::kElts;
+  const int threads = first_threads(seqlen, kPer);
+  return {threads, int64_t{threads} * kPer * kFirstBackwardRounds};
 }
 
 }  // namespace
@@ -479,7 +496,8 @@ bool forward_plain(const ForwardParams& p) {
         const int threads = first_threads(p.seqlen, kFirstForwardVecs * kElts);
         const int64_t segment = int64_t{threads} * kFirstForwardVecs * kElts;
         const dim3 grid = first_grid(p.batch * p.dim, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        forward_first_plain_kernel<scalar_t, kWidth, kFirstForwardVecs, kFirstShuffle><<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
+        forward_first_plain_kernel<scalar_t, kWidth, kFirstForwardVecs, kFirstForwardMinBlocks>
+            <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
       } else {
         const int64_t row_groups = ceil_div(p.seqlen, kLastForwardRows);
         constexpr int kCh = last_forward_channels<scalar_t>();
@@ -498,8 +516,8 @@ bool forward_plain(const ForwardParams& p) {
 int64_t backward_partial_rows(const BackwardParams& p) {
   return SSMK_DISPATCH_FLOAT(p.dtype, "causal_conv1d_bwd", [&]() -> int64_t {
     switch (backward_path<scalar_t>(p)) {
-      case Path::kFirst: return p.batch * ceil_div(p.seqlen, first_backward_segment<scalar_t>(p.seqlen));
-      case Path::kLast: return p.batch * ceil_div(p.seqlen, kLastBackwardSegment);
+      case Path::kFirst: return p.batch * ceil_div(p.seqlen, first_backward_shape<scalar_t>(p.seqlen).segment);
+      case Path::kLast: return p.batch * ceil_div(p.seqlen, kLastBackwardRows);
       default: return p.batch * ceil_div(p.seqlen, kBackwardTileL);
     }
   });
@@ -512,18 +530,19 @@ bool backward_plain(const BackwardParams& p) {
     if (p.batch == 0 || p.dim == 0 || p.seqlen == 0) return true;
     SSMK_DISPATCH_WIDTH(static_cast<int>(p.width), "causal_conv1d_bwd", [&] {
       if (path == Path::kFirst) {
-        const int64_t segment = first_backward_segment<scalar_t>(p.seqlen);
-        const int threads = static_cast<int>(segment / (kFirstBackwardVecs * Vec16<scalar_t>::kElts));
-        const int64_t segments = ceil_div(p.seqlen, segment);
+        const FirstBackwardShape shape = first_backward_shape<scalar_t>(p.seqlen);
+        const int64_t segments = ceil_div(p.seqlen, shape.segment);
         const dim3 grid = first_grid(p.batch * p.dim, segments, "causal_conv1d_bwd");
-        backward_first_plain_kernel<scalar_t, kWidth, kFirstBackwardVecs, kFirstShuffle><<<grid, threads, 0, as_stream(p.stream)>>>(p, segment, segments);
+        backward_first_plain_kernel<scalar_t, kWidth, kFirstBackwardVecs, kFirstBackwardMinBlocks>
+            <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
       } else {
-        const int64_t segments = ceil_div(p.seqlen, kLastBackwardSegment);
-        const int64_t channel_blocks = ceil_div(p.dim / kLastBackwardChannels, kLastThreads / kLastBackwardLanes);
+        const int64_t segments = ceil_div(p.seqlen, kLastBackwardRows);
+        const int64_t channel_blocks = ceil_div(p.dim / kLastBackwardChannels, kLastThreads);
         if (p.batch * segments > INT_MAX || channel_blocks > 65535)
           throw std::invalid_argument("causal_conv1d_bwd: input too large for the channel-last grid");
         const dim3 grid(static_cast<unsigned>(p.batch * segments), static_cast<unsigned>(channel_blocks));
-        backward_last_plain_kernel<scalar_t, kWidth, kLastBackwardChannels, kLastBackwardRows, kLastBackwardSteps><<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p, segments);
+        backward_last_sliding_kernel<scalar_t, kWidth, kLastBackwardChannels, kLastBackwardRows, kLastBackwardUnroll>
+            <<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p, segments);
       }
       check_launch("causal_conv1d_bwd (whole rows)");
     });
