@@ -147,41 +147,45 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_pl
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
   const int64_t b = static_cast<int64_t>(blockIdx.x) / p.dim, c = static_cast<int64_t>(blockIdx.x) % p.dim;
-  const int64_t base = blockIdx.y * segment;
+  const int64_t seg_begin = blockIdx.y * segment;
+  const int64_t seg_end = seg_begin + segment < p.seqlen ? seg_begin + segment : p.seqlen;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
   T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
   const T* init = reinterpret_cast<const T*>(p.initial_states);
-
-  float xf[kVecs][kHist + kElts];  // per vector: the w-1 positions before it, then its own
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    load_row<T, kElts>(x, pos, p.seqlen, xf[v] + kHist);  // zeros past the row's end
-  }
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    halo_before<kHist, kElts>(x, pos, p.seqlen, xf[v]);
-    if (pos == 0 && init) {
-#pragma unroll
-      for (int k = 0; k < kHist; ++k)
-        xf[v][k] = to_float(init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]);
-    }
-  }
   const Taps<kWidth, 1> taps(p, c);
+
+  // Rounds of T * kVecs vectors: one unless the row needs more than 65535 segments (grid.y).
+  for (int64_t base = seg_begin; base < seg_end; base += int64_t{blockDim.x} * kVecs * kElts) {
+    float xf[kVecs][kHist + kElts];  // per vector: the w-1 positions before it, then its own
 #pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    if (pos >= p.seqlen) break;
-    // Last output first: output i reads xf[i .. i + w-1] and lands in xf[i + w-1], above them all.
-#pragma unroll
-    for (int i = kElts - 1; i >= 0; --i) {
-      float acc = taps.bias[0];
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[v][i + k];
-      xf[v][kHist + i] = p.silu ? silu(acc) : acc;
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+      load_row<T, kElts>(x, pos, p.seqlen, xf[v] + kHist);  // zeros past the row's end
     }
-    store_row<T, kElts>(out, pos, p.seqlen, xf[v] + kHist);
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+      halo_before<kHist, kElts>(x, pos, p.seqlen, xf[v]);
+      if (pos == 0 && init) {
+#pragma unroll
+        for (int k = 0; k < kHist; ++k)
+          xf[v][k] = to_float(init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]);
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+      if (pos >= p.seqlen) break;
+      // Last output first: output i reads xf[i .. i + w-1] and lands in xf[i + w-1], above them all.
+#pragma unroll
+      for (int i = kElts - 1; i >= 0; --i) {
+        float acc = taps.bias[0];
+#pragma unroll
+        for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[v][i + k];
+        xf[v][kHist + i] = p.silu ? silu(acc) : acc;
+      }
+      store_row<T, kElts>(out, pos, p.seqlen, xf[v] + kHist);
+    }
   }
 }
 
@@ -465,6 +469,13 @@ int first_threads(int64_t seqlen, int per_thread) {
   return threads;
 }
 
+// Positions per channel-first block: `rounds` rounds of `per_round`, more when the row would need
+// more than 65535 blocks (grid.y) otherwise.
+int64_t first_segment(int64_t seqlen, int64_t per_round, int64_t rounds) {
+  const int64_t needed = ceil_div(ceil_div(seqlen, per_round), 65535);
+  return per_round * (needed > rounds ? needed : rounds);
+}
+
 dim3 first_grid(int64_t rows, int64_t segments, const char* name) {
   if (rows > INT_MAX || segments > 65535) throw std::invalid_argument(std::string(name) + ": input too large for the grid");
   return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(segments));
@@ -480,7 +491,7 @@ template <typename T>
 FirstBackwardShape first_backward_shape(int64_t seqlen) {
   constexpr int kPer = kFirstBackwardVecs * Vec16<T>::kElts;
   const int threads = first_threads(seqlen, kPer);
-  return {threads, int64_t{threads} * kPer * kFirstBackwardRounds};
+  return {threads, first_segment(seqlen, int64_t{threads} * kPer, kFirstBackwardRounds)};
 }
 
 }  // namespace
@@ -494,7 +505,7 @@ bool forward_plain(const ForwardParams& p) {
       constexpr int kElts = Vec16<scalar_t>::kElts;
       if (path == Path::kFirst) {
         const int threads = first_threads(p.seqlen, kFirstForwardVecs * kElts);
-        const int64_t segment = int64_t{threads} * kFirstForwardVecs * kElts;
+        const int64_t segment = first_segment(p.seqlen, int64_t{threads} * kFirstForwardVecs * kElts, 1);
         const dim3 grid = first_grid(p.batch * p.dim, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
         forward_first_plain_kernel<scalar_t, kWidth, kFirstForwardVecs, kFirstForwardMinBlocks>
             <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
