@@ -8,8 +8,9 @@
 #   peers        unpack the peer libraries from .peers/ (see scripts/prepare_peers.sh) into
 #                $PEERS_DIR: fla + einops wheels, the mamba_ssm sdist (its Triton ops need no build)
 #   peers-build  compile causal_conv1d and mamba_ssm's CUDA selective scan for sm_90 only (opt-in;
-#                PEERS_BUILD="causal_conv1d" picks one; in parallel with 8 jobs each they did not finish
-#                in 520 s on the H100 machine while other work ran). PEERS_SAVE=DIR copies the built
+#                PEERS_BUILD="causal_conv1d" picks one). scripts/patch_peer_build.py trims them to the
+#                bfloat16 instances the bench calls (their full builds: ~7 and ~3 min on 16 cores;
+#                PEERS_ALL_DTYPES=1 builds everything). PEERS_SAVE=DIR copies the built
 #                extensions (debug info stripped) there: bring them back into .peers/built and carry
 #                .peers, and later calls import them without building
 #   build        compile the ssmkernels CUDA extension into the JIT cache, timed (MAX_JOBS=16)
@@ -128,23 +129,6 @@ for name, peer in peers.load().items():
 PY
 }
 
-sm90_only() {  # restrict a peer's setup.py to sm_90 (its default list takes far longer to build)
-    "$PYTHON" - "$1" <<'PY'
-import sys
-path = sys.argv[1]
-text = open(path).read()
-tag = "# ssmkernels gpu_suite: sm_90 only"
-if tag not in text:
-    # Before the compile arguments are built from cc_flag (a filter placed after them, just
-    # before ext_modules.append, changed nothing: the first builds compiled nine architectures).
-    marker = "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI"
-    patch = ('    cc_flag = [f for f in cc_flag if f != "-gencode" and not f.startswith("arch=")] '
-             f'+ ["-gencode", "arch=compute_90,code=sm_90"]  {tag}\n')
-    index = text.index(marker)
-    open(path, "w").write(text[:index] + patch + text[index:])
-PY
-}
-
 stage_peers_build() {  # PEERS_BUILD: which peers (default "causal_conv1d mamba_ssm"); PEERS_SAVE: copy the .so there
     local names=${PEERS_BUILD:-causal_conv1d mamba_ssm} jobs pids=() rc=0
     local count; count=$(echo $names | wc -w)
@@ -152,7 +136,8 @@ stage_peers_build() {  # PEERS_BUILD: which peers (default "causal_conv1d mamba_
     for name in $names; do
         local src; src=$(ls -d "$PEERS_DIR"/src/${name}-* 2>/dev/null | head -1)
         [ -n "$src" ] || { echo "run the peers stage first ($name not unpacked)"; return 1; }
-        sm90_only "$src/setup.py" || return 1
+        # sm_90 only; bf16 instances only unless PEERS_ALL_DTYPES=1 (what the bench cases call)
+        "$PYTHON" scripts/patch_peer_build.py "$src" ${PEERS_ALL_DTYPES:+--all-dtypes} || return 1
         ( cd "$src" && CAUSAL_CONV1D_FORCE_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE MAX_JOBS=$jobs \
             "$PYTHON" setup.py build_ext --inplace ) > "$OUT/peers-build-$name.log" 2>&1 &
         pids+=($!)
