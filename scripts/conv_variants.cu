@@ -105,7 +105,8 @@ int main() {
     report("cf fwd vecs=" #VECS " minblocks=" #MINB,                                                   \
            time_us([&] { forward_first_plain_kernel<bf16, 4, VECS, MINB><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
   }
-  FIRST_FWD(2, 16) FIRST_FWD(4, 8) FIRST_FWD(1, 16) FIRST_FWD(2, 12)
+  FIRST_FWD(2, 16) FIRST_FWD(4, 8) FIRST_FWD(1, 16) FIRST_FWD(2, 12) FIRST_FWD(2, 8) FIRST_FWD(4, 12) FIRST_FWD(1, 12)
+  FIRST_FWD(8, 4) FIRST_FWD(4, 4)
 
 #define FIRST_BWD(VECS, MINB, ROUNDS)                                                                   \
   {                                                                                                     \
@@ -115,7 +116,8 @@ int main() {
            time_us([&] { backward_first_plain_kernel<bf16, 4, VECS, MINB><<<grid, 128>>>(first, segment, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  FIRST_BWD(1, 12, 4) FIRST_BWD(1, 12, 1) FIRST_BWD(2, 8, 2) FIRST_BWD(1, 16, 4)
+  FIRST_BWD(1, 12, 4) FIRST_BWD(1, 12, 1) FIRST_BWD(2, 8, 2) FIRST_BWD(1, 16, 4) FIRST_BWD(1, 12, 2) FIRST_BWD(1, 8, 4)
+  FIRST_BWD(2, 12, 2) FIRST_BWD(1, 12, 8) FIRST_BWD(2, 6, 2)
 
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \
@@ -124,7 +126,7 @@ int main() {
     report("cl fwd ch=" #CH " rows=" #ROWS,                                                             \
            time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl, groups); }), fwd_bytes); \
   }
-  LAST_FWD(4, 8) LAST_FWD(8, 8) LAST_FWD(2, 16) LAST_FWD(4, 4)
+  LAST_FWD(4, 8) LAST_FWD(8, 8) LAST_FWD(2, 16) LAST_FWD(4, 4) LAST_FWD(4, 16) LAST_FWD(2, 8) LAST_FWD(8, 4)
 
 #define LAST_BWD(CH, ROWS, UNROLL)                                                                      \
   {                                                                                                     \
@@ -134,6 +136,7 @@ int main() {
            time_us([&] { backward_last_sliding_kernel<bf16, 4, CH, ROWS, UNROLL><<<grid, kLastThreads>>>(last, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  LAST_BWD(4, 128, 4) LAST_BWD(4, 128, 8) LAST_BWD(2, 128, 4) LAST_BWD(4, 256, 2)
+  LAST_BWD(4, 128, 4) LAST_BWD(4, 128, 8) LAST_BWD(2, 128, 4) LAST_BWD(4, 256, 2) LAST_BWD(4, 64, 4) LAST_BWD(2, 64, 4)
+  LAST_BWD(8, 128, 2) LAST_BWD(4, 32, 4) LAST_BWD(2, 256, 4)
   return 0;
 }

@@ -188,19 +188,20 @@ def _state_update_kernel(
     tl.store(state_ptrs, _store_cast(state, state_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_pn)
 
 
-def _launch_config(batch: int, heads: int, p: int, n: int) -> tuple[int, int, int]:
+def _launch_config(batch: int, heads: int, p: int, n: int, state_bytes: int) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_N, num_warps), picked by hand: autotuning would run the in-place kernel
     several times on the caller's state (and cost host time on a latency-bound path).
 
-    A tile of about 2048 state elements per program (16 float32 registers per thread at 4 warps)
-    keeps enough loads in flight for bandwidth at large batch; when the grid would not fill the
-    GPU (small batch), tiles shrink to 512 elements so that more programs share the work.
+    A tile of about 8 KB of state per program (2048 float32 or 4096 16-bit elements: 64 bytes per
+    thread at 4 warps) keeps enough loads in flight for bandwidth at large batch; when the grid would
+    not fill the GPU (small batch), tiles shrink to a quarter so that more programs share the work.
+    ``scripts/tune_state_update.py`` times the alternatives.
     """
     block_n = triton.next_power_of_2(n)
     block_p_max = triton.next_power_of_2(p)
-    tile = 2048 if batch * heads >= 1024 else 512
+    tile = (8192 if batch * heads >= 1024 else 2048) // state_bytes
     block_p = max(1, min(block_p_max, tile // block_n))
-    num_warps = 4 if block_p * block_n <= 2048 else 8
+    num_warps = 4 if block_p * block_n * state_bytes <= 8192 else 8
     return block_p, block_n, num_warps
 
 
@@ -212,7 +213,7 @@ def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indic
     b, t, h, p, n = lay.batch, lay.tokens, lay.heads, lay.headdim, lay.dstate
     if b == 0 or t == 0 or h == 0 or p == 0:
         return None
-    block_p, block_n, num_warps = _launch_config(b, h, p, n)
+    block_p, block_n, num_warps = _launch_config(b, h, p, n, state.element_size())
     idx = state_batch_indices
     scalars = (t, p, n, h // lay.groups, lay.slots, pad_slot_id, 1 if idx is None else idx.stride(0),
                *lay.state, *lay.x, *lay.dt, *lay.A, *lay.B, *lay.C, *lay.D, *lay.z, *lay.dt_bias, *lay.out)

@@ -1,0 +1,79 @@
+"""Times the Triton selective_state_update kernel under other tile choices than
+``ssmkernels/ops/state_update/triton.py: _launch_config`` makes, at the bench's decode shapes
+(H128 P64 N128 G8, bf16 x/B/C, stride-0 A/dt/D/dt_bias, softplus), next to a device copy.
+A tuning tool for the GPU machine:
+
+    python scripts/tune_state_update.py [--batch 256] [--json out.json]
+
+Each row: state dtype, tile (state elements per program), warps, median time, GB/s and % of copy.
+The library's current choice is marked with '*'.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ssmkernels.bench import timing  # noqa: E402
+from ssmkernels.ops.state_update import triton as su_triton  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (default 256)")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    h, p, n, g = 128, 64, 128, 8
+    peaks = timing.peaks()
+    print(f"copy {peaks.copy_gbps:.0f} GB/s", flush=True)
+    default_config = su_triton._launch_config
+    rows = []
+    for batch in args.batch or [256]:
+        for state_dtype in (torch.float32, torch.bfloat16):
+            copies = max(1, min(8, int(3 * 60e6 // (batch * h * p * n * state_dtype.itemsize)) + 1))
+            sets = []
+            for _ in range(copies):
+                state = torch.randn(batch, h, p, n, device="cuda", dtype=state_dtype)
+                x = torch.randn(batch, h, p, device="cuda", dtype=torch.bfloat16)
+                dt = (torch.rand(batch, h, device="cuda", dtype=torch.bfloat16) * 3 - 4)[..., None].expand(-1, h, p)
+                A = (-torch.rand(h, device="cuda") * 4 - 0.5)[:, None, None].expand(h, p, n)
+                B = torch.randn(batch, g, n, device="cuda", dtype=torch.bfloat16)
+                C = torch.randn(batch, g, n, device="cuda", dtype=torch.bfloat16)
+                D = torch.randn(h, device="cuda")[:, None].expand(h, p)
+                dt_bias = (torch.rand(h, device="cuda") - 0.5)[:, None].expand(h, p)
+                out = torch.empty_like(x)
+                sets.append((state, x, dt, A, B, C, D, None, dt_bias, True, None, -1, out))
+            nbytes = 2 * batch * h * p * n * state_dtype.itemsize + (2 * batch * h * p + 2 * batch * g * n) * 2
+            chosen = default_config(batch, h, p, n, state_dtype.itemsize)
+            for tile in (1024, 2048, 4096, 8192):
+                for warps in (2, 4, 8):
+                    block_p = min(p, tile // n)
+                    if block_p < 1 or tile // (32 * warps) < 1:
+                        continue
+                    su_triton._launch_config = lambda *a, block_p=block_p, warps=warps: (block_p, n, warps)
+                    steps = [lambda s=s: su_triton.update(*s) for s in sets]
+                    try:
+                        t = timing.measure(steps)
+                    except Exception as exc:  # noqa: BLE001 (a config the compiler rejects)
+                        print(f"{state_dtype} tile {tile} warps {warps}: {type(exc).__name__}", flush=True)
+                        continue
+                    gbps = nbytes / (t.median_ms * 1e-3) / 1e9
+                    mark = "*" if (block_p, n, warps) == chosen else " "
+                    row = dict(batch=batch, state=str(state_dtype), tile=tile, warps=warps,
+                               ms=t.median_ms, gbps=gbps, pct_copy=100 * gbps / peaks.copy_gbps)
+                    rows.append(row)
+                    print(f"{mark} b{batch} {str(state_dtype):15} tile {tile:5} warps {warps:2}  {t.median_ms:.4f} ms "
+                          f"{gbps:6.0f} GB/s {row['pct_copy']:5.1f}%", flush=True)
+            su_triton._launch_config = default_config
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(copy_gbps=peaks.copy_gbps, gpu=torch.cuda.get_device_name(),
+                                                   rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
