@@ -141,8 +141,96 @@ __device__ __forceinline__ void halo_after(const T* row, int64_t pos, int64_t le
   for (int k = 0; k < kHist; ++k) halo[k] = after[k];
 }
 
+// One round of a channel-first forward: the block's threads take T * kVecs vectors of row (b, c)
+// starting at `base` (thread t: vectors t, T + t, ...), each with the w-1 positions before it.
+template <typename T, int kWidth, int kVecs>
+__device__ __forceinline__ void forward_first_round(const ForwardParams& p, int64_t b, int64_t c,
+                                                    const Taps<kWidth, 1>& taps, int64_t base) {
+  constexpr int kElts = Vec16<T>::kElts;
+  constexpr int kHist = kWidth - 1;
+  static_assert(kElts >= kHist, "the halo fits in one vector");
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
+  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
+  const T* init = reinterpret_cast<const T*>(p.initial_states);
+  float xf[kVecs][kHist + kElts];  // per vector: the w-1 positions before it, then its own
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+    load_row<T, kElts>(x, pos, p.seqlen, xf[v] + kHist);  // zeros past the row's end
+  }
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+    halo_before<kHist, kElts>(x, pos, p.seqlen, xf[v]);
+    if (pos == 0 && init) {
+#pragma unroll
+      for (int k = 0; k < kHist; ++k)
+        xf[v][k] = to_float(init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]);
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
+    if (pos >= p.seqlen) break;
+    // Last output first: output i reads xf[i .. i + w-1] and lands in xf[i + w-1], above them all.
+#pragma unroll
+    for (int i = kElts - 1; i >= 0; --i) {
+      float acc = taps.bias[0];
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[v][i + k];
+      xf[v][kHist + i] = p.silu ? silu(acc) : acc;
+    }
+    store_row<T, kElts>(out, pos, p.seqlen, xf[v] + kHist);
+  }
+}
+
 template <typename T, int kWidth, int kVecs, int kMinBlocks>
 __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_plain_kernel(ForwardParams p, int64_t segment) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) / p.dim, c = static_cast<int64_t>(blockIdx.x) % p.dim;
+  const int64_t seg_begin = blockIdx.y * segment;
+  const int64_t seg_end = seg_begin + segment < p.seqlen ? seg_begin + segment : p.seqlen;
+  const Taps<kWidth, 1> taps(p, c);
+  // One round per block, straight-line (a loop here, even of one trip, cost 30%: 267 -> 344 us at
+  // the benchmark shape); several only when the row needs more than 65535 segments (grid.y).
+  const int64_t per_round = int64_t{blockDim.x} * kVecs * Vec16<T>::kElts;
+  if (seg_end - seg_begin <= per_round) {
+    forward_first_round<T, kWidth, kVecs>(p, b, c, taps, seg_begin);
+  } else {
+    for (int64_t base = seg_begin; base < seg_end; base += per_round) forward_first_round<T, kWidth, kVecs>(p, b, c, taps, base);
+  }
+}
+
+// The same rounds from a grid of a few blocks per SM, each taking (row, segment) items in turn, so
+// that no SM slot idles between a finished block and the launch of the next.
+template <typename T, int kWidth, int kVecs, int kMinBlocks>
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks)
+    forward_first_persistent_kernel(ForwardParams p, int64_t segments, int64_t items) {
+  const int64_t per_round = int64_t{blockDim.x} * kVecs * Vec16<T>::kElts;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int64_t row = item / segments, base = (item % segments) * per_round;
+    const int64_t b = row / p.dim, c = row % p.dim;
+    const Taps<kWidth, 1> taps(p, c);
+    forward_first_round<T, kWidth, kVecs>(p, b, c, taps, base);
+  }
+}
+
+// Streaming variant: a block walks its segment of a row one vector per thread and round, and loads
+// the next round's vector and halo (kept as raw 16-byte values) before it computes and stores the
+// current one, so that its loads stay in flight while it computes.
+template <typename T>
+__device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int64_t len) {
+  constexpr int kElts = Vec16<T>::kElts;
+  if (pos + kElts <= len) return *reinterpret_cast<const uint4*>(row + pos);
+  uint4 raw = make_uint4(0, 0, 0, 0);  // the row's last, partial vector: zeros past its end
+  T* elts = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < kElts; ++i)
+    if (pos + i < len) elts[i] = row[pos + i];
+  return raw;
+}
+
+template <typename T, int kWidth, int kMinBlocks>
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_stream_kernel(ForwardParams p, int64_t segment) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
@@ -153,47 +241,40 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_pl
   T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
   const T* init = reinterpret_cast<const T*>(p.initial_states);
   const Taps<kWidth, 1> taps(p, c);
-
-  // One round of T * kVecs vectors starting at `base`.
-  auto round = [&](int64_t base) {
-    float xf[kVecs][kHist + kElts];  // per vector: the w-1 positions before it, then its own
+  const int64_t step = int64_t{blockDim.x} * kElts;
+  int64_t pos = seg_begin + static_cast<int64_t>(threadIdx.x) * kElts;
+  uint4 own = make_uint4(0, 0, 0, 0), before = make_uint4(0, 0, 0, 0);
+  if (pos < seg_end) {
+    own = load_raw_vector(x, pos, p.seqlen);
+    if (pos > 0) before = load_raw_vector(x, pos - kElts, p.seqlen);
+  }
+  for (; pos < seg_end; pos += step) {
+    const int64_t next = pos + step;
+    uint4 next_own = own, next_before = before;
+    if (next < seg_end) {
+      next_own = load_raw_vector(x, next, p.seqlen);
+      next_before = load_raw_vector(x, next - kElts, p.seqlen);
+    }
+    float xf[kHist + kElts];
+    const T* own_elts = reinterpret_cast<const T*>(&own);
+    const T* before_elts = reinterpret_cast<const T*>(&before);
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-      load_row<T, kElts>(x, pos, p.seqlen, xf[v] + kHist);  // zeros past the row's end
+    for (int k = 0; k < kHist; ++k) {
+      xf[k] = pos > 0 ? to_float(before_elts[kElts - kHist + k])
+                      : (init ? to_float(init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]) : 0.0f);
     }
 #pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-      halo_before<kHist, kElts>(x, pos, p.seqlen, xf[v]);
-      if (pos == 0 && init) {
+    for (int i = 0; i < kElts; ++i) xf[kHist + i] = to_float(own_elts[i]);
 #pragma unroll
-        for (int k = 0; k < kHist; ++k)
-          xf[v][k] = to_float(init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]);
-      }
+    for (int i = kElts - 1; i >= 0; --i) {
+      float acc = taps.bias[0];
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[i + k];
+      xf[kHist + i] = p.silu ? silu(acc) : acc;
     }
-#pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-      if (pos >= p.seqlen) break;
-      // Last output first: output i reads xf[i .. i + w-1] and lands in xf[i + w-1], above them all.
-#pragma unroll
-      for (int i = kElts - 1; i >= 0; --i) {
-        float acc = taps.bias[0];
-#pragma unroll
-        for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[v][i + k];
-        xf[v][kHist + i] = p.silu ? silu(acc) : acc;
-      }
-      store_row<T, kElts>(out, pos, p.seqlen, xf[v] + kHist);
-    }
-  };
-  // One round per block, straight-line (a loop here, even of one trip, cost 30%: 267 -> 344 us at
-  // the benchmark shape); several only when the row needs more than 65535 segments (grid.y).
-  const int64_t per_round = int64_t{blockDim.x} * kVecs * kElts;
-  if (seg_end - seg_begin <= per_round) {
-    round(seg_begin);
-  } else {
-    for (int64_t base = seg_begin; base < seg_end; base += per_round) round(base);
+    store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
+    own = next_own;
+    before = next_before;
   }
 }
 
