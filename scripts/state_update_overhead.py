@@ -196,7 +196,17 @@ def main() -> int:
     parser.add_argument("--wall-only", action="store_true",
                         help="only the wall-clock loops (public API only: times older commits too)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--import-peers", action="store_true",
+                        help="first import the peer libraries, as `bench --compare` does (to tell whether "
+                             "their imports change our per-call cost, e.g. by enabling a torch mode)")
     args = parser.parse_args()
+    if args.import_peers:
+        from ssmkernels.bench import peers
+        print("peers:", peers.versions())
+        print("modes after the imports: dispatch", torch._C._len_torch_dispatch_stack(),
+              "function", torch._C._is_torch_function_mode_enabled(),
+              "functorch", torch._C._are_functorch_transforms_active(),
+              "profiler", torch._C._autograd._profiler_enabled())
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     report = {"environment": environment()}
