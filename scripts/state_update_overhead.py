@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ssmkernels  # noqa: E402
 from ssmkernels._core import config, ext  # noqa: E402
-from ssmkernels._core.custom_op import empty_like  # noqa: E402
+from ssmkernels._core.custom_op import empty_like, plain_eager  # noqa: E402
 from ssmkernels.bench.timing import queued_gpu_us  # noqa: E402
 from ssmkernels.ops.state_update import cuda as cuda_kernels  # noqa: E402
 from ssmkernels.ops.state_update import op  # noqa: E402
@@ -139,9 +139,7 @@ def host(device: torch.device, calls: int, repeats: int) -> dict:
         out = empty_like(x)
         pieces = {
             "whole call (public function, kernel call stubbed)": lambda: call(kw, None),
-            "  guards (is_compiling, modes, functorch, profiler)": lambda: (
-                op._is_compiling() or op._dispatch_modes() or op._function_modes() or op._functorch_active()
-                or op._profiling()),
+            "  guards (is_compiling, modes, functorch, profiler)": plain_eager,
             "  last-plan match (flags, absent optionals, C++ TensorGuards)": lambda: plan.matches(
                 (None, config.default_backend(), True, -1), tensors),
             "  (plan key by _signature: used when the last plan does not match)": lambda: op._signature(*tensors),

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from ..._core import dispatch
 from ..._core import validation as v
-from ..._core.custom_op import absent, define_decode_op, empty_like, kernels, new_empty, placeholder, qualified
+from ..._core.custom_op import (absent, call_op, define_decode_op, eager_autograd, empty_like, kernels, new_empty,
+                                placeholder, qualified)
 from . import reference
 
 PRIMITIVE = "causal_conv1d"
@@ -86,14 +87,15 @@ def _backward(ctx, dout, dfinal_states):
     x, weight, bias, seq_idx, initial_states, cu_seqlens = ctx.saved_tensors
     if dfinal_states is not None and dfinal_states.numel() == 0:
         dfinal_states = None
-    dx, dweight, dbias, dinitial = _conv_bwd(
-        x, weight, bias, seq_idx, initial_states, cu_seqlens, dout.contiguous() if layout_of(dout) == "strided"
+    dx, dweight, dbias, dinitial = call_op(
+        _conv_bwd, x, weight, bias, seq_idx, initial_states, cu_seqlens, dout.contiguous() if layout_of(dout) == "strided"
         else dout, dfinal_states, ctx.silu, ctx.backend)
     return (dx, dweight, None if absent(dbias) else dbias, None,
             None if absent(dinitial) else dinitial, None, None, None, None)
 
 
 _conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+_conv_fwd_autograd = eager_autograd(_conv_fwd, _setup_context, _backward)
 
 
 def _conv_update_impl(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
@@ -178,7 +180,7 @@ def causal_conv1d(
         out, final = reference.causal_conv1d(x, weight, bias, seq_idx, initial_states, True, None,
                                              activation, cu_seqlens)
     else:
-        out, final = _conv_fwd(
+        out, final = _conv_fwd_autograd(
             _normalise_layout(x), weight.contiguous(), None if bias is None else bias.contiguous(),
             v.as_int32(seq_idx), None if initial_states is None else initial_states.to(x.dtype).contiguous(),
             v.as_int32(cu_seqlens), activation is not None, want_final, chosen)

@@ -9,7 +9,8 @@ from torch import Tensor
 from ..._core import dispatch
 from ..._core.dtypes import accumulation_dtype
 from ..._core import validation as v
-from ..._core.custom_op import absent, empty_like, kernels, needs_grad, new_empty, placeholder, qualified
+from ..._core.custom_op import (absent, call_op, eager_autograd, empty_like, kernels, needs_grad, new_empty,
+                                placeholder, qualified)
 from . import reference
 
 PRIMITIVE = "selective_scan"
@@ -75,12 +76,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlast_state, _dcheckpoints):
     *tensors, checkpoints = ctx.saved_tensors
-    grads = _scan_bwd(*tensors, ctx.delta_softplus, checkpoints, dout.contiguous(), dlast_state, ctx.backend)
+    grads = call_op(_scan_bwd, *tensors, ctx.delta_softplus, checkpoints, dout.contiguous(), dlast_state, ctx.backend)
     grads = [None if absent(g) else g for g in grads]
     return (*grads, None, None, None)
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+_scan_fwd_autograd = eager_autograd(_scan_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -155,7 +157,7 @@ def selective_scan(
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         return_last_state, initial_state, cu_seqlens)
     state_dtype = accumulation_dtype(u.dtype)
-    out, last_state, _ = _scan_fwd(
+    out, last_state, _ = _scan_fwd_autograd(
         u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
         None if D is None else D.contiguous(), None if z is None else z.contiguous(),
         None if delta_bias is None else delta_bias.contiguous(),

@@ -10,7 +10,8 @@ from torch import Tensor
 from ..._core import dispatch
 from ..._core.dtypes import accumulation_dtype
 from ..._core import validation as v
-from ..._core.custom_op import absent, empty_like, kernels, needs_grad, new_empty, placeholder, qualified
+from ..._core.custom_op import (absent, call_op, eager_autograd, empty_like, kernels, needs_grad, new_empty,
+                                placeholder, qualified)
 from . import reference
 
 PRIMITIVE = "ssd"
@@ -89,13 +90,14 @@ def _backward(ctx, dout, dfinal_states, dvarlen_states, _dcheckpoints):
     *tensors, out, checkpoints = ctx.saved_tensors
     if dvarlen_states is not None and dvarlen_states.numel() == 0:
         dvarlen_states = None
-    grads = _ssd_bwd(*tensors, *ctx.options, out, checkpoints, dout.contiguous(), dfinal_states,
+    grads = call_op(_ssd_bwd, *tensors, *ctx.options, out, checkpoints, dout.contiguous(), dfinal_states,
                      dvarlen_states, ctx.backend)
     grads = [None if absent(g) else g for g in grads]
     return (*grads, None, None, None, None, None, None, None)
 
 
 _ssd_fwd.register_autograd(_backward, setup_context=_setup_context)
+_ssd_fwd_autograd = eager_autograd(_ssd_fwd, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -177,7 +179,7 @@ def ssd_chunk_scan(
         return reference.ssd_chunk_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                                         cu_seqlens, dt_softplus, (dt_min, dt_max), return_final_states,
                                         return_varlen_states)
-    out, final_states, varlen_states, _ = _ssd_fwd(
+    out, final_states, varlen_states, _ = _ssd_fwd_autograd(
         x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
         None if D is None else D.contiguous(), None if z is None else z.contiguous(),
         None if dt_bias is None else dt_bias.contiguous(),

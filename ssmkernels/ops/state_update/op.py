@@ -58,7 +58,7 @@ from torch import Tensor
 
 from ..._core import config, dispatch
 from ..._core import validation as v
-from ..._core.custom_op import define_decode_op, empty_like, kernels
+from ..._core.custom_op import define_decode_op, empty_like, kernels, plain_eager
 from . import reference
 
 PRIMITIVE = "state_update"
@@ -375,14 +375,6 @@ def clear_caches() -> None:
 # Tensor types a plan is made for: Parameter disables __torch_function__, so it is a plain Tensor here.
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
-# What makes the op dispatcher necessary: Dynamo tracing, a TorchDispatchMode (FakeTensorMode,
-# functionalization and proxy tracing included), a TorchFunctionMode, a functorch transform (vmap,
-# grad, functionalize), the profiler (which records the op). Each check is a ~50 ns C call.
-_is_compiling = torch.compiler.is_compiling
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_function_modes = torch._C._is_torch_function_mode_enabled
-_functorch_active = torch._C._are_functorch_transforms_active
-_profiling = torch._C._autograd._profiler_enabled
 
 
 def selective_state_update(
@@ -426,7 +418,7 @@ def selective_state_update(
         ``out`` shaped like x, in x's dtype.
     """
     global _last_plan
-    if not _is_compiling() and not (_dispatch_modes() or _function_modes() or _functorch_active() or _profiling()):
+    if plain_eager():
         # Plain eager call: see the module docstring. Under tracing, modes or the profiler, and on
         # the first call of a kind, the full path below runs (it fills the plan cache).
         tensors = (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
