@@ -102,25 +102,6 @@ int main() {
   const ForwardParams& fl = last;
 
 // The library's choice first in each group (causal_conv1d_plain.cu's knobs), then alternatives.
-#define FIRST_FWD(VECS, MINB)                                                                           \
-  {                                                                                                     \
-    const int64_t segment = 128 * VECS * 8;                                                            \
-    const dim3 grid(B * D, ceil_div(L, segment));                                                       \
-    report("cf fwd vecs=" #VECS " minblocks=" #MINB,                                                   \
-           time_us([&] { forward_first_plain_kernel<bf16, 4, VECS, MINB><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
-  }
-  FIRST_FWD(2, 16) FIRST_FWD(4, 8) FIRST_FWD(1, 16) FIRST_FWD(2, 12)
-
-// Blocks that loop over ROUNDS rounds of their row.
-#define FIRST_FWD_ROUNDS(VECS, MINB, ROUNDS)                                                            \
-  {                                                                                                     \
-    const int64_t segment = 128 * VECS * 8 * ROUNDS;                                                   \
-    const dim3 grid(B * D, ceil_div(L, segment));                                                       \
-    report("cf fwd vecs=" #VECS " minblocks=" #MINB " rounds=" #ROUNDS,                                \
-           time_us([&] { forward_first_plain_kernel<bf16, 4, VECS, MINB><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
-  }
-  FIRST_FWD_ROUNDS(2, 16, 2) FIRST_FWD_ROUNDS(1, 16, 4) FIRST_FWD_ROUNDS(2, 12, 2) FIRST_FWD_ROUNDS(1, 16, 2)
-
 #define FIRST_FWD_STREAM(MINB, ROUNDS)                                                                  \
   {                                                                                                     \
     const int64_t segment = 128 * 8 * ROUNDS;                                                          \
@@ -128,17 +109,7 @@ int main() {
     report("cf fwd stream minblocks=" #MINB " rounds=" #ROUNDS,                                        \
            time_us([&] { forward_first_stream_kernel<bf16, 4, MINB><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
   }
-  FIRST_FWD_STREAM(16, 4) FIRST_FWD_STREAM(12, 4) FIRST_FWD_STREAM(16, 2) FIRST_FWD_STREAM(8, 4) FIRST_FWD_STREAM(16, 8)
-
-#define FIRST_FWD_PERSISTENT(VECS, MINB, PER_SM)                                                        \
-  {                                                                                                     \
-    const int64_t segments = ceil_div(L, 128 * VECS * 8), items = B * D * segments;                     \
-    report("cf fwd persistent vecs=" #VECS " minblocks=" #MINB " blocks/SM=" #PER_SM,                  \
-           time_us([&] { forward_first_persistent_kernel<bf16, 4, VECS, MINB><<<132 * PER_SM, 128>>>(ff, segments, items); }), \
-           fwd_bytes);                                                                                  \
-  }
-  FIRST_FWD_PERSISTENT(2, 16, 16) FIRST_FWD_PERSISTENT(2, 16, 32) FIRST_FWD_PERSISTENT(1, 16, 16)
-  FIRST_FWD_PERSISTENT(4, 8, 8) FIRST_FWD_PERSISTENT(2, 12, 12) FIRST_FWD_PERSISTENT(1, 16, 32)
+  FIRST_FWD_STREAM(12, 4) FIRST_FWD_STREAM(16, 4) FIRST_FWD_STREAM(12, 2) FIRST_FWD_STREAM(8, 4) FIRST_FWD_STREAM(12, 8)
 
 #define FIRST_BWD(VECS, MINB, ROUNDS)                                                                   \
   {                                                                                                     \
@@ -158,7 +129,7 @@ int main() {
     report("cl fwd ch=" #CH " rows=" #ROWS,                                                             \
            time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl, groups); }), fwd_bytes); \
   }
-  LAST_FWD(4, 8) LAST_FWD(8, 8) LAST_FWD(2, 16) LAST_FWD(4, 4) LAST_FWD(4, 16) LAST_FWD(2, 8) LAST_FWD(8, 4)
+  LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 32) LAST_FWD(2, 8)
 
 #define LAST_BWD(CH, ROWS, UNROLL)                                                                      \
   {                                                                                                     \

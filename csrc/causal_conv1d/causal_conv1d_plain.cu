@@ -26,22 +26,27 @@ namespace {
 
 // Tuning knobs. scripts/conv_variants.cu times alternatives next to a device copy; the figures are
 // its H100 readings at B4 D10240 L4096 W4 bf16 silu (copy 2.80 TB/s there).
-// Channel-first: a block walks a segment of one (batch, channel) row, each thread kVecs 16-byte
-// vectors per round. Forward: 2 vectors, at least 16 blocks per SM (92% of copy; 4 vectors 75-89%,
-// 1 vector 81%). Backward: 1 vector, 12 blocks per SM, 4 rounds per block so that the in-block
-// weight sum runs once per 4096 positions (85%; 2 vectors 41-70%, 13+ blocks per SM spills).
+// Channel-first: a block walks a segment of one (batch, channel) row. Forward (H200 readings, copy
+// 4.19 TB/s): one 16-byte vector per thread and round, the next round's vector loaded before the
+// current one is computed, 4 rounds (4096 bf16 positions) per block, 12 blocks per SM: 191 us, 84%
+// of copy. Straight-line blocks of 2 vectors x 16 blocks per SM, the H100's best (92% there), gave
+// 216 us (74%); blocks that loop without prefetching 201-262 us; persistent blocks taking
+// (row, segment) items in turn 238-333 us. Backward: 1 vector, 12 blocks per SM, 4 rounds per block
+// so that the in-block weight sum runs once per 4096 positions (H200 380 us, 63%; H100 85%; 2
+// vectors 44-53%, 13+ blocks per SM spills).
 constexpr int kFirstThreadsMax = 128;
-constexpr int kFirstForwardVecs = 2;
-constexpr int kFirstForwardMinBlocks = 16;
+constexpr int kFirstForwardMinBlocks = 12;
+constexpr int kFirstForwardRounds = 4;
 constexpr int kFirstBackwardVecs = 1;
 constexpr int kFirstBackwardMinBlocks = 12;
 constexpr int kFirstBackwardRounds = 4;
-// Channel-last forward: a thread owns kLastForwardChannels channels (8 bytes of a 16-bit type) at
-// kLastForwardRows positions and loads those rows plus the w-1 before them at once (97% of copy;
-// 16-byte vectors of 8 channels 64%: their weights took the registers that kept loads in flight).
+// Channel-last forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
+// kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 16
+// rows 216 us, 4 x 8 rows 232 us, 4 x 16 219 us; H100: 4 x 8 97% of copy; 16-byte vectors of 8
+// channels 43-64%: their weights took the registers that kept loads in flight).
 constexpr int kLastThreads = 128;
-constexpr int kLastForwardChannels = 4;
-constexpr int kLastForwardRows = 8;
+constexpr int kLastForwardChannels = 2;
+constexpr int kLastForwardRows = 16;
 template <typename T>
 constexpr int last_forward_channels() {  // at most one 16-byte vector
   return kLastForwardChannels < Vec16<T>::kElts ? kLastForwardChannels : Vec16<T>::kElts;
@@ -141,81 +146,9 @@ __device__ __forceinline__ void halo_after(const T* row, int64_t pos, int64_t le
   for (int k = 0; k < kHist; ++k) halo[k] = after[k];
 }
 
-// One round of a channel-first forward: the block's threads take T * kVecs vectors of row (b, c)
-// starting at `base` (thread t: vectors t, T + t, ...), each with the w-1 positions before it.
-template <typename T, int kWidth, int kVecs>
-__device__ __forceinline__ void forward_first_round(const ForwardParams& p, int64_t b, int64_t c,
-                                                    const Taps<kWidth, 1>& taps, int64_t base) {
-  constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kHist = kWidth - 1;
-  static_assert(kElts >= kHist, "the halo fits in one vector");
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
-  const T* init = reinterpret_cast<const T*>(p.initial_states);
-  float xf[kVecs][kHist + kElts];  // per vector: the w-1 positions before it, then its own
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    load_row<T, kElts>(x, pos, p.seqlen, xf[v] + kHist);  // zeros past the row's end
-  }
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    halo_before<kHist, kElts>(x, pos, p.seqlen, xf[v]);
-    if (pos == 0 && init) {
-#pragma unroll
-      for (int k = 0; k < kHist; ++k)
-        xf[v][k] = to_float(init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]);
-    }
-  }
-#pragma unroll
-  for (int v = 0; v < kVecs; ++v) {
-    const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-    if (pos >= p.seqlen) break;
-    // Last output first: output i reads xf[i .. i + w-1] and lands in xf[i + w-1], above them all.
-#pragma unroll
-    for (int i = kElts - 1; i >= 0; --i) {
-      float acc = taps.bias[0];
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[v][i + k];
-      xf[v][kHist + i] = p.silu ? silu(acc) : acc;
-    }
-    store_row<T, kElts>(out, pos, p.seqlen, xf[v] + kHist);
-  }
-}
-
-template <typename T, int kWidth, int kVecs, int kMinBlocks>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_plain_kernel(ForwardParams p, int64_t segment) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) / p.dim, c = static_cast<int64_t>(blockIdx.x) % p.dim;
-  const int64_t seg_begin = blockIdx.y * segment;
-  const int64_t seg_end = seg_begin + segment < p.seqlen ? seg_begin + segment : p.seqlen;
-  const Taps<kWidth, 1> taps(p, c);
-  // One round per block, straight-line (a loop here, even of one trip, cost 30%: 267 -> 344 us at
-  // the benchmark shape); several only when the row needs more than 65535 segments (grid.y).
-  const int64_t per_round = int64_t{blockDim.x} * kVecs * Vec16<T>::kElts;
-  if (seg_end - seg_begin <= per_round) {
-    forward_first_round<T, kWidth, kVecs>(p, b, c, taps, seg_begin);
-  } else {
-    for (int64_t base = seg_begin; base < seg_end; base += per_round) forward_first_round<T, kWidth, kVecs>(p, b, c, taps, base);
-  }
-}
-
-// The same rounds from a grid of a few blocks per SM, each taking (row, segment) items in turn, so
-// that no SM slot idles between a finished block and the launch of the next.
-template <typename T, int kWidth, int kVecs, int kMinBlocks>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks)
-    forward_first_persistent_kernel(ForwardParams p, int64_t segments, int64_t items) {
-  const int64_t per_round = int64_t{blockDim.x} * kVecs * Vec16<T>::kElts;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t row = item / segments, base = (item % segments) * per_round;
-    const int64_t b = row / p.dim, c = row % p.dim;
-    const Taps<kWidth, 1> taps(p, c);
-    forward_first_round<T, kWidth, kVecs>(p, b, c, taps, base);
-  }
-}
-
-// Streaming variant: a block walks its segment of a row one vector per thread and round, and loads
-// the next round's vector and halo (kept as raw 16-byte values) before it computes and stores the
+// Channel-first forward: a block walks its segment of a row one vector per thread and round (thread
+// t: vector t of the round, so a warp's load instruction reads 512 contiguous bytes), and loads the
+// next round's vector and halo (kept as raw 16-byte values) before it computes and stores the
 // current one, so that its loads stay in flight while it computes.
 template <typename T>
 __device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int64_t len) {
@@ -593,10 +526,10 @@ bool forward_plain(const ForwardParams& p) {
     SSMK_DISPATCH_WIDTH(static_cast<int>(p.width), "causal_conv1d_fwd", [&] {
       constexpr int kElts = Vec16<scalar_t>::kElts;
       if (path == Path::kFirst) {
-        const int threads = first_threads(p.seqlen, kFirstForwardVecs * kElts);
-        const int64_t segment = first_segment(p.seqlen, int64_t{threads} * kFirstForwardVecs * kElts, 1);
+        const int threads = first_threads(p.seqlen, kElts);
+        const int64_t segment = first_segment(p.seqlen, int64_t{threads} * kElts, kFirstForwardRounds);
         const dim3 grid = first_grid(p.batch * p.dim, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        forward_first_plain_kernel<scalar_t, kWidth, kFirstForwardVecs, kFirstForwardMinBlocks>
+        forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
             <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
       } else {
         const int64_t row_groups = ceil_div(p.seqlen, kLastForwardRows);
