@@ -214,7 +214,7 @@ def test_nan_inputs_propagate_not_zeroed():
 def test_preferred_order_follows_the_measurements():
     order = dispatch.preferred_order
     assert order("causal_conv1d", {"layout": "channel_first"})[0] == "cuda"
-    assert order("causal_conv1d", {"layout": "channel_last"})[0] == "triton"
+    assert order("causal_conv1d", {"layout": "channel_last"})[0] == "cuda"
     assert order("selective_scan", {})[0] == "cuda"
     assert order("state_update", {"small_batch": True})[0] == "cuda"
     assert order("state_update", {"small_batch": False})[0] == "triton"

@@ -25,11 +25,13 @@ CUDA_FIRST = ("cuda", "triton", "reference")
 
 def preferred_order(primitive: str, features: dict[str, Any]) -> tuple[str, ...]:
     """Fastest backend first, per primitive and case, from `python -m ssmkernels bench` on an H100
-    (2026-11-23, README "Status and measured numbers"). Both kernel backends passed the GPU suite
-    there for the primitives that have both."""
+    (2026-11-23) and an H200 (2026-12-02; README "Status and measured numbers"). Both kernel backends
+    passed the GPU suite there for the primitives that have both."""
     if primitive == "causal_conv1d":
-        # channel-first fwd 0.368 (cuda) vs 0.476 ms; channel-last fwd 0.441 vs 0.382 ms (triton)
-        return DEFAULT_ORDER if features.get("layout") == "channel_last" else CUDA_FIRST
+        # H200: channel-first fwd 0.213 (cuda) vs 0.479 ms, channel-last fwd 0.232 vs 0.363 ms,
+        # fwd+bwd 1.05-1.08 vs 2.74-3.49 ms; the update's GPU time 40 (cuda, before its
+        # register-window store) vs 35 us (triton)
+        return CUDA_FIRST
     if primitive == "selective_scan":
         return CUDA_FIRST  # fwd 4.89 (cuda) vs 6.24 ms, fwd+bwd 19.2 vs 24.9 ms
     if primitive == "state_update":
