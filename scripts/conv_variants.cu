@@ -102,14 +102,17 @@ int main() {
   const ForwardParams& fl = last;
 
 // The library's choice first in each group (causal_conv1d_plain.cu's knobs), then alternatives.
-#define FIRST_FWD_STREAM(MINB, ROUNDS)                                                                  \
+#define FIRST_FWD_STREAM(MINB, ROUNDS, AHEAD, BATCH_FASTEST)                                           \
   {                                                                                                     \
     const int64_t segment = 128 * 8 * ROUNDS;                                                          \
     const dim3 grid(B * D, ceil_div(L, segment));                                                       \
-    report("cf fwd stream minblocks=" #MINB " rounds=" #ROUNDS,                                        \
-           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
+    report("cf fwd stream minblocks=" #MINB " rounds=" #ROUNDS " ahead=" #AHEAD " batch-fastest=" #BATCH_FASTEST, \
+           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, AHEAD, BATCH_FASTEST><<<grid, 128>>>(ff, segment); }), \
+           fwd_bytes);                                                                                  \
   }
-  FIRST_FWD_STREAM(12, 4) FIRST_FWD_STREAM(16, 4) FIRST_FWD_STREAM(12, 2) FIRST_FWD_STREAM(8, 4) FIRST_FWD_STREAM(12, 8)
+  FIRST_FWD_STREAM(12, 4, 1, false) FIRST_FWD_STREAM(16, 4, 1, false) FIRST_FWD_STREAM(12, 2, 1, false)
+  FIRST_FWD_STREAM(8, 4, 1, false) FIRST_FWD_STREAM(12, 4, 1, true) FIRST_FWD_STREAM(8, 4, 2, false)
+  FIRST_FWD_STREAM(8, 4, 3, false) FIRST_FWD_STREAM(6, 4, 3, false) FIRST_FWD_STREAM(8, 4, 2, true)
 
 #define FIRST_BWD(VECS, MINB, ROUNDS)                                                                   \
   {                                                                                                     \

@@ -162,12 +162,17 @@ __device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int6
   return raw;
 }
 
-template <typename T, int kWidth, int kMinBlocks>
+// kAhead: rounds whose loads are in flight while a round is computed. kBatchFastest: consecutive
+// blocks take the batch rows of one channel (causal-conv1d's grid order) instead of consecutive
+// channels of one row. Both are tuning knobs for scripts/conv_variants.cu.
+template <typename T, int kWidth, int kMinBlocks, int kAhead = 1, bool kBatchFastest = false>
 __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_stream_kernel(ForwardParams p, int64_t segment) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
-  const int64_t b = static_cast<int64_t>(blockIdx.x) / p.dim, c = static_cast<int64_t>(blockIdx.x) % p.dim;
+  const int64_t block = blockIdx.x;
+  const int64_t b = kBatchFastest ? block % p.batch : block / p.dim;
+  const int64_t c = kBatchFastest ? block / p.batch : block % p.dim;
   const int64_t seg_begin = blockIdx.y * segment;
   const int64_t seg_end = seg_begin + segment < p.seqlen ? seg_begin + segment : p.seqlen;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
@@ -176,21 +181,22 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
   const Taps<kWidth, 1> taps(p, c);
   const int64_t step = int64_t{blockDim.x} * kElts;
   int64_t pos = seg_begin + static_cast<int64_t>(threadIdx.x) * kElts;
-  uint4 own = make_uint4(0, 0, 0, 0), before = make_uint4(0, 0, 0, 0);
-  if (pos < seg_end) {
-    own = load_raw_vector(x, pos, p.seqlen);
-    if (pos > 0) before = load_raw_vector(x, pos - kElts, p.seqlen);
-  }
-  for (; pos < seg_end; pos += step) {
-    const int64_t next = pos + step;
-    uint4 next_own = own, next_before = before;
-    if (next < seg_end) {
-      next_own = load_raw_vector(x, next, p.seqlen);
-      next_before = load_raw_vector(x, next - kElts, p.seqlen);
+  // own[a] / before[a]: the vector of round `a` ahead of the current one and the vector before it.
+  uint4 own[kAhead + 1], before[kAhead + 1];
+  auto fetch = [&](int64_t at, uint4& vector, uint4& previous) {
+    vector = previous = make_uint4(0, 0, 0, 0);
+    if (at < seg_end) {
+      vector = load_raw_vector(x, at, p.seqlen);
+      if (at > 0) previous = load_raw_vector(x, at - kElts, p.seqlen);
     }
+  };
+#pragma unroll
+  for (int a = 0; a < kAhead; ++a) fetch(pos + a * step, own[a], before[a]);
+  for (; pos < seg_end; pos += step) {
+    fetch(pos + kAhead * step, own[kAhead], before[kAhead]);
     float xf[kHist + kElts];
-    const T* own_elts = reinterpret_cast<const T*>(&own);
-    const T* before_elts = reinterpret_cast<const T*>(&before);
+    const T* own_elts = reinterpret_cast<const T*>(&own[0]);
+    const T* before_elts = reinterpret_cast<const T*>(&before[0]);
 #pragma unroll
     for (int k = 0; k < kHist; ++k) {
       xf[k] = pos > 0 ? to_float(before_elts[kElts - kHist + k])
@@ -206,8 +212,11 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
       xf[kHist + i] = p.silu ? silu(acc) : acc;
     }
     store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
-    own = next_own;
-    before = next_before;
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      own[a] = own[a + 1];
+      before[a] = before[a + 1];
+    }
   }
 }
 
