@@ -167,10 +167,12 @@ stage_check() {
     "$PYTHON" -m ssmkernels check --json "$OUT/check.json"
 }
 
-stage_bench() {  # BENCH_ARGS filters (e.g. "--primitive ssd"); BENCH_NAME names the output files
-    local name=${BENCH_NAME:-bench}
+stage_bench() {  # BENCH_ARGS filters (e.g. "--primitive ssd"); BENCH_NAME names the output files;
+                 # BENCH_DETERMINISTIC=0 leaves out the deterministic-mode rows of fwd+bwd cases
+    local name=${BENCH_NAME:-bench} deterministic=--deterministic
+    [ "${BENCH_DETERMINISTIC:-1}" = 0 ] && deterministic=
     # shellcheck disable=SC2086
-    "$PYTHON" -m ssmkernels bench --compare --deterministic --json "$OUT/$name.json" --markdown "$OUT/$name.md" \
+    "$PYTHON" -m ssmkernels bench --compare $deterministic --json "$OUT/$name.json" --markdown "$OUT/$name.md" \
         --plot "$OUT/$name.png" ${BENCH_ARGS:-}
 }
 
