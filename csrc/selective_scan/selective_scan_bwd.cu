@@ -25,17 +25,23 @@
 //   suffices), then each thread sums the kCh values in fixed warp order and issues one atomicAdd per
 //   (row, group, n, t) per block: kCh times fewer atomics than one per channel, 32 consecutive
 //   addresses per warp instruction. Deterministic mode (bc_grad_per_channel: each channel owns a
-//   zeroed slot, see selective_scan.h) has each warp store its own slot (one write per address,
-//   coalesced through the same staging, no barrier across warps).
+//   zeroed slot, see selective_scan.h) runs one warp per block, each storing its own slot (one
+//   write per address, coalesced through the same staging).
 // - Sums over steps (dA and fixed dB/dC) accumulate per lane in shared memory when n <= 32 (no
 //   shuffles per sub-chunk; reduced once at the end), else per warp via warp_sum; dD and
 //   ddelta_bias accumulate in registers. They go to the same per-(sequence, channel) partial
 //   buffers as before.
-// - Per-step values live in registers: u, dt, dy, du, ddt, y (6 kIt) across the n loop, B, C, a, h
-//   (4 kIt) per n; the sigmoid terms of softplus and z are recomputed from reloads after the n loop
-//   instead of being held through it.
+// - Per-step values live in registers: dt, dt u, dy and the sums over n of g B, g A a h_{t-1} and
+//   C h (6 kIt) across the n loop, from which du = D dy + dt sum(g B) and
+//   ddt = sum(g A a h_{t-1}) + u sum(g B) (fewer FLOPs per element than accumulating du, ddt per n);
+//   B, C, a, h (4 kIt) per n. u, the softplus and z derivatives are reloaded after the n loop
+//   instead of being held through it. A lane's forward and reverse maps share their decay, the
+//   product of its a_t, taken as one exp2 of its summed dt. Decays use ex2.approx.ftz.
+// - kIt = 8: ptxas puts the kernel at 157-168 registers (capped at 168: 12 warps per SM, no
+//   spills; a cap of 128 spills ~250 bytes). kIt = 16 would halve the shuffles per element but
+//   doubles the per-step registers (not tried: it could not fit without spills).
 // The launcher uses kCh = 4 when the channel count (of the launch) and the B/C groups allow it,
-// else one warp per block. Any l (l = 1, partial sub-chunks and chunks, empty varlen sequences:
+// outside deterministic mode, else one warp per block. Any l (l = 1, partial sub-chunks and chunks, empty varlen sequences:
 // lanes past the end run identity steps and write nothing), fixed or input-dependent B/C, float32
 // B/C with 16-bit u, any n.
 #include "selective_scan/scan_common.cuh"
