@@ -74,11 +74,16 @@ __host__ __device__ inline BwdSmem bwd_smem_layout(const Params& p, int kCh, int
   return m;
 }
 
+// Shared memory a block may take on sm_90 (227 KB).
+constexpr int64_t kMaxSmemBytes = 227 * 1024;
+
 // Channels (warps) per block: 4 when the launch's channels split into blocks of 4 that lie in one
-// group of each input-dependent B/C (the block sums their dB/dC), else 1.
+// group of each input-dependent B/C (the block sums their dB/dC), else 1. Very large n (past ~1000,
+// beyond Mamba's) also falls back to 1, whose shared memory is a quarter.
 inline int backward_channels_per_block(const Params& p) {
   const int64_t count = p.channel_count ? p.channel_count : p.dim;
   if (count % 4 != 0 || p.channel_begin % 4 != 0) return 1;
+  if (bwd_smem_layout(p, 4, kItBwd).total * static_cast<int64_t>(sizeof(float)) > kMaxSmemBytes) return 1;
   // Deterministic per-channel slots: one warp per block (no block sum; keeps the 4-warp kernel lean).
   if (p.bc_grad_per_channel) return 1;
   if (!p.b_fixed && p.channels_per_b_group % 4 != 0) return 1;
@@ -423,6 +428,10 @@ void launch_backward_blocks(const Params& p) {
   const int64_t count = p.channel_count ? p.channel_count : p.dim;
   dim3 grid(static_cast<unsigned>(count / kCh), static_cast<unsigned>(p.num_seqs));
   const size_t smem = static_cast<size_t>(bwd_smem_layout(p, kCh, kItBwd).total) * sizeof(float);
+  if (static_cast<int64_t>(smem) > kMaxSmemBytes) {
+    throw std::invalid_argument("selective_scan cuda backward: d_state " + std::to_string(p.dstate) +
+                                " needs more shared memory than a block has (" + std::to_string(smem) + " bytes)");
+  }
   auto kernel = backward_kernel<input_t, bc_t, kItBwd, kCh>;
   if (smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
