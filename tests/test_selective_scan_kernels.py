@@ -323,6 +323,14 @@ EMULATED_CASES = {
     "fixed_BC": CASES["fixed_BC"],      # 1 channel per forward block
     # Packed sequences ending just before, at and after the 2048-step chunk edges (checkpoints).
     "varlen_chunk_edges": dict(b=1, l=4500, d=4, n=2, cu=[0, 2047, 2049, 2049, 4500], init=True),
+    # The backward's paths (one warp per channel, 256-step sub-chunks, blocks of 4 channels when the
+    # groups allow): n past 32 (warp-summed dA/dB instead of per-lane sums) with fixed B and shared
+    # C, partial third sub-chunk, 4-channel blocks.
+    "n40_fixed_B_sub_chunks": dict(b=1, d=4, n=40, l=600, B="fixed", C="shared", init=True),
+    # One warp per block (6 channels per B/C group) over the 2048 edge: per-warp dB/dC atomics.
+    "d6_shared_l2100": dict(b=1, d=6, n=3, l=2100, init=True),
+    # Fixed B/C in 4-channel blocks over the 2048 edge, n = 33.
+    "d4_fixed_l2100_n33": dict(b=1, d=4, n=33, l=2100, B="fixed", C="fixed", init=True),
 }
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
 @pytest.mark.parametrize("case_name", list(EMULATED_CASES))
@@ -331,6 +339,18 @@ def test_cuda_kernels_in_host_emulation(case_name, emulated_scan_cuda):
     inputs = _scan_inputs(case, torch.float32)
     compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),
                            label=f"emulated cuda {case_name}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in test_scan_float32_BC_with_half_u")
+@pytest.mark.parametrize("case_name", ["fixed_BC", "d8_grouped"])
+def test_cuda_float32_BC_with_half_u_in_host_emulation(case_name, emulated_scan_cuda):
+    """The kernels' <half, float> instances (1- and 4-channel blocks)."""
+    case = {**BASE, **CASES[case_name], "init": True}
+    inputs = _scan_inputs(case, torch.float16)
+    for name in ("A", "B", "C", "D", "delta_bias", "initial_state"):
+        inputs[name] = inputs[name].float()
+    compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),
+                           keep_dtype=(), label=f"emulated cuda float32 B/C {case_name}")
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in test_scan_deterministic_mode")

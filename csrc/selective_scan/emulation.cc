@@ -52,6 +52,8 @@ static EmuBlock g_block;
 static std::mutex g_atomic;
 
 inline void __syncthreads() { g_block.bar->arrive_and_wait(); }
+// Warp-level sync: the block-wide barrier (kernels call it uniformly across the block).
+inline void __syncwarp(unsigned = 0xffffffffu) { g_block.bar->arrive_and_wait(); }
 inline float emu_exchange(float v, int src_tid, bool take) {
   const int tid = threadIdx.x;
   g_block.buf[tid] = v;
@@ -125,9 +127,16 @@ void fwd_dispatch(const Params& p) {
 
 template <typename T>
 void bwd_dispatch(const Params& p) {
+  // Mirrors launch_backward: kCh warps (channels) per block.
   const auto channels = static_cast<unsigned>(p.channel_count ? p.channel_count : p.dim);
-  if (p.bc_dtype == p.dtype) run_grid(backward_kernel<T, T>, channels, p.num_seqs, kThreadsBwd, p);
-  else run_grid(backward_kernel<T, float>, channels, p.num_seqs, kThreadsBwd, p);
+  const bool same = p.bc_dtype == p.dtype;
+  if (backward_channels_per_block(p) == 4) {
+    if (same) run_grid(backward_kernel<T, T, kItBwd, 4>, channels / 4, p.num_seqs, 128, p);
+    else run_grid(backward_kernel<T, float, kItBwd, 4>, channels / 4, p.num_seqs, 128, p);
+  } else {
+    if (same) run_grid(backward_kernel<T, T, kItBwd, 1>, channels, p.num_seqs, 32, p);
+    else run_grid(backward_kernel<T, float, kItBwd, 1>, channels, p.num_seqs, 32, p);
+  }
 }
 
 }}}  // namespace
