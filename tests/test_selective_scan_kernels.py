@@ -324,6 +324,30 @@ EMULATED_CASES = {
     # Packed sequences ending just before, at and after the 2048-step chunk edges (checkpoints).
     "varlen_chunk_edges": dict(b=1, l=4500, d=4, n=2, cu=[0, 2047, 2049, 2049, 4500], init=True),
 }
+# Forward only (the backward's emulation is slower): the forward's warp-per-channel paths. Each
+# warp walks 512-step warp chunks; blocks of 4 channels with idle warps when d % 4 != 0; carries of
+# n > 32 states copied by the whole warp; 16-bit vector loads and their unaligned fallback.
+EMULATED_FORWARD_CASES = {
+    # 5 channels: a block with 3 idle warps; n = 40; l crosses warp chunks and the 2048 checkpoint
+    # edge; fixed B with input-dependent C.
+    "d5_n40_l2600_fixed_B": (dict(b=2, d=5, n=40, l=2600, B="fixed", init=True), torch.float32),
+    # bf16: aligned vector loads (sequence starts 0, 600) and element loads (start 601, tails),
+    # an empty first sequence, grouped B.
+    "varlen_bf16": (dict(b=1, d=4, n=3, l=1100, cu=[0, 0, 600, 601, 1100], B="grouped", g=2, init=True),
+                    torch.bfloat16),
+    "l1_f16": (dict(l=1, d=3, init=True), torch.float16),
+}
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
+@pytest.mark.parametrize("case_name", list(EMULATED_FORWARD_CASES))
+def test_cuda_forward_in_host_emulation(case_name, emulated_scan_cuda):
+    changes, dtype = EMULATED_FORWARD_CASES[case_name]
+    case = {**BASE, **changes}
+    inputs = _scan_inputs(case, dtype)
+    compare_with_reference(_scan_fn(case), inputs, "cuda", label=f"emulated cuda forward {case_name}")
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
 @pytest.mark.parametrize("case_name", list(EMULATED_CASES))
 def test_cuda_kernels_in_host_emulation(case_name, emulated_scan_cuda):
