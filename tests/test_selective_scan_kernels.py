@@ -42,7 +42,7 @@ CASES = {
     "n5": dict(n=5),
     "n16": dict(n=16, d=3),
     "d1": dict(d=1, l=9, init=True),
-    # Channel counts whose blocks of 4 fit the B/C groups (the CUDA forward's 4-channel blocks).
+    # Channel counts that fill the CUDA forward's 4-channel (one warp each) blocks.
     "d8": dict(d=8, init=True),
     "d8_grouped": dict(d=8, B="grouped", C="grouped", g=2),
     "d8_fixed_B": dict(d=8, B="fixed", init=True),
@@ -317,10 +317,10 @@ def test_torch_compile_fullgraph(backend):
 # Without a GPU, the CUDA kernels' own code runs as host C++ (csrc/selective_scan/emulation.cc: one
 # std::thread per CUDA thread, barriers for __syncthreads and shuffles) behind the real op layer and
 # cuda.py, so their algorithm and indexing are checked here too. Slow (hundreds of OS threads per
-# block), hence a few cases covering both forward variants (1 and 4 channels per block).
+# block), hence a few cases: input-dependent and fixed B/C, and the checkpoint edges.
 EMULATED_CASES = {
-    "d8_grouped": CASES["d8_grouped"],  # 4 channels per forward block
-    "fixed_BC": CASES["fixed_BC"],      # 1 channel per forward block
+    "d8_grouped": CASES["d8_grouped"],  # two full forward blocks (4 channels, one per warp)
+    "fixed_BC": CASES["fixed_BC"],      # 6 channels: the second forward block has 2 idle warps
     # Packed sequences ending just before, at and after the 2048-step chunk edges (checkpoints).
     "varlen_chunk_edges": dict(b=1, l=4500, d=4, n=2, cu=[0, 2047, 2049, 2049, 4500], init=True),
 }
