@@ -18,14 +18,17 @@
 //     The lane then replays h = a_i h + b_i, y_i += C_i h. 10 shuffles per n, ~7 FP32 ops + 1 exp2
 //     per (step, n): the exps (MUFU, 16/clk/SM) and the issue rate set the floor, not memory.
 //   - B and C tiles (16 steps of one n: two 16-byte loads for 16-bit types) are kept packed and
-//     prefetched one n ahead, so their latency hides behind the current n's work.
+//     prefetched one n ahead, so their latency hides behind the current n's work; whether a lane's
+//     tiles take the vector path is decided once per warp chunk; bf16 converts by bit moves.
 //   - Carries and A * log2e live in shared memory [warp][n] (N is a runtime size, 1..256 and
 //     more). Only lane 0 touches a carry inside the n loop; the warp copies them in from the
 //     initial state and out to the checkpoints (when a warp chunk starts a kChunk chunk) and to
 //     last_state, coalesced, between __syncwarp()s. An empty sequence copies its initial state.
 //   - Then y *= silu(z) and the store.
-// Registers: dt, dtu, y (48) across n, a, b (32) per n and the packed tiles: ~150 for 16-bit
-// B/C, so the launch bounds ask for 3 blocks (12 warps) per SM, without spills.
+// Registers: dt, dtu, y (48) across n, a, b (32) per n and the packed tiles: ~150 (ptxas, sm_90a),
+// so the launch bounds ask for 3 blocks (12 warps) per SM, without spills. The SASS of the bf16
+// n loop: ~223 instructions per n for 16 steps (54 FFMA, 37 FMUL, 17 MUFU, 10 SHFL; the rest
+// conversions, moves, address and loop bookkeeping).
 //
 // B and C of input-dependent layouts: the kFwdWarps warps of a block take consecutive channels of
 // one sequence, which read the same B/C addresses (same group, or neighbouring groups) at about the
@@ -34,6 +37,9 @@
 // warp runs the same shuffles: the host emulation's barriers are block-wide) and store nothing.
 // A fixed (d, n) B or C is the same code with a broadcast tile (one code path for all layouts),
 // and so are float32 B/C with 16-bit u.
+#include <cstring>
+#include <type_traits>
+
 #include "selective_scan/scan_common.cuh"
 
 namespace ssmk {
@@ -76,23 +82,55 @@ struct alignas(16) FwdTile {
   T v[kFwdItems];
 };
 
-// The lane's tile at `ptr` (its first step): vector loads when complete and aligned, else element
-// by element with zeros past `valid`; a fixed (d, n) layout broadcasts the one value at `ptr`.
+// The lane's tile at `ptr` (its first step). `vector`: complete and 16-byte aligned, decided once
+// per warp chunk for all n (see the caller), so the common path costs two loads and one branch;
+// otherwise a fixed (d, n) layout broadcasts the one value at `ptr`, and an input-dependent one
+// loads element by element with zeros past `valid`.
 template <typename T>
-__device__ __forceinline__ void fwd_load_tile(const T* ptr, bool fixed, int valid, FwdTile<T>& tile) {
+__device__ __forceinline__ void fwd_load_tile(const T* ptr, bool vector, bool fixed, int valid, FwdTile<T>& tile) {
   constexpr int kVec = 16 / sizeof(T);
-  if (fixed) {
-    const T v = *ptr;
-#pragma unroll
-    for (int i = 0; i < kFwdItems; ++i) tile.v[i] = v;
-  } else if (valid >= kFwdItems && (reinterpret_cast<std::uintptr_t>(ptr) % 16) == 0) {
+  if (vector) {
 #pragma unroll
     for (int k = 0; k < kFwdItems / kVec; ++k) {
       reinterpret_cast<uint4*>(tile.v)[k] = reinterpret_cast<const uint4*>(ptr)[k];
     }
+  } else if (fixed) {
+    const T v = *ptr;
+#pragma unroll
+    for (int i = 0; i < kFwdItems; ++i) tile.v[i] = v;
   } else {
 #pragma unroll
     for (int i = 0; i < kFwdItems; ++i) tile.v[i] = i < valid ? ptr[i] : from_float<T>(0.f);
+  }
+}
+
+// Whether the lane's tiles of every n are complete and 16-byte aligned: its first one is, and the
+// n stride keeps the alignment.
+template <typename T>
+__device__ __forceinline__ bool fwd_vector_tiles(const T* ptr, bool fixed, int valid, int64_t n_stride) {
+  return !fixed && valid >= kFwdItems && reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0 &&
+         (n_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+}
+
+__device__ __forceinline__ float fwd_bits_to_float(uint32_t bits) {
+#ifdef SSMK_SCAN_EMULATION
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+#else
+  return __uint_as_float(bits);
+#endif
+}
+
+// Element i of a tile as float. bf16 by bit moves on the packed pairs (one op per element; the
+// generic conversion of the upper half takes two).
+template <typename T>
+__device__ __forceinline__ float fwd_at(const FwdTile<T>& tile, int i) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const uint32_t pair = reinterpret_cast<const uint32_t*>(tile.v)[i / 2];
+    return fwd_bits_to_float(i % 2 == 0 ? pair << 16 : pair & 0xffff0000u);
+  } else {
+    return to_float(tile.v[i]);
   }
 }
 
@@ -184,25 +222,29 @@ __global__ __launch_bounds__(kFwdThreads, kFwdMinBlocks) void forward_kernel(con
 
     // n = 0's tiles; each n prefetches the next n's (their latency hides behind this n's work).
     // 32-bit tiles take twice the registers: then only B is prefetched, C loaded at the top of its n
-    // (it is first used after the fold and the scan). With 16-bit tiles the n loop is unrolled by
-    // two with the tiles in ping-pong buffers: a plain loop copies the prefetched tiles into place
-    // every n (16 register moves per n, +12% instructions).
+    // (it is first used after the fold and the scan). Whether the tiles take the vector path is
+    // decided here once for all n. The step as a lambda over explicit tile buffers, copied at the
+    // end of each n: an inline loop body copying the tiles at its top compiled to ~25% more
+    // instructions per n (b_i recomputed in the replay); unrolling n by two over ping-pong buffers (to save the tile copies) took ~165
+    // registers for no fewer instructions.
     constexpr bool kPrefetchC = sizeof(bc_t) < 4;
     const int64_t B_step = p.B_n_stride, C_step = p.C_n_stride;
+    const bool B_vector = fwd_vector_tiles(B_ptr, b_fixed, valid, B_step);
+    const bool C_vector = fwd_vector_tiles(C_ptr, c_fixed, valid, C_step);
     auto step = [&](int n, const FwdTile<bc_t>& B_tile, const FwdTile<bc_t>& C_pre, FwdTile<bc_t>& B_next,
                     FwdTile<bc_t>& C_next) {
       FwdTile<bc_t> C_tile;
       if constexpr (kPrefetchC) {
         C_tile = C_pre;
       } else {
-        fwd_load_tile(C_ptr, c_fixed, valid, C_tile);
+        fwd_load_tile(C_ptr, C_vector, c_fixed, valid, C_tile);
       }
       const float A2 = A2s[n];
       if (n + 1 < n_state) {
         B_ptr += B_step;
         C_ptr += C_step;
-        fwd_load_tile(B_ptr, b_fixed, valid, B_next);
-        if constexpr (kPrefetchC) fwd_load_tile(C_ptr, c_fixed, valid, C_next);
+        fwd_load_tile(B_ptr, B_vector, b_fixed, valid, B_next);
+        if constexpr (kPrefetchC) fwd_load_tile(C_ptr, C_vector, c_fixed, valid, C_next);
       }
       const float h_in = lane == 0 ? carry[n] : 0.f;
 
@@ -211,7 +253,7 @@ __global__ __launch_bounds__(kFwdThreads, kFwdMinBlocks) void forward_kernel(con
 #pragma unroll
       for (int i = 0; i < kFwdItems; ++i) {
         a[i] = fwd_exp2(dt[i] * A2);
-        b[i] = dtu[i] * to_float(B_tile.v[i]);
+        b[i] = dtu[i] * fwd_at(B_tile, i);
         fb = fmaf(a[i], fb, b[i]);
       }
       const float fa = fwd_exp2(sum_dt * A2);  // prod a_i to a few ulps, one MUFU op instead of 16 FMULs
@@ -219,24 +261,16 @@ __global__ __launch_bounds__(kFwdThreads, kFwdMinBlocks) void forward_kernel(con
 #pragma unroll
       for (int i = 0; i < kFwdItems; ++i) {
         h = fmaf(a[i], h, b[i]);
-        y[i] = fmaf(to_float(C_tile.v[i]), h, y[i]);
+        y[i] = fmaf(fwd_at(C_tile, i), h, y[i]);
       }
     };
     FwdTile<bc_t> B0, C0, B1, C1;
-    fwd_load_tile(B_ptr, b_fixed, valid, B0);
-    if constexpr (kPrefetchC) fwd_load_tile(C_ptr, c_fixed, valid, C0);
-    if constexpr (kPrefetchC) {
-      int n = 0;
-      for (; n + 1 < n_state; n += 2) {
-        step(n, B0, C0, B1, C1);
-        step(n + 1, B1, C1, B0, C0);
-      }
-      if (n < n_state) step(n, B0, C0, B1, C1);
-    } else {  // 32-bit B: unrolled, the two tile pairs would spill; copy the prefetched tile instead
-      for (int n = 0; n < n_state; ++n) {
-        step(n, B0, C0, B1, C1);
-        B0 = B1;
-      }
+    fwd_load_tile(B_ptr, B_vector, b_fixed, valid, B0);
+    if constexpr (kPrefetchC) fwd_load_tile(C_ptr, C_vector, c_fixed, valid, C0);
+    for (int n = 0; n < n_state; ++n) {
+      step(n, B0, C0, B1, C1);
+      B0 = B1;
+      if constexpr (kPrefetchC) C0 = C1;
     }
 
     if (active && valid > 0) {
