@@ -42,7 +42,7 @@ CASES = {
     "n5": dict(n=5),
     "n16": dict(n=16, d=3),
     "d1": dict(d=1, l=9, init=True),
-    # Channel counts whose blocks of 4 fit the B/C groups (the CUDA forward's 4-channel blocks).
+    # Channel counts that fill the CUDA forward's 4-channel (one warp each) blocks.
     "d8": dict(d=8, init=True),
     "d8_grouped": dict(d=8, B="grouped", C="grouped", g=2),
     "d8_fixed_B": dict(d=8, B="fixed", init=True),
@@ -317,10 +317,10 @@ def test_torch_compile_fullgraph(backend):
 # Without a GPU, the CUDA kernels' own code runs as host C++ (csrc/selective_scan/emulation.cc: one
 # std::thread per CUDA thread, barriers for __syncthreads and shuffles) behind the real op layer and
 # cuda.py, so their algorithm and indexing are checked here too. Slow (hundreds of OS threads per
-# block), hence a few cases covering both forward variants (1 and 4 channels per block).
+# block), hence a few cases: input-dependent and fixed B/C, and the checkpoint edges.
 EMULATED_CASES = {
-    "d8_grouped": CASES["d8_grouped"],  # 4 channels per forward block
-    "fixed_BC": CASES["fixed_BC"],      # 1 channel per forward block
+    "d8_grouped": CASES["d8_grouped"],  # two full forward blocks (4 channels, one per warp)
+    "fixed_BC": CASES["fixed_BC"],      # 6 channels: the second forward block has 2 idle warps
     # Packed sequences ending just before, at and after the 2048-step chunk edges (checkpoints).
     "varlen_chunk_edges": dict(b=1, l=4500, d=4, n=2, cu=[0, 2047, 2049, 2049, 4500], init=True),
     # The backward's paths (one warp per channel, 256-step sub-chunks, blocks of 4 channels when the
@@ -332,6 +332,30 @@ EMULATED_CASES = {
     # Fixed B/C in 4-channel blocks over the 2048 edge, n = 33.
     "d4_fixed_l2100_n33": dict(b=1, d=4, n=33, l=2100, B="fixed", C="fixed", init=True),
 }
+# Forward only (the backward's emulation is slower): the forward's warp-per-channel paths. Each
+# warp walks 512-step warp chunks; blocks of 4 channels with idle warps when d % 4 != 0; carries of
+# n > 32 states copied by the whole warp; 16-bit vector loads and their unaligned fallback.
+EMULATED_FORWARD_CASES = {
+    # 5 channels: a block with 3 idle warps; n = 40; l crosses warp chunks and the 2048 checkpoint
+    # edge; fixed B with input-dependent C.
+    "d5_n40_l2600_fixed_B": (dict(b=2, d=5, n=40, l=2600, B="fixed", init=True), torch.float32),
+    # bf16: aligned vector loads (sequence starts 0, 600) and element loads (start 601, tails),
+    # an empty first sequence, grouped B.
+    "varlen_bf16": (dict(b=1, d=4, n=3, l=1100, cu=[0, 0, 600, 601, 1100], B="grouped", g=2, init=True),
+                    torch.bfloat16),
+    "l1_f16": (dict(l=1, d=3, init=True), torch.float16),
+}
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
+@pytest.mark.parametrize("case_name", list(EMULATED_FORWARD_CASES))
+def test_cuda_forward_in_host_emulation(case_name, emulated_scan_cuda):
+    changes, dtype = EMULATED_FORWARD_CASES[case_name]
+    case = {**BASE, **changes}
+    inputs = _scan_inputs(case, dtype)
+    compare_with_reference(_scan_fn(case), inputs, "cuda", label=f"emulated cuda forward {case_name}")
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
 @pytest.mark.parametrize("case_name", list(EMULATED_CASES))
 def test_cuda_kernels_in_host_emulation(case_name, emulated_scan_cuda):

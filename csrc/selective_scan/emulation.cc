@@ -52,7 +52,7 @@ static EmuBlock g_block;
 static std::mutex g_atomic;
 
 inline void __syncthreads() { g_block.bar->arrive_and_wait(); }
-// Warp-level sync: the block-wide barrier (kernels call it uniformly across the block).
+// Warp-level sync: the block-wide barrier here, so warps must call it uniformly (as the shuffles).
 inline void __syncwarp(unsigned = 0xffffffffu) { g_block.bar->arrive_and_wait(); }
 inline float emu_exchange(float v, int src_tid, bool take) {
   const int tid = threadIdx.x;
@@ -71,6 +71,7 @@ inline float __shfl_down_sync(unsigned, float v, int off) {
   return emu_exchange(v, threadIdx.x + off, lane + off < 32);
 }
 inline float __shfl_xor_sync(unsigned, float v, int off) { return emu_exchange(v, threadIdx.x ^ off, true); }
+inline float __shfl_sync(unsigned, float v, int src) { return emu_exchange(v, (threadIdx.x & ~31u) + (src & 31), true); }
 inline float atomicAdd(float* a, float v) {
   std::lock_guard<std::mutex> lock(g_atomic);
   const float old = *a;
@@ -111,12 +112,8 @@ void run_grid(Kernel kernel, unsigned gx, unsigned gy, int threads, const Params
 
 template <typename T, typename BC>
 void fwd_typed(const Params& p) {
-  // Mirrors launch_forward: 4-channel blocks only when B/C have u's dtype.
-  if (std::is_same_v<T, BC> && four_channel_blocks(p)) {
-    run_grid(forward_kernel<T, BC, 256, kChunk / 256, 4>, p.dim / 4, p.num_seqs, 256, p);
-  } else {
-    run_grid(forward_kernel<T, BC, kThreads, kItems, 1>, p.dim, p.num_seqs, kThreads, p);
-  }
+  // Mirrors launch_forward: one warp per channel, kFwdWarps channels per block.
+  run_grid(forward_kernel<T, BC>, static_cast<unsigned>(ceil_div(p.dim, kFwdWarps)), p.num_seqs, kFwdThreads, p);
 }
 
 template <typename T>
