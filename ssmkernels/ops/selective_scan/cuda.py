@@ -1,9 +1,11 @@
 """Cuda kernels of selective_scan (csrc/selective_scan): thin calls into the torch-free extension.
 
-The kernels scan one channel of one sequence per block in chunks of ``CHUNK`` (= 2048) steps and
-keep the state entering every chunk as the backward's checkpoint. A, D and delta_bias go to the
+The kernels scan one channel of one sequence per warp (4 consecutive channels per block, sharing
+their B/C loads) and keep the state entering every ``CHUNK`` (= 2048) steps as the backward's
+checkpoint. A, D and delta_bias go to the
 kernels as float32; delta and z in u's dtype; B and C in u's dtype or float32 (anything else is
-converted here). Gradients of input-dependent B and C sum over channels with float atomics; in
+converted here). Gradients of input-dependent B and C sum over channels with float atomics (one per block and
+element, after the block's 4 channels are summed in shared memory); in
 deterministic mode the backward instead runs per slice of channels, each channel adding into a slot
 of its own (one add per address, onto zeros), and the slots are summed in a fixed order here.
 """
