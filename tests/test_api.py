@@ -233,3 +233,40 @@ def test_import_does_not_load_dynamo():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def _eager_vs_op_inputs():
+    g = torch.Generator().manual_seed(5)
+    b, d, l, n = 2, 4, 37, 3
+    conv = dict(x=torch.randn(b, d, l, generator=g), weight=torch.randn(d, 4, generator=g),
+                bias=torch.randn(d, generator=g))
+    scan = dict(u=torch.randn(b, d, l, generator=g), delta=torch.rand(b, d, l, generator=g) - 0.5,
+                A=-torch.rand(d, n, generator=g) - 0.5, B=torch.randn(b, n, l, generator=g),
+                C=torch.randn(b, n, l, generator=g), D=torch.randn(d, generator=g), z=torch.randn(b, d, l, generator=g))
+    return {"causal_conv1d": (conv, lambda kw: ssmkernels.causal_conv1d(**kw, activation="silu", backend="triton")),
+            "selective_scan": (scan, lambda kw: ssmkernels.selective_scan(**kw, delta_softplus=True, backend="triton"))}
+
+
+@pytest.mark.parametrize("primitive", ["causal_conv1d", "selective_scan"])
+def test_eager_fast_path_equals_the_custom_op(primitive, monkeypatch):
+    """Plain eager calls run the custom ops' implementations through one autograd.Function
+    (custom_op.eager_autograd); with the fast path off they go through torch.library's dispatcher.
+    Both give bitwise the same outputs and gradients, and each path is the one taken."""
+    from ssmkernels._core import custom_op
+
+    inputs, fn = _eager_vs_op_inputs()[primitive]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs Triton's interpreter)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    results = {}
+    for path in ("eager", "op"):
+        if path == "op":
+            monkeypatch.setattr(custom_op, "plain_eager", lambda: False)
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+        out = fn(leaves)
+        assert type(out.grad_fn).__name__.startswith("Eager" if path == "eager" else "GeneratedBackwardFor"), \
+            type(out.grad_fn).__name__
+        grads = torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
+        results[path] = (out.detach(), grads)
+    torch.testing.assert_close(results["eager"][0], results["op"][0], rtol=0, atol=0)
+    for eager, op in zip(results["eager"][1], results["op"][1]):
+        torch.testing.assert_close(eager, op, rtol=0, atol=0)
