@@ -10,12 +10,6 @@ namespace ssmk {
 namespace scan {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kWarps = kThreads / 32;
-// The backward holds more per-step values, so it uses twice the threads with half the steps each
-// (the same chunk, hence the same checkpoints).
-constexpr int kThreadsBwd = 256;
-constexpr int kItemsBwd = kChunk / kThreadsBwd;
-constexpr int kWarpsBwd = kThreadsBwd / 32;
 
 
 // Where one block works: the sequence's bounds along l, its batch row, its first checkpoint slot.

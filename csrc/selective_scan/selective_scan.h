@@ -12,11 +12,9 @@
 namespace ssmk {
 namespace scan {
 
-// Threads per block and steps per thread: one block scans one channel of one sequence in chunks of
-// kThreads * kItems steps, and stores the state entering every chunk (the backward's checkpoints).
-constexpr int kThreads = 128;
-constexpr int kItems = 16;
-constexpr int kChunk = kThreads * kItems;
+// The checkpoint interval: the forward stores the state entering every kChunk steps of each
+// sequence, from which the backward recomputes the states (one warp scans one channel in both).
+constexpr int kChunk = 2048;
 
 struct Params {
   int64_t batch = 0, dim = 0, seqlen = 0, dstate = 0;

@@ -376,7 +376,6 @@ def clear_caches() -> None:
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-
 def selective_state_update(
     state: Tensor,
     x: Tensor,
