@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -69,10 +70,14 @@ def call(kw: dict, backend: str | None):
                                              kw["z"], kw["dt_bias"], True, backend=backend)
 
 
-def per_call_us(fn, calls: int, repeats: int, sync: bool = False) -> dict:
-    """Median and minimum over ``repeats`` loops of ``calls`` calls, in microseconds per call."""
-    for _ in range(min(calls, 200)):
+def per_call_us(fn, calls: int, repeats: int, sync: bool = False, warmup_s: float = 0.5) -> dict:
+    """Median and minimum over ``repeats`` loops of ``calls`` calls, in microseconds per call, after
+    ``warmup_s`` seconds of untimed calls (see ssmkernels/bench/timing.py: wall_per_call_us)."""
+    warm_until = time.perf_counter() + warmup_s
+    for i in range(1 << 62):
         fn()
+        if i >= 200 and time.perf_counter() >= warm_until:
+            break
     if sync:
         torch.cuda.synchronize()
     loops = []
@@ -88,7 +93,8 @@ def per_call_us(fn, calls: int, repeats: int, sync: bool = False) -> dict:
 
 def wall(calls: int, repeats: int) -> dict:
     kw = decode_inputs(torch.device("cuda"))
-    results = {}
+    results = {"default, first, no warm-up": per_call_us(lambda: call(kw, None), calls, repeats, sync=True, warmup_s=0),
+               "default, 0.5 s warm-up": per_call_us(lambda: call(kw, None), calls, repeats, sync=True)}
     for backend in ("cuda", "triton", "reference"):
         try:
             call(kw, backend)
@@ -194,6 +200,9 @@ def main() -> int:
     parser.add_argument("--wall-only", action="store_true",
                         help="only the wall-clock loops (public API only: times older commits too)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
+                        help="Python's garbage collector during the measurement: as is, with every object that "
+                             "exists after the imports frozen (gc.freeze), or disabled")
     parser.add_argument("--import-peers", action="store_true",
                         help="first import the peer libraries, as `bench --compare` does (to tell whether "
                              "their imports change our per-call cost, e.g. by enabling a torch mode)")
@@ -205,6 +214,11 @@ def main() -> int:
               "function", torch._C._is_torch_function_mode_enabled(),
               "functorch", torch._C._are_functorch_transforms_active(),
               "profiler", torch._C._autograd._profiler_enabled())
+    if args.gc == "freeze":
+        gc.freeze()
+    elif args.gc == "off":
+        gc.disable()
+    print(f"gc: {args.gc}, {len(gc.get_objects())} tracked objects, {gc.get_freeze_count()} frozen")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     report = {"environment": environment()}

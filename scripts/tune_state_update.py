@@ -3,15 +3,21 @@
 (H128 P64 N128 G8, bf16 x/B/C, stride-0 A/dt/D/dt_bias, softplus), next to a device copy.
 A tuning tool for the GPU machine:
 
-    python scripts/tune_state_update.py [--batch 256] [--json out.json]
+    python scripts/tune_state_update.py [--batch 256] [--json out.json] [--cuda-packs 1,2,4]
 
-Each row: state dtype, tile (state elements per program), warps, median time, GB/s and % of copy.
-The library's current choice is marked with '*'.
+Each row: state dtype, tile (state elements per program), warps, programs per SM (0: one program per
+tile; else a grid of that many per SM, each looping over tiles), median time, GB/s and % of copy.
+The library's current choice is marked with '*'. ``--cuda-packs`` also times the CUDA kernel with
+each cap on the 16-byte state packs per thread (SSMKERNELS_STATE_UPDATE_PACKS, one process each,
+since the launcher reads it once; 0 = the launcher's own choice).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ssmkernels.bench import timing  # noqa: E402
+from ssmkernels.ops.state_update import cuda as su_cuda  # noqa: E402
 from ssmkernels.ops.state_update import triton as su_triton  # noqa: E402
 
 
@@ -27,7 +34,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (default 256)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--cuda-packs", help="comma-separated caps on the CUDA kernel's packs per thread to time")
+    parser.add_argument("--cuda-only", action="store_true", help=argparse.SUPPRESS)  # one --cuda-packs child
     args = parser.parse_args()
+    if args.cuda_packs and not args.cuda_only:
+        for packs in args.cuda_packs.split(","):
+            command = [sys.executable, __file__, "--cuda-only"] + [f"--batch={b}" for b in args.batch or [256]]
+            subprocess.run(command, check=False, env=dict(os.environ, SSMKERNELS_STATE_UPDATE_PACKS=packs))
     h, p, n, g = 128, 64, 128, 8
     peaks = timing.peaks()
     print(f"copy {peaks.copy_gbps:.0f} GB/s", flush=True)
@@ -49,26 +62,33 @@ def main() -> None:
                 out = torch.empty_like(x)
                 sets.append((state, x, dt, A, B, C, D, None, dt_bias, True, None, -1, out))
             nbytes = 2 * batch * h * p * n * state_dtype.itemsize + (2 * batch * h * p + 2 * batch * g * n) * 2
+            if args.cuda_only:
+                packs = os.environ.get("SSMKERNELS_STATE_UPDATE_PACKS", "0")
+                t = timing.measure([lambda s=s: su_cuda.update(*s) for s in sets])
+                gbps = nbytes / (t.median_ms * 1e-3) / 1e9
+                print(f"  b{batch} {str(state_dtype):15} cuda packs {packs:>2}      {t.median_ms:.4f} ms "
+                      f"{gbps:6.0f} GB/s {100 * gbps / peaks.copy_gbps:5.1f}%", flush=True)
+                continue
             chosen = default_config(batch, h, p, n, state_dtype.itemsize)
-            for tile in (1024, 2048, 4096, 8192):
-                for warps in (2, 4, 8):
-                    block_p = min(p, tile // n)
-                    if block_p < 1 or tile // (32 * warps) < 1:
-                        continue
-                    su_triton._launch_config = lambda *a, block_p=block_p, warps=warps: (block_p, n, warps)
-                    steps = [lambda s=s: su_triton.update(*s) for s in sets]
-                    try:
-                        t = timing.measure(steps)
-                    except Exception as exc:  # noqa: BLE001 (a config the compiler rejects)
-                        print(f"{state_dtype} tile {tile} warps {warps}: {type(exc).__name__}", flush=True)
-                        continue
-                    gbps = nbytes / (t.median_ms * 1e-3) / 1e9
-                    mark = "*" if (block_p, n, warps) == chosen else " "
-                    row = dict(batch=batch, state=str(state_dtype), tile=tile, warps=warps,
-                               ms=t.median_ms, gbps=gbps, pct_copy=100 * gbps / peaks.copy_gbps)
-                    rows.append(row)
-                    print(f"{mark} b{batch} {str(state_dtype):15} tile {tile:5} warps {warps:2}  {t.median_ms:.4f} ms "
-                          f"{gbps:6.0f} GB/s {row['pct_copy']:5.1f}%", flush=True)
+            for tile, warps, per_sm in itertools.product((2048, 4096, 8192), (2, 4, 8), (0, 2, 4, 8)):
+                block_p = min(p, tile // n)
+                if block_p < 1 or tile // (32 * warps) < 1:
+                    continue
+                config = (block_p, n, warps, per_sm)
+                su_triton._launch_config = lambda *a, config=config: config
+                steps = [lambda s=s: su_triton.update(*s) for s in sets]
+                try:
+                    t = timing.measure(steps)
+                except Exception as exc:  # noqa: BLE001 (a config the compiler rejects)
+                    print(f"{state_dtype} tile {tile} warps {warps} per SM {per_sm}: {type(exc).__name__}", flush=True)
+                    continue
+                gbps = nbytes / (t.median_ms * 1e-3) / 1e9
+                mark = "*" if config == chosen else " "
+                row = dict(batch=batch, state=str(state_dtype), tile=tile, warps=warps, programs_per_sm=per_sm,
+                           ms=t.median_ms, gbps=gbps, pct_copy=100 * gbps / peaks.copy_gbps)
+                rows.append(row)
+                print(f"{mark} b{batch} {str(state_dtype):15} tile {tile:5} warps {warps:2} per SM {per_sm:2}  "
+                      f"{t.median_ms:.4f} ms {gbps:6.0f} GB/s {row['pct_copy']:5.1f}%", flush=True)
             su_triton._launch_config = default_config
     if args.json:
         Path(args.json).write_text(json.dumps(dict(copy_gbps=peaks.copy_gbps, gpu=torch.cuda.get_device_name(),

@@ -7,14 +7,25 @@
 // group. The vector path (kVec > 1) reads and writes the state with 16-byte accesses; it is taken
 // when the state's n axis is contiguous and every row start is 16-byte aligned, else kVec = 1.
 //
-// Templated on the state type, the pack width and whether A is one scalar per head (12 instances): the inputs' element types are
-// read at run time (a warp-uniform switch), since callers mix them (bf16 x with fp32 A/D/dt_bias).
+// Each thread loads the B and C elements of its own packs straight into registers (vector loads
+// where B/C are contiguous along n; they hit L1/L2, being shared by the group's heads and rows):
+// no shared-memory staging and no barrier, so a block's state loads, its B/C loads and its x/dt
+// loads are all in flight at once. Staging B/C behind two __syncthreads serialised two memory
+// latencies per block; the H200 ran the batch-256 float32 step at 54% of copy bandwidth so.
+//
+// Templated on the state type, the pack width, whether A is one scalar per head and B/C's type on
+// the vector path (24 instances; B/C of mixed types or layouts go element by element, 6 more): the
+// other inputs' element types are read at run time (warp-uniform switches), since callers mix them
+// (bf16 x with fp32 A/D/dt_bias) and they are one load per row and token.
 #include "common.h"
 #include "state_update/state_update.h"
 
+#include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace ssmk {
 namespace state_update {
@@ -49,24 +60,56 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-template <typename state_t, int kVec, int kChunks, bool kAPerHead>
+// The `kChunks` packs of one B or C row that a thread uses (pack c starts at n index
+// (c * lanes + lane_in_row) * kVec); zeros where `valid` is false.
+// bc_t = float / __half / __nv_bfloat16: n is contiguous, every pack's start aligned to the pack's
+// size, B and C of that type; a pack is one load, kept in its own type until used (half the
+// registers of floats). bc_t = void: any strides and dtype codes, element by element, as float.
+template <typename bc_t, int kVec, int kChunks>
+using BCPacks = Pack<std::conditional_t<std::is_void_v<bc_t>, float, bc_t>, kVec>[kChunks];
+
+template <typename bc_t, int kVec, int kChunks>
+__device__ __forceinline__ void load_bc_row(const void* base, int64_t offset, int64_t stride, int code, int lanes,
+                                            int lane_in_row, const bool (&valid)[kChunks],
+                                            BCPacks<bc_t, kVec, kChunks>& out) {
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) {
+    const int idx = (c * lanes + lane_in_row) * kVec;
+    if constexpr (std::is_void_v<bc_t>) {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v)
+        out[c].v[v] = valid[c] ? load_as_float(base, offset + (idx + v) * stride, code) : 0.f;
+    } else {
+      if (valid[c]) {
+        out[c] = *reinterpret_cast<const Pack<bc_t, kVec>*>(static_cast<const bc_t*>(base) + offset + idx);
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) out[c].v[v] = from_float<bc_t>(0.f);
+      }
+    }
+  }
+}
+
+template <typename state_t, int kVec, int kChunks, bool kAPerHead, typename bc_t>
 __global__ void __launch_bounds__(kThreads)
-state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks, int64_t p_blocks) {
+state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks, int p_blocks, int64_t b_offset) {
   constexpr int kElems = kVec * kChunks;
   const int lane = threadIdx.x & 31;
   const int rows_per_warp = 32 / lanes;
   const int row_in_warp = lane / lanes;
   const int lane_in_row = lane % lanes;
 
-  int64_t block = blockIdx.x;
-  const int64_t p_block = block % p_blocks;
-  block /= p_blocks;
-  const int64_t h = block % params.heads;
-  const int64_t b = block / params.heads;
+  // Grid: x = (head, block of rows), y = batch row (in launches of at most 65535 rows). 32-bit
+  // index math only: the 64-bit divisions of a flat grid index sat in front of every block's state
+  // loads (the launcher checks heads * p_blocks < 2^31).
+  const int h32 = static_cast<int>(blockIdx.x) / p_blocks;
+  const int p_block = static_cast<int>(blockIdx.x) - h32 * p_blocks;
+  const int64_t h = h32;
+  const int64_t b = b_offset + blockIdx.y;
   const int64_t p = (p_block * kWarps + (threadIdx.x >> 5)) * rows_per_warp + row_in_warp;
   const bool row_ok = p < params.headdim;
-  const int64_t g = h / params.heads_per_group;
-  const int64_t n = params.dstate;
+  const int64_t g = h32 / static_cast<int>(params.heads_per_group);
+  const int n = static_cast<int>(params.dstate);  // <= kMaxDState
 
   int64_t slot = b;
   if (params.indices != nullptr) {
@@ -85,27 +128,20 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
   }
 
   // Element e = c * kVec + v of this thread sits at n index (c * lanes + lane_in_row) * kVec + v.
-  bool valid[kElems];
+  // A pack is all valid or all not (kVec > 1 needs n % kVec == 0).
+  bool valid[kChunks];
 #pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      const int64_t idx = (static_cast<int64_t>(c) * lanes + lane_in_row) * kVec + v;
-      valid[c * kVec + v] = row_ok && c < chunks && idx < n;
-    }
-  }
-  auto n_index = [&](int e) -> int64_t {
-    return (static_cast<int64_t>(e / kVec) * lanes + lane_in_row) * kVec + e % kVec;
-  };
+  for (int c = 0; c < kChunks; ++c) valid[c] = row_ok && c < chunks && (c * lanes + lane_in_row) * kVec < n;
 
+  // The state first: its loads are the ones that reach DRAM, the rest overlap them.
   state_t* state_row = static_cast<state_t*>(params.state) + slot * params.state_stride[0] +
                        h * params.state_stride[1] + (row_ok ? p : 0) * params.state_stride[2];
   float s[kElems];
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
+    const int idx = (c * lanes + lane_in_row) * kVec;
     if constexpr (kVec > 1) {  // n contiguous, 16-byte aligned rows, n a multiple of kVec
-      const int64_t idx = (static_cast<int64_t>(c) * lanes + lane_in_row) * kVec;
-      if (valid[c * kVec]) {
+      if (valid[c]) {
         const Pack<state_t, kVec> pack = *reinterpret_cast<const Pack<state_t, kVec>*>(state_row + idx);
 #pragma unroll
         for (int v = 0; v < kVec; ++v) s[c * kVec + v] = to_float(pack.v[v]);
@@ -114,7 +150,7 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
         for (int v = 0; v < kVec; ++v) s[c * kVec + v] = 0.f;
       }
     } else {
-      s[c] = valid[c] ? to_float(state_row[n_index(c) * params.state_stride[3]]) : 0.f;
+      s[c] = valid[c] ? to_float(state_row[idx * params.state_stride[3]]) : 0.f;
     }
   }
 
@@ -137,29 +173,18 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
   const int64_t B_row = b * params.B_stride[0] + g * params.B_stride[2];
   const int64_t C_row = b * params.C_stride[0] + g * params.C_stride[2];
 
-  // B and C of the token are shared by every row of the block (one batch row, one group): staged
-  // in shared memory as float, so the per-element loop reads them with 32-bit offsets.
-  __shared__ alignas(16) float B_tok[kMaxDState];
-  __shared__ alignas(16) float C_tok[kMaxDState];
-
   for (int64_t t = 0; t < params.tokens; ++t) {
-    // The row's scalars of this token are loaded before the barriers, so that their latency
-    // overlaps the B/C staging (a load is not moved across __syncthreads by the compiler). At
-    // batch 1 the kernel is one wave of latency chains, and each serialized load costs ~1 us.
     float x = 0.f, dt = 0.f, z = 0.f;
     if (row_ok) {
       x = load_as_float(params.x, x_row + t * params.x_stride[1], params.x_dtype);
       dt = load_as_float(params.dt, dt_row + t * params.dt_stride[1], params.dt_dtype);
       if (params.z != nullptr) z = load_as_float(params.z, z_row + t * params.z_stride[1], params.z_dtype);
     }
-    __syncthreads();  // the previous token's B/C are no longer read
-    const int64_t B_base = B_row + t * params.B_stride[1];
-    const int64_t C_base = C_row + t * params.C_stride[1];
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-      B_tok[i] = load_as_float(params.B, B_base + i * params.B_stride[3], params.B_dtype);
-      C_tok[i] = load_as_float(params.C, C_base + i * params.C_stride[3], params.C_dtype);
-    }
-    __syncthreads();
+    BCPacks<bc_t, kVec, kChunks> B_tok, C_tok;
+    load_bc_row<bc_t, kVec, kChunks>(params.B, B_row + t * params.B_stride[1], params.B_stride[3], params.B_dtype,
+                                     lanes, lane_in_row, valid, B_tok);
+    load_bc_row<bc_t, kVec, kChunks>(params.C, C_row + t * params.C_stride[1], params.C_stride[3], params.C_dtype,
+                                     lanes, lane_in_row, valid, C_tok);
 
     dt += dt_bias;
     if (params.dt_softplus) dt = softplus(dt);
@@ -168,13 +193,13 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
     float partial = 0.f;
 #pragma unroll
     for (int e = 0; e < kElems; ++e) {
-      if (valid[e]) {
-        const int idx = static_cast<int>(n_index(e));
+      if (valid[e / kVec]) {
+        const int idx = ((e / kVec) * lanes + lane_in_row) * kVec + e % kVec;
         const float decay = kAPerHead ? decay_head
                                        : expf(load_as_float(params.A, A_row + idx * params.A_stride[2],
                                                             params.A_dtype) * dt);
-        s[e] = s[e] * decay + dt_x * B_tok[idx];
-        partial += s[e] * C_tok[idx];
+        s[e] = s[e] * decay + dt_x * to_float(B_tok[e / kVec].v[e % kVec]);
+        partial += s[e] * to_float(C_tok[e / kVec].v[e % kVec]);
       }
     }
     for (int offset = lanes >> 1; offset > 0; offset >>= 1)
@@ -189,16 +214,16 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
 
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
+    const int idx = (c * lanes + lane_in_row) * kVec;
     if constexpr (kVec > 1) {
-      if (valid[c * kVec]) {
-        const int64_t idx = (static_cast<int64_t>(c) * lanes + lane_in_row) * kVec;
+      if (valid[c]) {
         Pack<state_t, kVec> pack;
 #pragma unroll
         for (int v = 0; v < kVec; ++v) pack.v[v] = from_float<state_t>(s[c * kVec + v]);
         *reinterpret_cast<Pack<state_t, kVec>*>(state_row + idx) = pack;
       }
     } else {
-      if (valid[c]) state_row[n_index(c) * params.state_stride[3]] = from_float<state_t>(s[c]);
+      if (valid[c]) state_row[idx * params.state_stride[3]] = from_float<state_t>(s[c]);
     }
   }
 }
@@ -209,27 +234,78 @@ int pow2_at_least(int64_t value) {
   return result;
 }
 
+// Tuning knob for scripts/tune_state_update.py: SSMKERNELS_STATE_UPDATE_PACKS=k caps the packs per
+// thread at k (1..kMaxPacks) instead of the choice below. Read once per process.
+int packs_override() {
+  static const int value = [] {
+    const char* text = std::getenv("SSMKERNELS_STATE_UPDATE_PACKS");
+    const int packs = text == nullptr ? 0 : std::atoi(text);
+    return packs >= 1 && packs <= kMaxPacks ? packs : 0;
+  }();
+  return value;
+}
+
+// Whether a row's B/C elements [i, i + kVec) can be read as one pack: n contiguous, every pack's
+// start aligned to the pack's size.
+bool packs_aligned(const void* base, const int64_t (&stride)[4], int elem_bytes, int64_t dstate, int kVec) {
+  const int64_t pack_bytes = static_cast<int64_t>(kVec) * elem_bytes;
+  return stride[3] == 1 && dstate % kVec == 0 && reinterpret_cast<std::uintptr_t>(base) % pack_bytes == 0 &&
+         stride[0] % kVec == 0 && stride[1] % kVec == 0 && stride[2] % kVec == 0;
+}
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+int dtype_bytes(int code) { return code == static_cast<int>(DType::kFloat32) ? 4 : 2; }
+
 template <typename state_t, int kVec>
 void launch_typed(const Params& params) {
-  constexpr int kChunks = kMaxStateElemsPerLane / kVec;
+  // Vector path: up to kMaxPacks 16-byte packs per thread (d_state <= 32 * 4 * kVec >= 512);
+  // scalar path: up to kMaxStateElemsPerLane elements.
+  constexpr int kChunks = kVec > 1 ? kMaxPacks : kMaxStateElemsPerLane;
   const int64_t packs = ceil_div(params.dstate, kVec);
   // Up to 4 packs per thread: more 16-byte accesses in flight per thread, and fewer threads. At
   // batch 1 (8192 rows of the issue's shape) one pack per thread made 2048 blocks of 80-register
   // threads, ~2.6 waves of serialized load latencies (13.6 us on the H100 against Triton's 5.9);
   // 4 packs make 512 blocks, one wave. At large batch 4 packs were already the choice.
-  const int64_t target_chunks = kChunks < 4 ? kChunks : 4;
+  const int64_t target_chunks = packs_override() > 0 ? packs_override() : (kChunks < 4 ? kChunks : 4);
   const int lanes = pow2_at_least(ceil_div(packs, target_chunks));
   const int chunks = static_cast<int>(ceil_div(packs, lanes));
   if (chunks > kChunks) throw std::invalid_argument("selective_state_update: d_state too large for the CUDA kernel");
   const int rows_per_block = (32 / lanes) * kWarps;
   const int64_t p_blocks = ceil_div(params.headdim, rows_per_block);
-  const int64_t blocks = params.batch * params.heads * p_blocks;
-  if (blocks > INT_MAX) throw std::invalid_argument("selective_state_update: grid of " + std::to_string(blocks) +
-                                                    " blocks exceeds the CUDA limit");
+  const int64_t head_blocks = params.heads * p_blocks;
+  if (head_blocks > INT_MAX)
+    throw std::invalid_argument("selective_state_update: heads * row blocks = " + std::to_string(head_blocks) +
+                                " exceeds the CUDA grid limit");
   const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
-  auto kernel = A_per_head ? state_update_kernel<state_t, kVec, kChunks, true>
-                           : state_update_kernel<state_t, kVec, kChunks, false>;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, params.stream>>>(params, lanes, chunks, p_blocks);
+  // B/C read in packs of their own type when both have it and are laid out for it (the usual
+  // case); else element by element through the dtype switch. The scalar state path (kVec = 1, a
+  // strided or misaligned state: not the fast path) always takes the latter, one instance less.
+  const bool bc_packed = kVec > 1 && params.B_dtype == params.C_dtype &&
+                         packs_aligned(params.B, params.B_stride, dtype_bytes(params.B_dtype), params.dstate, kVec) &&
+                         packs_aligned(params.C, params.C_stride, dtype_bytes(params.C_dtype), params.dstate, kVec);
+  auto launch_with = [&](auto bc_tag) {
+    using bc_t = typename decltype(bc_tag)::type;
+    auto kernel = A_per_head ? state_update_kernel<state_t, kVec, kChunks, true, bc_t>
+                             : state_update_kernel<state_t, kVec, kChunks, false, bc_t>;
+    constexpr int64_t kMaxGridY = 65535;
+    for (int64_t b0 = 0; b0 < params.batch; b0 += kMaxGridY) {
+      const dim3 grid(static_cast<unsigned>(head_blocks), static_cast<unsigned>(std::min(kMaxGridY, params.batch - b0)));
+      kernel<<<grid, kThreads, 0, params.stream>>>(params, lanes, chunks, static_cast<int>(p_blocks), b0);
+    }
+  };
+  if constexpr (kVec > 1) {
+    if (bc_packed) {
+      SSMK_DISPATCH_FLOAT(params.B_dtype, "selective_state_update B", [&] { launch_with(TypeTag<scalar_t>{}); });
+    } else {
+      launch_with(TypeTag<void>{});
+    }
+  } else {
+    launch_with(TypeTag<void>{});
+  }
   check_launch("selective_state_update kernel");
 }
 
@@ -258,6 +334,11 @@ void launch(const Params& params) {
   for (int code : {params.x_dtype, params.dt_dtype, params.A_dtype, params.B_dtype, params.C_dtype, params.D_dtype,
                    params.z_dtype, params.dt_bias_dtype, params.out_dtype}) {
     if (code < 0 || code > 3) throw std::invalid_argument("selective_state_update: bad dtype code " + std::to_string(code));
+  }
+  for (int code : {params.B_dtype, params.C_dtype}) {  // read in packs by a float32/float16/bfloat16 switch
+    if (code < 0 || code > 2)
+      throw std::invalid_argument("selective_state_update: B and C must be float32, float16 or bfloat16 (dtype code " +
+                                  std::to_string(code) + ")");
   }
   if (params.batch == 0 || params.tokens == 0 || params.heads == 0 || params.headdim == 0) return;
   SSMK_DISPATCH_FLOAT(params.state_dtype, "selective_state_update state", [&] { launch_state<scalar_t>(params); });

@@ -12,8 +12,10 @@
 namespace ssmk {
 namespace state_update {
 
-// Most state elements one thread keeps in registers across tokens; with 32 lanes per state row
-// this bounds d_state to kMaxStateElemsPerLane * 32.
+// Most state elements one thread keeps in registers across tokens: kMaxPacks 16-byte packs on the
+// vector path (4 to 8 elements each), kMaxStateElemsPerLane single elements on the scalar path.
+// With 32 lanes per state row this bounds d_state to kMaxStateElemsPerLane * 32.
+constexpr int kMaxPacks = 4;
 constexpr int kMaxStateElemsPerLane = 16;
 constexpr int64_t kMaxDState = kMaxStateElemsPerLane * 32;
 

@@ -138,7 +138,7 @@ def run_case(case: BenchCase, backends: tuple[str, ...], compare: bool, the_peak
                 row.pct_copy_bw = 100 * row.gbps / the_peaks.copy_gbps
                 row.pct_matmul_peak = 100 * row.tflops / the_peaks.matmul_tflops
             if case.wall_loop:
-                row.wall_us_per_call = wall_per_call_us(steps, calls=1000, loops=7)
+                row.wall_us_per_call = wall_per_call_us(steps, calls=1000, loops=7, warmup_s=0.5)
             if case.mode == "decode":
                 row.queued_gpu_us = queued_gpu_us(steps, host_us=row.wall_us_per_call)
                 if the_peaks:
