@@ -5,8 +5,7 @@ A tuning tool for the GPU machine:
 
     python scripts/tune_state_update.py [--batch 256] [--json out.json] [--cuda-packs 1,2,4]
 
-Each row: state dtype, tile (state elements per program), warps, programs per SM (0: one program per
-tile; else a grid of that many per SM, each looping over tiles), median time, GB/s and % of copy.
+Each row: state dtype, tile (state elements per program), warps, median time, GB/s and % of copy.
 The library's current choice is marked with '*'. ``--cuda-packs`` also times the CUDA kernel with
 each cap on the 16-byte state packs per thread (SSMKERNELS_STATE_UPDATE_PACKS, one process each,
 since the launcher reads it once; 0 = the launcher's own choice).
@@ -70,24 +69,24 @@ def main() -> None:
                       f"{gbps:6.0f} GB/s {100 * gbps / peaks.copy_gbps:5.1f}%", flush=True)
                 continue
             chosen = default_config(batch, h, p, n, state_dtype.itemsize)
-            for tile, warps, per_sm in itertools.product((2048, 4096, 8192), (2, 4, 8), (0, 2, 4, 8)):
+            for tile, warps in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8)):
                 block_p = min(p, tile // n)
                 if block_p < 1 or tile // (32 * warps) < 1:
                     continue
-                config = (block_p, n, warps, per_sm)
+                config = (block_p, n, warps)
                 su_triton._launch_config = lambda *a, config=config: config
                 steps = [lambda s=s: su_triton.update(*s) for s in sets]
                 try:
                     t = timing.measure(steps)
                 except Exception as exc:  # noqa: BLE001 (a config the compiler rejects)
-                    print(f"{state_dtype} tile {tile} warps {warps} per SM {per_sm}: {type(exc).__name__}", flush=True)
+                    print(f"{state_dtype} tile {tile} warps {warps}: {type(exc).__name__}", flush=True)
                     continue
                 gbps = nbytes / (t.median_ms * 1e-3) / 1e9
                 mark = "*" if config == chosen else " "
-                row = dict(batch=batch, state=str(state_dtype), tile=tile, warps=warps, programs_per_sm=per_sm,
+                row = dict(batch=batch, state=str(state_dtype), tile=tile, warps=warps,
                            ms=t.median_ms, gbps=gbps, pct_copy=100 * gbps / peaks.copy_gbps)
                 rows.append(row)
-                print(f"{mark} b{batch} {str(state_dtype):15} tile {tile:5} warps {warps:2} per SM {per_sm:2}  "
+                print(f"{mark} b{batch} {str(state_dtype):15} tile {tile:5} warps {warps:2}  "
                       f"{t.median_ms:.4f} ms {gbps:6.0f} GB/s {row['pct_copy']:5.1f}%", flush=True)
             su_triton._launch_config = default_config
     if args.json:

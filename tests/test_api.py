@@ -251,7 +251,8 @@ def _eager_vs_op_inputs():
 def test_eager_fast_path_equals_the_custom_op(primitive, monkeypatch):
     """Plain eager calls run the custom ops' implementations through one autograd.Function
     (custom_op.eager_autograd); with the fast path off they go through torch.library's dispatcher.
-    Both give bitwise the same outputs and gradients, and each path is the one taken."""
+    Both give bitwise the same outputs and gradients (up to float atomics' order on the GPU), and
+    each path is the one taken."""
     from ssmkernels._core import custom_op
 
     inputs, fn = _eager_vs_op_inputs()[primitive]
@@ -268,5 +269,9 @@ def test_eager_fast_path_equals_the_custom_op(primitive, monkeypatch):
         grads = torch.autograd.grad(out, list(leaves.values()), torch.ones_like(out))
         results[path] = (out.detach(), grads)
     torch.testing.assert_close(results["eager"][0], results["op"][0], rtol=0, atol=0)
+    # Gradients: bitwise on the CPU (Triton's interpreter); on the GPU the selective scan's backward
+    # sums over the sequence with float atomics, whose order varies run to run (H200: 34 of 222
+    # elements 1 ulp apart), so there the two paths agree to float32 rounding.
+    exact = device == "cpu" or primitive != "selective_scan"
     for eager, op in zip(results["eager"][1], results["op"][1]):
-        torch.testing.assert_close(eager, op, rtol=0, atol=0)
+        torch.testing.assert_close(eager, op, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)

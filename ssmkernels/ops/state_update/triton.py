@@ -5,14 +5,11 @@ The kernel indexes every call as the multi-token Mamba-2 form (``layout.py``): s
 D/dt_bias ``(h, p)``. Any of them may be a broadcast view (stride 0), so the kernel reads every
 stride and assumes no contiguity.
 
-A tile is ``(BLOCK_P, n)`` of the state of one (batch row, head). A program loads a tile's state
+One program owns a ``(BLOCK_P, n)`` tile of one (batch row, head): it loads the tile of the state
 once, applies the ``t`` tokens in order with the state kept in registers, writes each token's
-output, and stores the state back once (in the state's own dtype; math in float32); it goes over
-tiles with a stride of the grid, loading the next tile's state before working on the current one.
+output, and stores the state back once (in the state's own dtype; math in float32).
 """
 from __future__ import annotations
-
-import functools
 
 import triton
 import triton.language as tl
@@ -62,29 +59,10 @@ def _store_cast(value, ptr_dtype: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     return value.to(ptr_dtype)
 
 
-@triton.jit
-def _tile_slot(tile, p_blocks, heads, indices_ptr, stride_indices, batch_cache, pad_slot_id,
-               HAS_INDICES: tl.constexpr):
-    """(p block, batch row, head, state slot, whether the slot is real) of a tile. Tiles are numbered
-    p block fastest, then head, then batch row: consecutive tiles are consecutive state memory."""
-    pid_p = tile % p_blocks
-    rest = tile // p_blocks
-    pid_h = (rest % heads).to(tl.int64)
-    pid_b = (rest // heads).to(tl.int64)
-    if HAS_INDICES:
-        slot = tl.load(indices_ptr + pid_b * stride_indices).to(tl.int64)
-        # Pad rows (and, defensively, any index outside the cache) touch no state: zeros out.
-        real = (slot != pad_slot_id) & (slot >= 0) & (slot < batch_cache)
-    else:
-        slot = pid_b
-        real = tile >= 0  # always: a tensor, like the other branch's (it is carried through a loop)
-    return pid_p, pid_b, pid_h, slot, real
-
-
-@triton.jit(do_not_specialize=["tokens", "batch_cache", "pad_slot_id", "num_tiles"])
+@triton.jit(do_not_specialize=["tokens", "batch_cache", "pad_slot_id"])
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, indices_ptr, out_ptr,
-    tokens, p, n, heads, heads_per_group, batch_cache, pad_slot_id, stride_indices, num_tiles, p_blocks,
+    tokens, p, n, heads_per_group, batch_cache, pad_slot_id, stride_indices,
     stride_state_slot, stride_state_h, stride_state_p, stride_state_n,
     stride_x_b, stride_x_t, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_t, stride_dt_h, stride_dt_p,
@@ -107,159 +85,132 @@ def _state_update_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # Program k takes tiles k, k + G, k + 2G, ... (G programs in the grid). The state of its next
-    # tile is loaded before the current tile is computed, so a program keeps a tile's state loads
-    # in flight while it does the arithmetic of the previous one: with one tile per program (a grid
-    # of every tile), each program's loads waited for nothing but also overlapped nothing, and the
-    # bf16-state step, with twice the arithmetic per byte, stopped at ~80% of copy bandwidth.
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n
-    offs_n64 = offs_n.to(tl.int64)
-    tile = tl.program_id(0)
-    grid = tl.num_programs(0)
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    pid_g = pid_h // heads_per_group
 
-    pid_p, pid_b, pid_h, slot, real = _tile_slot(tile, p_blocks, heads, indices_ptr, stride_indices, batch_cache,
-                                                 pad_slot_id, HAS_INDICES)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < p
+    mask_n = offs_n < n
     if EVEN_N:  # no mask along n: lets the compiler use 16-byte accesses of the state rows
-        mask_pn = (offs_p < p)[:, None] & real
+        mask_pn = mask_p[:, None]
     else:
-        mask_pn = (offs_p < p)[:, None] & mask_n[None, :] & real
-    state_ptrs = (state_ptr + slot * stride_state_slot + pid_h * stride_state_h
-                  + offs_p.to(tl.int64)[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n)
-    state_raw = tl.load(state_ptrs, mask=mask_pn, other=0.0)
+        mask_pn = mask_p[:, None] & mask_n[None, :]
+    offs_p64 = offs_p.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
 
-    while tile < num_tiles:
-        # Prefetch: the next tile's coordinates and state (masked off past the last tile).
-        next_tile = tile + grid
-        next_p, next_b, next_h, next_slot, next_real = _tile_slot(
-            next_tile % num_tiles, p_blocks, heads, indices_ptr, stride_indices, batch_cache, pad_slot_id,
-            HAS_INDICES)
-        next_real = next_real & (next_tile < num_tiles)
-        next_offs_p = next_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        if EVEN_N:
-            next_mask = (next_offs_p < p)[:, None] & next_real
-        else:
-            next_mask = (next_offs_p < p)[:, None] & mask_n[None, :] & next_real
-        next_ptrs = (state_ptr + next_slot * stride_state_slot + next_h * stride_state_h
-                     + next_offs_p.to(tl.int64)[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n)
-        next_raw = tl.load(next_ptrs, mask=next_mask, other=0.0)
+    out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_p64 * stride_out_p
 
-        mask_p = offs_p < p
-        offs_p64 = offs_p.to(tl.int64)
-        pid_g = pid_h // heads_per_group
-        out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_p64 * stride_out_p
-        if not real:  # a padding row: zeros out, no state touched
+    if HAS_INDICES:
+        slot = tl.load(indices_ptr + pid_b * stride_indices).to(tl.int64)
+        # Pad rows (and, defensively, any index outside the cache) touch no state: zeros out.
+        if (slot == pad_slot_id) | (slot < 0) | (slot >= batch_cache):
             zeros = tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptr.dtype.element_ty)
             j = 0
             while j < tokens:
                 tl.store(out_ptrs, zeros, mask=mask_p)
                 out_ptrs += stride_out_t
                 j += 1
+            return
+    else:
+        slot = pid_b
+
+    state_ptrs = (state_ptr + slot * stride_state_slot + pid_h * stride_state_h
+                  + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n)
+    state = tl.load(state_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
+
+    # Per-(head, p) constants, loaded once for all tokens.
+    if A_PER_HEAD:
+        A = tl.load(A_ptr + pid_h * stride_A_h).to(tl.float32)
+    else:
+        A = tl.load(A_ptr + pid_h * stride_A_h + offs_p64[:, None] * stride_A_p + offs_n64[None, :] * stride_A_n,
+                    mask=mask_pn, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        if DT_PER_HEAD:
+            dt_bias = tl.load(dt_bias_ptr + pid_h * stride_dt_bias_h).to(tl.float32)
         else:
-            state = state_raw.to(tl.float32)
-            # Per-(head, p) constants, loaded once for all tokens.
-            if A_PER_HEAD:
-                A = tl.load(A_ptr + pid_h * stride_A_h).to(tl.float32)
-            else:
-                A = tl.load(A_ptr + pid_h * stride_A_h + offs_p64[:, None] * stride_A_p
-                            + offs_n64[None, :] * stride_A_n, mask=mask_pn, other=0.0).to(tl.float32)
-            if HAS_DT_BIAS:
-                if DT_PER_HEAD:
-                    dt_bias = tl.load(dt_bias_ptr + pid_h * stride_dt_bias_h).to(tl.float32)
-                else:
-                    dt_bias = tl.load(dt_bias_ptr + pid_h * stride_dt_bias_h + offs_p64 * stride_dt_bias_p,
-                                      mask=mask_p, other=0.0).to(tl.float32)
-            if HAS_D:
-                D = tl.load(D_ptr + pid_h * stride_D_h + offs_p64 * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
+            dt_bias = tl.load(dt_bias_ptr + pid_h * stride_dt_bias_h + offs_p64 * stride_dt_bias_p,
+                              mask=mask_p, other=0.0).to(tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + pid_h * stride_D_h + offs_p64 * stride_D_p, mask=mask_p, other=0.0).to(tl.float32)
 
-            x_ptrs = x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p64 * stride_x_p
-            dt_ptrs = dt_ptr + pid_b * stride_dt_b + pid_h * stride_dt_h
-            if not DT_PER_HEAD:
-                dt_ptrs += offs_p64 * stride_dt_p
-            B_ptrs = B_ptr + pid_b * stride_B_b + pid_g * stride_B_g + offs_n64 * stride_B_n
-            C_ptrs = C_ptr + pid_b * stride_C_b + pid_g * stride_C_g + offs_n64 * stride_C_n
-            if HAS_Z:
-                z_ptrs = z_ptr + pid_b * stride_z_b + pid_h * stride_z_h + offs_p64 * stride_z_p
+    x_ptrs = x_ptr + pid_b * stride_x_b + pid_h * stride_x_h + offs_p64 * stride_x_p
+    dt_ptrs = dt_ptr + pid_b * stride_dt_b + pid_h * stride_dt_h
+    if not DT_PER_HEAD:
+        dt_ptrs += offs_p64 * stride_dt_p
+    B_ptrs = B_ptr + pid_b * stride_B_b + pid_g * stride_B_g + offs_n64 * stride_B_n
+    C_ptrs = C_ptr + pid_b * stride_C_b + pid_g * stride_C_g + offs_n64 * stride_C_n
+    if HAS_Z:
+        z_ptrs = z_ptr + pid_b * stride_z_b + pid_h * stride_z_h + offs_p64 * stride_z_p
 
-            # Pointers advance by one token per step (64-bit pointer arithmetic, whatever the
-            # strides). A while loop, not range(tokens): Triton's interpreter cannot take range() of
-            # a runtime scalar under numpy >= 2.4; compiled, both give the same loop.
-            j = 0
-            while j < tokens:
-                x = tl.load(x_ptrs, mask=mask_p, other=0.0).to(tl.float32)
-                if DT_PER_HEAD:
-                    dt = tl.load(dt_ptrs).to(tl.float32)  # scalar
-                else:
-                    dt = tl.load(dt_ptrs, mask=mask_p, other=0.0).to(tl.float32)
-                if HAS_DT_BIAS:
-                    dt = dt + dt_bias
-                if DT_SOFTPLUS:
-                    dt = _softplus(dt)
-                if EVEN_N:
-                    B = tl.load(B_ptrs).to(tl.float32)
-                    C = tl.load(C_ptrs).to(tl.float32)
-                else:
-                    B = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
-                    C = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
-                if DT_PER_HEAD:
-                    decay = tl.exp(A * dt)  # a scalar when A_PER_HEAD too: one exp per head and token
-                else:
-                    decay = tl.exp(A * dt[:, None])
-                state = state * decay + (dt * x)[:, None] * B[None, :]
-                y = tl.sum(state * C[None, :], axis=1)
-                if HAS_D:
-                    y += D * x
-                if HAS_Z:
-                    z = tl.load(z_ptrs, mask=mask_p, other=0.0).to(tl.float32)
-                    y *= z * tl.sigmoid(z)
-                    z_ptrs += stride_z_t
-                tl.store(out_ptrs, _store_cast(y, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_p)
-                x_ptrs += stride_x_t
-                dt_ptrs += stride_dt_t
-                B_ptrs += stride_B_t
-                C_ptrs += stride_C_t
-                out_ptrs += stride_out_t
-                j += 1
+    # Pointers advance by one token per step (64-bit pointer arithmetic, whatever the strides).
+    # A while loop, not range(tokens): Triton's interpreter cannot take range() of a runtime
+    # scalar under numpy >= 2.4; compiled, both give the same loop.
+    j = 0
+    while j < tokens:
+        x = tl.load(x_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+        if DT_PER_HEAD:
+            dt = tl.load(dt_ptrs).to(tl.float32)  # scalar
+        else:
+            dt = tl.load(dt_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+        if HAS_DT_BIAS:
+            dt = dt + dt_bias
+        if DT_SOFTPLUS:
+            dt = _softplus(dt)
+        if EVEN_N:
+            B = tl.load(B_ptrs).to(tl.float32)
+            C = tl.load(C_ptrs).to(tl.float32)
+        else:
+            B = tl.load(B_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+            C = tl.load(C_ptrs, mask=mask_n, other=0.0).to(tl.float32)
+        if DT_PER_HEAD:
+            decay = tl.exp(A * dt)  # a scalar when A_PER_HEAD too: one exp per head and token
+        else:
+            decay = tl.exp(A * dt[:, None])
+        state = state * decay + (dt * x)[:, None] * B[None, :]
+        y = tl.sum(state * C[None, :], axis=1)
+        if HAS_D:
+            y += D * x
+        if HAS_Z:
+            z = tl.load(z_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+            z_ptrs += stride_z_t
+        tl.store(out_ptrs, _store_cast(y, out_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_p)
+        x_ptrs += stride_x_t
+        dt_ptrs += stride_dt_t
+        B_ptrs += stride_B_t
+        C_ptrs += stride_C_t
+        out_ptrs += stride_out_t
+        j += 1
 
-            tl.store(state_ptrs, _store_cast(state, state_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_pn)
-
-        tile = next_tile
-        pid_p, pid_b, pid_h, real = next_p, next_b, next_h, next_real
-        offs_p, mask_pn, state_ptrs, state_raw = next_offs_p, next_mask, next_ptrs, next_raw
+    tl.store(state_ptrs, _store_cast(state, state_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_pn)
 
 
-def _launch_config(batch: int, heads: int, p: int, n: int, state_bytes: int) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_N, num_warps, programs per SM), picked by hand: autotuning would run the
-    in-place kernel several times on the caller's state (and cost host time on a latency-bound path).
+def _launch_config(batch: int, heads: int, p: int, n: int, state_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_N, num_warps), picked by hand: autotuning would run the in-place kernel
+    several times on the caller's state (and cost host time on a latency-bound path).
 
-    A tile of about 8 KB of state per program (2048 float32 or 4096 16-bit elements: 64 bytes per
-    thread at 4 warps) keeps enough loads in flight for bandwidth at large batch; when the grid would
-    not fill the GPU (small batch), tiles shrink to a quarter so that more programs share the work.
-    Programs per SM: the grid is at most that many programs per SM, each looping over tiles with the
-    next tile's state prefetched (0: one program per tile). ``scripts/tune_state_update.py`` times
-    the alternatives.
+    At large batch, 64 bytes of state per thread keep enough loads in flight for bandwidth: 16-bit
+    state in tiles of 4096 elements at 4 warps, float32 in tiles of 1024 at 2 warps (the H200 sweep,
+    benchmarks/results/tune_state_update_h200.txt: float32 90.4% of copy against 89.0% for 2048 at 4
+    warps, the two-warp tiles of 4096 and 8192 at 89.8-90.3%; bf16 4096 at 4 warps 80.1%, within
+    1% of every other choice). When the grid would not fill the GPU (small batch), tiles of 2 KB at
+    4 warps, so that more programs share the work.
     """
     block_n = triton.next_power_of_2(n)
     block_p_max = triton.next_power_of_2(p)
     large = batch * heads >= 1024
-    tile = (8192 if large else 2048) // state_bytes
+    if large and state_bytes == 4:
+        tile, num_warps = 1024, 2
+    else:
+        tile = (8192 if large else 2048) // state_bytes
+        num_warps = 4
     block_p = max(1, min(block_p_max, tile // block_n))
-    num_warps = 4 if block_p * block_n * state_bytes <= 8192 else 8
-    return block_p, block_n, num_warps, (_PROGRAMS_PER_SM if large else 0)
-
-
-_PROGRAMS_PER_SM = 4
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    """Multiprocessors of the CUDA device; 1 for the CPU (Triton's interpreter)."""
-    import torch
-
-    if device_index < 0:
-        return 1
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    if block_p * block_n * state_bytes > 8192:  # n alone makes a bigger tile: more threads for it
+        num_warps = 8
+    return block_p, block_n, num_warps
 
 
 def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out):
@@ -270,18 +221,9 @@ def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indic
     b, t, h, p, n = lay.batch, lay.tokens, lay.heads, lay.headdim, lay.dstate
     if b == 0 or t == 0 or h == 0 or p == 0:
         return None
-    block_p, block_n, num_warps, programs_per_sm = _launch_config(b, h, p, n, state.element_size())
-    p_blocks = triton.cdiv(p, block_p)
-    num_tiles = b * h * p_blocks
-    programs = num_tiles
-    if programs_per_sm > 0:
-        programs = min(num_tiles, programs_per_sm * _sm_count(state.get_device()))
-    if num_tiles + programs >= 2**31:  # tile numbers are int32 in the kernel
-        raise ValueError(f"selective_state_update: {num_tiles} tiles of the state exceed the Triton kernel's "
-                         f"int32 tile numbers; split the batch")
+    block_p, block_n, num_warps = _launch_config(b, h, p, n, state.element_size())
     idx = state_batch_indices
-    scalars = (t, p, n, h, h // lay.groups, lay.slots, pad_slot_id, 1 if idx is None else idx.stride(0),
-               num_tiles, p_blocks,
+    scalars = (t, p, n, h // lay.groups, lay.slots, pad_slot_id, 1 if idx is None else idx.stride(0),
                *lay.state, *lay.x, *lay.dt, *lay.A, *lay.B, *lay.C, *lay.D, *lay.z, *lay.dt_bias, *lay.out)
     constants = dict(
         DT_SOFTPLUS=bool(dt_softplus),
@@ -297,7 +239,7 @@ def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indic
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    return (programs,), scalars, constants
+    return (triton.cdiv(p, block_p), b, h), scalars, constants
 
 
 def launch(prepared, state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out) -> None:
