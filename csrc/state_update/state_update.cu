@@ -13,9 +13,8 @@
 // loads are all in flight at once. Staging B/C behind two __syncthreads serialised two memory
 // latencies per block; the H200 ran the batch-256 float32 step at 54% of copy bandwidth so.
 //
-// Templated on the state type, the pack width, whether A is one scalar per head, B/C's type on
-// the vector path and rows per thread (1, or 2 at large grids where B/C come in packs: 36
-// instances; B/C of mixed types or layouts go element by element, one row per thread, 12 more): the
+// Templated on the state type, the pack width, whether A is one scalar per head and B/C's type on
+// the vector path (24 instances; B/C of mixed types or layouts go element by element, 6 more): the
 // other inputs' element types are read at run time (warp-uniform switches), since callers mix them
 // (bf16 x with fp32 A/D/dt_bias) and they are one load per row and token.
 #include "common.h"
@@ -91,7 +90,7 @@ __device__ __forceinline__ void load_bc_row(const void* base, int64_t offset, in
   }
 }
 
-template <typename state_t, int kVec, int kChunks, bool kAPerHead, typename bc_t, int kRows>
+template <typename state_t, int kVec, int kChunks, bool kAPerHead, typename bc_t>
 __global__ void __launch_bounds__(kThreads)
 state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks, int p_blocks, int64_t b_offset) {
   constexpr int kElems = kVec * kChunks;
@@ -107,19 +106,10 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
   const int p_block = static_cast<int>(blockIdx.x) - h32 * p_blocks;
   const int64_t h = h32;
   const int64_t b = b_offset + blockIdx.y;
+  const int64_t p = (p_block * kWarps + (threadIdx.x >> 5)) * rows_per_warp + row_in_warp;
+  const bool row_ok = p < params.headdim;
   const int64_t g = h32 / static_cast<int>(params.heads_per_group);
   const int n = static_cast<int>(params.dstate);  // <= kMaxDState
-  // A thread's kRows rows are rows_per_pass apart: each pass of the block's threads covers
-  // consecutive rows, and the rows of one thread share its B/C registers.
-  const int rows_per_pass = rows_per_warp * kWarps;
-  int64_t p[kRows];
-  bool row_ok[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    p[r] = static_cast<int64_t>(p_block) * rows_per_pass * kRows + r * rows_per_pass +
-           (threadIdx.x >> 5) * rows_per_warp + row_in_warp;
-    row_ok[r] = p[r] < params.headdim;
-  }
 
   int64_t slot = b;
   if (params.indices != nullptr) {
@@ -128,13 +118,10 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
     // Padding rows (and, defensively, any index outside the cache) touch no state: zeros out.
     // Uniform over the block (one batch row per block), so returning here is safe for the shuffles.
     if (slot == params.pad_slot_id || slot < 0 || slot >= params.slots) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (row_ok[r] && lane_in_row == 0) {
-          const int64_t base = b * params.out_stride[0] + h * params.out_stride[2] + p[r] * params.out_stride[3];
-          for (int64_t t = 0; t < params.tokens; ++t)
-            store_from_float(params.out, base + t * params.out_stride[1], params.out_dtype, 0.f);
-        }
+      if (row_ok && lane_in_row == 0) {
+        const int64_t base = b * params.out_stride[0] + h * params.out_stride[2] + p * params.out_stride[3];
+        for (int64_t t = 0; t < params.tokens; ++t) store_from_float(params.out, base + t * params.out_stride[1],
+                                                                     params.out_dtype, 0.f);
       }
       return;
     }
@@ -142,121 +129,101 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
 
   // Element e = c * kVec + v of this thread sits at n index (c * lanes + lane_in_row) * kVec + v.
   // A pack is all valid or all not (kVec > 1 needs n % kVec == 0).
-  bool col_ok[kChunks];
+  bool valid[kChunks];
 #pragma unroll
-  for (int c = 0; c < kChunks; ++c) col_ok[c] = c < chunks && (c * lanes + lane_in_row) * kVec < n;
+  for (int c = 0; c < kChunks; ++c) valid[c] = row_ok && c < chunks && (c * lanes + lane_in_row) * kVec < n;
 
   // The state first: its loads are the ones that reach DRAM, the rest overlap them.
-  state_t* state_row[kRows];
-  float s[kRows][kElems];
+  state_t* state_row = static_cast<state_t*>(params.state) + slot * params.state_stride[0] +
+                       h * params.state_stride[1] + (row_ok ? p : 0) * params.state_stride[2];
+  float s[kElems];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    state_row[r] = static_cast<state_t*>(params.state) + slot * params.state_stride[0] + h * params.state_stride[1] +
-                   (row_ok[r] ? p[r] : 0) * params.state_stride[2];
+  for (int c = 0; c < kChunks; ++c) {
+    const int idx = (c * lanes + lane_in_row) * kVec;
+    if constexpr (kVec > 1) {  // n contiguous, 16-byte aligned rows, n a multiple of kVec
+      if (valid[c]) {
+        const Pack<state_t, kVec> pack = *reinterpret_cast<const Pack<state_t, kVec>*>(state_row + idx);
 #pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      const int idx = (c * lanes + lane_in_row) * kVec;
-      const bool ok = row_ok[r] && col_ok[c];
-      if constexpr (kVec > 1) {  // n contiguous, 16-byte aligned rows, n a multiple of kVec
-        if (ok) {
-          const Pack<state_t, kVec> pack = *reinterpret_cast<const Pack<state_t, kVec>*>(state_row[r] + idx);
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) s[r][c * kVec + v] = to_float(pack.v[v]);
-        } else {
-#pragma unroll
-          for (int v = 0; v < kVec; ++v) s[r][c * kVec + v] = 0.f;
-        }
+        for (int v = 0; v < kVec; ++v) s[c * kVec + v] = to_float(pack.v[v]);
       } else {
-        s[r][c] = ok ? to_float(state_row[r][idx * params.state_stride[3]]) : 0.f;
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) s[c * kVec + v] = 0.f;
       }
+    } else {
+      s[c] = valid[c] ? to_float(state_row[idx * params.state_stride[3]]) : 0.f;
     }
   }
 
   // Per-row constants. kAPerHead: A has stride 0 over (p, n) (Mamba-2's broadcast scalar per
   // head), one exp per token and row. Otherwise (Mamba-1, full A) A is re-read per token and
   // element (cache hits after the first token) rather than held in registers.
-  int64_t A_row[kRows];
-  float A_head[kRows], dt_bias[kRows], D[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    A_row[r] = h * params.A_stride[0] + (row_ok[r] ? p[r] : 0) * params.A_stride[1];
-    A_head[r] = kAPerHead ? load_as_float(params.A, A_row[r], params.A_dtype) : 0.f;
-    dt_bias[r] = row_ok[r] && params.dt_bias != nullptr
-                     ? load_as_float(params.dt_bias, h * params.dt_bias_stride[0] + p[r] * params.dt_bias_stride[1],
-                                     params.dt_bias_dtype)
-                     : 0.f;
-    D[r] = row_ok[r] && params.D != nullptr
-               ? load_as_float(params.D, h * params.D_stride[0] + p[r] * params.D_stride[1], params.D_dtype)
-               : 0.f;
-  }
+  const int64_t A_row = h * params.A_stride[0] + (row_ok ? p : 0) * params.A_stride[1];
+  const float A_head = kAPerHead ? load_as_float(params.A, A_row, params.A_dtype) : 0.f;
+  float dt_bias = 0.f, D = 0.f;
+  if (row_ok && params.dt_bias != nullptr)
+    dt_bias = load_as_float(params.dt_bias, h * params.dt_bias_stride[0] + p * params.dt_bias_stride[1],
+                            params.dt_bias_dtype);
+  if (row_ok && params.D != nullptr)
+    D = load_as_float(params.D, h * params.D_stride[0] + p * params.D_stride[1], params.D_dtype);
+
+  const int64_t x_row = b * params.x_stride[0] + h * params.x_stride[2] + p * params.x_stride[3];
+  const int64_t dt_row = b * params.dt_stride[0] + h * params.dt_stride[2] + p * params.dt_stride[3];
+  const int64_t z_row = b * params.z_stride[0] + h * params.z_stride[2] + p * params.z_stride[3];
+  const int64_t out_row = b * params.out_stride[0] + h * params.out_stride[2] + p * params.out_stride[3];
   const int64_t B_row = b * params.B_stride[0] + g * params.B_stride[2];
   const int64_t C_row = b * params.C_stride[0] + g * params.C_stride[2];
 
   for (int64_t t = 0; t < params.tokens; ++t) {
-    float x[kRows], dt[kRows], z[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      x[r] = dt[r] = z[r] = 0.f;
-      if (row_ok[r]) {
-        x[r] = load_as_float(params.x, b * params.x_stride[0] + t * params.x_stride[1] + h * params.x_stride[2] +
-                                           p[r] * params.x_stride[3], params.x_dtype);
-        dt[r] = load_as_float(params.dt, b * params.dt_stride[0] + t * params.dt_stride[1] +
-                                             h * params.dt_stride[2] + p[r] * params.dt_stride[3], params.dt_dtype);
-        if (params.z != nullptr)
-          z[r] = load_as_float(params.z, b * params.z_stride[0] + t * params.z_stride[1] + h * params.z_stride[2] +
-                                             p[r] * params.z_stride[3], params.z_dtype);
-      }
+    float x = 0.f, dt = 0.f, z = 0.f;
+    if (row_ok) {
+      x = load_as_float(params.x, x_row + t * params.x_stride[1], params.x_dtype);
+      dt = load_as_float(params.dt, dt_row + t * params.dt_stride[1], params.dt_dtype);
+      if (params.z != nullptr) z = load_as_float(params.z, z_row + t * params.z_stride[1], params.z_dtype);
     }
     BCPacks<bc_t, kVec, kChunks> B_tok, C_tok;
     load_bc_row<bc_t, kVec, kChunks>(params.B, B_row + t * params.B_stride[1], params.B_stride[3], params.B_dtype,
-                                     lanes, lane_in_row, col_ok, B_tok);
+                                     lanes, lane_in_row, valid, B_tok);
     load_bc_row<bc_t, kVec, kChunks>(params.C, C_row + t * params.C_stride[1], params.C_stride[3], params.C_dtype,
-                                     lanes, lane_in_row, col_ok, C_tok);
+                                     lanes, lane_in_row, valid, C_tok);
 
+    dt += dt_bias;
+    if (params.dt_softplus) dt = softplus(dt);
+    const float dt_x = dt * x;
+    const float decay_head = kAPerHead ? expf(A_head * dt) : 0.f;
+    float partial = 0.f;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      float dt_r = dt[r] + dt_bias[r];
-      if (params.dt_softplus) dt_r = softplus(dt_r);
-      const float dt_x = dt_r * x[r];
-      const float decay_head = kAPerHead ? expf(A_head[r] * dt_r) : 0.f;
-      float partial = 0.f;
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        if (row_ok[r] && col_ok[e / kVec]) {
-          const int idx = ((e / kVec) * lanes + lane_in_row) * kVec + e % kVec;
-          const float decay = kAPerHead ? decay_head
-                                         : expf(load_as_float(params.A, A_row[r] + idx * params.A_stride[2],
-                                                              params.A_dtype) * dt_r);
-          s[r][e] = s[r][e] * decay + dt_x * to_float(B_tok[e / kVec].v[e % kVec]);
-          partial += s[r][e] * to_float(C_tok[e / kVec].v[e % kVec]);
-        }
+    for (int e = 0; e < kElems; ++e) {
+      if (valid[e / kVec]) {
+        const int idx = ((e / kVec) * lanes + lane_in_row) * kVec + e % kVec;
+        const float decay = kAPerHead ? decay_head
+                                       : expf(load_as_float(params.A, A_row + idx * params.A_stride[2],
+                                                            params.A_dtype) * dt);
+        s[e] = s[e] * decay + dt_x * to_float(B_tok[e / kVec].v[e % kVec]);
+        partial += s[e] * to_float(C_tok[e / kVec].v[e % kVec]);
       }
-      for (int offset = lanes >> 1; offset > 0; offset >>= 1)
-        partial += __shfl_xor_sync(0xffffffffu, partial, offset);
-      if (row_ok[r] && lane_in_row == 0) {
-        float y = partial;
-        if (params.D != nullptr) y += D[r] * x[r];
-        if (params.z != nullptr) y *= z[r] / (1.f + expf(-z[r]));
-        store_from_float(params.out, b * params.out_stride[0] + t * params.out_stride[1] + h * params.out_stride[2] +
-                                         p[r] * params.out_stride[3], params.out_dtype, y);
-      }
+    }
+    for (int offset = lanes >> 1; offset > 0; offset >>= 1)
+      partial += __shfl_xor_sync(0xffffffffu, partial, offset);
+    if (row_ok && lane_in_row == 0) {
+      float y = partial;
+      if (params.D != nullptr) y += D * x;
+      if (params.z != nullptr) y *= z / (1.f + expf(-z));
+      store_from_float(params.out, out_row + t * params.out_stride[1], params.out_dtype, y);
     }
   }
 
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-      const int idx = (c * lanes + lane_in_row) * kVec;
-      if (!(row_ok[r] && col_ok[c])) continue;
-      if constexpr (kVec > 1) {
+  for (int c = 0; c < kChunks; ++c) {
+    const int idx = (c * lanes + lane_in_row) * kVec;
+    if constexpr (kVec > 1) {
+      if (valid[c]) {
         Pack<state_t, kVec> pack;
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) pack.v[v] = from_float<state_t>(s[r][c * kVec + v]);
-        *reinterpret_cast<Pack<state_t, kVec>*>(state_row[r] + idx) = pack;
-      } else {
-        state_row[r][idx * params.state_stride[3]] = from_float<state_t>(s[r][c]);
+        for (int v = 0; v < kVec; ++v) pack.v[v] = from_float<state_t>(s[c * kVec + v]);
+        *reinterpret_cast<Pack<state_t, kVec>*>(state_row + idx) = pack;
       }
+    } else {
+      if (valid[c]) state_row[idx * params.state_stride[3]] = from_float<state_t>(s[c]);
     }
   }
 }
@@ -267,20 +234,14 @@ int pow2_at_least(int64_t value) {
   return result;
 }
 
-// Tuning knobs for scripts/tune_state_update.py, read once per process (0: the launcher's choice):
-// SSMKERNELS_STATE_UPDATE_PACKS=k caps the 16-byte state packs per thread at k (1..kMaxPacks),
-// SSMKERNELS_STATE_UPDATE_ROWS=r gives each thread r state rows (1 or 2) where B/C come in packs.
-int knob(const char* name, int max_value) {
-  const char* text = std::getenv(name);
-  const int value = text == nullptr ? 0 : std::atoi(text);
-  return value >= 1 && value <= max_value ? value : 0;
-}
+// Tuning knob for scripts/tune_state_update.py: SSMKERNELS_STATE_UPDATE_PACKS=k caps the packs per
+// thread at k (1..kMaxPacks) instead of the choice below. Read once per process.
 int packs_override() {
-  static const int value = knob("SSMKERNELS_STATE_UPDATE_PACKS", kMaxPacks);
-  return value;
-}
-int rows_override() {
-  static const int value = knob("SSMKERNELS_STATE_UPDATE_ROWS", 2);
+  static const int value = [] {
+    const char* text = std::getenv("SSMKERNELS_STATE_UPDATE_PACKS");
+    const int packs = text == nullptr ? 0 : std::atoi(text);
+    return packs >= 1 && packs <= kMaxPacks ? packs : 0;
+  }();
   return value;
 }
 
@@ -313,6 +274,12 @@ void launch_typed(const Params& params) {
   const int lanes = pow2_at_least(ceil_div(packs, target_chunks));
   const int chunks = static_cast<int>(ceil_div(packs, lanes));
   if (chunks > kChunks) throw std::invalid_argument("selective_state_update: d_state too large for the CUDA kernel");
+  const int rows_per_block = (32 / lanes) * kWarps;
+  const int64_t p_blocks = ceil_div(params.headdim, rows_per_block);
+  const int64_t head_blocks = params.heads * p_blocks;
+  if (head_blocks > INT_MAX)
+    throw std::invalid_argument("selective_state_update: heads * row blocks = " + std::to_string(head_blocks) +
+                                " exceeds the CUDA grid limit");
   const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
   // B/C read in packs of their own type when both have it and are laid out for it (the usual
   // case); else element by element through the dtype switch. The scalar state path (kVec = 1, a
@@ -320,44 +287,24 @@ void launch_typed(const Params& params) {
   const bool bc_packed = kVec > 1 && params.B_dtype == params.C_dtype &&
                          packs_aligned(params.B, params.B_stride, dtype_bytes(params.B_dtype), params.dstate, kVec) &&
                          packs_aligned(params.C, params.C_stride, dtype_bytes(params.C_dtype), params.dstate, kVec);
-  // Two state rows per thread (sharing its B/C registers) on the packed path when the grid is
-  // large: twice the state bytes in flight per thread for ~20 more registers. At batch 1 the grid
-  // is one wave of latency chains, and halving it would only lengthen each chain.
-  const int64_t rows_per_pass = (32 / lanes) * kWarps;
-  const int64_t one_row_blocks = params.batch * params.heads * ceil_div(params.headdim, rows_per_pass);
-  const int rows = !bc_packed ? 1 : rows_override() > 0 ? rows_override() : (one_row_blocks >= 8192 ? 2 : 1);
-  const int64_t p_blocks = ceil_div(params.headdim, rows_per_pass * rows);
-  const int64_t head_blocks = params.heads * p_blocks;
-  if (head_blocks > INT_MAX)
-    throw std::invalid_argument("selective_state_update: heads * row blocks = " + std::to_string(head_blocks) +
-                                " exceeds the CUDA grid limit");
-  auto launch_with = [&](auto bc_tag, auto rows_tag) {
+  auto launch_with = [&](auto bc_tag) {
     using bc_t = typename decltype(bc_tag)::type;
-    constexpr int kRows = decltype(rows_tag)::value;
-    auto kernel = A_per_head ? state_update_kernel<state_t, kVec, kChunks, true, bc_t, kRows>
-                             : state_update_kernel<state_t, kVec, kChunks, false, bc_t, kRows>;
+    auto kernel = A_per_head ? state_update_kernel<state_t, kVec, kChunks, true, bc_t>
+                             : state_update_kernel<state_t, kVec, kChunks, false, bc_t>;
     constexpr int64_t kMaxGridY = 65535;
     for (int64_t b0 = 0; b0 < params.batch; b0 += kMaxGridY) {
       const dim3 grid(static_cast<unsigned>(head_blocks), static_cast<unsigned>(std::min(kMaxGridY, params.batch - b0)));
       kernel<<<grid, kThreads, 0, params.stream>>>(params, lanes, chunks, static_cast<int>(p_blocks), b0);
     }
   };
-  using One = std::integral_constant<int, 1>;
-  using Two = std::integral_constant<int, 2>;
   if constexpr (kVec > 1) {
     if (bc_packed) {
-      SSMK_DISPATCH_FLOAT(params.B_dtype, "selective_state_update B", [&] {
-        if (rows == 2) {
-          launch_with(TypeTag<scalar_t>{}, Two{});
-        } else {
-          launch_with(TypeTag<scalar_t>{}, One{});
-        }
-      });
+      SSMK_DISPATCH_FLOAT(params.B_dtype, "selective_state_update B", [&] { launch_with(TypeTag<scalar_t>{}); });
     } else {
-      launch_with(TypeTag<void>{}, One{});
+      launch_with(TypeTag<void>{});
     }
   } else {
-    launch_with(TypeTag<void>{}, One{});
+    launch_with(TypeTag<void>{});
   }
   check_launch("selective_state_update kernel");
 }
