@@ -25,7 +25,7 @@ CUDA_FIRST = ("cuda", "triton", "reference")
 
 def preferred_order(primitive: str, features: dict[str, Any]) -> tuple[str, ...]:
     """Fastest backend first, per primitive and case, from `python -m ssmkernels bench` on an H100
-    (2026-11-23) and an H200 (2026-12-02; README "Status and measured numbers"). Both kernel backends
+    (2026-11-23) and an H200 (2026-12-02, two sessions; README "Status and measured numbers"). Both kernel backends
     passed the GPU suite there for the primitives that have both."""
     if primitive == "causal_conv1d":
         # H200: channel-first fwd 0.213 (cuda) vs 0.479 ms, channel-last fwd 0.232 vs 0.363 ms,
@@ -35,7 +35,8 @@ def preferred_order(primitive: str, features: dict[str, Any]) -> tuple[str, ...]
     if primitive == "selective_scan":
         return CUDA_FIRST  # H200: fwd 1.80 (cuda) vs 6.27 ms, fwd+bwd 9.29 vs 25.8 ms
     if primitive == "state_update":
-        # batch 1: 0.051 (cuda) vs 0.099 ms and 40 vs 87 us wall; batch 256: 1.06 vs 0.76 ms (triton)
+        # H200: batch 1 wall clock 10.3-10.9 (cuda) vs 36 us; batch 256 0.797 vs 0.562 ms (triton,
+        # fp32 state) and 0.509 vs 0.316 ms (bf16 state)
         return CUDA_FIRST if features.get("small_batch") else DEFAULT_ORDER
     # ssd: the chunked Triton kernels first; the CUDA backend (the recurrence on the selective-scan
     # kernels, ops/ssd/cuda.py) is exact but not tuned, so it comes second.
