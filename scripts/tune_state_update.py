@@ -5,7 +5,9 @@ A tuning tool for the GPU machine:
 
     python scripts/tune_state_update.py [--batch 256] [--json out.json] [--cuda-packs 1,2,4]
 
-Each row: state dtype, tile (state elements per program), warps, median time, GB/s and % of copy.
+Each row: state dtype, tile (state elements per program), warps, programs per SM (0: one program per
+tile; k: the pipelined kernel, at most k programs per SM looping over tiles; ``--programs-per-sm``
+picks the values), median time, GB/s and % of copy.
 The library's current choice is marked with '*'. ``--cuda-packs`` also times the CUDA kernel with
 each cap on the 16-byte state packs per thread (SSMKERNELS_STATE_UPDATE_PACKS, one process each,
 since the launcher reads it once; 0 = the launcher's own choice).
@@ -33,6 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, action="append", help="batch sizes (default 256)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--programs-per-sm", type=lambda text: [int(v) for v in text.split(",")], default=[0],
+                        help="comma-separated programs per SM of the Triton kernel to time (default 0)")
     parser.add_argument("--cuda-packs", help="comma-separated caps on the CUDA kernel's packs per thread to time")
     parser.add_argument("--cuda-only", action="store_true", help=argparse.SUPPRESS)  # one --cuda-packs child
     args = parser.parse_args()
@@ -69,24 +73,24 @@ def main() -> None:
                       f"{gbps:6.0f} GB/s {100 * gbps / peaks.copy_gbps:5.1f}%", flush=True)
                 continue
             chosen = default_config(batch, h, p, n, state_dtype.itemsize)
-            for tile, warps in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8)):
+            for tile, warps, per_sm in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8), args.programs_per_sm):
                 block_p = min(p, tile // n)
                 if block_p < 1 or tile // (32 * warps) < 1:
                     continue
-                config = (block_p, n, warps)
+                config = (block_p, n, warps, per_sm)
                 su_triton._launch_config = lambda *a, config=config: config
                 steps = [lambda s=s: su_triton.update(*s) for s in sets]
                 try:
                     t = timing.measure(steps)
                 except Exception as exc:  # noqa: BLE001 (a config the compiler rejects)
-                    print(f"{state_dtype} tile {tile} warps {warps}: {type(exc).__name__}", flush=True)
+                    print(f"{state_dtype} tile {tile} warps {warps} per SM {per_sm}: {type(exc).__name__}", flush=True)
                     continue
                 gbps = nbytes / (t.median_ms * 1e-3) / 1e9
                 mark = "*" if config == chosen else " "
-                row = dict(batch=batch, state=str(state_dtype), tile=tile, warps=warps,
+                row = dict(batch=batch, state=str(state_dtype), tile=tile, warps=warps, programs_per_sm=per_sm,
                            ms=t.median_ms, gbps=gbps, pct_copy=100 * gbps / peaks.copy_gbps)
                 rows.append(row)
-                print(f"{mark} b{batch} {str(state_dtype):15} tile {tile:5} warps {warps:2}  "
+                print(f"{mark} b{batch} {str(state_dtype):15} tile {tile:5} warps {warps:2} per SM {per_sm:2}  "
                       f"{t.median_ms:.4f} ms {gbps:6.0f} GB/s {row['pct_copy']:5.1f}%", flush=True)
             su_triton._launch_config = default_config
     if args.json:

@@ -149,6 +149,22 @@ def state_update(dtype):
                                           torch.randn(b, 2, n, dtype=dtype), torch.randn(b, 2, n, dtype=dtype),
                                           D=torch.randn(h, p), z=torch.randn(b, h, p, dtype=dtype),
                                           dt_bias=torch.randn(h, p), dt_softplus=True, backend="triton")
+    # The pipelined kernel (opt-in: triton.py's _PROGRAMS_PER_SM), at a batch * heads that takes it.
+    from ssmkernels.ops.state_update import op as su_op
+    from ssmkernels.ops.state_update import triton as su_triton
+
+    b, saved = 128, su_triton._PROGRAMS_PER_SM
+    su_triton._PROGRAMS_PER_SM = 4
+    su_op.clear_caches()
+    try:
+        for state_dtype in (torch.float32, torch.bfloat16):
+            ssmkernels.selective_state_update(torch.empty(b, h, p, n, dtype=state_dtype), torch.randn(b, h, p, dtype=dtype),
+                                              torch.randn(b, h, dtype=dtype)[:, :, None].expand(b, h, p), A,
+                                              torch.randn(b, 2, n, dtype=dtype), torch.randn(b, 2, n, dtype=dtype),
+                                              dt_softplus=True, backend="triton")
+    finally:
+        su_triton._PROGRAMS_PER_SM = saved
+        su_op.clear_caches()
 
 
 if __name__ == "__main__":

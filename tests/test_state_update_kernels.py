@@ -496,3 +496,32 @@ def test_triton_kernel_lowers_for_sm90():
     result = subprocess.run([sys.executable, "-c", _LOWER_FOR_SM90], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and "lowered" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("case_name", ["mamba2_step", "mamba2_odd_sizes", "mamba2_tokens3", "mamba2_indices_pad",
+                                       "mamba2_noncontig_indices", "mamba2_dstate100", "mamba1_indices_pad"])
+def test_triton_pipelined_kernel(case_name, programs, monkeypatch):
+    """The Triton kernel that loops over tiles with the next tile's state prefetched (opt-in until
+    measured faster: triton.py's _PROGRAMS_PER_SM): 1 or 3 programs for 6-12 tiles, padding rows
+    among them, against the float64 reference."""
+    if "triton" not in KERNEL_BACKENDS:
+        pytest.skip("no triton backend here")
+    from ssmkernels.ops.state_update import op
+    from ssmkernels.ops.state_update import triton as su_triton
+
+    default = su_triton._launch_config
+    monkeypatch.setattr(su_triton, "_launch_config", lambda *a: (*default(*a)[:3], 1))
+    monkeypatch.setattr(su_triton, "_sm_count", lambda device_index: programs)
+    launched = []
+    real_launch = su_triton.launch
+    monkeypatch.setattr(su_triton, "launch", lambda prepared, *args: (launched.append(prepared[0]),
+                                                                       real_launch(prepared, *args)))
+    case = CASES[case_name]
+    op.clear_caches()
+    try:
+        compare_with_reference(run_case(case), make_inputs(case, torch.float32, torch.bfloat16), "triton",
+                               label=f"triton pipelined, {programs} programs, {case_name}")
+    finally:
+        op.clear_caches()
+    assert launched and all(k is su_triton._state_update_pipelined_kernel for k in launched)

@@ -11,6 +11,8 @@ output, and stores the state back once (in the state's own dtype; math in float3
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -59,11 +61,10 @@ def _store_cast(value, ptr_dtype: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     return value.to(ptr_dtype)
 
 
-@triton.jit(do_not_specialize=["tokens", "batch_cache", "pad_slot_id"])
-def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, indices_ptr, out_ptr,
-    tokens, p, n, heads_per_group, batch_cache, pad_slot_id, stride_indices,
-    stride_state_slot, stride_state_h, stride_state_p, stride_state_n,
+@triton.jit
+def _apply_tokens(
+    state, pid_b, pid_h, pid_g, offs_p64, offs_n64, mask_p, mask_n, mask_pn, out_ptrs, tokens,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, out_ptr,
     stride_x_b, stride_x_t, stride_x_h, stride_x_p,
     stride_dt_b, stride_dt_t, stride_dt_h, stride_dt_p,
     stride_A_h, stride_A_p, stride_A_n,
@@ -72,55 +73,12 @@ def _state_update_kernel(
     stride_D_h, stride_D_p,
     stride_z_b, stride_z_t, stride_z_h, stride_z_p,
     stride_dt_bias_h, stride_dt_bias_p,
-    stride_out_b, stride_out_t, stride_out_h, stride_out_p,
-    DT_SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr,
-    HAS_INDICES: tl.constexpr,
-    DT_PER_HEAD: tl.constexpr,  # dt (and dt_bias) have stride 0 along p: one dt per head
-    A_PER_HEAD: tl.constexpr,  # A has stride 0 along p and n: one decay per head
-    BF16_BY_BITS: tl.constexpr,  # under the interpreter: see _store_cast
-    EVEN_N: tl.constexpr,  # n == BLOCK_N
-    BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    stride_out_t,
+    DT_SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_PER_HEAD: tl.constexpr, A_PER_HEAD: tl.constexpr, BF16_BY_BITS: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_h = tl.program_id(2).to(tl.int64)
-    pid_g = pid_h // heads_per_group
-
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_p = offs_p < p
-    mask_n = offs_n < n
-    if EVEN_N:  # no mask along n: lets the compiler use 16-byte accesses of the state rows
-        mask_pn = mask_p[:, None]
-    else:
-        mask_pn = mask_p[:, None] & mask_n[None, :]
-    offs_p64 = offs_p.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
-
-    out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_p64 * stride_out_p
-
-    if HAS_INDICES:
-        slot = tl.load(indices_ptr + pid_b * stride_indices).to(tl.int64)
-        # Pad rows (and, defensively, any index outside the cache) touch no state: zeros out.
-        if (slot == pad_slot_id) | (slot < 0) | (slot >= batch_cache):
-            zeros = tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptr.dtype.element_ty)
-            j = 0
-            while j < tokens:
-                tl.store(out_ptrs, zeros, mask=mask_p)
-                out_ptrs += stride_out_t
-                j += 1
-            return
-    else:
-        slot = pid_b
-
-    state_ptrs = (state_ptr + slot * stride_state_slot + pid_h * stride_state_h
-                  + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n)
-    state = tl.load(state_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
-
+    """The ``tokens`` steps on one tile's ``state`` (float32, in registers): writes each token's
+    output and returns the final state (the caller stores it)."""
     # Per-(head, p) constants, loaded once for all tokens.
     if A_PER_HEAD:
         A = tl.load(A_ptr + pid_h * stride_A_h).to(tl.float32)
@@ -185,12 +143,216 @@ def _state_update_kernel(
         out_ptrs += stride_out_t
         j += 1
 
+    return state
+
+
+@triton.jit(do_not_specialize=["tokens", "batch_cache", "pad_slot_id"])
+def _state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, indices_ptr, out_ptr,
+    tokens, p, n, heads_per_group, batch_cache, pad_slot_id, stride_indices,
+    stride_state_slot, stride_state_h, stride_state_p, stride_state_n,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_t, stride_dt_h, stride_dt_p,
+    stride_A_h, stride_A_p, stride_A_n,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    stride_D_h, stride_D_p,
+    stride_z_b, stride_z_t, stride_z_h, stride_z_p,
+    stride_dt_bias_h, stride_dt_bias_p,
+    stride_out_b, stride_out_t, stride_out_h, stride_out_p,
+    DT_SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr,
+    HAS_INDICES: tl.constexpr,
+    DT_PER_HEAD: tl.constexpr,  # dt (and dt_bias) have stride 0 along p: one dt per head
+    A_PER_HEAD: tl.constexpr,  # A has stride 0 along p and n: one decay per head
+    BF16_BY_BITS: tl.constexpr,  # under the interpreter: see _store_cast
+    EVEN_N: tl.constexpr,  # n == BLOCK_N
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    pid_h = tl.program_id(2).to(tl.int64)
+    pid_g = pid_h // heads_per_group
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < p
+    mask_n = offs_n < n
+    if EVEN_N:  # no mask along n: lets the compiler use 16-byte accesses of the state rows
+        mask_pn = mask_p[:, None]
+    else:
+        mask_pn = mask_p[:, None] & mask_n[None, :]
+    offs_p64 = offs_p.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+
+    out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_p64 * stride_out_p
+
+    if HAS_INDICES:
+        slot = tl.load(indices_ptr + pid_b * stride_indices).to(tl.int64)
+        # Pad rows (and, defensively, any index outside the cache) touch no state: zeros out.
+        if (slot == pad_slot_id) | (slot < 0) | (slot >= batch_cache):
+            zeros = tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptr.dtype.element_ty)
+            j = 0
+            while j < tokens:
+                tl.store(out_ptrs, zeros, mask=mask_p)
+                out_ptrs += stride_out_t
+                j += 1
+            return
+    else:
+        slot = pid_b
+
+    state_ptrs = (state_ptr + slot * stride_state_slot + pid_h * stride_state_h
+                  + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n)
+    state = tl.load(state_ptrs, mask=mask_pn, other=0.0).to(tl.float32)
+
+    state = _apply_tokens(
+        state, pid_b, pid_h, pid_g, offs_p64, offs_n64, mask_p, mask_n, mask_pn, out_ptrs, tokens,
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, out_ptr,
+        stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+        stride_dt_b, stride_dt_t, stride_dt_h, stride_dt_p,
+        stride_A_h, stride_A_p, stride_A_n,
+        stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+        stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+        stride_D_h, stride_D_p,
+        stride_z_b, stride_z_t, stride_z_h, stride_z_p,
+        stride_dt_bias_h, stride_dt_bias_p,
+        stride_out_t,
+        DT_SOFTPLUS, HAS_D, HAS_Z, HAS_DT_BIAS, DT_PER_HEAD, A_PER_HEAD, BF16_BY_BITS, EVEN_N)
     tl.store(state_ptrs, _store_cast(state, state_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_pn)
 
 
-def _launch_config(batch: int, heads: int, p: int, n: int, state_bytes: int) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_N, num_warps), picked by hand: autotuning would run the in-place kernel
-    several times on the caller's state (and cost host time on a latency-bound path).
+@triton.jit
+def _tile_of(tile, num_tiles, p_blocks, heads, indices_ptr, stride_indices, batch_cache, pad_slot_id,
+             HAS_INDICES: tl.constexpr):
+    """(p block, batch row, head, state slot, whether the tile exists and its slot is real) of a
+    tile number of the pipelined kernel: p block fastest, then head, then batch row, so the tiles
+    that the grid's programs take at one time are consecutive state memory."""
+    exists = tile < num_tiles
+    tile = tile % num_tiles  # past the end: any real tile's coordinates, for in-bounds index reads
+    pid_p = tile % p_blocks
+    rest = tile // p_blocks
+    pid_h = (rest % heads).to(tl.int64)
+    pid_b = (rest // heads).to(tl.int64)
+    if HAS_INDICES:
+        slot = tl.load(indices_ptr + pid_b * stride_indices).to(tl.int64)
+        # Pad rows (and, defensively, any index outside the cache) touch no state: zeros out.
+        real = exists & (slot != pad_slot_id) & (slot >= 0) & (slot < batch_cache)
+    else:
+        slot = pid_b
+        real = exists
+    return pid_p, pid_b, pid_h, slot, real
+
+
+@triton.jit(do_not_specialize=["tokens", "batch_cache", "pad_slot_id", "num_tiles"])
+def _state_update_pipelined_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, indices_ptr, out_ptr,
+    tokens, p, n, heads_per_group, batch_cache, pad_slot_id, stride_indices, heads, num_tiles, p_blocks,
+    stride_state_slot, stride_state_h, stride_state_p, stride_state_n,
+    stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+    stride_dt_b, stride_dt_t, stride_dt_h, stride_dt_p,
+    stride_A_h, stride_A_p, stride_A_n,
+    stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+    stride_D_h, stride_D_p,
+    stride_z_b, stride_z_t, stride_z_h, stride_z_p,
+    stride_dt_bias_h, stride_dt_bias_p,
+    stride_out_b, stride_out_t, stride_out_h, stride_out_p,
+    DT_SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr,
+    HAS_INDICES: tl.constexpr,
+    DT_PER_HEAD: tl.constexpr,
+    A_PER_HEAD: tl.constexpr,
+    BF16_BY_BITS: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The kernel above with fewer programs than tiles: program k takes tiles k, k + G, k + 2G, ...
+    (G programs) and loads the state of its next tile before working on the current one, so that
+    a program's arithmetic overlaps its next loads (the bf16-state step has twice the arithmetic per
+    byte of the float32 one and stopped at ~81% of copy with one tile per program). Only the tile
+    number and the prefetched state cross iterations: pointers are rebuilt from scalars each time,
+    because Triton loses the contiguity of loop-carried pointer tensors (a first version that
+    carried them ran at 39-54% of copy)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    offs_n64 = offs_n.to(tl.int64)
+    offs_in_tile = tl.arange(0, BLOCK_P)
+    grid = tl.num_programs(0)
+    tile = tl.program_id(0)
+
+    pid_p, pid_b, pid_h, slot, real = _tile_of(tile, num_tiles, p_blocks, heads, indices_ptr, stride_indices,
+                                               batch_cache, pad_slot_id, HAS_INDICES)
+    offs_p64 = (pid_p * BLOCK_P + offs_in_tile).to(tl.int64)
+    if EVEN_N:
+        mask_load = (offs_p64 < p)[:, None] & real
+    else:
+        mask_load = (offs_p64 < p)[:, None] & mask_n[None, :] & real
+    state_raw = tl.load(state_ptr + slot * stride_state_slot + pid_h * stride_state_h
+                        + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n,
+                        mask=mask_load, other=0.0)
+
+    while tile < num_tiles:
+        # The next tile's state first (masked off past the last tile).
+        pid_p, pid_b, pid_h, slot, real = _tile_of(tile + grid, num_tiles, p_blocks, heads, indices_ptr,
+                                                   stride_indices, batch_cache, pad_slot_id, HAS_INDICES)
+        offs_p64 = (pid_p * BLOCK_P + offs_in_tile).to(tl.int64)
+        if EVEN_N:
+            mask_load = (offs_p64 < p)[:, None] & real
+        else:
+            mask_load = (offs_p64 < p)[:, None] & mask_n[None, :] & real
+        next_raw = tl.load(state_ptr + slot * stride_state_slot + pid_h * stride_state_h
+                           + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n,
+                           mask=mask_load, other=0.0)
+
+        # This tile.
+        pid_p, pid_b, pid_h, slot, real = _tile_of(tile, num_tiles, p_blocks, heads, indices_ptr,
+                                                   stride_indices, batch_cache, pad_slot_id, HAS_INDICES)
+        offs_p = pid_p * BLOCK_P + offs_in_tile
+        offs_p64 = offs_p.to(tl.int64)
+        mask_p = offs_p < p
+        if EVEN_N:
+            mask_pn = mask_p[:, None]
+        else:
+            mask_pn = mask_p[:, None] & mask_n[None, :]
+        out_ptrs = out_ptr + pid_b * stride_out_b + pid_h * stride_out_h + offs_p64 * stride_out_p
+        if real:
+            pid_g = pid_h // heads_per_group
+            state = _apply_tokens(
+                state_raw.to(tl.float32), pid_b, pid_h, pid_g, offs_p64, offs_n64, mask_p, mask_n, mask_pn, out_ptrs,
+                tokens, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, out_ptr,
+                stride_x_b, stride_x_t, stride_x_h, stride_x_p,
+                stride_dt_b, stride_dt_t, stride_dt_h, stride_dt_p,
+                stride_A_h, stride_A_p, stride_A_n,
+                stride_B_b, stride_B_t, stride_B_g, stride_B_n,
+                stride_C_b, stride_C_t, stride_C_g, stride_C_n,
+                stride_D_h, stride_D_p,
+                stride_z_b, stride_z_t, stride_z_h, stride_z_p,
+                stride_dt_bias_h, stride_dt_bias_p,
+                stride_out_t,
+                DT_SOFTPLUS, HAS_D, HAS_Z, HAS_DT_BIAS, DT_PER_HEAD, A_PER_HEAD, BF16_BY_BITS, EVEN_N)
+            tl.store(state_ptr + slot * stride_state_slot + pid_h * stride_state_h
+                     + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n,
+                     _store_cast(state, state_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_pn)
+        else:  # a padding row: zeros out, no state touched
+            zeros = tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptr.dtype.element_ty)
+            j = 0
+            while j < tokens:
+                tl.store(out_ptrs, zeros, mask=mask_p)
+                out_ptrs += stride_out_t
+                j += 1
+        state_raw = next_raw
+        tile += grid
+
+
+def _launch_config(batch: int, heads: int, p: int, n: int, state_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_N, num_warps, programs per SM), picked by hand: autotuning would run the
+    in-place kernel several times on the caller's state (and cost host time on a latency-bound path).
 
     At large batch, 64 bytes of state per thread keep enough loads in flight for bandwidth: 16-bit
     state in tiles of 4096 elements at 4 warps, float32 in tiles of 1024 at 2 warps (the H200 sweep,
@@ -198,6 +360,10 @@ def _launch_config(batch: int, heads: int, p: int, n: int, state_bytes: int) -> 
     warps, the two-warp tiles of 4096 and 8192 at 89.8-90.3%; bf16 4096 at 4 warps 80.1%, within
     1% of every other choice). When the grid would not fill the GPU (small batch), tiles of 2 KB at
     4 warps, so that more programs share the work.
+
+    Programs per SM: 0 launches one program per tile (``_state_update_kernel``); k > 0 launches at
+    most k programs per SM of ``_state_update_pipelined_kernel``. ``_PROGRAMS_PER_SM`` (0 until the
+    pipelined kernel is measured faster) applies at large batch.
     """
     block_n = triton.next_power_of_2(n)
     block_p_max = triton.next_power_of_2(p)
@@ -210,21 +376,44 @@ def _launch_config(batch: int, heads: int, p: int, n: int, state_bytes: int) -> 
     block_p = max(1, min(block_p_max, tile // block_n))
     if block_p * block_n * state_bytes > 8192:  # n alone makes a bigger tile: more threads for it
         num_warps = 8
-    return block_p, block_n, num_warps
+    return block_p, block_n, num_warps, (_PROGRAMS_PER_SM if large else 0)
+
+
+_PROGRAMS_PER_SM = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    """Multiprocessors of the CUDA device; 1 for the CPU (Triton's interpreter)."""
+    import torch
+
+    if device_index < 0:
+        return 1
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out):
-    """What a launch needs besides the tensors: ``(grid, scalar arguments, constexpr arguments)``, or
-    None when there is nothing to compute. It depends only on the tensors' shapes, strides and
-    dtypes and on the flags, so ``op.py`` computes it once per kind of call."""
+    """What a launch needs besides the tensors: ``(kernel, grid, scalar arguments, constexpr
+    arguments)``, or None when there is nothing to compute. It depends only on the tensors' shapes,
+    strides and dtypes and on the flags, so ``op.py`` computes it once per kind of call."""
     lay = mamba2_layout(state, x, dt, A, B, C, D, z, dt_bias, out)
     b, t, h, p, n = lay.batch, lay.tokens, lay.heads, lay.headdim, lay.dstate
     if b == 0 or t == 0 or h == 0 or p == 0:
         return None
-    block_p, block_n, num_warps = _launch_config(b, h, p, n, state.element_size())
+    block_p, block_n, num_warps, programs_per_sm = _launch_config(b, h, p, n, state.element_size())
     idx = state_batch_indices
-    scalars = (t, p, n, h // lay.groups, lay.slots, pad_slot_id, 1 if idx is None else idx.stride(0),
-               *lay.state, *lay.x, *lay.dt, *lay.A, *lay.B, *lay.C, *lay.D, *lay.z, *lay.dt_bias, *lay.out)
+    sizes = (t, p, n, h // lay.groups, lay.slots, pad_slot_id, 1 if idx is None else idx.stride(0))
+    strides = (*lay.state, *lay.x, *lay.dt, *lay.A, *lay.B, *lay.C, *lay.D, *lay.z, *lay.dt_bias, *lay.out)
+    p_blocks = triton.cdiv(p, block_p)
+    if programs_per_sm > 0:
+        num_tiles = b * h * p_blocks
+        programs = min(num_tiles, programs_per_sm * _sm_count(state.get_device()))
+        if num_tiles + programs >= 2**31:  # the pipelined kernel numbers tiles in int32
+            programs_per_sm = 0
+    if programs_per_sm > 0:
+        kernel, grid, scalars = _state_update_pipelined_kernel, (programs,), (*sizes, h, num_tiles, p_blocks, *strides)
+    else:
+        kernel, grid, scalars = _state_update_kernel, (p_blocks, b, h), (*sizes, *strides)
     constants = dict(
         DT_SOFTPLUS=bool(dt_softplus),
         HAS_D=D is not None,
@@ -239,15 +428,15 @@ def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indic
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    return (triton.cdiv(p, block_p), b, h), scalars, constants
+    return kernel, grid, scalars, constants
 
 
 def launch(prepared, state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out) -> None:
     """Launch with ``prepared`` from :func:`prepare` (None: nothing to do)."""
     if prepared is None:
         return
-    grid, scalars, constants = prepared
-    _state_update_kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out, *scalars, **constants)
+    kernel, grid, scalars, constants = prepared
+    kernel[grid](state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, out, *scalars, **constants)
 
 
 def update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, out):
