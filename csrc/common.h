@@ -41,6 +41,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 
 }  // namespace ssmk
 
+// kernel<<<grid, threads, 0, stream>>>(args...), or under the host emulation of the tests
+// (csrc/emulation.h) the same grid run on host threads: the launchers' own logic is then tested too.
+#ifdef SSMK_EMULATION
+#define SSMK_LAUNCH(kernel, grid, threads, stream, ...) emu_launch(kernel, grid, threads, __VA_ARGS__)
+#else
+#define SSMK_LAUNCH(kernel, grid, threads, stream, ...) kernel<<<grid, threads, 0, stream>>>(__VA_ARGS__)
+#endif
+
 // Instantiates BODY with `scalar_t` bound to the C++ type of a DType code.
 #define SSMK_DISPATCH_FLOAT(code, NAME, ...)                                                   \
   [&] {                                                                                       \

@@ -36,16 +36,36 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def scan_cuda_emulation(tmp_path_factory):
-    """The selective-scan CUDA kernels compiled for the host (tests/scan_emulation.py), built once."""
-    from tests import scan_emulation
+    """The selective-scan CUDA kernels compiled for the host (tests/cuda_emulation.py), built once."""
+    from tests import cuda_emulation
 
-    return scan_emulation.build_module(tmp_path_factory.mktemp("scan_emulation"))
+    return cuda_emulation.build_scan_module(tmp_path_factory.mktemp("scan_emulation"))
 
 
 @pytest.fixture
 def emulated_scan_cuda(scan_cuda_emulation, monkeypatch):
     """``backend="cuda"`` served by the host emulation of the selective-scan kernels (CPU only)."""
-    from tests import scan_emulation
+    from tests import cuda_emulation
 
-    scan_emulation.install(scan_cuda_emulation, monkeypatch)
+    cuda_emulation.install(scan_cuda_emulation, monkeypatch)
     return scan_cuda_emulation
+
+
+@pytest.fixture(scope="session")
+def state_update_cuda_emulation(tmp_path_factory):
+    """The state-update CUDA kernel and launcher compiled for the host, built once."""
+    from tests import cuda_emulation
+
+    return cuda_emulation.build_state_update_module(tmp_path_factory.mktemp("state_update_emulation"))
+
+
+@pytest.fixture
+def emulated_state_update_cuda(state_update_cuda_emulation, monkeypatch):
+    """``backend="cuda"`` served by the host emulation of the state-update kernel (CPU only)."""
+    from ssmkernels.ops.state_update import op
+    from tests import cuda_emulation
+
+    cuda_emulation.install(state_update_cuda_emulation, monkeypatch)
+    op.clear_caches()  # plans made for another backend module must not serve these calls
+    yield state_update_cuda_emulation
+    op.clear_caches()

@@ -269,7 +269,7 @@ def test_float64_is_refused_with_reason(backend):
 # ----------------------------------------------------------------------------- CUDA backend, emulated
 # The CUDA backend lays SSD out as a selective scan (channels h*p, dt over p, B/C groups of (h/g)*p
 # channels, seq_idx rows packed and cut into sequences) and runs the selective-scan CUDA kernels.
-# Without a GPU those kernels run in host emulation (tests/scan_emulation.py) behind the real op
+# Without a GPU those kernels run in host emulation (tests/cuda_emulation.py) behind the real op
 # layer, so the layout, the packing and the gradient mapping are checked here, forward and backward.
 # Few channels (h * p) and a small state: the emulation runs an OS thread per CUDA thread.
 EMULATED = dict(p=2, n=4, l=21, init=True)

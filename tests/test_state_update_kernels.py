@@ -525,3 +525,30 @@ def test_triton_pipelined_kernel(case_name, programs, monkeypatch):
     finally:
         op.clear_caches()
     assert launched and all(k is su_triton._state_update_pipelined_kernel for k in launched)
+
+
+# ------------------------------------------------------------------- the CUDA kernel, emulated
+# Without a GPU, the CUDA kernel and its launcher run in host emulation (csrc/state_update/
+# emulation.cc, tests/cuda_emulation.py) behind the real op layer: the kernel's indexing, pack
+# widths, lanes per row, B/C paths, padding rows and grid against the float64 reference in CI.
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs the real kernel (test_matches_reference)")
+@pytest.mark.parametrize("case_name", list(CASES))
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.float16, torch.bfloat16)],
+                         ids=["f32_f32state", "f16_bf16state"])
+def test_emulated_cuda_kernel_matches_reference(case_name, dtype, state_dtype, emulated_state_update_cuda):
+    case = CASES[case_name]
+    before = emulated_state_update_cuda.launches
+    compare_with_reference(run_case(case), make_inputs(case, dtype, state_dtype), "cuda",
+                           label=f"emulated cuda {case_name} x {dtype_id(dtype)} state {dtype_id(state_dtype)}")
+    assert emulated_state_update_cuda.launches > before  # the emulated kernel ran, not a fallback
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs the real kernel (test_matches_reference)")
+@pytest.mark.parametrize("dstate", [8, 64, 128])
+def test_emulated_cuda_kernel_packed_bc(dstate, emulated_state_update_cuda):
+    """d_state a multiple of the pack width, B/C contiguous: the vector path with B/C read in packs
+    of their own type (bf16 x/B/C with float32 and with bf16 state), several tokens, padding rows."""
+    case = replace(BASE, heads=2, groups=1, headdim=9, dstate=dstate, batch=3, cache=4, indices=(3, -1, 0), tokens=2)
+    for state_dtype in (torch.float32, torch.bfloat16):
+        compare_with_reference(run_case(case), make_inputs(case, torch.bfloat16, state_dtype), "cuda",
+                               label=f"emulated cuda packed B/C n{dstate} state {dtype_id(state_dtype)}")

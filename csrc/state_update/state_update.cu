@@ -294,7 +294,7 @@ void launch_typed(const Params& params) {
     constexpr int64_t kMaxGridY = 65535;
     for (int64_t b0 = 0; b0 < params.batch; b0 += kMaxGridY) {
       const dim3 grid(static_cast<unsigned>(head_blocks), static_cast<unsigned>(std::min(kMaxGridY, params.batch - b0)));
-      kernel<<<grid, kThreads, 0, params.stream>>>(params, lanes, chunks, static_cast<int>(p_blocks), b0);
+      SSMK_LAUNCH(kernel, grid, kThreads, params.stream, params, lanes, chunks, static_cast<int>(p_blocks), b0);
     }
   };
   if constexpr (kVec > 1) {

@@ -1,10 +1,14 @@
-"""The selective-scan CUDA kernels in host emulation, as a stand-in ``ssmkernels._C`` for CPU tests.
+"""CUDA kernels in host emulation, as stand-ins for ``ssmkernels._C`` in CPU tests.
 
-csrc/selective_scan/emulation.cc compiles the kernels' own code as host C++ (one std::thread per
-CUDA thread, barriers for __syncthreads and shuffles). The fixtures in conftest.py build it once and
-put it behind the real op layer (``ext``, ``native``, ``dispatch``), so tests of the selective scan
-and of the SSD CUDA backend (which runs on these kernels) check the kernels' algorithm and indexing
-without a GPU. Slow: hundreds of OS threads per block, so only small cases.
+csrc/emulation.h compiles a kernel's own code as host C++ (one std::thread per CUDA thread,
+barriers for __syncthreads and shuffles); each primitive's emulation.cc includes it. The fixtures in
+conftest.py build a library once per session and put it behind the real op layer (``ext``,
+``native``, ``dispatch``), so CPU tests check the kernels' algorithm and indexing:
+- csrc/selective_scan/emulation.cc: the selective-scan kernels (and so the SSD CUDA backend, which
+  runs on them);
+- csrc/state_update/emulation.cc: the state-update kernel with its launcher (the choice of pack
+  width, lanes, grid and B/C path included).
+Slow: hundreds of OS threads per block, so only small cases.
 """
 from __future__ import annotations
 
@@ -40,9 +44,9 @@ class EmulatedParams(ctypes.Structure):
                 + [("stream", _P)])
 
 
-def build_module(directory: Path):
-    """Compile emulation.cc into ``directory``; a module object with the extension's scan entry
-    points, or skip the test when g++ or the CUDA headers are missing."""
+def _compile(directory: Path, source: str, name: str) -> ctypes.CDLL:
+    """g++-compile csrc/<source> into ``directory``; skips the test when g++ or the CUDA headers are
+    missing."""
     compiler, nvcc = shutil.which("g++"), build.find_nvcc()
     candidates = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
     if nvcc is not None:
@@ -51,11 +55,16 @@ def build_module(directory: Path):
     if compiler is None or include is None:
         pytest.skip("the CUDA emulation needs g++ and the CUDA toolkit's headers")
     root = build.source_root()
-    library = directory / "libscan_emulation.so"
+    library = directory / f"lib{name}.so"
     subprocess.run([compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", f"-I{root / 'csrc'}",
-                    f"-I{include}", str(root / "csrc" / "selective_scan" / "emulation.cc"), "-o", str(library)],
+                    f"-I{include}", str(root / "csrc" / source), "-o", str(library)],
                    check=True, capture_output=True)
-    lib = ctypes.CDLL(str(library))
+    return ctypes.CDLL(str(library))
+
+
+def build_scan_module(directory: Path):
+    """A module object with the extension's selective-scan entry points, emulated."""
+    lib = _compile(directory, "selective_scan/emulation.cc", "scan_emulation")
     for name in ("emu_params_size", "emu_params_stream_offset"):
         getattr(lib, name).restype = ctypes.c_size_t
     layout = (lib.emu_params_size(), lib.emu_params_stream_offset())
@@ -76,8 +85,39 @@ def build_module(directory: Path):
     return Module()
 
 
+def build_state_update_module(directory: Path):
+    """A module object with the extension's state-update entry point, emulated."""
+    lib = _compile(directory, "state_update/emulation.cc", "state_update_emulation")
+    lib.emu_state_update.restype = ctypes.c_char_p
+    lib.emu_state_update.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int, ctypes.POINTER(ctypes.c_uint64),
+                                     ctypes.c_int]
+    lib.emu_state_update_max_dstate.restype = ctypes.c_long
+
+    class Module:
+        state_update_binding_version = lib.emu_state_update_binding_version()
+        state_update_max_dstate = lib.emu_state_update_max_dstate()
+        launches = 0
+
+        def state_update(self, params, addresses, stream):
+            """binding.cpp's function: the same tuples, the launcher's errors as ValueError."""
+            values = (ctypes.c_int64 * len(params))(*params)
+            pointers = (ctypes.c_uint64 * len(addresses))(*addresses)
+            error = lib.emu_state_update(values, len(params), pointers, len(addresses))
+            if error:
+                raise ValueError(error.decode())
+            type(self).launches += 1
+
+    return Module()
+
+
 def install(module, monkeypatch) -> None:
     """Serve ``backend="cuda"`` with the emulated module, for CPU tensors."""
+    from ssmkernels.ops.state_update import cuda as state_update_cuda
+
+    # The state update binds the extension's function and the stream getter on first use.
+    monkeypatch.setattr(state_update_cuda, "_kernel", lambda params, addresses, stream: ext.module().state_update(
+        params, addresses, stream))
+    monkeypatch.setattr(state_update_cuda, "_raw_stream", lambda device_index: 0)
     monkeypatch.setattr(ext, "_module", module)
     monkeypatch.setattr(ext, "_error", None)
     monkeypatch.setattr(ext, "_tried", True)
