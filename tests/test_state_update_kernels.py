@@ -552,3 +552,17 @@ def test_emulated_cuda_kernel_packed_bc(dstate, emulated_state_update_cuda):
     for state_dtype in (torch.float32, torch.bfloat16):
         compare_with_reference(run_case(case), make_inputs(case, torch.bfloat16, state_dtype), "cuda",
                                label=f"emulated cuda packed B/C n{dstate} state {dtype_id(state_dtype)}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU runs the real kernel (test_matches_reference)")
+def test_emulated_cuda_kernel_vector_state_strided_bc(emulated_state_update_cuda):
+    """A state laid out for 16-byte packs with B/C that are not (strided along n) and per-head A:
+    the launcher takes the element-by-element path for both, against the float64 reference."""
+    case = replace(BASE, heads=2, groups=1, headdim=5, dstate=16, tokens=2)
+    inner = run_case(case)
+
+    def fn(B, C, **kw):
+        return inner(B=_strided(B), C=_strided(C), **kw)
+
+    compare_with_reference(fn, make_inputs(case, torch.float16, torch.float32), "cuda",
+                           label="emulated cuda, strided B/C")

@@ -14,7 +14,7 @@
 // latencies per block; the H200 ran the batch-256 float32 step at 54% of copy bandwidth so.
 //
 // Templated on the state type, the pack width, whether A is one scalar per head and B/C's type on
-// the vector path (24 instances; B/C of mixed types or layouts go element by element, 6 more): the
+// the vector path (18 instances, see launch_typed; B/C of mixed types or layouts go element by element): the
 // other inputs' element types are read at run time (warp-uniform switches), since callers mix them
 // (bf16 x with fp32 A/D/dt_bias) and they are one load per row and token.
 #include "common.h"
@@ -280,31 +280,30 @@ void launch_typed(const Params& params) {
   if (head_blocks > INT_MAX)
     throw std::invalid_argument("selective_state_update: heads * row blocks = " + std::to_string(head_blocks) +
                                 " exceeds the CUDA grid limit");
-  const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
-  // B/C read in packs of their own type when both have it and are laid out for it (the usual
-  // case); else element by element through the dtype switch. The scalar state path (kVec = 1, a
-  // strided or misaligned state: not the fast path) always takes the latter, one instance less.
-  const bool bc_packed = kVec > 1 && params.B_dtype == params.C_dtype &&
-                         packs_aligned(params.B, params.B_stride, dtype_bytes(params.B_dtype), params.dstate, kVec) &&
-                         packs_aligned(params.C, params.C_stride, dtype_bytes(params.C_dtype), params.dstate, kVec);
-  auto launch_with = [&](auto bc_tag) {
+  auto launch_with = [&](auto bc_tag, auto a_per_head) {
     using bc_t = typename decltype(bc_tag)::type;
-    auto kernel = A_per_head ? state_update_kernel<state_t, kVec, kChunks, true, bc_t>
-                             : state_update_kernel<state_t, kVec, kChunks, false, bc_t>;
+    auto kernel = state_update_kernel<state_t, kVec, kChunks, decltype(a_per_head)::value, bc_t>;
     constexpr int64_t kMaxGridY = 65535;
     for (int64_t b0 = 0; b0 < params.batch; b0 += kMaxGridY) {
       const dim3 grid(static_cast<unsigned>(head_blocks), static_cast<unsigned>(std::min(kMaxGridY, params.batch - b0)));
       SSMK_LAUNCH(kernel, grid, kThreads, params.stream, params, lanes, chunks, static_cast<int>(p_blocks), b0);
     }
   };
+  // Instances (18, for build time): the vector path reads B/C in packs of their own type for
+  // Mamba-2's per-head A (launch_state sends other B/C there only for a full A, Mamba-1, which reads
+  // them element by element); the scalar path reads them element by element for either A.
+  const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
   if constexpr (kVec > 1) {
-    if (bc_packed) {
-      SSMK_DISPATCH_FLOAT(params.B_dtype, "selective_state_update B", [&] { launch_with(TypeTag<scalar_t>{}); });
+    if (A_per_head) {
+      SSMK_DISPATCH_FLOAT(params.B_dtype, "selective_state_update B",
+                          [&] { launch_with(TypeTag<scalar_t>{}, std::true_type{}); });
     } else {
-      launch_with(TypeTag<void>{});
+      launch_with(TypeTag<void>{}, std::false_type{});
     }
+  } else if (A_per_head) {
+    launch_with(TypeTag<void>{}, std::true_type{});
   } else {
-    launch_with(TypeTag<void>{});
+    launch_with(TypeTag<void>{}, std::false_type{});
   }
   check_launch("selective_state_update kernel");
 }
@@ -316,7 +315,12 @@ void launch_state(const Params& params) {
   const bool vector = st[3] == 1 && params.dstate % kVec == 0 &&
                       reinterpret_cast<std::uintptr_t>(params.state) % 16 == 0 && st[0] % kVec == 0 &&
                       st[1] % kVec == 0 && st[2] % kVec == 0;
-  if (vector) {
+  // B/C in packs of their own type (the usual case): both of one type, laid out for kVec packs.
+  const bool bc_packed = params.B_dtype == params.C_dtype &&
+                         packs_aligned(params.B, params.B_stride, dtype_bytes(params.B_dtype), params.dstate, kVec) &&
+                         packs_aligned(params.C, params.C_stride, dtype_bytes(params.C_dtype), params.dstate, kVec);
+  const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
+  if (vector && (bc_packed || !A_per_head)) {
     launch_typed<state_t, kVec>(params);
   } else {
     launch_typed<state_t, 1>(params);
