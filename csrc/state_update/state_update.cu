@@ -14,9 +14,9 @@
 // latencies per block; the H200 ran the batch-256 float32 step at 54% of copy bandwidth so.
 //
 // Templated on the state type, the pack width, whether A is one scalar per head and B/C's type on
-// the vector path (18 instances, see launch_typed; B/C of mixed types or layouts go element by element): the
-// other inputs' element types are read at run time (warp-uniform switches), since callers mix them
-// (bf16 x with fp32 A/D/dt_bias) and they are one load per row and token.
+// the vector path (18 instances, see launch_typed; B/C of mixed types or layouts go element by
+// element). The other inputs' element types are read at run time (warp-uniform switches), since
+// callers mix them (bf16 x with fp32 A/D/dt_bias) and they are one load per row and token.
 #include "common.h"
 #include "state_update/state_update.h"
 
