@@ -566,3 +566,13 @@ def test_emulated_cuda_kernel_vector_state_strided_bc(emulated_state_update_cuda
 
     compare_with_reference(fn, make_inputs(case, torch.float16, torch.float32), "cuda",
                            label="emulated cuda, strided B/C")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="65,536 batch rows: too slow for Triton's interpreter")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_batch_beyond_the_grid_limit(backend):
+    """More batch rows than a CUDA grid's y size (65,535): the CUDA launcher splits the grid, the
+    Triton path takes its 1D-grid kernel; both against the float64 reference."""
+    case = replace(BASE, batch=65_537, heads=2, groups=1, headdim=3, dstate=8)
+    compare_with_reference(run_case(case), make_inputs(case, torch.float32, torch.float32), backend,
+                           label=f"{backend} batch 65537")

@@ -380,6 +380,7 @@ def _launch_config(batch: int, heads: int, p: int, n: int, state_bytes: int) -> 
 
 
 _PROGRAMS_PER_SM = 0
+_MAX_GRID_YZ = 65535  # CUDA's limit on the grid's y and z sizes (batch rows, heads of the 3D grid)
 
 
 @functools.lru_cache(maxsize=None)
@@ -405,11 +406,14 @@ def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indic
     sizes = (t, p, n, h // lay.groups, lay.slots, pad_slot_id, 1 if idx is None else idx.stride(0))
     strides = (*lay.state, *lay.x, *lay.dt, *lay.A, *lay.B, *lay.C, *lay.D, *lay.z, *lay.dt_bias, *lay.out)
     p_blocks = triton.cdiv(p, block_p)
+    if b > _MAX_GRID_YZ or h > _MAX_GRID_YZ:  # beyond the one-tile-per-program grid: its 1D grid
+        programs_per_sm = max(programs_per_sm, 4)
     if programs_per_sm > 0:
         num_tiles = b * h * p_blocks
         programs = min(num_tiles, programs_per_sm * _sm_count(state.get_device()))
         if num_tiles + programs >= 2**31:  # the pipelined kernel numbers tiles in int32
-            programs_per_sm = 0
+            raise ValueError(f"selective_state_update: {num_tiles} tiles of the state are more than the Triton "
+                             f"kernel numbers (int32); split the batch")
     if programs_per_sm > 0:
         kernel, grid, scalars = _state_update_pipelined_kernel, (programs,), (*sizes, h, num_tiles, p_blocks, *strides)
     else:
