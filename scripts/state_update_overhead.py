@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ssmkernels  # noqa: E402
 from ssmkernels._core import config, ext  # noqa: E402
 from ssmkernels._core.custom_op import empty_like, plain_eager  # noqa: E402
-from ssmkernels.bench.timing import queued_gpu_us  # noqa: E402
+from ssmkernels.bench.timing import queued_gpu_us, warm_up  # noqa: E402
 from ssmkernels.ops.state_update import cuda as cuda_kernels  # noqa: E402
 from ssmkernels.ops.state_update import op  # noqa: E402
 
@@ -72,12 +72,8 @@ def call(kw: dict, backend: str | None):
 
 def per_call_us(fn, calls: int, repeats: int, sync: bool = False, warmup_s: float = 0.5) -> dict:
     """Median and minimum over ``repeats`` loops of ``calls`` calls, in microseconds per call, after
-    ``warmup_s`` seconds of untimed calls (see ssmkernels/bench/timing.py: wall_per_call_us)."""
-    warm_until = time.perf_counter() + warmup_s
-    for i in range(1 << 62):
-        fn()
-        if i >= 200 and time.perf_counter() >= warm_until:
-            break
+    ``warmup_s`` seconds (and 200 calls) of untimed calls (ssmkernels/bench/timing.py: warm_up)."""
+    warm_up([fn], warmup_s, at_least=200)
     if sync:
         torch.cuda.synchronize()
     loops = []

@@ -245,8 +245,8 @@ int packs_override() {
   return value;
 }
 
-// Whether a row's B/C elements [i, i + kVec) can be read as one pack: n contiguous, every pack's
-// start aligned to the pack's size.
+// Whether a tensor's rows (state, B or C; innermost axis n) can be read in packs of kVec elements:
+// n contiguous, every pack's start aligned to the pack's size.
 bool packs_aligned(const void* base, const int64_t (&stride)[4], int elem_bytes, int64_t dstate, int kVec) {
   const int64_t pack_bytes = static_cast<int64_t>(kVec) * elem_bytes;
   return stride[3] == 1 && dstate % kVec == 0 && reinterpret_cast<std::uintptr_t>(base) % pack_bytes == 0 &&
@@ -261,7 +261,7 @@ struct TypeTag {
 int dtype_bytes(int code) { return code == static_cast<int>(DType::kFloat32) ? 4 : 2; }
 
 template <typename state_t, int kVec>
-void launch_typed(const Params& params) {
+void launch_typed(const Params& params, bool A_per_head) {
   // Vector path: up to kMaxPacks 16-byte packs per thread (d_state <= 32 * 4 * kVec >= 512);
   // scalar path: up to kMaxStateElemsPerLane elements.
   constexpr int kChunks = kVec > 1 ? kMaxPacks : kMaxStateElemsPerLane;
@@ -292,7 +292,6 @@ void launch_typed(const Params& params) {
   // Instances (18, for build time): the vector path reads B/C in packs of their own type for
   // Mamba-2's per-head A (launch_state sends other B/C there only for a full A, Mamba-1, which reads
   // them element by element); the scalar path reads them element by element for either A.
-  const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
   if constexpr (kVec > 1) {
     if (A_per_head) {
       SSMK_DISPATCH_FLOAT(params.B_dtype, "selective_state_update B",
@@ -311,19 +310,17 @@ void launch_typed(const Params& params) {
 template <typename state_t>
 void launch_state(const Params& params) {
   constexpr int kVec = 16 / sizeof(state_t);
-  const auto& st = params.state_stride;
-  const bool vector = st[3] == 1 && params.dstate % kVec == 0 &&
-                      reinterpret_cast<std::uintptr_t>(params.state) % 16 == 0 && st[0] % kVec == 0 &&
-                      st[1] % kVec == 0 && st[2] % kVec == 0;
+  // The state in 16-byte packs: n contiguous, every row start 16-byte aligned, n a multiple of kVec.
+  const bool vector = packs_aligned(params.state, params.state_stride, sizeof(state_t), params.dstate, kVec);
   // B/C in packs of their own type (the usual case): both of one type, laid out for kVec packs.
   const bool bc_packed = params.B_dtype == params.C_dtype &&
                          packs_aligned(params.B, params.B_stride, dtype_bytes(params.B_dtype), params.dstate, kVec) &&
                          packs_aligned(params.C, params.C_stride, dtype_bytes(params.C_dtype), params.dstate, kVec);
   const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
   if (vector && (bc_packed || !A_per_head)) {
-    launch_typed<state_t, kVec>(params);
+    launch_typed<state_t, kVec>(params, A_per_head);
   } else {
-    launch_typed<state_t, 1>(params);
+    launch_typed<state_t, 1>(params, A_per_head);
   }
 }
 

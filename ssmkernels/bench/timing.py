@@ -62,21 +62,28 @@ def measure(fns: Sequence[Callable[[], Any]], warmup_ms: float = 25.0, rep_ms: f
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), times[0], reps)
 
 
+def warm_up(fns: Sequence[Callable[[], Any]], seconds: float, at_least: int) -> None:
+    """Calls ``fns`` in turn, untimed, ``at_least`` times and for at least ``seconds``. On the H200
+    machine a batch-1 decode loop measured 10.8-17.5 us per call in different loops of one process
+    (in one run the first ~0.5 s were the slow ones): a time-based warm-up takes out that first
+    phase; the spread that remains shows in the median of several loops."""
+    fns = list(fns)
+    warm_until = time.perf_counter() + seconds
+    i = 0
+    while i < at_least or time.perf_counter() < warm_until:
+        fns[i % len(fns)]()
+        i += 1
+
+
 def wall_per_call_us(fns: Sequence[Callable[[], Any]], calls: int = 500, loops: int = 1,
                      warmup_s: float = 0.0) -> float:
     """Wall-clock time per call of a back-to-back loop (host overhead included), in microseconds:
     what a decode loop without CUDA graphs sees. With ``loops`` > 1, the median of that many loops
     (one loop of 500 calls is 5-10 ms of host time, easily disturbed).
 
-    The loop first runs for ``warmup_s`` untimed: on the H200 machine the first ~0.5 s of a batch-1
-    decode loop ran at 15-16.5 us per call and later loops of the same call at 11 us, whatever ran
-    before (the machine's clocks settling under the new load, presumably: it is not the code path)."""
+    The loop first runs for ``warmup_s`` untimed (see :func:`warm_up`)."""
     fns = list(fns)
-    warm_until = time.perf_counter() + warmup_s
-    i = 0
-    while i < 20 or time.perf_counter() < warm_until:
-        fns[i % len(fns)]()
-        i += 1
+    warm_up(fns, warmup_s, at_least=20)
     torch.cuda.synchronize()
     per_loop = []
     for _ in range(loops):

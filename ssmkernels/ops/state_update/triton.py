@@ -146,6 +146,17 @@ def _apply_tokens(
     return state
 
 
+@triton.jit
+def _zero_outputs(out_ptrs, mask_p, tokens, stride_out_t, BLOCK_P: tl.constexpr):
+    """Zeros as every token's output of a padding row's tile."""
+    zeros = tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptrs.dtype.element_ty)
+    j = 0
+    while j < tokens:
+        tl.store(out_ptrs, zeros, mask=mask_p)
+        out_ptrs += stride_out_t
+        j += 1
+
+
 @triton.jit(do_not_specialize=["tokens", "batch_cache", "pad_slot_id"])
 def _state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, indices_ptr, out_ptr,
@@ -194,12 +205,7 @@ def _state_update_kernel(
         slot = tl.load(indices_ptr + pid_b * stride_indices).to(tl.int64)
         # Pad rows (and, defensively, any index outside the cache) touch no state: zeros out.
         if (slot == pad_slot_id) | (slot < 0) | (slot >= batch_cache):
-            zeros = tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptr.dtype.element_ty)
-            j = 0
-            while j < tokens:
-                tl.store(out_ptrs, zeros, mask=mask_p)
-                out_ptrs += stride_out_t
-                j += 1
+            _zero_outputs(out_ptrs, mask_p, tokens, stride_out_t, BLOCK_P)
             return
     else:
         slot = pid_b
@@ -246,6 +252,22 @@ def _tile_of(tile, num_tiles, p_blocks, heads, indices_ptr, stride_indices, batc
     return pid_p, pid_b, pid_h, slot, real
 
 
+@triton.jit
+def _load_tile_state(state_ptr, pid_p, pid_h, slot, real, offs_in_tile, offs_n64, mask_n, p,
+                     stride_state_slot, stride_state_h, stride_state_p, stride_state_n,
+                     EVEN_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """A tile's state in its own dtype (zeros where the tile or its slot is not real), addressed from
+    scalars: pointers built here keep Triton's contiguity facts (16-byte accesses)."""
+    offs_p64 = (pid_p * BLOCK_P + offs_in_tile).to(tl.int64)
+    if EVEN_N:
+        mask = (offs_p64 < p)[:, None] & real
+    else:
+        mask = (offs_p64 < p)[:, None] & mask_n[None, :] & real
+    return tl.load(state_ptr + slot * stride_state_slot + pid_h * stride_state_h
+                   + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n,
+                   mask=mask, other=0.0)
+
+
 @triton.jit(do_not_specialize=["tokens", "batch_cache", "pad_slot_id", "num_tiles"])
 def _state_update_pipelined_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, indices_ptr, out_ptr,
@@ -276,9 +298,9 @@ def _state_update_pipelined_kernel(
     (G programs) and loads the state of its next tile before working on the current one, so that
     a program's arithmetic overlaps its next loads (the bf16-state step has twice the arithmetic per
     byte of the float32 one and stopped at ~81% of copy with one tile per program). Only the tile
-    number and the prefetched state cross iterations: pointers are rebuilt from scalars each time,
-    because Triton loses the contiguity of loop-carried pointer tensors (a first version that
-    carried them ran at 39-54% of copy)."""
+    number, its scalar coordinates and the prefetched state cross iterations: pointers are rebuilt
+    from scalars each time, because Triton loses the contiguity of loop-carried pointer tensors (a
+    first version that carried them ran at 39-54% of copy)."""
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < n
     offs_n64 = offs_n.to(tl.int64)
@@ -288,31 +310,19 @@ def _state_update_pipelined_kernel(
 
     pid_p, pid_b, pid_h, slot, real = _tile_of(tile, num_tiles, p_blocks, heads, indices_ptr, stride_indices,
                                                batch_cache, pad_slot_id, HAS_INDICES)
-    offs_p64 = (pid_p * BLOCK_P + offs_in_tile).to(tl.int64)
-    if EVEN_N:
-        mask_load = (offs_p64 < p)[:, None] & real
-    else:
-        mask_load = (offs_p64 < p)[:, None] & mask_n[None, :] & real
-    state_raw = tl.load(state_ptr + slot * stride_state_slot + pid_h * stride_state_h
-                        + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n,
-                        mask=mask_load, other=0.0)
+    state_raw = _load_tile_state(state_ptr, pid_p, pid_h, slot, real, offs_in_tile, offs_n64, mask_n, p,
+                                 stride_state_slot, stride_state_h, stride_state_p, stride_state_n, EVEN_N, BLOCK_P)
 
     while tile < num_tiles:
-        # The next tile's state first (masked off past the last tile).
-        pid_p, pid_b, pid_h, slot, real = _tile_of(tile + grid, num_tiles, p_blocks, heads, indices_ptr,
-                                                   stride_indices, batch_cache, pad_slot_id, HAS_INDICES)
-        offs_p64 = (pid_p * BLOCK_P + offs_in_tile).to(tl.int64)
-        if EVEN_N:
-            mask_load = (offs_p64 < p)[:, None] & real
-        else:
-            mask_load = (offs_p64 < p)[:, None] & mask_n[None, :] & real
-        next_raw = tl.load(state_ptr + slot * stride_state_slot + pid_h * stride_state_h
-                           + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n,
-                           mask=mask_load, other=0.0)
+        # The next tile's state first (masked off past the last tile); only its scalar coordinates
+        # and the loaded state are carried into the next iteration.
+        next_p, next_b, next_h, next_slot, next_real = _tile_of(tile + grid, num_tiles, p_blocks, heads, indices_ptr,
+                                                                stride_indices, batch_cache, pad_slot_id, HAS_INDICES)
+        next_raw = _load_tile_state(state_ptr, next_p, next_h, next_slot, next_real, offs_in_tile, offs_n64, mask_n,
+                                    p, stride_state_slot, stride_state_h, stride_state_p, stride_state_n, EVEN_N,
+                                    BLOCK_P)
 
         # This tile.
-        pid_p, pid_b, pid_h, slot, real = _tile_of(tile, num_tiles, p_blocks, heads, indices_ptr,
-                                                   stride_indices, batch_cache, pad_slot_id, HAS_INDICES)
         offs_p = pid_p * BLOCK_P + offs_in_tile
         offs_p64 = offs_p.to(tl.int64)
         mask_p = offs_p < p
@@ -340,13 +350,9 @@ def _state_update_pipelined_kernel(
                      + offs_p64[:, None] * stride_state_p + offs_n64[None, :] * stride_state_n,
                      _store_cast(state, state_ptr.dtype.element_ty, BF16_BY_BITS), mask=mask_pn)
         else:  # a padding row: zeros out, no state touched
-            zeros = tl.zeros([BLOCK_P], dtype=tl.float32).to(out_ptr.dtype.element_ty)
-            j = 0
-            while j < tokens:
-                tl.store(out_ptrs, zeros, mask=mask_p)
-                out_ptrs += stride_out_t
-                j += 1
+            _zero_outputs(out_ptrs, mask_p, tokens, stride_out_t, BLOCK_P)
         state_raw = next_raw
+        pid_p, pid_b, pid_h, slot, real = next_p, next_b, next_h, next_slot, next_real
         tile += grid
 
 
@@ -414,7 +420,6 @@ def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indic
         if num_tiles + programs >= 2**31:  # the pipelined kernel numbers tiles in int32
             raise ValueError(f"selective_state_update: {num_tiles} tiles of the state are more than the Triton "
                              f"kernel numbers (int32); split the batch")
-    if programs_per_sm > 0:
         kernel, grid, scalars = _state_update_pipelined_kernel, (programs,), (*sizes, h, num_tiles, p_blocks, *strides)
     else:
         kernel, grid, scalars = _state_update_kernel, (p_blocks, b, h), (*sizes, *strides)
