@@ -102,22 +102,53 @@ int main() {
   const ForwardParams& fl = last;
 
 // The library's choice first in each group (causal_conv1d_plain.cu's knobs), then alternatives.
-#define FIRST_FWD_STREAM(MINB, ROUNDS, AHEAD, BATCH_FASTEST)                                           \
+#define FIRST_FWD_STREAM(MINB, ROUNDS, AHEAD)                                                         \
   {                                                                                                     \
     const int64_t segment = 128 * 8 * ROUNDS;                                                          \
-    const dim3 grid(B * D, ceil_div(L, segment));                                                       \
-    report("cf fwd stream minblocks=" #MINB " rounds=" #ROUNDS " ahead=" #AHEAD " batch-fastest=" #BATCH_FASTEST, \
-           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, AHEAD, BATCH_FASTEST><<<grid, 128>>>(ff, segment); }), \
+    const dim3 grid(D, B, ceil_div(L, segment));                                                        \
+    report("cf fwd stream minblocks=" #MINB " rounds=" #ROUNDS " ahead=" #AHEAD,                       \
+           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, AHEAD><<<grid, 128>>>(ff, segment); }), \
            fwd_bytes);                                                                                  \
   }
-  FIRST_FWD_STREAM(12, 4, 1, false) FIRST_FWD_STREAM(16, 4, 1, false) FIRST_FWD_STREAM(12, 2, 1, false)
-  FIRST_FWD_STREAM(8, 4, 1, false) FIRST_FWD_STREAM(12, 4, 1, true) FIRST_FWD_STREAM(8, 4, 2, false)
-  FIRST_FWD_STREAM(8, 4, 3, false) FIRST_FWD_STREAM(6, 4, 3, false) FIRST_FWD_STREAM(8, 4, 2, true)
+  FIRST_FWD_STREAM(12, 4, 1) FIRST_FWD_STREAM(16, 4, 1) FIRST_FWD_STREAM(12, 2, 1) FIRST_FWD_STREAM(16, 2, 1)
+  FIRST_FWD_STREAM(8, 4, 1) FIRST_FWD_STREAM(12, 1, 1) FIRST_FWD_STREAM(8, 4, 2) FIRST_FWD_STREAM(16, 1, 1)
+
+#define FIRST_FWD_EXCHANGE(MINB, PREFETCH, ROUNDS)                                                     \
+  {                                                                                                     \
+    const int64_t segment = 128 * 8 * ROUNDS;                                                          \
+    const dim3 grid(D, B, ceil_div(L, segment));                                                       \
+    report("cf fwd exchange minblocks=" #MINB " prefetch=" #PREFETCH " rounds=" #ROUNDS,               \
+           time_us([&] { forward_first_exchange_kernel<bf16, 4, MINB, PREFETCH><<<grid, 128>>>(ff, segment); }), \
+           fwd_bytes);                                                                                  \
+  }
+  FIRST_FWD_EXCHANGE(1, true, 4) FIRST_FWD_EXCHANGE(16, true, 4) FIRST_FWD_EXCHANGE(16, false, 4)
+
+#define FIRST_BWD_EXCHANGE(MINB, ROUNDS)                                                                \
+  {                                                                                                     \
+    const int64_t segment = 128 * 8 * ROUNDS, segments = ceil_div(L, segment);                         \
+    const dim3 grid(D, B, segments);                                                                   \
+    report("cf bwd exchange minblocks=" #MINB " rounds=" #ROUNDS,                                       \
+           time_us([&] { backward_first_exchange_kernel<bf16, 4, MINB><<<grid, 128>>>(first, segment, segments); }), \
+           bwd_bytes);                                                                                  \
+  }
+  FIRST_BWD_EXCHANGE(1, 4) FIRST_BWD_EXCHANGE(8, 4) FIRST_BWD_EXCHANGE(12, 4) FIRST_BWD_EXCHANGE(16, 4)
+  FIRST_BWD_EXCHANGE(12, 2) FIRST_BWD_EXCHANGE(8, 2) FIRST_BWD_EXCHANGE(12, 1)
+
+#define FIRST_BWD_REVERSE(MINB, ROUNDS)                                                                 \
+  {                                                                                                     \
+    const int64_t segment = 128 * 8 * ROUNDS, segments = ceil_div(L, segment);                         \
+    const dim3 grid(D, B, segments);                                                                    \
+    report("cf bwd reverse minblocks=" #MINB " rounds=" #ROUNDS,                                        \
+           time_us([&] { backward_first_reverse_kernel<bf16, 4, MINB><<<grid, 128>>>(first, segment, segments); }), \
+           bwd_bytes);                                                                                  \
+  }
+  FIRST_BWD_REVERSE(1, 4) FIRST_BWD_REVERSE(8, 4) FIRST_BWD_REVERSE(10, 4) FIRST_BWD_REVERSE(12, 4)
+  FIRST_BWD_REVERSE(16, 4) FIRST_BWD_REVERSE(12, 2)
 
 #define FIRST_BWD(VECS, MINB, ROUNDS)                                                                   \
   {                                                                                                     \
     const int64_t segment = 128 * VECS * 8 * ROUNDS, segments = ceil_div(L, segment);                  \
-    const dim3 grid(B * D, segments);                                                                   \
+    const dim3 grid(D, B, segments);                                                                   \
     report("cf bwd vecs=" #VECS " minblocks=" #MINB " rounds=" #ROUNDS,                                \
            time_us([&] { backward_first_plain_kernel<bf16, 4, VECS, MINB><<<grid, 128>>>(first, segment, segments); }), \
            bwd_bytes);                                                                                  \
@@ -128,16 +159,28 @@ int main() {
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \
     const int64_t groups = ceil_div(L, ROWS);                                                           \
-    const dim3 grid(B * groups, ceil_div(D / CH, kLastThreads));                                        \
+    const dim3 grid(groups, ceil_div(D / CH, kLastThreads), B);                                         \
     report("cl fwd ch=" #CH " rows=" #ROWS,                                                             \
-           time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl, groups); }), fwd_bytes); \
+           time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl); }), fwd_bytes); \
   }
   LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 32) LAST_FWD(2, 8)
+
+#define LAST_FWD_SLIDING(CH, ROWS, UNROLL)                                                              \
+  {                                                                                                     \
+    const int64_t segments = ceil_div(L, ROWS);                                                         \
+    const dim3 grid(segments, ceil_div(D / CH, kLastThreads), B);                                      \
+    report("cl fwd sliding ch=" #CH " rows=" #ROWS " unroll=" #UNROLL,                                  \
+           time_us([&] { forward_last_sliding_kernel<bf16, 4, CH, ROWS, UNROLL><<<grid, kLastThreads>>>(fl); }), \
+           fwd_bytes);                                                                                  \
+  }
+  LAST_FWD_SLIDING(2, 64, 4) LAST_FWD_SLIDING(2, 128, 4) LAST_FWD_SLIDING(4, 64, 4) LAST_FWD_SLIDING(4, 128, 4)
+  LAST_FWD_SLIDING(8, 64, 2) LAST_FWD_SLIDING(8, 128, 4) LAST_FWD_SLIDING(2, 64, 8) LAST_FWD_SLIDING(4, 64, 8)
+  LAST_FWD_SLIDING(4, 32, 4) LAST_FWD_SLIDING(2, 32, 8)
 
 #define LAST_BWD(CH, ROWS, UNROLL)                                                                      \
   {                                                                                                     \
     const int64_t segments = ceil_div(L, ROWS);                                                         \
-    const dim3 grid(B * segments, ceil_div(D / CH, kLastThreads));                                      \
+    const dim3 grid(segments, ceil_div(D / CH, kLastThreads), B);                                      \
     report("cl bwd ch=" #CH " rows=" #ROWS " unroll=" #UNROLL,                                          \
            time_us([&] { backward_last_sliding_kernel<bf16, 4, CH, ROWS, UNROLL><<<grid, kLastThreads>>>(last, segments); }), \
            bwd_bytes);                                                                                  \

@@ -1,6 +1,6 @@
 // causal_conv1d on whole rows (SPEC.md section 1): the common training case, as a copy kernel.
 //
-// "Plain" calls have no seq_idx and no cu_seqlens (the forward may have initial states; the
+// "Plain" calls have no seq_idx, no cu_seqlens and at most 65535 batch rows (the forward may have initial states; the
 // backward has neither initial states nor final-state gradients), and their tensors allow aligned
 // vector accesses along the contiguous axis. For them each thread loads everything it needs in one
 // go: its own vectors plus the w-1 neighbours on each side, which it re-reads (they are its
@@ -27,15 +27,16 @@ namespace {
 // Tuning knobs. scripts/conv_variants.cu times alternatives next to a device copy, at B4 D10240
 // L4096 W4 bf16 silu; each figure names its GPU (H100: copy 2.80 TB/s, H200: 4.19 TB/s).
 // Channel-first: a block walks a segment of one (batch, channel) row. Forward (H200 readings, copy
-// 4.19 TB/s): one 16-byte vector per thread and round, the next round's vector loaded before the
-// current one is computed, 4 rounds (4096 bf16 positions) per block, 12 blocks per SM: 191 us, 84%
-// of copy. Straight-line blocks of 2 vectors x 16 blocks per SM, the H100's best (92% there), gave
-// 216 us (74%); blocks that loop without prefetching 201-262 us; persistent blocks taking
-// (row, segment) items in turn 238-333 us. Backward: 1 vector, 12 blocks per SM, 4 rounds per block
-// so that the in-block weight sum runs once per 4096 positions (H200 380 us, 63%; H100 85%; 2
+// 4.23 TB/s): one 16-byte vector per thread and round, the next round's vector loaded before the
+// current one is computed, 4 rounds (4096 bf16 positions) per block, 16 blocks per SM (32
+// registers): 175 us, 91% of copy (12 blocks per SM 188 us; 2 rounds 202-224 us, 1 round
+// 249-293 us: per-block setup still shows). That is with block coordinates read from a 3D grid;
+// when blocks divided a flat 64-bit index, 12 per SM was best at 191 us (84%). Exchanging the halo
+// through shared memory instead of re-reading it (forward_first_exchange_kernel) gave 179-192 us.
+// Backward: 1 vector, 12 blocks per SM, 4 rounds per block so that the in-block weight sum runs once per 4096 positions (H200 380 us, 63%; H100 85%; 2
 // vectors 44-53%, 13+ blocks per SM spills).
 constexpr int kFirstThreadsMax = 128;
-constexpr int kFirstForwardMinBlocks = 12;
+constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
 constexpr int kFirstBackwardVecs = 1;
 constexpr int kFirstBackwardMinBlocks = 12;
@@ -162,18 +163,15 @@ __device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int6
   return raw;
 }
 
-// kAhead: rounds whose loads are in flight while a round is computed. kBatchFastest: consecutive
-// blocks take the batch rows of one channel (causal-conv1d's grid order) instead of consecutive
-// channels of one row. Both are tuning knobs for scripts/conv_variants.cu.
-template <typename T, int kWidth, int kMinBlocks, int kAhead = 1, bool kBatchFastest = false>
+// kAhead: rounds whose loads are in flight while a round is computed (a tuning knob for
+// scripts/conv_variants.cu).
+template <typename T, int kWidth, int kMinBlocks, int kAhead = 1>
 __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_stream_kernel(ForwardParams p, int64_t segment) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
-  const int64_t block = blockIdx.x;
-  const int64_t b = kBatchFastest ? block % p.batch : block / p.dim;
-  const int64_t c = kBatchFastest ? block / p.batch : block % p.dim;
-  const int64_t seg_begin = blockIdx.y * segment;
+  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
+  const int64_t seg_begin = blockIdx.z * segment;
   const int64_t seg_end = seg_begin + segment < p.seqlen ? seg_begin + segment : p.seqlen;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
   T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
@@ -220,6 +218,252 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
   }
 }
 
+// Channel-first forward, exchange form: a block walks a segment of a row one 16-byte vector per
+// thread and chunk, and each thread takes the w-1 inputs before its vector from its left
+// neighbour's vector through shared memory (thread 0: the previous chunk's last vector, or the
+// initial states): one global load per vector instead of the stream kernel's two. The slots are
+// double-buffered by chunk parity, so one barrier per chunk suffices: a buffer is rewritten two
+// chunks later, after every thread has passed the barrier between. kPrefetch loads the next
+// chunk's vector before the current one is exchanged and computed.
+template <typename T, int kWidth, int kMinBlocks, bool kPrefetch>
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_exchange_kernel(ForwardParams p, int64_t segment) {
+  constexpr int kElts = Vec16<T>::kElts;
+  constexpr int kHist = kWidth - 1;
+  static_assert(kElts >= kHist, "the halo fits in one vector");
+  __shared__ uint4 slots[2][kFirstThreadsMax + 1];  // [parity][1 + t]: thread t's vector; [0]: the one before
+  const int tid = threadIdx.x, threads = blockDim.x;
+  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
+  const int64_t seg_begin = blockIdx.z * segment;
+  const int64_t seg_end = seg_begin + segment < p.seqlen ? seg_begin + segment : p.seqlen;
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
+  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
+  const Taps<kWidth, 1> taps(p, c);
+  if (tid == 0) {  // the vector before the segment: the row's inputs, or its initial states
+    if (seg_begin > 0) {
+      slots[0][0] = *reinterpret_cast<const uint4*>(x + seg_begin - kElts);
+    } else {
+      uint4 raw = make_uint4(0, 0, 0, 0);
+      T* elts = reinterpret_cast<T*>(&raw);
+      const T* init = reinterpret_cast<const T*>(p.initial_states);
+      if (init) {
+#pragma unroll
+        for (int k = 0; k < kHist; ++k)
+          elts[kElts - kHist + k] = init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride];
+      }
+      slots[0][0] = raw;
+    }
+  }
+  const int64_t step = int64_t{threads} * kElts;
+  auto fetch = [&](int64_t at) { return at < seg_end ? load_raw_vector(x, at, p.seqlen) : make_uint4(0, 0, 0, 0); };
+  int64_t pos = seg_begin + static_cast<int64_t>(tid) * kElts;
+  uint4 next = kPrefetch ? fetch(pos) : make_uint4(0, 0, 0, 0);
+  for (int parity = 0; pos - tid * kElts < seg_end; pos += step, parity ^= 1) {
+    const uint4 own = kPrefetch ? next : fetch(pos);
+    if (kPrefetch) next = fetch(pos + step);
+    slots[parity][tid + 1] = own;
+    if (tid == 0 && pos > seg_begin) slots[parity][0] = slots[parity ^ 1][threads];
+    __syncthreads();
+    const uint4 before = slots[parity][tid];
+    float xf[kHist + kElts];
+    const T* own_elts = reinterpret_cast<const T*>(&own);
+    const T* before_elts = reinterpret_cast<const T*>(&before);
+#pragma unroll
+    for (int k = 0; k < kHist; ++k) xf[k] = to_float(before_elts[kElts - kHist + k]);
+#pragma unroll
+    for (int i = 0; i < kElts; ++i) xf[kHist + i] = to_float(own_elts[i]);
+#pragma unroll
+    for (int i = kElts - 1; i >= 0; --i) {
+      float acc = taps.bias[0];
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[i + k];
+      xf[kHist + i] = p.silu ? silu(acc) : acc;
+    }
+    if (pos < seg_end) store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
+  }
+}
+
+// The backward of one 16-byte vector at pos (shared by the channel-first backward kernels):
+// xf holds x at pos-(w-1) .. pos+kElts+w-2 and g dout at pos .. pos+kElts+w-2 (zero outside the
+// row); g becomes the pre-activation gradient, dxf the vector's dx, and the weight and bias sums
+// take the vector's terms.
+template <int kWidth, int kElts>
+__device__ __forceinline__ void backward_vector(const Taps<kWidth, 1>& taps, bool silu_act,
+                                                const float (&xf)[kElts + 2 * (kWidth - 1)],
+                                                float (&g)[kElts + kWidth - 1], float (&dxf)[kElts],
+                                                float (&sums)[kWidth + 1]) {
+  constexpr int kHist = kWidth - 1;
+  if (silu_act) {  // past the row's end dout is zero, and so is g
+#pragma unroll
+    for (int i = 0; i < kElts + kHist; ++i) {
+      float z = taps.bias[0];
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) z += taps.w[0][k] * xf[i + k];
+      g[i] = dsilu(z, g[i]);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kElts; ++u) {
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) acc += taps.w[0][kHist - j] * g[u + j];
+    dxf[u] = acc;
+    sums[kWidth] += g[u];
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) sums[k] += g[u] * xf[u + k];
+  }
+}
+
+// Channel-first backward, exchange form: one vector of x and one of dout per thread and chunk,
+// with the neighbours' vectors (x before, x and dout after) through double-buffered shared slots:
+// [1 + t] thread t's, [0] the previous chunk's last x, [threads + 1] the next chunk's first x and
+// dout, which thread 0 has already prefetched.
+template <typename T, int kWidth, int kMinBlocks>
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_exchange_kernel(BackwardParams p,
+                                                                                               int64_t segment,
+                                                                                               int64_t num_segments) {
+  constexpr int kElts = Vec16<T>::kElts;
+  constexpr int kHist = kWidth - 1;
+  static_assert(kElts >= kHist, "the halo fits in one vector");
+  __shared__ uint4 x_slots[2][kFirstThreadsMax + 2], dout_slots[2][kFirstThreadsMax + 2];
+  const int tid = threadIdx.x, threads = blockDim.x;
+  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
+  const int64_t l = p.seqlen;
+  const int64_t seg_begin = blockIdx.z * segment;
+  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
+  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
+  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
+  const Taps<kWidth, 1> taps(p, c);
+  float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
+  // The segment's last outputs' dx needs dout and x after it (up to the row's end).
+  // Vectors past the segment: only thread 0's (the next chunk's first) is needed.
+  const int64_t fetch_end = tid == 0 ? l : seg_end;
+  auto fetch = [&](const T* row, int64_t at) {
+    return at < fetch_end ? load_raw_vector(row, at, l) : make_uint4(0, 0, 0, 0);
+  };
+  if (tid == 0) x_slots[0][0] = seg_begin > 0 ? *reinterpret_cast<const uint4*>(x + seg_begin - kElts) : make_uint4(0, 0, 0, 0);
+  const int64_t step = int64_t{threads} * kElts;
+  int64_t pos = seg_begin + static_cast<int64_t>(tid) * kElts;
+  uint4 next_x = fetch(x, pos), next_dout = fetch(dout, pos);
+  for (int parity = 0; pos - tid * kElts < seg_end; pos += step, parity ^= 1) {
+    const uint4 own_x = next_x, own_dout = next_dout;
+    next_x = fetch(x, pos + step);
+    next_dout = fetch(dout, pos + step);
+    x_slots[parity][tid + 1] = own_x;
+    dout_slots[parity][tid + 1] = own_dout;
+    if (tid == 0) {
+      if (pos > seg_begin) x_slots[parity][0] = x_slots[parity ^ 1][threads];
+      x_slots[parity][threads + 1] = next_x;
+      dout_slots[parity][threads + 1] = next_dout;
+    }
+    __syncthreads();
+    const uint4 before = x_slots[parity][tid], after_x = x_slots[parity][tid + 2], after_dout = dout_slots[parity][tid + 2];
+    float xf[kElts + 2 * kHist], g[kElts + kHist], dxf[kElts];
+    const T* before_elts = reinterpret_cast<const T*>(&before);
+    const T* x_elts = reinterpret_cast<const T*>(&own_x);
+    const T* after_x_elts = reinterpret_cast<const T*>(&after_x);
+    const T* dout_elts = reinterpret_cast<const T*>(&own_dout);
+    const T* after_dout_elts = reinterpret_cast<const T*>(&after_dout);
+#pragma unroll
+    for (int k = 0; k < kHist; ++k) {
+      xf[k] = to_float(before_elts[kElts - kHist + k]);
+      xf[kHist + kElts + k] = to_float(after_x_elts[k]);
+      g[kElts + k] = to_float(after_dout_elts[k]);
+    }
+#pragma unroll
+    for (int i = 0; i < kElts; ++i) {
+      xf[kHist + i] = to_float(x_elts[i]);
+      g[i] = to_float(dout_elts[i]);
+    }
+    if (pos < seg_end) {
+      backward_vector<kWidth, kElts>(taps, p.silu, xf, g, dxf, sums);
+      store_row<T, kElts>(dx, pos, l, dxf);
+    }
+  }
+  sum_over_block(sums);  // every thread: shuffles and a barrier
+  if (tid == 0) {
+    const int64_t partial_row = b * num_segments + blockIdx.z;
+    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) dw[k] = sums[k];
+    reinterpret_cast<float*>(p.dbias_partial)[partial_row * p.dim + c] = sums[kWidth];
+  }
+}
+
+// Channel-first backward, reverse form: the exchange kernel's chunks walked from the segment's end
+// to its start, so that the vectors after a chunk (x and dout) are the ones the block loaded in the
+// previous iteration (carried in shared memory, not reloaded) and only the x vector before it is an
+// extra load, by thread 0. No prefetch: registers for occupancy instead.
+template <typename T, int kWidth, int kMinBlocks>
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_reverse_kernel(BackwardParams p,
+                                                                                              int64_t segment,
+                                                                                              int64_t num_segments) {
+  constexpr int kElts = Vec16<T>::kElts;
+  constexpr int kHist = kWidth - 1;
+  static_assert(kElts >= kHist, "the halo fits in one vector");
+  __shared__ uint4 x_slots[2][kFirstThreadsMax + 2], dout_slots[2][kFirstThreadsMax + 2];
+  const int tid = threadIdx.x, threads = blockDim.x;
+  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
+  const int64_t l = p.seqlen;
+  const int64_t seg_begin = blockIdx.z * segment;
+  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
+  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
+  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
+  const Taps<kWidth, 1> taps(p, c);
+  float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
+  auto fetch = [&](const T* row, int64_t at) { return at < l ? load_raw_vector(row, at, l) : make_uint4(0, 0, 0, 0); };
+  const int64_t step = int64_t{threads} * kElts;
+  const int64_t chunks = ceil_div(seg_end - seg_begin, step);
+  for (int64_t k = chunks - 1, parity = 0; k >= 0; --k, parity ^= 1) {
+    const int64_t base = seg_begin + k * step, pos = base + static_cast<int64_t>(tid) * kElts;
+    const uint4 own_x = fetch(x, pos), own_dout = fetch(dout, pos);
+    x_slots[parity][tid + 1] = own_x;
+    dout_slots[parity][tid + 1] = own_dout;
+    if (tid == 0) {
+      x_slots[parity][0] = base > 0 ? *reinterpret_cast<const uint4*>(x + base - kElts) : make_uint4(0, 0, 0, 0);
+      if (k == chunks - 1) {  // the segment's last chunk: what follows it in the row, if anything
+        x_slots[parity][threads + 1] = fetch(x, base + step);
+        dout_slots[parity][threads + 1] = fetch(dout, base + step);
+      } else {
+        x_slots[parity][threads + 1] = x_slots[parity ^ 1][1];
+        dout_slots[parity][threads + 1] = dout_slots[parity ^ 1][1];
+      }
+    }
+    __syncthreads();
+    const uint4 before = x_slots[parity][tid], after_x = x_slots[parity][tid + 2], after_dout = dout_slots[parity][tid + 2];
+    float xf[kElts + 2 * kHist], g[kElts + kHist], dxf[kElts];
+    const T* before_elts = reinterpret_cast<const T*>(&before);
+    const T* x_elts = reinterpret_cast<const T*>(&own_x);
+    const T* after_x_elts = reinterpret_cast<const T*>(&after_x);
+    const T* dout_elts = reinterpret_cast<const T*>(&own_dout);
+    const T* after_dout_elts = reinterpret_cast<const T*>(&after_dout);
+#pragma unroll
+    for (int j = 0; j < kHist; ++j) {
+      xf[j] = to_float(before_elts[kElts - kHist + j]);
+      xf[kHist + kElts + j] = to_float(after_x_elts[j]);
+      g[kElts + j] = to_float(after_dout_elts[j]);
+    }
+#pragma unroll
+    for (int i = 0; i < kElts; ++i) {
+      xf[kHist + i] = to_float(x_elts[i]);
+      g[i] = to_float(dout_elts[i]);
+    }
+    if (pos < seg_end) {
+      backward_vector<kWidth, kElts>(taps, p.silu, xf, g, dxf, sums);
+      store_row<T, kElts>(dx, pos, l, dxf);
+    }
+  }
+  sum_over_block(sums);  // every thread: shuffles and a barrier
+  if (tid == 0) {
+    const int64_t partial_row = b * num_segments + blockIdx.z;
+    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) dw[j] = sums[j];
+    reinterpret_cast<float*>(p.dbias_partial)[partial_row * p.dim + c] = sums[kWidth];
+  }
+}
+
 // The backward's block walks its segment in rounds of T * kVecs vectors, keeping the weight and bias
 // sums in registers, and sums them over the block once at the end (one partial per segment).
 template <typename T, int kWidth, int kVecs, int kMinBlocks>
@@ -229,9 +473,9 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_p
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
-  const int64_t b = static_cast<int64_t>(blockIdx.x) / p.dim, c = static_cast<int64_t>(blockIdx.x) % p.dim;
+  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
   const int64_t l = p.seqlen;
-  const int64_t seg_begin = blockIdx.y * segment;
+  const int64_t seg_begin = blockIdx.z * segment;
   const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
   const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
@@ -261,32 +505,14 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_p
     for (int v = 0; v < kVecs; ++v) {
       const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
       if (pos >= seg_end) break;
-      if (p.silu) {  // past the row's end dout is zero, and so is g
-#pragma unroll
-        for (int i = 0; i < kElts + kHist; ++i) {
-          float z = taps.bias[0];
-#pragma unroll
-          for (int k = 0; k < kWidth; ++k) z += taps.w[0][k] * xf[v][i + k];
-          g[v][i] = dsilu(z, g[v][i]);
-        }
-      }
       float dxf[kElts];
-#pragma unroll
-      for (int u = 0; u < kElts; ++u) {
-        float acc = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) acc += taps.w[0][kHist - j] * g[v][u + j];
-        dxf[u] = acc;
-        sums[kWidth] += g[v][u];
-#pragma unroll
-        for (int k = 0; k < kWidth; ++k) sums[k] += g[v][u] * xf[v][u + k];
-      }
+      backward_vector<kWidth, kElts>(taps, p.silu, xf[v], g[v], dxf, sums);
       store_row<T, kElts>(dx, pos, l, dxf);
     }
   }
   sum_over_block(sums);  // every thread: shuffles and a barrier
   if (threadIdx.x == 0) {
-    const int64_t partial_row = b * num_segments + blockIdx.y;
+    const int64_t partial_row = b * num_segments + blockIdx.z;
     float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) dw[k] = sums[k];
@@ -296,13 +522,12 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_p
 
 // ------------------------------------------------------------------------------ channel-last
 template <typename T, int kWidth, int kCh, int kRows>
-__global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(ForwardParams p, int64_t row_groups) {
+__global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(ForwardParams p) {
   constexpr int kHist = kWidth - 1;
   using Raw = typename RawBits<kCh * sizeof(T)>::type;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kLastThreads + threadIdx.x) * kCh;
   if (c0 >= p.dim) return;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) / row_groups;
-  const int64_t t0 = (static_cast<int64_t>(blockIdx.x) % row_groups) * kRows;
+  const int64_t b = blockIdx.z, t0 = int64_t{blockIdx.x} * kRows;  // last_grid
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c0;
   T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c0;
   const T* init = reinterpret_cast<const T*>(p.initial_states);
@@ -339,6 +564,61 @@ __global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(Forwar
   }
 }
 
+// Channel-last forward, sliding form: a thread owns kCh channels of one segment of kSegmentRows
+// positions and walks it kUnroll rows at a time (their loads issued together), keeping the last
+// w-1 input rows in registers, so that only a segment's first w-1 rows are read twice (the
+// straight-line kernel above re-reads w-1 rows per kRows).
+template <typename T, int kWidth, int kCh, int kSegmentRows, int kUnroll>
+__global__ void __launch_bounds__(kLastThreads) forward_last_sliding_kernel(ForwardParams p) {
+  constexpr int kHist = kWidth - 1;
+  using Raw = typename RawBits<kCh * sizeof(T)>::type;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kLastThreads + threadIdx.x) * kCh;
+  if (c0 >= p.dim) return;
+  const int64_t b = blockIdx.z, t0 = int64_t{blockIdx.x} * kSegmentRows;  // last_grid
+  const int64_t t1 = t0 + kSegmentRows < p.seqlen ? t0 + kSegmentRows : p.seqlen;
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c0;
+  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c0;
+  const T* init = reinterpret_cast<const T*>(p.initial_states);
+  const Taps<kWidth, kCh> taps(p, c0);
+  float win[kHist][kCh];  // input rows t-(w-1) .. t-1: the row's, or its initial-state slots
+#pragma unroll
+  for (int r = 0; r < kHist; ++r) {
+    const int64_t t = t0 - kHist + r;
+    if (t >= 0) {
+      load_floats<T, kCh>(x + t * p.x_l_stride, win[r]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kCh; ++e)
+        win[r][e] = init ? to_float(init[b * p.init_batch_stride + (c0 + e) * p.init_c_stride + (kHist + t) * p.init_l_stride])
+                         : 0.0f;
+    }
+  }
+  for (int64_t tb = t0; tb < t1; tb += kUnroll) {
+    Raw raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (tb + u < t1) raw[u] = *reinterpret_cast<const Raw*>(x + (tb + u) * p.x_l_stride);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (tb + u >= t1) break;
+      const T* xr = reinterpret_cast<const T*>(&raw[u]);
+      float y[kCh];
+#pragma unroll
+      for (int e = 0; e < kCh; ++e) {
+        const float xv = to_float(xr[e]);
+        float acc = taps.bias[e] + taps.w[e][kHist] * xv;
+#pragma unroll
+        for (int k = 0; k < kHist; ++k) acc += taps.w[e][k] * win[k][e];
+        y[e] = p.silu ? silu(acc) : acc;
+#pragma unroll
+        for (int k = 0; k + 1 < kHist; ++k) win[k][e] = win[k + 1][e];
+        win[kHist - 1][e] = xv;
+      }
+      store_floats<T, kCh>(out + (tb + u) * p.out_l_stride, y);
+    }
+  }
+}
+
 // Channel-last backward: a thread owns kCh channels of one segment of kSegmentRows positions and
 // slides along it, kUnroll rows at a time (their x and dout loads issued together), keeping the
 // last w-1 rows of x and of g in registers. Every row is loaded once by its thread (windows that
@@ -350,8 +630,7 @@ __global__ void __launch_bounds__(kLastThreads) backward_last_sliding_kernel(Bac
   constexpr int kHist = kWidth - 1;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kLastThreads + threadIdx.x) * kCh;
   if (c0 >= p.dim) return;
-  const int64_t b = static_cast<int64_t>(blockIdx.x) / segments;
-  const int64_t segment = static_cast<int64_t>(blockIdx.x) % segments;
+  const int64_t b = blockIdx.z, segment = blockIdx.x;  // last_grid
   const int64_t l = p.seqlen;
   const int64_t t0 = segment * kSegmentRows;
   const int64_t t1 = t0 + kSegmentRows < l ? t0 + kSegmentRows : l;
@@ -462,7 +741,7 @@ bool last_ok(std::initializer_list<Strided> tensors, int64_t dim, int64_t elts, 
   return true;
 }
 
-bool plain_forward(const ForwardParams& p) { return !p.seq_idx && !p.cu_seqlens; }
+bool plain_forward(const ForwardParams& p) { return !p.seq_idx && !p.cu_seqlens && p.batch <= 65535; }
 bool plain_backward(const BackwardParams& p) {
   return plain_forward(p) && !p.initial_states && !p.dfinal_states && !p.dinitial_states;
 }
@@ -507,9 +786,20 @@ int64_t first_segment(int64_t seqlen, int64_t per_round, int64_t rounds) {
   return per_round * (needed > rounds ? needed : rounds);
 }
 
-dim3 first_grid(int64_t rows, int64_t segments, const char* name) {
-  if (rows > INT_MAX || segments > 65535) throw std::invalid_argument(std::string(name) + ": input too large for the grid");
-  return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(segments));
+// Blocks are (channel, batch row, segment) and (row group, channel block, batch row): the kernels
+// read their coordinates from blockIdx instead of dividing a flat index (a 64-bit division costs
+// more than a whole round of a block's work; per-block setup showed in the timings). Batches past
+// grid.z's 65535 take the general kernels (plain_forward).
+dim3 first_grid(const ForwardParams& p, int64_t segments, const char* name) {
+  if (p.dim > INT_MAX || segments > 65535) throw std::invalid_argument(std::string(name) + ": input too large for the grid");
+  return dim3(static_cast<unsigned>(p.dim), static_cast<unsigned>(p.batch), static_cast<unsigned>(segments));
+}
+
+dim3 last_grid(const ForwardParams& p, int64_t row_groups, int64_t channels_per_thread, const char* name) {
+  const int64_t channel_blocks = ceil_div(p.dim / channels_per_thread, kLastThreads);
+  if (row_groups > INT_MAX || channel_blocks > 65535)
+    throw std::invalid_argument(std::string(name) + ": input too large for the channel-last grid");
+  return dim3(static_cast<unsigned>(row_groups), static_cast<unsigned>(channel_blocks), static_cast<unsigned>(p.batch));
 }
 
 // Channel-first backward blocks span one segment of a row: the weight/bias partial rows are
@@ -537,17 +827,13 @@ bool forward_plain(const ForwardParams& p) {
       if (path == Path::kFirst) {
         const int threads = first_threads(p.seqlen, kElts);
         const int64_t segment = first_segment(p.seqlen, int64_t{threads} * kElts, kFirstForwardRounds);
-        const dim3 grid = first_grid(p.batch * p.dim, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
+        const dim3 grid = first_grid(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
         forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
             <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
       } else {
-        const int64_t row_groups = ceil_div(p.seqlen, kLastForwardRows);
         constexpr int kCh = last_forward_channels<scalar_t>();
-        const int64_t channel_blocks = ceil_div(p.dim / kCh, kLastThreads);
-        if (p.batch * row_groups > INT_MAX || channel_blocks > 65535)
-          throw std::invalid_argument("causal_conv1d_fwd: input too large for the channel-last grid");
-        const dim3 grid(static_cast<unsigned>(p.batch * row_groups), static_cast<unsigned>(channel_blocks));
-        forward_last_plain_kernel<scalar_t, kWidth, kCh, kLastForwardRows><<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p, row_groups);
+        const dim3 grid = last_grid(p, ceil_div(p.seqlen, kLastForwardRows), kCh, "causal_conv1d_fwd");
+        forward_last_plain_kernel<scalar_t, kWidth, kCh, kLastForwardRows><<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p);
       }
       check_launch("causal_conv1d_fwd (whole rows)");
     });
@@ -574,15 +860,12 @@ bool backward_plain(const BackwardParams& p) {
       if (path == Path::kFirst) {
         const FirstBackwardShape shape = first_backward_shape<scalar_t>(p.seqlen);
         const int64_t segments = ceil_div(p.seqlen, shape.segment);
-        const dim3 grid = first_grid(p.batch * p.dim, segments, "causal_conv1d_bwd");
+        const dim3 grid = first_grid(p, segments, "causal_conv1d_bwd");
         backward_first_plain_kernel<scalar_t, kWidth, kFirstBackwardVecs, kFirstBackwardMinBlocks>
             <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
       } else {
         const int64_t segments = ceil_div(p.seqlen, kLastBackwardRows);
-        const int64_t channel_blocks = ceil_div(p.dim / kLastBackwardChannels, kLastThreads);
-        if (p.batch * segments > INT_MAX || channel_blocks > 65535)
-          throw std::invalid_argument("causal_conv1d_bwd: input too large for the channel-last grid");
-        const dim3 grid(static_cast<unsigned>(p.batch * segments), static_cast<unsigned>(channel_blocks));
+        const dim3 grid = last_grid(p, segments, kLastBackwardChannels, "causal_conv1d_bwd");
         backward_last_sliding_kernel<scalar_t, kWidth, kLastBackwardChannels, kLastBackwardRows, kLastBackwardUnroll>
             <<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p, segments);
       }

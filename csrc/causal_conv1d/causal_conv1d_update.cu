@@ -19,12 +19,10 @@ namespace {
 
 constexpr int kUpdateThreads = 128;
 
+// Batch row i, channel c.
 template <typename T, int kWidth>
-__global__ void __launch_bounds__(kUpdateThreads) update_kernel(UpdateParams p, int64_t channel_blocks) {
+__device__ __forceinline__ void update_channel(const UpdateParams& p, int64_t i, int64_t c) {
   constexpr int kHist = kWidth - 1;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) / channel_blocks;
-  const int64_t c = (static_cast<int64_t>(blockIdx.x) % channel_blocks) * kUpdateThreads + threadIdx.x;
-  if (c >= p.dim) return;
   const T* x = reinterpret_cast<const T*>(p.x) + i * p.x_batch_stride + c * p.x_c_stride;
   T* out = reinterpret_cast<T*>(p.out) + i * p.out_batch_stride + c * p.out_c_stride;
   const int64_t slot = p.conv_state_indices ? reinterpret_cast<const int32_t*>(p.conv_state_indices)[i] : i;
@@ -88,16 +86,25 @@ __global__ void __launch_bounds__(kUpdateThreads) update_kernel(UpdateParams p, 
   }
 }
 
+// Grid (channel blocks, batch rows): coordinates straight from blockIdx (dividing a flat 64-bit
+// block index cost more than a thread's whole update); batches past grid.y's 65535 loop.
+template <typename T, int kWidth>
+__global__ void __launch_bounds__(kUpdateThreads) update_kernel(UpdateParams p) {
+  const int64_t c = int64_t{blockIdx.x} * kUpdateThreads + threadIdx.x;
+  if (c >= p.dim) return;
+  for (int64_t i = blockIdx.y; i < p.batch; i += gridDim.y) update_channel<T, kWidth>(p, i, c);
+}
+
 }  // namespace
 
 void update(const UpdateParams& p) {
   if (p.batch == 0 || p.dim == 0) return;
   const int64_t channel_blocks = ceil_div(p.dim, kUpdateThreads);
-  if (p.batch * channel_blocks > INT_MAX) throw std::invalid_argument("causal_conv1d_update: batch too large");
+  if (channel_blocks > INT_MAX) throw std::invalid_argument("causal_conv1d_update: dim too large");
+  const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
   SSMK_DISPATCH_FLOAT(p.dtype, "causal_conv1d_update", [&] {
     SSMK_DISPATCH_WIDTH(static_cast<int>(p.width), "causal_conv1d_update", [&] {
-      update_kernel<scalar_t, kWidth><<<static_cast<unsigned>(p.batch * channel_blocks), kUpdateThreads, 0,
-                                        as_stream(p.stream)>>>(p, channel_blocks);
+      update_kernel<scalar_t, kWidth><<<grid, kUpdateThreads, 0, as_stream(p.stream)>>>(p);
       check_launch("causal_conv1d_update");
     });
   });
