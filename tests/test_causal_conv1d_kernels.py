@@ -375,6 +375,24 @@ def test_conv_large_gpu(backend, layout):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_conv_batch_beyond_the_grid_limit_gpu(backend):
+    """65,537 batch rows, past CUDA's 65,535 grid y/z limit (the whole-row kernels' and the update's
+    batch axis): forward, backward and the decode update still cover every row."""
+    case = {**BASE, "b": 65537, "d": 8, "l": 16}
+    inputs = _conv_inputs(case, torch.bfloat16, "channel-first")
+    compare_with_reference(_conv_fn("channel-first", "silu", False), inputs, backend,
+                           grad_names=("x", "weight", "bias"), label=f"{backend} batch 65537")
+    update_case = {**UPDATE_BASE, "b": 65537, "d": 8}
+    update_inputs = _update_inputs(update_case, torch.bfloat16)
+    out64, _ = _run_update(update_inputs, "silu", "reference", torch.float64)
+    out_lowp, state_lowp = _run_update(update_inputs, "silu", "reference")
+    out, state = _run_update(update_inputs, "silu", backend)
+    assert_spec_close(f"{backend} update batch 65537", out, out64, out_lowp, torch.bfloat16)
+    assert torch.equal(state, state_lowp), f"{backend}: conv_state differs from the reference"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_conv_int64_offsets_gpu(backend):
     """More than 2^31 elements: offsets must be 64-bit (checked on the last positions)."""
     b, d, l, w = 1, 16, (2 ** 31) // 16 + 1000, 4

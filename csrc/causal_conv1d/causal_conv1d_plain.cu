@@ -1,14 +1,13 @@
 // causal_conv1d on whole rows (SPEC.md section 1): the common training case, as a copy kernel.
 //
-// "Plain" calls have no seq_idx, no cu_seqlens and at most 65535 batch rows (the forward may have initial states; the
-// backward has neither initial states nor final-state gradients), and their tensors allow aligned
-// vector accesses along the contiguous axis. For them each thread loads everything it needs in one
-// go: its own vectors plus the w-1 neighbours on each side, which it re-reads (they are its
-// neighbour threads' vectors, served from L1/L2) instead of exchanging them through shared memory.
-// No barrier stands between a thread's loads and its stores and every load is issued before the
-// first result is computed, so the kernels keep as many bytes in flight as a copy does (the
-// channel-last backward, which needs more registers per row, slides along its rows instead). The
-// general kernels (causal_conv1d_fwd_channel_*.cu, causal_conv1d_bwd.cu) handle everything else.
+// "Plain" calls have no seq_idx, no cu_seqlens and at most 65535 batch rows (the forward may have
+// initial states; the backward has neither initial states nor final-state gradients), and their
+// tensors allow aligned vector accesses along the contiguous axis. The channel-first forward
+// streams 16-byte vectors and re-reads each vector's w-1 neighbours (its neighbour threads'
+// vectors, served from L1); the channel-first backward exchanges the neighbours through shared
+// memory, walking its segment backwards; the channel-last kernels own a few channels per thread
+// over a run of rows. The general kernels (causal_conv1d_fwd_channel_*.cu, causal_conv1d_bwd.cu)
+// handle everything else.
 //
 // The backward leaves one float32 weight/bias partial sum per (segment, channel), summed in a
 // fixed order (inside the block for channel-first; afterwards for all): bitwise reproducible.
@@ -25,29 +24,29 @@ namespace conv {
 namespace {
 
 // Tuning knobs. scripts/conv_variants.cu times alternatives next to a device copy, at B4 D10240
-// L4096 W4 bf16 silu; each figure names its GPU (H100: copy 2.80 TB/s, H200: 4.19 TB/s).
-// Channel-first: a block walks a segment of one (batch, channel) row. Forward (H200 readings, copy
-// 4.23 TB/s): one 16-byte vector per thread and round, the next round's vector loaded before the
-// current one is computed, 4 rounds (4096 bf16 positions) per block, 16 blocks per SM (32
-// registers): 175 us, 91% of copy (12 blocks per SM 188 us; 2 rounds 202-224 us, 1 round
-// 249-293 us: per-block setup still shows). That is with block coordinates read from a 3D grid;
-// when blocks divided a flat 64-bit index, 12 per SM was best at 191 us (84%). Exchanging the halo
-// through shared memory instead of re-reading it (forward_first_exchange_kernel) gave 179-192 us.
-// Backward: 1 vector, 12 blocks per SM, 4 rounds per block so that the in-block weight sum runs once per 4096 positions (H200 380 us, 63%; H100 85%; 2
-// vectors 44-53%, 13+ blocks per SM spills).
+// L4096 W4 bf16 silu (benchmarks/results/conv_variants_h200.txt: H200, copy 4.22 TB/s).
+// Channel-first: a block walks a segment of one (batch, channel) row; every kernel reads its block
+// coordinates from a 3D grid (first_grid). Forward: one vector per thread and round, the next
+// round's vector loaded before the current one is computed, 4 rounds (4096 bf16 positions) per
+// block, 16 blocks per SM (32 registers): 175 us, 91% of copy (12 blocks per SM 188 us; 2 rounds
+// 200-222 us, 1 round 248-290 us: per-block setup shows; exchanging the halo through shared memory
+// instead 176-191 us). Backward: 4 rounds per block so that the in-block weight sum runs once per
+// 4096 positions, 12 blocks per SM (40 registers): 356 us, 67% (8-16 blocks 372-390 us; the same
+// walked forwards with the next round prefetched 359-953 us; each thread re-reading the
+// neighbours' vectors 378-421 us; 2 rounds 512 us). causal-conv1d's backward takes 265 us there.
 constexpr int kFirstThreadsMax = 128;
 constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
-constexpr int kFirstBackwardVecs = 1;
 constexpr int kFirstBackwardMinBlocks = 12;
 constexpr int kFirstBackwardRounds = 4;
 // Channel-last forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
-// kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 16
-// rows 216 us, 4 x 8 rows 232 us, 4 x 16 219 us; H100: 4 x 8 97% of copy; 16-byte vectors of 8
-// channels 43-64%: their weights took the registers that kept loads in flight).
+// kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 32
+// rows 207 us, 77%; 2 x 16 213 us, 4 x 8 232 us, 4 x 16 218 us; sliding along 32-128 rows with the
+// window in registers 229-305 us; H100: 4 x 8 97% of copy; 16-byte vectors of 8 channels 43-64%:
+// their weights took the registers that kept loads in flight).
 constexpr int kLastThreads = 128;
 constexpr int kLastForwardChannels = 2;
-constexpr int kLastForwardRows = 16;
+constexpr int kLastForwardRows = 32;
 template <typename T>
 constexpr int last_forward_channels() {  // at most one 16-byte vector
   return kLastForwardChannels < Vec16<T>::kElts ? kLastForwardChannels : Vec16<T>::kElts;
@@ -75,18 +74,8 @@ struct Taps {  // weights and bias of kChannels consecutive channels, as float
   }
 };
 
-// n consecutive values at positions pos.. of a row with unit stride: one vector when it lies inside
-// the row (pos + n <= len), else element by element with zeros past the end.
-template <typename T, int kN>
-__device__ __forceinline__ void load_row(const T* row, int64_t pos, int64_t len, float* out) {
-  if (pos + kN <= len) {
-    load_floats<T, kN>(row + pos, out);
-  } else {
-#pragma unroll
-    for (int i = 0; i < kN; ++i) out[i] = pos + i < len ? to_float(row[pos + i]) : 0.0f;
-  }
-}
-
+// n consecutive values into positions pos.. of a row with unit stride: one vector when it lies
+// inside the row (pos + n <= len), else element by element up to the row's end.
 template <typename T, int kN>
 __device__ __forceinline__ void store_row(T* row, int64_t pos, int64_t len, const float* in) {
   if (pos + kN <= len) {
@@ -123,30 +112,6 @@ __device__ __forceinline__ void sum_over_block(float (&values)[kValues]) {
 }
 
 // ------------------------------------------------------------------------------ channel-first
-// A block of T threads covers a segment of T * kVecs vectors of a row; thread t takes vectors
-// t, T + t, 2T + t, ... so that each load instruction of a warp reads 512 contiguous bytes (a thread
-// owning consecutive vectors made every instruction touch twice the sectors, and ran at half the
-// copy bandwidth). The w-1 positions before a vector end the previous vector, those after it start
-// the next one: every lane reloads those vectors, which its neighbour lanes load in the same
-// round, so L1 serves them (taking them from the neighbour by warp shuffle measured slower:
-// 87% against 92% of copy forward).
-template <int kHist, int kElts, typename T>
-__device__ __forceinline__ void halo_before(const T* row, int64_t pos, int64_t len, float* halo) {
-  float before[kElts];  // (past the row's end the halo is not used)
-  if (pos > 0 && pos <= len) load_floats<T, kElts>(row + pos - kElts, before);
-#pragma unroll
-  for (int k = 0; k < kHist; ++k) halo[k] = pos > 0 ? before[kElts - kHist + k] : 0.0f;
-}
-
-// The w-1 positions after a vector (zero past the row's end).
-template <int kHist, int kElts, typename T>
-__device__ __forceinline__ void halo_after(const T* row, int64_t pos, int64_t len, float* halo) {
-  float after[kElts];
-  load_row<T, kElts>(row, pos + kElts, len, after);
-#pragma unroll
-  for (int k = 0; k < kHist; ++k) halo[k] = after[k];
-}
-
 // Channel-first forward: a block walks its segment of a row one vector per thread and round (thread
 // t: vector t of the round, so a warp's load instruction reads 512 contiguous bytes), and loads the
 // next round's vector and halo (kept as raw 16-byte values) before it computes and stores the
@@ -218,70 +183,6 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
   }
 }
 
-// Channel-first forward, exchange form: a block walks a segment of a row one 16-byte vector per
-// thread and chunk, and each thread takes the w-1 inputs before its vector from its left
-// neighbour's vector through shared memory (thread 0: the previous chunk's last vector, or the
-// initial states): one global load per vector instead of the stream kernel's two. The slots are
-// double-buffered by chunk parity, so one barrier per chunk suffices: a buffer is rewritten two
-// chunks later, after every thread has passed the barrier between. kPrefetch loads the next
-// chunk's vector before the current one is exchanged and computed.
-template <typename T, int kWidth, int kMinBlocks, bool kPrefetch>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_exchange_kernel(ForwardParams p, int64_t segment) {
-  constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kHist = kWidth - 1;
-  static_assert(kElts >= kHist, "the halo fits in one vector");
-  __shared__ uint4 slots[2][kFirstThreadsMax + 1];  // [parity][1 + t]: thread t's vector; [0]: the one before
-  const int tid = threadIdx.x, threads = blockDim.x;
-  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t seg_begin = blockIdx.z * segment;
-  const int64_t seg_end = seg_begin + segment < p.seqlen ? seg_begin + segment : p.seqlen;
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
-  const Taps<kWidth, 1> taps(p, c);
-  if (tid == 0) {  // the vector before the segment: the row's inputs, or its initial states
-    if (seg_begin > 0) {
-      slots[0][0] = *reinterpret_cast<const uint4*>(x + seg_begin - kElts);
-    } else {
-      uint4 raw = make_uint4(0, 0, 0, 0);
-      T* elts = reinterpret_cast<T*>(&raw);
-      const T* init = reinterpret_cast<const T*>(p.initial_states);
-      if (init) {
-#pragma unroll
-        for (int k = 0; k < kHist; ++k)
-          elts[kElts - kHist + k] = init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride];
-      }
-      slots[0][0] = raw;
-    }
-  }
-  const int64_t step = int64_t{threads} * kElts;
-  auto fetch = [&](int64_t at) { return at < seg_end ? load_raw_vector(x, at, p.seqlen) : make_uint4(0, 0, 0, 0); };
-  int64_t pos = seg_begin + static_cast<int64_t>(tid) * kElts;
-  uint4 next = kPrefetch ? fetch(pos) : make_uint4(0, 0, 0, 0);
-  for (int parity = 0; pos - tid * kElts < seg_end; pos += step, parity ^= 1) {
-    const uint4 own = kPrefetch ? next : fetch(pos);
-    if (kPrefetch) next = fetch(pos + step);
-    slots[parity][tid + 1] = own;
-    if (tid == 0 && pos > seg_begin) slots[parity][0] = slots[parity ^ 1][threads];
-    __syncthreads();
-    const uint4 before = slots[parity][tid];
-    float xf[kHist + kElts];
-    const T* own_elts = reinterpret_cast<const T*>(&own);
-    const T* before_elts = reinterpret_cast<const T*>(&before);
-#pragma unroll
-    for (int k = 0; k < kHist; ++k) xf[k] = to_float(before_elts[kElts - kHist + k]);
-#pragma unroll
-    for (int i = 0; i < kElts; ++i) xf[kHist + i] = to_float(own_elts[i]);
-#pragma unroll
-    for (int i = kElts - 1; i >= 0; --i) {
-      float acc = taps.bias[0];
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[i + k];
-      xf[kHist + i] = p.silu ? silu(acc) : acc;
-    }
-    if (pos < seg_end) store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
-  }
-}
-
 // The backward of one 16-byte vector at pos (shared by the channel-first backward kernels):
 // xf holds x at pos-(w-1) .. pos+kElts+w-2 and g dout at pos .. pos+kElts+w-2 (zero outside the
 // row); g becomes the pre-activation gradient, dxf the vector's dx, and the weight and bias sums
@@ -310,83 +211,6 @@ __device__ __forceinline__ void backward_vector(const Taps<kWidth, 1>& taps, boo
     sums[kWidth] += g[u];
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) sums[k] += g[u] * xf[u + k];
-  }
-}
-
-// Channel-first backward, exchange form: one vector of x and one of dout per thread and chunk,
-// with the neighbours' vectors (x before, x and dout after) through double-buffered shared slots:
-// [1 + t] thread t's, [0] the previous chunk's last x, [threads + 1] the next chunk's first x and
-// dout, which thread 0 has already prefetched.
-template <typename T, int kWidth, int kMinBlocks>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_exchange_kernel(BackwardParams p,
-                                                                                               int64_t segment,
-                                                                                               int64_t num_segments) {
-  constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kHist = kWidth - 1;
-  static_assert(kElts >= kHist, "the halo fits in one vector");
-  __shared__ uint4 x_slots[2][kFirstThreadsMax + 2], dout_slots[2][kFirstThreadsMax + 2];
-  const int tid = threadIdx.x, threads = blockDim.x;
-  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t l = p.seqlen;
-  const int64_t seg_begin = blockIdx.z * segment;
-  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
-  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
-  const Taps<kWidth, 1> taps(p, c);
-  float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
-  // The segment's last outputs' dx needs dout and x after it (up to the row's end).
-  // Vectors past the segment: only thread 0's (the next chunk's first) is needed.
-  const int64_t fetch_end = tid == 0 ? l : seg_end;
-  auto fetch = [&](const T* row, int64_t at) {
-    return at < fetch_end ? load_raw_vector(row, at, l) : make_uint4(0, 0, 0, 0);
-  };
-  if (tid == 0) x_slots[0][0] = seg_begin > 0 ? *reinterpret_cast<const uint4*>(x + seg_begin - kElts) : make_uint4(0, 0, 0, 0);
-  const int64_t step = int64_t{threads} * kElts;
-  int64_t pos = seg_begin + static_cast<int64_t>(tid) * kElts;
-  uint4 next_x = fetch(x, pos), next_dout = fetch(dout, pos);
-  for (int parity = 0; pos - tid * kElts < seg_end; pos += step, parity ^= 1) {
-    const uint4 own_x = next_x, own_dout = next_dout;
-    next_x = fetch(x, pos + step);
-    next_dout = fetch(dout, pos + step);
-    x_slots[parity][tid + 1] = own_x;
-    dout_slots[parity][tid + 1] = own_dout;
-    if (tid == 0) {
-      if (pos > seg_begin) x_slots[parity][0] = x_slots[parity ^ 1][threads];
-      x_slots[parity][threads + 1] = next_x;
-      dout_slots[parity][threads + 1] = next_dout;
-    }
-    __syncthreads();
-    const uint4 before = x_slots[parity][tid], after_x = x_slots[parity][tid + 2], after_dout = dout_slots[parity][tid + 2];
-    float xf[kElts + 2 * kHist], g[kElts + kHist], dxf[kElts];
-    const T* before_elts = reinterpret_cast<const T*>(&before);
-    const T* x_elts = reinterpret_cast<const T*>(&own_x);
-    const T* after_x_elts = reinterpret_cast<const T*>(&after_x);
-    const T* dout_elts = reinterpret_cast<const T*>(&own_dout);
-    const T* after_dout_elts = reinterpret_cast<const T*>(&after_dout);
-#pragma unroll
-    for (int k = 0; k < kHist; ++k) {
-      xf[k] = to_float(before_elts[kElts - kHist + k]);
-      xf[kHist + kElts + k] = to_float(after_x_elts[k]);
-      g[kElts + k] = to_float(after_dout_elts[k]);
-    }
-#pragma unroll
-    for (int i = 0; i < kElts; ++i) {
-      xf[kHist + i] = to_float(x_elts[i]);
-      g[i] = to_float(dout_elts[i]);
-    }
-    if (pos < seg_end) {
-      backward_vector<kWidth, kElts>(taps, p.silu, xf, g, dxf, sums);
-      store_row<T, kElts>(dx, pos, l, dxf);
-    }
-  }
-  sum_over_block(sums);  // every thread: shuffles and a barrier
-  if (tid == 0) {
-    const int64_t partial_row = b * num_segments + blockIdx.z;
-    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
-#pragma unroll
-    for (int k = 0; k < kWidth; ++k) dw[k] = sums[k];
-    reinterpret_cast<float*>(p.dbias_partial)[partial_row * p.dim + c] = sums[kWidth];
   }
 }
 
@@ -464,62 +288,6 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_r
   }
 }
 
-// The backward's block walks its segment in rounds of T * kVecs vectors, keeping the weight and bias
-// sums in registers, and sums them over the block once at the end (one partial per segment).
-template <typename T, int kWidth, int kVecs, int kMinBlocks>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_plain_kernel(BackwardParams p,
-                                                                                            int64_t segment,
-                                                                                            int64_t num_segments) {
-  constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kHist = kWidth - 1;
-  static_assert(kElts >= kHist, "the halo fits in one vector");
-  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t l = p.seqlen;
-  const int64_t seg_begin = blockIdx.z * segment;
-  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
-  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
-  const Taps<kWidth, 1> taps(p, c);
-  float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
-
-  for (int64_t base = seg_begin; base < seg_end; base += int64_t{blockDim.x} * kVecs * kElts) {
-    // Per vector: x at pos - (w-1) .. pos + kElts + w - 2 and dout at pos .. pos + kElts + w - 2
-    // (zero outside the row); the neighbours' parts come from the vectors before and after.
-    float xf[kVecs][kHist + kElts + kHist];
-    float g[kVecs][kElts + kHist];
-#pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-      load_row<T, kElts>(x, pos, l, xf[v] + kHist);
-      load_row<T, kElts>(dout, pos, l, g[v]);
-    }
-#pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-      halo_before<kHist, kElts>(x, pos, l, xf[v]);
-      halo_after<kHist, kElts>(x, pos, l, xf[v] + kHist + kElts);
-      halo_after<kHist, kElts>(dout, pos, l, g[v] + kElts);
-    }
-#pragma unroll
-    for (int v = 0; v < kVecs; ++v) {
-      const int64_t pos = base + (static_cast<int64_t>(v) * blockDim.x + threadIdx.x) * kElts;
-      if (pos >= seg_end) break;
-      float dxf[kElts];
-      backward_vector<kWidth, kElts>(taps, p.silu, xf[v], g[v], dxf, sums);
-      store_row<T, kElts>(dx, pos, l, dxf);
-    }
-  }
-  sum_over_block(sums);  // every thread: shuffles and a barrier
-  if (threadIdx.x == 0) {
-    const int64_t partial_row = b * num_segments + blockIdx.z;
-    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
-#pragma unroll
-    for (int k = 0; k < kWidth; ++k) dw[k] = sums[k];
-    reinterpret_cast<float*>(p.dbias_partial)[partial_row * p.dim + c] = sums[kWidth];
-  }
-}
-
 // ------------------------------------------------------------------------------ channel-last
 template <typename T, int kWidth, int kCh, int kRows>
 __global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(ForwardParams p) {
@@ -561,61 +329,6 @@ __global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(Forwar
       y[e] = p.silu ? silu(acc) : acc;
     }
     store_floats<T, kCh>(out + t * p.out_l_stride, y);
-  }
-}
-
-// Channel-last forward, sliding form: a thread owns kCh channels of one segment of kSegmentRows
-// positions and walks it kUnroll rows at a time (their loads issued together), keeping the last
-// w-1 input rows in registers, so that only a segment's first w-1 rows are read twice (the
-// straight-line kernel above re-reads w-1 rows per kRows).
-template <typename T, int kWidth, int kCh, int kSegmentRows, int kUnroll>
-__global__ void __launch_bounds__(kLastThreads) forward_last_sliding_kernel(ForwardParams p) {
-  constexpr int kHist = kWidth - 1;
-  using Raw = typename RawBits<kCh * sizeof(T)>::type;
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * kLastThreads + threadIdx.x) * kCh;
-  if (c0 >= p.dim) return;
-  const int64_t b = blockIdx.z, t0 = int64_t{blockIdx.x} * kSegmentRows;  // last_grid
-  const int64_t t1 = t0 + kSegmentRows < p.seqlen ? t0 + kSegmentRows : p.seqlen;
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c0;
-  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c0;
-  const T* init = reinterpret_cast<const T*>(p.initial_states);
-  const Taps<kWidth, kCh> taps(p, c0);
-  float win[kHist][kCh];  // input rows t-(w-1) .. t-1: the row's, or its initial-state slots
-#pragma unroll
-  for (int r = 0; r < kHist; ++r) {
-    const int64_t t = t0 - kHist + r;
-    if (t >= 0) {
-      load_floats<T, kCh>(x + t * p.x_l_stride, win[r]);
-    } else {
-#pragma unroll
-      for (int e = 0; e < kCh; ++e)
-        win[r][e] = init ? to_float(init[b * p.init_batch_stride + (c0 + e) * p.init_c_stride + (kHist + t) * p.init_l_stride])
-                         : 0.0f;
-    }
-  }
-  for (int64_t tb = t0; tb < t1; tb += kUnroll) {
-    Raw raw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (tb + u < t1) raw[u] = *reinterpret_cast<const Raw*>(x + (tb + u) * p.x_l_stride);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (tb + u >= t1) break;
-      const T* xr = reinterpret_cast<const T*>(&raw[u]);
-      float y[kCh];
-#pragma unroll
-      for (int e = 0; e < kCh; ++e) {
-        const float xv = to_float(xr[e]);
-        float acc = taps.bias[e] + taps.w[e][kHist] * xv;
-#pragma unroll
-        for (int k = 0; k < kHist; ++k) acc += taps.w[e][k] * win[k][e];
-        y[e] = p.silu ? silu(acc) : acc;
-#pragma unroll
-        for (int k = 0; k + 1 < kHist; ++k) win[k][e] = win[k + 1][e];
-        win[kHist - 1][e] = xv;
-      }
-      store_floats<T, kCh>(out + (tb + u) * p.out_l_stride, y);
-    }
   }
 }
 
@@ -810,7 +523,7 @@ struct FirstBackwardShape {
 };
 template <typename T>
 FirstBackwardShape first_backward_shape(int64_t seqlen) {
-  constexpr int kPer = kFirstBackwardVecs * Vec16<T>::kElts;
+  constexpr int kPer = Vec16<T>::kElts;
   const int threads = first_threads(seqlen, kPer);
   return {threads, first_segment(seqlen, int64_t{threads} * kPer, kFirstBackwardRounds)};
 }
@@ -861,7 +574,7 @@ bool backward_plain(const BackwardParams& p) {
         const FirstBackwardShape shape = first_backward_shape<scalar_t>(p.seqlen);
         const int64_t segments = ceil_div(p.seqlen, shape.segment);
         const dim3 grid = first_grid(p, segments, "causal_conv1d_bwd");
-        backward_first_plain_kernel<scalar_t, kWidth, kFirstBackwardVecs, kFirstBackwardMinBlocks>
+        backward_first_reverse_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
             <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
       } else {
         const int64_t segments = ceil_div(p.seqlen, kLastBackwardRows);
