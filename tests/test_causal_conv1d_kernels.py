@@ -379,8 +379,8 @@ def test_conv_batch_beyond_the_grid_limit_gpu(backend):
     """65,537 batch rows, past CUDA's 65,535 grid y/z limit (the whole-row kernels' and the update's
     batch axis): forward, backward and the decode update still cover every row."""
     case = {**BASE, "b": 65537, "d": 8, "l": 16}
-    inputs = _conv_inputs(case, torch.bfloat16, "channel-first")
-    compare_with_reference(_conv_fn("channel-first", "silu", False), inputs, backend,
+    inputs = _conv_inputs(case, torch.bfloat16, "channel_first")
+    compare_with_reference(_conv_fn("channel_first", "silu", False), inputs, backend,
                            grad_names=("x", "weight", "bias"), label=f"{backend} batch 65537")
     update_case = {**UPDATE_BASE, "b": 65537, "d": 8}
     update_inputs = _update_inputs(update_case, torch.bfloat16)

@@ -137,6 +137,8 @@ def _silu(z):
 
 
 # ----------------------------------------------------------------------------- forward
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
+
 @triton.jit(do_not_specialize=["l", "num_seqs"])
 def _forward_kernel(
     x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, cu_ptr, out_ptr,
@@ -247,10 +249,13 @@ def forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, out, fin
     init = initial_states if initial_states is not None else x
     init_strides = _strides3(initial_states)
     block_d, block_l = _tile(x, d, l, _FWD_TILE)
-    if l > 0 and d > 0:
-        grid = (triton.cdiv(l, block_l), triton.cdiv(d, block_d), b)
+    # Batch rows sit on grid axis 2, which CUDA caps at 65535: larger batches launch in slices.
+    for r0 in range(0, b if l > 0 and d > 0 else 0, _MAX_GRID_YZ):
+        rows = slice(r0, min(b, r0 + _MAX_GRID_YZ))
+        grid = (triton.cdiv(l, block_l), triton.cdiv(d, block_d), rows.stop - r0)
         _forward_kernel[grid](
-            x, weight, bias if bias is not None else weight, seq, init, cu, out,
+            x[rows], weight, bias if bias is not None else weight, seq if seq_idx is None else seq[rows],
+            init if initial_states is None else init[rows], cu, out[rows],
             d, l, num_seqs, *x.stride(), *weight.stride(), *seq_strides, *init_strides, *out.stride(),
             HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, SEQ_MODE=mode, SILU=bool(silu),
             SEARCH_STEPS=steps, W=w, BLOCK_D=block_d, BLOCK_L=block_l)
