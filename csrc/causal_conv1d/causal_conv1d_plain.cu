@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
   }
 }
 
-// The backward of one 16-byte vector at pos (shared by the channel-first backward kernels):
+// The backward of one 16-byte vector at pos:
 // xf holds x at pos-(w-1) .. pos+kElts+w-2 and g dout at pos .. pos+kElts+w-2 (zero outside the
 // row); g becomes the pre-activation gradient, dxf the vector's dx, and the weight and bias sums
 // take the vector's terms.
@@ -214,10 +214,14 @@ __device__ __forceinline__ void backward_vector(const Taps<kWidth, 1>& taps, boo
   }
 }
 
-// Channel-first backward, reverse form: the exchange kernel's chunks walked from the segment's end
-// to its start, so that the vectors after a chunk (x and dout) are the ones the block loaded in the
-// previous iteration (carried in shared memory, not reloaded) and only the x vector before it is an
-// extra load, by thread 0. No prefetch: registers for occupancy instead.
+// Channel-first backward: a block walks its segment in chunks of one vector of x and one of dout
+// per thread, from the segment's end to its start, and each thread takes its neighbours' vectors
+// (x before, x and dout after) from shared slots: [1 + t] thread t's, [0] the x vector before the
+// chunk (an extra load by thread 0), [threads + 1] the chunk after's first vectors, which the
+// previous iteration loaded. The slots are double-buffered by chunk parity, so one barrier per
+// chunk suffices: a buffer is rewritten two chunks later, after every thread has passed the barrier
+// between. No prefetch: registers for occupancy instead. The weight and bias sums stay in
+// registers and are summed over the block once at the end (one partial per segment).
 template <typename T, int kWidth, int kMinBlocks>
 __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_reverse_kernel(BackwardParams p,
                                                                                               int64_t segment,
@@ -239,7 +243,8 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_r
   auto fetch = [&](const T* row, int64_t at) { return at < l ? load_raw_vector(row, at, l) : make_uint4(0, 0, 0, 0); };
   const int64_t step = int64_t{threads} * kElts;
   const int64_t chunks = ceil_div(seg_end - seg_begin, step);
-  for (int64_t k = chunks - 1, parity = 0; k >= 0; --k, parity ^= 1) {
+  int parity = 0;
+  for (int64_t k = chunks - 1; k >= 0; --k, parity ^= 1) {
     const int64_t base = seg_begin + k * step, pos = base + static_cast<int64_t>(tid) * kElts;
     const uint4 own_x = fetch(x, pos), own_dout = fetch(dout, pos);
     x_slots[parity][tid + 1] = own_x;
