@@ -120,7 +120,7 @@ template <typename T>
 __device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int64_t len) {
   constexpr int kElts = Vec16<T>::kElts;
   if (pos + kElts <= len) return *reinterpret_cast<const uint4*>(row + pos);
-  uint4 raw = make_uint4(0, 0, 0, 0);  // the row's last, partial vector: zeros past its end
+  uint4 raw = make_uint4(0, 0, 0, 0);  // a vector reaching past the row's end (or lying past it): zeros there
   T* elts = reinterpret_cast<T*>(&raw);
 #pragma unroll
   for (int i = 0; i < kElts; ++i)
@@ -240,20 +240,19 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_r
   T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
   const Taps<kWidth, 1> taps(p, c);
   float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
-  auto fetch = [&](const T* row, int64_t at) { return at < l ? load_raw_vector(row, at, l) : make_uint4(0, 0, 0, 0); };
   const int64_t step = int64_t{threads} * kElts;
   const int64_t chunks = ceil_div(seg_end - seg_begin, step);
   int parity = 0;
   for (int64_t k = chunks - 1; k >= 0; --k, parity ^= 1) {
     const int64_t base = seg_begin + k * step, pos = base + static_cast<int64_t>(tid) * kElts;
-    const uint4 own_x = fetch(x, pos), own_dout = fetch(dout, pos);
+    const uint4 own_x = load_raw_vector(x, pos, l), own_dout = load_raw_vector(dout, pos, l);  // zeros past the row
     x_slots[parity][tid + 1] = own_x;
     dout_slots[parity][tid + 1] = own_dout;
     if (tid == 0) {
       x_slots[parity][0] = base > 0 ? *reinterpret_cast<const uint4*>(x + base - kElts) : make_uint4(0, 0, 0, 0);
       if (k == chunks - 1) {  // the segment's last chunk: what follows it in the row, if anything
-        x_slots[parity][threads + 1] = fetch(x, base + step);
-        dout_slots[parity][threads + 1] = fetch(dout, base + step);
+        x_slots[parity][threads + 1] = load_raw_vector(x, base + step, l);
+        dout_slots[parity][threads + 1] = load_raw_vector(dout, base + step, l);
       } else {
         x_slots[parity][threads + 1] = x_slots[parity ^ 1][1];
         dout_slots[parity][threads + 1] = dout_slots[parity ^ 1][1];

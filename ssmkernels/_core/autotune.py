@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from . import config
 
+# CUDA's limit on a launch grid's y and z sizes (x allows 2**31 - 1): kernels whose grids put batch
+# rows or heads there slice or re-grid larger launches.
+MAX_GRID_YZ = 65535
+
 
 def pinned() -> bool:
     return config.deterministic() or config.triton_interpret()

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._core import autotune
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 8
 
@@ -137,8 +139,6 @@ def _silu(z):
 
 
 # ----------------------------------------------------------------------------- forward
-_MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
-
 @triton.jit(do_not_specialize=["l", "num_seqs"])
 def _forward_kernel(
     x_ptr, w_ptr, bias_ptr, seq_ptr, init_ptr, cu_ptr, out_ptr,
@@ -249,16 +249,17 @@ def forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, out, fin
     init = initial_states if initial_states is not None else x
     init_strides = _strides3(initial_states)
     block_d, block_l = _tile(x, d, l, _FWD_TILE)
-    # Batch rows sit on grid axis 2, which CUDA caps at 65535: larger batches launch in slices.
-    for r0 in range(0, b if l > 0 and d > 0 else 0, _MAX_GRID_YZ):
-        rows = slice(r0, min(b, r0 + _MAX_GRID_YZ))
-        grid = (triton.cdiv(l, block_l), triton.cdiv(d, block_d), rows.stop - r0)
-        _forward_kernel[grid](
-            x[rows], weight, bias if bias is not None else weight, seq if seq_idx is None else seq[rows],
-            init if initial_states is None else init[rows], cu, out[rows],
-            d, l, num_seqs, *x.stride(), *weight.stride(), *seq_strides, *init_strides, *out.stride(),
-            HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, SEQ_MODE=mode, SILU=bool(silu),
-            SEARCH_STEPS=steps, W=w, BLOCK_D=block_d, BLOCK_L=block_l)
+    if l > 0 and d > 0:
+        # Batch rows sit on grid axis 2 (at most MAX_GRID_YZ): larger batches launch in slices.
+        for r0 in range(0, b, autotune.MAX_GRID_YZ):
+            rows = slice(r0, min(b, r0 + autotune.MAX_GRID_YZ))
+            grid = (triton.cdiv(l, block_l), triton.cdiv(d, block_d), rows.stop - r0)
+            _forward_kernel[grid](
+                x[rows], weight, bias if bias is not None else weight, seq if seq_idx is None else seq[rows],
+                init if initial_states is None else init[rows], cu, out[rows],
+                d, l, num_seqs, *x.stride(), *weight.stride(), *seq_strides, *init_strides, *out.stride(),
+                HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None, SEQ_MODE=mode, SILU=bool(silu),
+                SEARCH_STEPS=steps, W=w, BLOCK_D=block_d, BLOCK_L=block_l)
     if final_states is not None and final_states.numel() > 0:
         block_d = min(64, triton.next_power_of_2(d))
         grid = (final_states.shape[0], triton.cdiv(d, block_d))

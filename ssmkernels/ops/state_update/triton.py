@@ -16,7 +16,7 @@ import functools
 import triton
 import triton.language as tl
 
-from ..._core import config
+from ..._core import autotune, config
 from .layout import mamba2_layout
 
 # Triton reads TRITON_INTERPRET when kernels are defined, so it is fixed for this module too.
@@ -386,7 +386,6 @@ def _launch_config(batch: int, heads: int, p: int, n: int, state_bytes: int) -> 
 
 
 _PROGRAMS_PER_SM = 0
-_MAX_GRID_YZ = 65535  # CUDA's limit on the grid's y and z sizes (batch rows, heads of the 3D grid)
 
 
 @functools.lru_cache(maxsize=None)
@@ -412,7 +411,7 @@ def prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indic
     sizes = (t, p, n, h // lay.groups, lay.slots, pad_slot_id, 1 if idx is None else idx.stride(0))
     strides = (*lay.state, *lay.x, *lay.dt, *lay.A, *lay.B, *lay.C, *lay.D, *lay.z, *lay.dt_bias, *lay.out)
     p_blocks = triton.cdiv(p, block_p)
-    if b > _MAX_GRID_YZ or h > _MAX_GRID_YZ:  # beyond the one-tile-per-program grid: its 1D grid
+    if b > autotune.MAX_GRID_YZ or h > autotune.MAX_GRID_YZ:  # beyond the one-tile-per-program grid: its 1D grid
         programs_per_sm = max(programs_per_sm, 4)
     if programs_per_sm > 0:
         num_tiles = b * h * p_blocks
