@@ -1,6 +1,7 @@
-// Times the whole-row causal_conv1d kernels (csrc/causal_conv1d/causal_conv1d_plain.cu) under other
-// tuning choices than the library's defaults, next to a device copy, at the issue's shape (B4 D10240
-// L4096 W4 bf16 silu). A tuning tool: it instantiates the kernels' templates directly.
+// Times the whole-row causal_conv1d kernels (csrc/causal_conv1d/causal_conv1d_plain.cu) and the
+// decode update (causal_conv1d_update.cu) under other tuning choices than the library's defaults,
+// next to a device copy, at the issue's shapes (B4 D10240 L4096 W4 bf16 silu; update at batch 256).
+// A tuning tool: it instantiates the kernels' templates directly.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc scripts/conv_variants.cu -o /tmp/conv_variants
 //   /tmp/conv_variants
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "causal_conv1d/causal_conv1d_plain.cu"
+#include "causal_conv1d/causal_conv1d_update.cu"
 
 using bf16 = __nv_bfloat16;
 using ssmk::ceil_div;
@@ -143,5 +145,43 @@ int main() {
   }
   LAST_BWD(4, 128, 4) LAST_BWD(4, 128, 8) LAST_BWD(2, 128, 4) LAST_BWD(4, 256, 2) LAST_BWD(4, 64, 4) LAST_BWD(2, 64, 4)
   LAST_BWD(8, 128, 2) LAST_BWD(4, 32, 4) LAST_BWD(2, 256, 4)
+
+  // Decode update at batch 256, state (256, D, 3): its ~42 MB would sit in L2 across back-to-back
+  // launches, so each launch takes the next of kCopies copies (as the bench's rotation does).
+  constexpr int64_t kBatch = 256, kCopies = 4;
+  const int64_t state_elems = kBatch * D * (W - 1), row_elems = kBatch * D;
+  bf16* decode;
+  cudaMalloc(&decode, kCopies * (state_elems + 2 * row_elems) * sizeof(bf16));
+  fill<<<4096, 256>>>(decode, kCopies * (state_elems + 2 * row_elems), 9);
+  std::vector<UpdateParams> copies(kCopies);
+  for (int64_t k = 0; k < kCopies; ++k) {
+    bf16* base = decode + k * (state_elems + 2 * row_elems);
+    UpdateParams& u = copies[k];
+    u.batch = kBatch; u.dim = D; u.tokens = 1; u.state_len = W - 1; u.width = W; u.silu = true;
+    u.dtype = u.state_dtype = u.weight_dtype = u.bias_dtype = static_cast<int>(ssmk::DType::kBFloat16);
+    u.conv_state = reinterpret_cast<std::uintptr_t>(base);
+    u.x = reinterpret_cast<std::uintptr_t>(base + state_elems);
+    u.out = reinterpret_cast<std::uintptr_t>(base + state_elems + row_elems);
+    u.weight = p.weight; u.bias = p.bias;
+    u.x_batch_stride = u.out_batch_stride = D; u.x_c_stride = u.out_c_stride = 1; u.x_l_stride = u.out_l_stride = 1;
+    u.state_batch_stride = D * (W - 1); u.state_c_stride = W - 1; u.state_l_stride = 1;
+    u.weight_c_stride = W; u.weight_width_stride = 1; u.bias_stride = 1;
+  }
+  const double update_bytes = 2.0 * (2 * row_elems + 2 * state_elems) + D * W * 2;
+  int turn = 0;
+  report("update: library choice", time_us([&] { update(copies[turn++ % kCopies]); }), update_bytes);
+#define UPDATE_VECTOR(ROWS)                                                                             \
+  {                                                                                                     \
+    const dim3 grid(ceil_div(D / 8, kUpdateThreads), ceil_div(kBatch, ROWS));                           \
+    report("update vector rows=" #ROWS,                                                                 \
+           time_us([&] { update_vector_kernel<bf16, 4, ROWS><<<grid, kUpdateThreads>>>(copies[turn++ % kCopies]); }), \
+           update_bytes);                                                                               \
+  }
+  UPDATE_VECTOR(1) UPDATE_VECTOR(2) UPDATE_VECTOR(4) UPDATE_VECTOR(8)
+  {
+    const dim3 grid(ceil_div(D, kUpdateThreads), kBatch);
+    report("update scalar (one thread per channel)",
+           time_us([&] { update_kernel<bf16, 4><<<grid, kUpdateThreads>>>(copies[turn++ % kCopies]); }), update_bytes);
+  }
   return 0;
 }

@@ -3,6 +3,8 @@ section 1): forward and backward over layouts, widths and the packed-sequence fo
 update with multi-token input, circular buffers and padding slots; custom-op and compile checks."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -224,7 +226,7 @@ def test_conv_varlen_equals_loop(backend, layout):
 
 # ----------------------------------------------------------------------------- update
 UPDATE_BASE = dict(b=3, d=5, w=4, s=3, t=None, bias=True, activation="silu", circular=None, indices=None,
-                   slots=None, state_dtype=None, sliced_x=False)
+                   slots=None, state_dtype=None, sliced_x=False, shifted_x=False, weight_dtype=None)
 UPDATE_CASES = {
     "one_token": {},
     "one_token_w2_plain": dict(w=2, s=1, bias=False, activation=None),
@@ -238,7 +240,16 @@ UPDATE_CASES = {
     "indices_circular": dict(s=5, t=2, indices=[-1, 2, 1], slots=3, circular=[3, 7, 1]),
     "float32_state": dict(t=2, state_dtype=torch.float32),
     "sliced_x": dict(sliced_x=True),
+    # The CUDA vector kernel's cases (one token, state of w-1, channels a multiple of 16 bytes,
+    # aligned rows); an odd batch leaves its last row group partial.
+    "vector": dict(d=24),
+    "vector_indices_padding": dict(b=5, d=16, indices=[3, -1, 0, 6, 1], slots=7),
+    "vector_w2_plain": dict(d=16, w=2, s=1, bias=False, activation=None),
+    "vector_w3_float32_weight": dict(d=32, w=3, s=2, weight_dtype=torch.float32),
+    "vector_misaligned_x": dict(d=16, shifted_x=True),  # x one element past a 16-byte boundary: general kernel
 }
+# Which UPDATE_CASES the CUDA vector kernel serves for every dtype (the rest take the general kernel).
+VECTOR_UPDATE_CASES = ("vector", "vector_indices_padding", "vector_w2_plain", "vector_w3_float32_weight")
 
 
 def _update_inputs(case, dtype):
@@ -247,10 +258,12 @@ def _update_inputs(case, dtype):
     x = torch.randn(*shape, device=DEVICE).to(dtype)
     if case["sliced_x"]:
         x = torch.randn(b, 2 * d, device=DEVICE).to(dtype)[:, 1::2]
+    if case["shifted_x"]:
+        x = torch.randn(b * d + 1, device=DEVICE).to(dtype)[1:].view(b, d)
     slots = case["slots"] or b
     state_dtype = case["state_dtype"] or dtype
     inputs = dict(x=x, conv_state=torch.randn(slots, d, s, device=DEVICE).to(state_dtype),
-                  weight=(torch.randn(d, w, device=DEVICE) * 0.5).to(dtype),
+                  weight=(torch.randn(d, w, device=DEVICE) * 0.5).to(case["weight_dtype"] or dtype),
                   bias=torch.randn(d, device=DEVICE).to(dtype) if case["bias"] else None)
     if case["circular"] is not None:
         inputs["cache_seqlens"] = torch.tensor(case["circular"], dtype=torch.int32, device=DEVICE)
@@ -286,6 +299,33 @@ def test_update(backend, dtype, case_name):
     if case["indices"] is not None:
         pad = torch.tensor(case["indices"], device=DEVICE) < 0
         assert bool((out[pad] == 0).all()), "padding rows must give zeros"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_update_plan_serves_repeat_calls(backend):
+    """A decode loop's second call of a kind takes the plan (op.py: _UpdatePlan): new values give new
+    results, bad values and changed shapes still get the full path's errors."""
+    from ssmkernels.ops.causal_conv1d import op
+
+    op.clear_caches()
+    case = {**UPDATE_BASE, "b": 3, "d": 16, "indices": [2, -1, 0], "slots": 4}
+    for step in range(3):
+        inputs = _update_inputs(case, torch.float32)
+        out64, _ = _run_update(inputs, "silu", "reference", torch.float64)
+        out_lowp, state_lowp = _run_update(inputs, "silu", "reference")
+        out, state = _run_update(inputs, "silu", backend)
+        assert_spec_close(f"{backend} step {step}", out, out64, out_lowp, torch.float32)
+        assert torch.equal(state, state_lowp)
+    assert len(op._UPDATE_PLANS) == 2 + (backend != "reference")  # (the float64 and float32 reference runs: 2)
+    inputs = _update_inputs(case, torch.float32)
+    if inputs["conv_state_indices"].device.type == "cpu":  # host index values are checked on every call
+        inputs["conv_state_indices"][0] = 9
+        with pytest.raises(ValueError, match="conv_state_indices holds 9"):
+            _run_update(inputs, "silu", backend)
+    inputs = _update_inputs(case, torch.float32)
+    inputs["weight"] = inputs["weight"][:8]
+    with pytest.raises(ValueError, match="weight must have shape"):
+        _run_update(inputs, "silu", backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -469,7 +509,8 @@ _EMU_FUNCTIONS = {"causal_conv1d_fwd_channel_first": ("ForwardParams", "forward_
                   "causal_conv1d_final_states": ("ForwardParams", "final_states"),
                   "causal_conv1d_bwd": ("BackwardParams", "backward"),
                   "causal_conv1d_update": ("UpdateParams", "update")}
-_EMU_QUERIES = {"causal_conv1d_bwd_partial_rows": ("BackwardParams", "backward_partial_rows")}  # return a count
+_EMU_QUERIES = {"causal_conv1d_bwd_partial_rows": ("BackwardParams", "backward_partial_rows"),  # return a count
+                "causal_conv1d_update_vector": ("UpdateParams", "update_uses_vector_kernel")}
 _EMU_SHIM = r"""
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -630,6 +671,14 @@ def emulated_native(request):
         def query(p, function=function):
             return function((ctypes.c_int64 * len(p.fields))(*[int(getattr(p, f)) for f in p.fields]))
         setattr(module, name, query)
+
+    def update_at(p, x, conv_state, weight, bias, out, cache_seqlens, conv_state_indices, stream):
+        """binding.cpp's causal_conv1d_update_at: a copy of the prepared params with these addresses."""
+        q = copy.copy(p)
+        q.x, q.conv_state, q.weight, q.bias, q.out = x, conv_state, weight, bias, out
+        q.cache_seqlens, q.conv_state_indices, q.stream = cache_seqlens, conv_state_indices, stream
+        module.causal_conv1d_update(q)
+    module.causal_conv1d_update_at = update_at
     return module
 
 
@@ -639,6 +688,9 @@ def emulated_cuda(emulated_native, monkeypatch):
 
     monkeypatch.setattr(cuda_kernels.ext, "module", lambda: emulated_native)
     monkeypatch.setattr(cuda_kernels, "stream_of", lambda t: 0)
+    monkeypatch.setattr(cuda_kernels, "raw_stream", lambda device_index: 0)
+    # (the update binds the extension's function on first use)
+    monkeypatch.setattr(cuda_kernels, "_update_at", lambda *args: emulated_native.causal_conv1d_update_at(*args))
     return cuda_kernels
 
 
@@ -700,11 +752,26 @@ def test_cuda_update_emulated(emulated_cuda, dtype, case_name):
     out64, _ = _run_update(inputs, case["activation"], "reference", torch.float64)
     out_lowp, state_lowp = _run_update(inputs, case["activation"], "reference")
     state = inputs["conv_state"].clone()
+    assert _takes_vector_update(emulated_cuda, inputs, case["activation"]) == (case_name in VECTOR_UPDATE_CASES)
     out = torch.ops.ssmkernels.causal_conv1d_update(
         inputs["x"], state, inputs["weight"], inputs["bias"], case["activation"] is not None,
         inputs.get("cache_seqlens"), inputs.get("conv_state_indices"), "cuda")
     assert_spec_close(f"emulated cuda {case_name} out", out, out64, out_lowp, dtype)
     assert torch.equal(state, state_lowp), f"emulated cuda {case_name}: conv_state differs from the reference"
+
+
+def _takes_vector_update(cuda_kernels, inputs, activation) -> bool:
+    """Whether the CUDA update serves these inputs with its vector kernel (the launcher's own test)."""
+    x, state = inputs["x"], inputs["conv_state"]
+    cache_seqlens, indices = inputs.get("cache_seqlens"), inputs.get("conv_state_indices")
+    out = torch.empty_like(x)
+    p = cuda_kernels.prepare_update(x, state, inputs["weight"], inputs["bias"], activation is not None, cache_seqlens,
+                                    indices, out)
+    p.x, p.conv_state, p.weight, p.out = x.data_ptr(), state.data_ptr(), inputs["weight"].data_ptr(), out.data_ptr()
+    p.bias = 0 if inputs["bias"] is None else inputs["bias"].data_ptr()
+    p.cache_seqlens = 0 if cache_seqlens is None else cache_seqlens.data_ptr()
+    p.conv_state_indices = 0 if indices is None else indices.data_ptr()
+    return bool(cuda_kernels.ext.module().causal_conv1d_update_vector(p))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[:2])

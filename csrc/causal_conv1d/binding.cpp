@@ -74,4 +74,19 @@ void bind_causal_conv1d(py::module_& m) {
         "causal_conv1d backward: dx, d(initial states), float32 partial sums of dweight and dbias");
   m.def("causal_conv1d_update", &ssmk::conv::update, py::arg("params"),
         "causal_conv1d decode step(s) on conv_state, in place");
+  m.def("causal_conv1d_update_vector", &ssmk::conv::update_uses_vector_kernel, py::arg("params"),
+        "whether causal_conv1d_update takes its vector kernel for these params (addresses included)");
+  // The decode loop's launch: params prepared once per kind of call, addresses and stream per call
+  // (one call with nine integers instead of setting nine attributes, each a pybind11 call).
+  m.def(
+      "causal_conv1d_update_at",
+      [](UpdateParams p, std::uintptr_t x, std::uintptr_t conv_state, std::uintptr_t weight, std::uintptr_t bias,
+         std::uintptr_t out, std::uintptr_t cache_seqlens, std::uintptr_t conv_state_indices, std::uintptr_t stream) {
+        p.x = x, p.conv_state = conv_state, p.weight = weight, p.bias = bias, p.out = out;
+        p.cache_seqlens = cache_seqlens, p.conv_state_indices = conv_state_indices, p.stream = stream;
+        ssmk::conv::update(p);
+      },
+      py::arg("params"), py::arg("x"), py::arg("conv_state"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+      py::arg("cache_seqlens"), py::arg("conv_state_indices"), py::arg("stream"),
+      "causal_conv1d_update with prepared params (sizes, strides, dtypes) and these addresses");
 }

@@ -87,6 +87,8 @@ void forward_channel_last(const ForwardParams& params);
 void final_states(const ForwardParams& params);
 void backward(const BackwardParams& params);
 void update(const UpdateParams& params);
+// Whether update(params) takes the vector kernel (causal_conv1d_update.cu) rather than the general one.
+bool update_uses_vector_kernel(const UpdateParams& params);
 
 }  // namespace conv
 }  // namespace ssmk

@@ -1,10 +1,13 @@
 // causal_conv1d_update (SPEC.md section 1): decode steps on a conv state, in place.
 //
-// One thread per (batch row, channel): it reads the w-1 newest state entries, runs the t new tokens
-// through the filter (window in registers), writes the outputs, then shifts the tokens into the
-// state. Threads own disjoint channels, so reading before writing within a thread is all the
-// ordering needed. Pointers come from device memory only (indices, cache_seqlens): no host sync,
-// so the launch can be captured in a CUDA graph.
+// Two kernels. The vector kernel serves the common decode step (one token, a state of exactly w-1
+// entries laid out (slot, channel, w-1) contiguously, unit channel stride, 16-byte aligned rows):
+// each thread takes 16 bytes of channels (8 bf16) of kRows batch rows, so every access is a
+// 16-byte vector and the filter taps load once for kRows rows. The general kernel takes one
+// thread per (batch row, channel) and serves everything else (several tokens, circular buffers,
+// longer states, any strides and dtypes). Threads own disjoint channels, so reading before
+// writing within a thread is all the ordering needed. Pointers come from device memory only
+// (indices, cache_seqlens): no host sync, so launches can be captured in a CUDA graph.
 #include <climits>
 #include <stdexcept>
 #include <string>
@@ -95,7 +98,95 @@ __global__ void __launch_bounds__(kUpdateThreads) update_kernel(UpdateParams p) 
   for (int64_t i = blockIdx.y; i < p.batch; i += gridDim.y) update_channel<T, kWidth>(p, i, c);
 }
 
+// The vector kernel: thread (channel group, row group) owns channels [c0, c0 + kVec) of batch rows
+// [r0, r0 + kRows). All of its rows' loads issue before any store: the compiler cannot move a
+// load past a store that might alias it, and one memory latency per thread instead of kRows of
+// them is what a decode step of a few microseconds is made of.
+template <typename T, int kWidth, int kRows>
+__global__ void __launch_bounds__(kUpdateThreads) update_vector_kernel(UpdateParams p) {
+  constexpr int kVec = Vec16<T>::kElts, kHist = kWidth - 1;
+  using Raw = RawBits<16>::type;
+  const int64_t c0 = (int64_t{blockIdx.x} * kUpdateThreads + threadIdx.x) * kVec;
+  if (c0 >= p.dim) return;
+  float w[kVec * kWidth];  // channel j's taps at w[j * kWidth ..]
+  load_span_as_float<kVec * kWidth>(p.weight, p.weight_dtype, c0 * kWidth, w);
+  float bias[kVec] = {};
+  if (p.bias) load_span_as_float<kVec>(p.bias, p.bias_dtype, c0, bias);
+  const int32_t* indices = reinterpret_cast<const int32_t*>(p.conv_state_indices);
+  const T* x = reinterpret_cast<const T*>(p.x) + c0;
+  T* out = reinterpret_cast<T*>(p.out) + c0;
+  T* state = reinterpret_cast<T*>(p.conv_state) + c0 * kHist;
+
+  for (int64_t r0 = int64_t{blockIdx.y} * kRows; r0 < p.batch; r0 += int64_t{gridDim.y} * kRows) {
+    int64_t slot[kRows];
+    Raw x_raw[kRows], state_raw[kRows][kHist];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = r0 + r;
+      slot[r] = i >= p.batch ? -1 : indices ? indices[i] : i;
+      if (i < p.batch) x_raw[r] = *reinterpret_cast<const Raw*>(x + i * p.x_batch_stride);
+      if (slot[r] >= 0) {
+#pragma unroll
+        for (int q = 0; q < kHist; ++q)
+          state_raw[r][q] = reinterpret_cast<const Raw*>(state + slot[r] * p.state_batch_stride)[q];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = r0 + r;
+      if (i >= p.batch) break;
+      float y[kVec] = {};  // a padding slot's output stays zero
+      if (slot[r] >= 0) {
+        const T* xs = reinterpret_cast<const T*>(&x_raw[r]);
+        const T* hist = reinterpret_cast<const T*>(state_raw[r]);  // channel j's entries at [j * kHist ..]
+        Raw shifted_raw[kHist];  // the new state: each channel's entries moved one step, x last
+        T* shifted = reinterpret_cast<T*>(shifted_raw);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          float acc = bias[j] + w[j * kWidth + kHist] * to_float(xs[j]);
+#pragma unroll
+          for (int k = 0; k < kHist; ++k) {
+            acc += w[j * kWidth + k] * to_float(hist[j * kHist + k]);
+            shifted[j * kHist + k] = k + 1 < kHist ? hist[j * kHist + k + 1] : xs[j];  // state dtype == T
+          }
+          y[j] = p.silu ? silu(acc) : acc;
+        }
+#pragma unroll
+        for (int q = 0; q < kHist; ++q)
+          reinterpret_cast<Raw*>(state + slot[r] * p.state_batch_stride)[q] = shifted_raw[q];
+      }
+      store_vec(out + i * p.out_batch_stride, y);
+    }
+  }
+}
+
+// Rows per thread of the vector kernel (a knob; the timed alternatives are in its comment once
+// measured: scripts/conv_variants.cu).
+constexpr int kUpdateVectorRows = 2;
+
+// Whether the vector kernel serves p: see the file comment. Element strides are in T's elements.
+bool vector_update_serves(const UpdateParams& p, int64_t elt_bytes) {
+  const int64_t vec = 16 / elt_bytes, hist = p.width - 1;
+  auto half_or_float = [](int code) {
+    return code == static_cast<int>(DType::kFloat32) || code == static_cast<int>(DType::kFloat16) ||
+           code == static_cast<int>(DType::kBFloat16);
+  };
+  return p.tokens == 1 && !p.cache_seqlens && p.state_len == hist && p.state_dtype == p.dtype &&
+         p.x_c_stride == 1 && p.out_c_stride == 1 && p.state_l_stride == 1 && p.state_c_stride == hist &&
+         p.weight_width_stride == 1 && p.weight_c_stride == p.width && half_or_float(p.weight_dtype) &&
+         (!p.bias || (p.bias_stride == 1 && half_or_float(p.bias_dtype))) && p.dim % vec == 0 &&
+         aligned16(p.x) && aligned16(p.out) && aligned16(p.conv_state) && aligned16(p.weight) &&
+         (!p.bias || aligned16(p.bias)) && (p.x_batch_stride * elt_bytes) % 16 == 0 &&
+         (p.out_batch_stride * elt_bytes) % 16 == 0 && (p.state_batch_stride * elt_bytes) % 16 == 0;
+}
+
 }  // namespace
+
+bool update_uses_vector_kernel(const UpdateParams& p) {
+  bool serves = false;
+  SSMK_DISPATCH_FLOAT(p.dtype, "causal_conv1d_update", [&] { serves = vector_update_serves(p, sizeof(scalar_t)); });
+  return serves && p.width >= 2 && p.width <= kMaxWidth;
+}
 
 void update(const UpdateParams& p) {
   if (p.batch == 0 || p.dim == 0) return;
@@ -104,7 +195,16 @@ void update(const UpdateParams& p) {
   const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(p.batch < 65535 ? p.batch : 65535));
   SSMK_DISPATCH_FLOAT(p.dtype, "causal_conv1d_update", [&] {
     SSMK_DISPATCH_WIDTH(static_cast<int>(p.width), "causal_conv1d_update", [&] {
-      update_kernel<scalar_t, kWidth><<<grid, kUpdateThreads, 0, as_stream(p.stream)>>>(p);
+      if (vector_update_serves(p, sizeof(scalar_t))) {
+        constexpr int kVec = Vec16<scalar_t>::kElts;
+        const int64_t row_groups = ceil_div(p.batch, int64_t{kUpdateVectorRows});
+        const dim3 vector_grid(static_cast<unsigned>(ceil_div(p.dim / kVec, int64_t{kUpdateThreads})),
+                               static_cast<unsigned>(row_groups < 65535 ? row_groups : 65535));
+        update_vector_kernel<scalar_t, kWidth, kUpdateVectorRows>
+            <<<vector_grid, kUpdateThreads, 0, as_stream(p.stream)>>>(p);
+      } else {
+        update_kernel<scalar_t, kWidth><<<grid, kUpdateThreads, 0, as_stream(p.stream)>>>(p);
+      }
       check_launch("causal_conv1d_update");
     });
   });

@@ -69,6 +69,29 @@ __device__ __forceinline__ void store_floats(T* ptr, const float* in) {
   *reinterpret_cast<Raw*>(ptr) = raw;
 }
 
+// kN consecutive elements of a tensor whose type is only known at run time (float32, float16 or
+// bfloat16 by code), as float, in the widest aligned accesses kN allows (16 bytes for the decode
+// update's weights). base + index must be aligned to that width: kN * element size bytes, or 16.
+template <int kN>
+__device__ __forceinline__ void load_span_as_float(std::uintptr_t base, int code, int64_t index, float* out) {
+  if (static_cast<DType>(code) == DType::kFloat32) {
+    static_assert(kN % 4 == 0, "float spans load in 16-byte accesses");
+    const float* ptr = reinterpret_cast<const float*>(base) + index;
+#pragma unroll
+    for (int i = 0; i < kN; i += 4) load_floats<float, 4>(ptr + i, out + i);
+    return;
+  }
+  constexpr int kChunk = kN % 8 == 0 ? 8 : 4;  // 16- or 8-byte accesses of 2-byte elements
+  static_assert(kN % kChunk == 0, "half spans load in 8- or 16-byte accesses");
+#pragma unroll
+  for (int i = 0; i < kN; i += kChunk) {
+    if (static_cast<DType>(code) == DType::kBFloat16)
+      load_floats<__nv_bfloat16, kChunk>(reinterpret_cast<const __nv_bfloat16*>(base) + index + i, out + i);
+    else
+      load_floats<__half, kChunk>(reinterpret_cast<const __half*>(base) + index + i, out + i);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void load_vec(const T* ptr, float* out) { load_floats<T, Vec16<T>::kElts>(ptr, out); }
 

@@ -21,6 +21,21 @@ def strides(t: torch.Tensor | None, ndim: int) -> list[int]:
     return [0] * ndim if t is None else list(t.stride())
 
 
+def _raw_stream_function():
+    """torch's current stream on a device index as a raw handle (what :func:`stream_of` gives) without
+    building a Stream object (~2 us less per call); inductor's generated code calls the same function."""
+    function = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if function is None:  # not exported by this torch build: the public way
+        def function(index):
+            return torch.cuda.current_stream(index).cuda_stream
+    return function
+
+
+raw_stream = _raw_stream_function()
+# torch's current CUDA device (``torch.cuda.current_device()`` without its Python layers).
+current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+
+
 def stream_of(t: torch.Tensor) -> int:
     """Handle of torch's current stream on ``t``'s device, so kernels order with torch's work."""
     return torch.cuda.current_stream(t.device).cuda_stream

@@ -9,12 +9,13 @@ from __future__ import annotations
 import torch
 
 from ..._core import ext
-from ..._core.native import DTYPE_CODES, address, dtype_code, stream_of
+from ..._core.native import DTYPE_CODES, address, dtype_code, raw_stream, stream_of
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _WIDTHS = (2, 3, 4)
 _KERNELS = ("causal_conv1d_fwd_channel_first", "causal_conv1d_fwd_channel_last", "causal_conv1d_final_states",
-            "causal_conv1d_bwd", "causal_conv1d_bwd_partial_rows", "causal_conv1d_update")
+            "causal_conv1d_bwd", "causal_conv1d_bwd_partial_rows", "causal_conv1d_update",
+            "causal_conv1d_update_at")
 
 
 def unsupported(features: dict) -> str | None:
@@ -108,24 +109,41 @@ def backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_
             dbias += db_partial.sum(dim=0)
 
 
-def update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out):
-    """Writes ``out`` (x's shape) and shifts the new tokens into ``conv_state`` in place. No host sync."""
-    native = ext.module()
+def prepare_update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out):
+    """The native update params of a kind of call: sizes, strides, dtypes, flags (addresses left 0).
+    They depend only on the tensors' shapes, strides and dtypes, so they serve every call that
+    agrees on those (the decode loop's plan, op.py)."""
     xs = x.unsqueeze(-1) if x.dim() == 2 else x
     outs = out.unsqueeze(-1) if out.dim() == 2 else out
-    p = native.CausalConv1dUpdateParams()
+    p = ext.module().CausalConv1dUpdateParams()
     p.batch, p.dim, p.tokens = xs.shape
     p.state_len, p.width = conv_state.shape[2], weight.shape[1]
     p.dtype, p.state_dtype = dtype_code(x), dtype_code(conv_state)
     p.weight_dtype, p.bias_dtype = dtype_code(weight), _code_or_zero(bias)
     p.silu = bool(silu)
-    p.x, p.conv_state, p.weight, p.bias, p.out = (address(xs), address(conv_state), address(weight),
-                                                  address(bias), address(outs))
-    p.cache_seqlens, p.conv_state_indices = address(cache_seqlens), address(conv_state_indices)
     p.x_batch_stride, p.x_c_stride, p.x_l_stride = xs.stride()
     p.state_batch_stride, p.state_c_stride, p.state_l_stride = conv_state.stride()
     p.out_batch_stride, p.out_c_stride, p.out_l_stride = outs.stride()
     p.weight_c_stride, p.weight_width_stride = weight.stride()
     p.bias_stride = 0 if bias is None else bias.stride(0)
-    p.stream = stream_of(x)
-    native.causal_conv1d_update(p)
+    return p
+
+
+def launch_update(prepared, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out) -> None:
+    """Launch the update with ``prepared`` (:func:`prepare_update`) on torch's current stream."""
+    _update_at(prepared, x.data_ptr(), conv_state.data_ptr(), weight.data_ptr(), address(bias), out.data_ptr(),
+               address(cache_seqlens), address(conv_state_indices), raw_stream(x.get_device()))
+
+
+def _update_at(*args):
+    """First call: bind the extension's function in place of this one (``ext.module()`` and the
+    attribute lookup cost ~0.2 us per call otherwise)."""
+    global _update_at
+    _update_at = ext.module().causal_conv1d_update_at
+    _update_at(*args)
+
+
+def update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out):
+    """Writes ``out`` (x's shape) and shifts the new tokens into ``conv_state`` in place. No host sync."""
+    prepared = prepare_update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out)
+    launch_update(prepared, x, conv_state, weight, bias, cache_seqlens, conv_state_indices, out)

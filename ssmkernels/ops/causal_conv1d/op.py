@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._core import dispatch
+from ..._core import config, dispatch, native
 from ..._core import validation as v
-from ..._core.custom_op import (absent, call_op, define_decode_op, eager_autograd, empty_like, kernels, new_empty,
-                                placeholder, qualified)
+from ..._core.custom_op import (absent, allocator_like, call_op, define_decode_op, eager_autograd, empty_like, kernels,
+                                new_empty, placeholder, plain_eager, qualified)
 from . import reference
 
 PRIMITIVE = "causal_conv1d"
@@ -189,6 +189,68 @@ def causal_conv1d(
     return (out, final) if return_final_states else out
 
 
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__: a plain Tensor here
+_MAX_PLANS = 4096  # past this the plan cache starts over (shapes that never repeat)
+
+
+def _update_signature(x, conv_state, weight, bias, cache_seqlens, conv_state_indices) -> tuple:
+    """What validation, the backend choice and the launch arguments depend on (a plan's key)."""
+    return tuple(None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
+                 for t in (x, conv_state, weight, bias, cache_seqlens, conv_state_indices))
+
+
+class _UpdatePlan:
+    """A plain eager decode call of one kind after its first call (same signature, flags, backend
+    request): the checks passed and the backend is chosen, so a later call re-checks only CPU index
+    values and launches directly, without the op dispatcher. On the CUDA backend the native params
+    are prepared once too (``prepare_update``). Host time per call is what a decode loop without
+    CUDA graphs waits on: the batch-256 step's kernel takes ~10-40 us."""
+    __slots__ = ("backend", "silu", "module", "prepared", "device_index", "size", "stride", "dtype", "allocate",
+                 "batch", "slots", "host_indices", "to_int32", "weight_contiguous")
+
+    def __init__(self, x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, backend):
+        self.backend, self.silu = backend, silu
+        self.batch, self.slots = x.shape[0], conv_state.shape[0]
+        self.host_indices = conv_state_indices is not None and not conv_state_indices.is_cuda
+        self.to_int32 = any(t is not None and t.dtype != torch.int32 for t in (cache_seqlens, conv_state_indices))
+        self.weight_contiguous = weight.is_contiguous()
+        self.device_index = x.get_device()  # -1 on the CPU (Triton's interpreter)
+        self.module = None if backend == "reference" else kernels(PRIMITIVE, backend)
+        out = torch.empty_like(x)
+        self.size, self.stride, self.dtype = tuple(out.shape), out.stride(), out.dtype
+        self.allocate = allocator_like(out)
+        self.prepared = None
+        if backend == "cuda":
+            self.prepared = self.module.prepare_update(x, conv_state, weight.contiguous(), bias, silu,
+                                                       v.as_int32(cache_seqlens), v.as_int32(conv_state_indices), out)
+
+    def __call__(self, x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices):
+        if self.host_indices:  # CPU index values: checked every call, as on the full path
+            v.check_indices("conv_state_indices", conv_state_indices, self.batch, self.slots, x.device)
+        if self.module is None:
+            return reference.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
+                                                  conv_state_indices)
+        if not self.weight_contiguous:
+            weight = weight.contiguous()
+        if self.to_int32:
+            cache_seqlens, conv_state_indices = v.as_int32(cache_seqlens), v.as_int32(conv_state_indices)
+        out = empty_like(x) if config.poison_outputs() else self.allocate(self.size, self.stride, self.dtype)
+        if self.prepared is not None:
+            self.module.launch_update(self.prepared, x, conv_state, weight, bias, cache_seqlens, conv_state_indices,
+                                      out)
+        else:
+            self.module.update(x, conv_state, weight, bias, self.silu, cache_seqlens, conv_state_indices, out)
+        return out
+
+
+_UPDATE_PLANS: dict = {}  # (backend=, SSMKERNELS_BACKEND, activation, _update_signature) -> _UpdatePlan
+
+
+def clear_caches() -> None:
+    """Forget every decode plan (the next call of each kind checks and dispatches again)."""
+    _UPDATE_PLANS.clear()
+
+
 def causal_conv1d_update(
     x: Tensor,
     conv_state: Tensor,
@@ -215,7 +277,20 @@ def causal_conv1d_update(
 
     Returns:
         ``out`` shaped like x.
+
+    A plain eager call (no torch.compile, modes, functorch or profiler) of a kind seen before takes
+    a plan (``_UpdatePlan``) instead of the checks, the backend choice and the op dispatcher.
     """
+    key = None
+    if plain_eager():
+        try:
+            key = (backend, config.default_backend(), activation,
+                   _update_signature(x, conv_state, weight, bias, cache_seqlens, conv_state_indices))
+            plan = _UPDATE_PLANS.get(key)
+        except (AttributeError, TypeError):  # not tensors, unhashable arguments: the full path says what
+            key = plan = None
+        if plan is not None and (plan.device_index < 0 or plan.device_index == native.current_device()):
+            return plan(x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices)
     v.check_tensor("x", x)
     v.check_ndim("x", x, (2, 3))
     b, d = x.shape[:2]
@@ -240,6 +315,12 @@ def causal_conv1d_update(
                 "state_len": conv_state.shape[2], "tokens": 1 if x.dim() == 2 else x.shape[2],
                 "cache_seqlens": cache_seqlens is not None, "indices": conv_state_indices is not None}
     chosen = dispatch.traced_select_backend(PRIMITIVE, backend, x.device, features)
+    if key is not None and all(type(t) in _PLAIN_TYPES for t in (x, conv_state, weight, bias, cache_seqlens,
+                                                                   conv_state_indices) if t is not None):
+        if len(_UPDATE_PLANS) >= _MAX_PLANS:
+            _UPDATE_PLANS.clear()
+        _UPDATE_PLANS[key] = _UpdatePlan(x, conv_state, weight, bias, activation is not None, cache_seqlens,
+                                         conv_state_indices, chosen)
     if chosen == "reference":
         return reference.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
                                               conv_state_indices)

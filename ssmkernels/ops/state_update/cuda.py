@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._core import ext
+from ..._core import ext, native
 from ..._core.native import DTYPE_CODES
 from .layout import mamba2_layout
 
@@ -82,13 +82,5 @@ def _kernel(params, addresses, stream):
     _kernel(params, addresses, stream)
 
 
-def _raw_stream(device_index: int) -> int:
-    """torch's current stream on the device as a raw handle (what ``native.stream_of`` gives),
-    without building a Stream object; inductor's generated code calls the same function."""
-    global _raw_stream
-    function = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if function is None:  # not exported by this torch build: the public (slower, ~2 us) way
-        def function(index):
-            return torch.cuda.current_stream(index).cuda_stream
-    _raw_stream = function
-    return function(device_index)
+# (a module attribute, so tests and scripts/state_update_overhead.py can stub it)
+_raw_stream = native.raw_stream

@@ -48,7 +48,6 @@ torch's current one).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import operator
 from typing import Optional
@@ -56,9 +55,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..._core import config, dispatch
+from ..._core import config, dispatch, native
 from ..._core import validation as v
-from ..._core.custom_op import define_decode_op, empty_like, kernels, plain_eager
+from ..._core.custom_op import allocator_like, define_decode_op, empty_like, kernels, plain_eager
 from . import reference
 
 PRIMITIVE = "state_update"
@@ -98,44 +97,17 @@ class _Launch:
         out = torch.empty_like(x)  # its layout depends only on x's shape, strides and dtype
         self.prepared = self.module.prepare(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id, out)
         self.device_index = x.get_device()  # -1 on the CPU (Triton's interpreter)
-        self.size, self.stride, self.dtype = tuple(out.shape), out.stride(), out.dtype  # plain tuples: see _allocator
-        self.allocate = _allocator(out)
+        self.size, self.stride, self.dtype = tuple(out.shape), out.stride(), out.dtype  # plain tuples: see allocator_like
+        self.allocate = allocator_like(out)
 
     def __call__(self, state, x, dt, A, B, C, D, z, dt_bias, idx) -> Tensor:
         index = self.device_index
-        if index >= 0 and index != _current_device():  # kernels launch (and out is made) on the current device
+        if index >= 0 and index != native.current_device():  # kernels launch (and out is made) on the current device
             with torch.cuda.device(index):
                 return self(state, x, dt, A, B, C, D, z, dt_bias, idx)
         out = empty_like(x) if config.poison_outputs() else self.allocate(self.size, self.stride, self.dtype)
         self.module.launch(self.prepared, state, x, dt, A, B, C, D, z, dt_bias, idx, out)
         return out
-
-
-def _allocator(like: Tensor):
-    """``allocate(size, stride, dtype)`` of an uninitialised tensor on ``like``'s device (the current
-    one): inductor's ``empty_strided_{cpu,cuda}`` (~0.5 us) where this torch has it and it makes
-    what ``torch.empty_like`` makes, else ``torch.empty_strided`` (~1.5 us: the dispatcher)."""
-    device = like.device
-
-    def public(size, stride, dtype):
-        return torch.empty_strided(size, stride, dtype=dtype, device=device)
-
-    try:
-        fast = getattr(torch._C._dynamo.guards, f"_empty_strided_{device.type}")
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            made = fast(tuple(like.shape), like.stride(), like.dtype)  # exact tuples, not torch.Size
-    except Exception:  # an older or newer torch without it, or with another signature
-        return public
-    same = (type(made) is Tensor and made.shape == like.shape and made.stride() == like.stride()
-            and made.dtype == like.dtype and made.device == device and not made.requires_grad)
-    return fast if same else public
-
-
-def _current_device() -> int:
-    """torch's current CUDA device (``torch.cuda.current_device()`` without its Python layers)."""
-    global _current_device
-    _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
-    return _current_device()
 
 
 _LAUNCHES: dict = {}  # (backend, flags, _signature) -> _Launch, for calls through the op
