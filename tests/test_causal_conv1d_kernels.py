@@ -329,6 +329,28 @@ def test_update_plan_serves_repeat_calls(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_update_last_plan_tells_kinds_apart(backend):
+    """Calls alternating between kinds that differ only in strides, an absent bias or the activation
+    each get their own plan (the last plan is matched by its metadata guard and flags) and the
+    result of a call of that kind alone."""
+    from ssmkernels.ops.causal_conv1d import op
+
+    case = {**UPDATE_BASE, "b": 2, "d": 16}
+    base = _update_inputs(case, torch.float32)
+    strided = {**base, "x": torch.randn(2, 32, device=DEVICE)[:, ::2]}
+    kinds = [(base, "silu"), ({**base, "bias": None}, "silu"), (strided, "silu"), (base, None)]
+    expected = []
+    for inputs, activation in kinds:
+        op.clear_caches()
+        expected.append(_run_update(inputs, activation, backend))
+    op.clear_caches()
+    for _ in range(2):
+        for (inputs, activation), (out_alone, state_alone) in zip(kinds, expected):
+            out, state = _run_update(inputs, activation, backend)
+            assert torch.equal(out, out_alone) and torch.equal(state, state_alone)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("circular", [False, True], ids=["shift", "circular"])
 def test_prefill_then_steps_equals_full(backend, circular):
     """SPEC law 2 with the kernels: prefill k tokens, then decode the rest one token at a time."""

@@ -10,6 +10,7 @@ from ..._core import config, dispatch, native
 from ..._core import validation as v
 from ..._core.custom_op import (absent, allocator_like, call_op, define_decode_op, eager_autograd, empty_like, kernels,
                                 new_empty, placeholder, plain_eager, qualified)
+from ..._core.decode_plan import metadata_guard
 from . import reference
 
 PRIMITIVE = "causal_conv1d"
@@ -206,10 +207,13 @@ class _UpdatePlan:
     are prepared once too (``prepare_update``). Host time per call is what a decode loop without
     CUDA graphs waits on: the batch-256 step's kernel takes ~10-40 us."""
     __slots__ = ("backend", "silu", "module", "prepared", "device_index", "size", "stride", "dtype", "allocate",
-                 "batch", "slots", "host_indices", "to_int32", "weight_contiguous")
+                 "batch", "slots", "host_indices", "to_int32", "weight_contiguous", "key", "flags", "absent", "guard")
 
-    def __init__(self, x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, backend):
-        self.backend, self.silu = backend, silu
+    def __init__(self, key, flags, x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, backend):
+        self.key, self.flags, self.backend, self.silu = key, flags, backend, silu
+        optional = (bias, cache_seqlens, conv_state_indices)
+        self.absent = tuple(t is None for t in optional)
+        self.guard = metadata_guard((x, conv_state, weight) + tuple(t for t in optional if t is not None))
         self.batch, self.slots = x.shape[0], conv_state.shape[0]
         self.host_indices = conv_state_indices is not None and not conv_state_indices.is_cuda
         self.to_int32 = any(t is not None and t.dtype != torch.int32 for t in (cache_seqlens, conv_state_indices))
@@ -223,6 +227,17 @@ class _UpdatePlan:
         if backend == "cuda":
             self.prepared = self.module.prepare_update(x, conv_state, weight.contiguous(), bias, silu,
                                                        v.as_int32(cache_seqlens), v.as_int32(conv_state_indices), out)
+
+    def matches(self, flags, x, conv_state, weight, bias, cache_seqlens, conv_state_indices) -> bool:
+        """Whether a call is of this plan's kind, without building its key (~1 us in C++ against
+        ~4 us for the key): the flags, which optional tensors are absent, the tensors' metadata."""
+        if self.guard is None:
+            return self.key == (*flags, _update_signature(x, conv_state, weight, bias, cache_seqlens,
+                                                          conv_state_indices))
+        if flags != self.flags or (bias is None, cache_seqlens is None, conv_state_indices is None) != self.absent:
+            return False
+        return self.guard(x, conv_state, weight, *(t for t in (bias, cache_seqlens, conv_state_indices)
+                                                   if t is not None))
 
     def __call__(self, x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices):
         if self.host_indices:  # CPU index values: checked every call, as on the full path
@@ -244,11 +259,15 @@ class _UpdatePlan:
 
 
 _UPDATE_PLANS: dict = {}  # (backend=, SSMKERNELS_BACKEND, activation, _update_signature) -> _UpdatePlan
+# The last plan used: a decode step calls every layer's conv with the same kind of arguments.
+_last_update_plan: Optional[_UpdatePlan] = None
 
 
 def clear_caches() -> None:
     """Forget every decode plan (the next call of each kind checks and dispatches again)."""
+    global _last_update_plan
     _UPDATE_PLANS.clear()
+    _last_update_plan = None
 
 
 def causal_conv1d_update(
@@ -281,12 +300,17 @@ def causal_conv1d_update(
     A plain eager call (no torch.compile, modes, functorch or profiler) of a kind seen before takes
     a plan (``_UpdatePlan``) instead of the checks, the backend choice and the op dispatcher.
     """
+    global _last_update_plan
     key = None
     if plain_eager():
         try:
-            key = (backend, config.default_backend(), activation,
-                   _update_signature(x, conv_state, weight, bias, cache_seqlens, conv_state_indices))
-            plan = _UPDATE_PLANS.get(key)
+            flags = (backend, config.default_backend(), activation)
+            plan = _last_update_plan
+            if plan is None or not plan.matches(flags, x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
+                key = (*flags, _update_signature(x, conv_state, weight, bias, cache_seqlens, conv_state_indices))
+                plan = _UPDATE_PLANS.get(key)
+                if plan is not None:
+                    _last_update_plan = plan
         except (AttributeError, TypeError):  # not tensors, unhashable arguments: the full path says what
             key = plan = None
         if plan is not None and (plan.device_index < 0 or plan.device_index == native.current_device()):
@@ -319,8 +343,8 @@ def causal_conv1d_update(
                                                                    conv_state_indices) if t is not None):
         if len(_UPDATE_PLANS) >= _MAX_PLANS:
             _UPDATE_PLANS.clear()
-        _UPDATE_PLANS[key] = _UpdatePlan(x, conv_state, weight, bias, activation is not None, cache_seqlens,
-                                         conv_state_indices, chosen)
+        _UPDATE_PLANS[key] = _UpdatePlan(key, key[:3], x, conv_state, weight, bias, activation is not None,
+                                         cache_seqlens, conv_state_indices, chosen)
     if chosen == "reference":
         return reference.causal_conv1d_update(x, conv_state, weight, bias, activation, cache_seqlens,
                                               conv_state_indices)

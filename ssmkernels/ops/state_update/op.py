@@ -48,7 +48,6 @@ torch's current one).
 """
 from __future__ import annotations
 
-import functools
 import operator
 from typing import Optional
 
@@ -58,6 +57,7 @@ from torch import Tensor
 from ..._core import config, dispatch, native
 from ..._core import validation as v
 from ..._core.custom_op import allocator_like, define_decode_op, empty_like, kernels, plain_eager
+from ..._core.decode_plan import metadata_guard
 from . import reference
 
 PRIMITIVE = "state_update"
@@ -262,53 +262,13 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id) -> int:
     return b
 
 
-def _metadata_guard(tensors: tuple):
-    """``check(*tensors) -> bool``: whether tensors have the dispatch keys (device type, autograd,
-    subclass), dtype, device index, requires_grad, sizes and strides of ``tensors``, checked in C++
-    by dynamo's ``TensorGuards`` (~0.9 us for a decode step's nine tensors on the CPU development
-    machine, against ~3.1 us to build ``_signature`` in Python). None when this torch has no such
-    class or it does not reject what ``_guard_rejects_changes`` changes (then plans match by key)."""
-    if not _guard_rejects_changes():
-        return None
-    try:
-        return _tensor_guards(tensors).check
-    except Exception:  # a tensor kind the guard cannot describe: match by key
-        return None
-
-
-def _tensor_guards(tensors: tuple):
-    from torch._C._dynamo.guards import TensorGuards  # private: see _guard_rejects_changes
-
-    return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
-                        dynamic_dims_strides=[list(t.stride()) for t in tensors])
-
-
-@functools.cache
-def _guard_rejects_changes() -> bool:
-    """Whether this torch's TensorGuards accepts the tensors it was made from and rejects a change of
-    each property a plan depends on (a private class: checked once, not assumed)."""
-    try:
-        base = torch.zeros(2, 3)
-        check = _tensor_guards((base,)).check
-        changed = (torch.zeros(3, 2), torch.zeros(2, 3).t().contiguous().t(), torch.zeros(2, 3, dtype=torch.float64),
-                   torch.zeros(2, 3, requires_grad=True), torch.zeros(2, 3).as_subclass(_GuardProbe),
-                   torch.zeros(2, 3, device="meta"), torch.zeros(2)[:, None].expand(2, 3), None, 0)
-        return check(base) and check(torch.zeros(2, 3)) and not any(check(t) for t in changed)
-    except Exception:
-        return False
-
-
-class _GuardProbe(Tensor):
-    """A tensor subclass, for _guard_rejects_changes."""
-
-
 class _Plan:
     """What a plain eager call of one kind (same ``_signature``, backend request and flags) needs
     after its first call: the checks passed and the backend is chosen, so only the index values (CPU
     tensors) are checked again and the kernel is launched directly (``launch``; None: reference).
 
     ``matches`` tells whether a call is of this kind without building its key: the flags, which
-    optional tensors are absent, and the present tensors' metadata through ``_metadata_guard``."""
+    optional tensors are absent, and the present tensors' metadata through ``decode_plan.metadata_guard``."""
     __slots__ = ("batch", "slots", "host_indices", "launch", "key", "flags", "absent", "present", "guard")
 
     def __init__(self, key, flags, b, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id, backend):
@@ -320,7 +280,7 @@ class _Plan:
         tensors = (state, x, dt, A, B, C, D, z, dt_bias, idx)
         self.absent = tuple(t is None for t in tensors[6:])
         self.present = operator.itemgetter(*(i for i, t in enumerate(tensors) if t is not None))
-        self.guard = _metadata_guard(self.present(tensors))
+        self.guard = metadata_guard(self.present(tensors))
 
     def matches(self, flags, tensors: tuple) -> bool:
         if self.guard is None:
