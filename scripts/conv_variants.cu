@@ -133,7 +133,8 @@ int main() {
     report("cl fwd ch=" #CH " rows=" #ROWS,                                                             \
            time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl); }), fwd_bytes); \
   }
-  LAST_FWD(2, 32) LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 8)
+  LAST_FWD(2, 32) LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 8) LAST_FWD(8, 4) LAST_FWD(8, 8)
+  LAST_FWD(8, 16) LAST_FWD(4, 32) LAST_FWD(2, 64)
 
 #define LAST_BWD(CH, ROWS, UNROLL)                                                                      \
   {                                                                                                     \

@@ -33,7 +33,9 @@ namespace {
 // instead 176-191 us). Backward: 4 rounds per block so that the in-block weight sum runs once per
 // 4096 positions, 12 blocks per SM (40 registers): 356 us, 67% (8-16 blocks 372-390 us; the same
 // walked forwards with the next round prefetched 359-953 us; each thread re-reading the
-// neighbours' vectors 378-421 us; 2 rounds 512 us). causal-conv1d's backward takes 265 us there.
+// neighbours' vectors 378-421 us; 2 rounds 512 us; walked from the end with the next chunk's
+// vectors loaded before each chunk's barrier: 368 us at 8 blocks (64 registers), 377-676 us at
+// 10-16, 419 us at 12). causal-conv1d's backward takes 265 us there.
 constexpr int kFirstThreadsMax = 128;
 constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
@@ -42,8 +44,9 @@ constexpr int kFirstBackwardRounds = 4;
 // Channel-last forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
 // kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 32
 // rows 207 us, 77%; 2 x 16 213 us, 4 x 8 232 us, 4 x 16 218 us; sliding along 32-128 rows with the
-// window in registers 229-305 us; H100: 4 x 8 97% of copy; 16-byte vectors of 8 channels 43-64%:
-// their weights took the registers that kept loads in flight).
+// window in registers 229-305 us; 4 x 32 244 us, 2 x 64 236 us, 8 x 4/8/16 338-533 us; H100: 4 x 8
+// 97% of copy; 16-byte vectors of 8 channels 43-64%: their weights took the registers that kept
+// loads in flight).
 constexpr int kLastThreads = 128;
 constexpr int kLastForwardChannels = 2;
 constexpr int kLastForwardRows = 32;
