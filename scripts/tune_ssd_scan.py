@@ -25,10 +25,10 @@ from ssmkernels.bench import cases, runner, timing  # noqa: E402
 from ssmkernels.ops.ssd import triton as ssd_triton  # noqa: E402
 
 # bf16-operand forward scan: (BLOCK_M, BLOCK_K, num_warps, num_stages)
-FORWARD = [(64, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 8, 3),
-           (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 128, 8, 2)]
-# float32-operand backward scans: (BLOCK_M, BLOCK_K, num_warps, num_stages)
-BACKWARD = [(32, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1), (32, 64, 8, 2), (64, 32, 8, 1)]
+FORWARD = [(64, 32, 4, 3), (64, 32, 4, 4), (64, 32, 4, 2), (128, 32, 4, 3), (64, 16, 4, 3), (32, 32, 4, 3),
+           (64, 32, 2, 3), (64, 64, 8, 3)]
+# float32-operand backward scans at tf32 (bf16 inputs): (BLOCK_M, BLOCK_K, num_warps, num_stages)
+BACKWARD = [(32, 32, 4, 2), (32, 32, 2, 2), (32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2)]
 
 
 def _time(case_name: str, fwd_cfg: dict, f32_cfg: dict):

@@ -52,9 +52,10 @@ MAX_DSTATE = 256
 # ----------------------------------------------------------------------------- tuning configs
 # One place per kernel, chosen for the H100 at the target shape (P64 N128 chunk 256, bf16). Tiles
 # are tensor-core friendly: >= 16 in every dot dimension, wgmma in the sm_90a build. The value
-# dimension of the forward/dx scans is one tile (p <= 128). num_warps=8 because with 4 warps ptxas
-# (sm_90a, bf16) reports 255 registers and spills for the scan and segment kernels. Registers per
-# thread with 8 warps, from ptxas on the target shape (no spills unless noted):
+# dimension of the forward/dx scans is one tile (p <= 128). The segment kernel takes 8 warps
+# because with 4 ptxas (sm_90a, bf16) reported 255 registers and spills. The scan kernel runs at 4
+# warps (measured faster; the forward scan: 167 registers, no spills, 79 KB of shared memory, from
+# ptxas). Registers per thread of the scans with 8 warps and 64 x 64 tiles (no spills unless noted):
 # - forward scan: 152; dy scan: 128; dx scan: 128; dB scan: 226; dC scan (float64 intra-chunk dA
 #   sums): 244;
 # - chunk-state kernels: 126 forward, 159 backward; C B^T kernel: 82 (4 warps).
@@ -68,14 +69,20 @@ _CB_CFG = {"BLOCK_M": 64, "num_warps": 4}
 _PASS_CFG = {"BLOCK": 1024, "num_warps": 4}
 # scan kernel: BLOCK_M rows x BLOCK_K columns per step; value tile up to BLOCK_V_MAX wide when the
 # epilogue does not need full rows (dB/dC, which loop over the heads of a group); otherwise the
-# whole value dimension.
-_SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_V_MAX": 64, "num_warps": 8}
+# whole value dimension. H200, bench shape (scripts/tune_ssd_scan.py, whole forward; bf16 operands,
+# 3 stages unless noted): 64 x 32 at 4 warps 1.660 ms; 64 x 32 at 8 warps 1.952; 64 x 64 at 4
+# warps 2.128-2.305 (2-3 stages), at 8 warps 2.185-2.863; 128 x 32 at 8 warps 2.059; 128 x 64
+# 2.470-2.617; 64 x 128 3.069. Without the precomputed C B^T (SSMKERNELS_SSD_PRECOMPUTE_CB=0): 3.010.
+_SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_V_MAX": 64, "num_warps": 4, "num_warps_tf32x3": 8}
 # float32 operands take twice the shared memory: narrower key blocks and two pipeline stages keep
 # the full-value scans (p = 64, n = 128) under the 227 KB of an H100 (seen: 232,960 B requested).
 # 32-row blocks: with tf32x3 dots, 64-row blocks gave wrong dt gradients on an H100 at chunk 64
 # (error 5.1 against a tolerance of 1.5e-4) where 32-row blocks (chunk 32) passed; the backward of
-# every input dtype runs on float32 operands, so it uses this configuration too.
-_SCAN_CFG_F32 = {"BLOCK_M": 32, "BLOCK_K": 32, "num_stages": 2}
+# every input dtype runs on float32 operands, so it uses this configuration too. H200, bench shape,
+# whole fwd+bwd: 32 x 32 at 4 warps 19.47 ms (1 stage 20.01), at 8 warps 29.84; 32 x 64 at 8 warps
+# 26.28; 64 x 32 at 8 warps, 1 stage 28.34. tf32x3 dots (float16 and float32 inputs) keep 8 warps:
+# at 4, ptxas put 2952 B of spill stores per thread into a float32-input scan.
+_SCAN_CFG_F32 = {"BLOCK_M": 32, "BLOCK_K": 32, "num_stages": 2, "num_warps_tf32x3": 8}
 
 
 def _scan_cfg(dtype: torch.dtype) -> dict:
@@ -893,7 +900,8 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
         DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DQK=_p2(DQK), BLOCK_V=bv, BLOCK_D2=_p2(D2),
         GROUP_HEADS=group_heads, heads_per_group=heads_per_group,
         STATIC_HEADS=heads_per_group if _INTERPRET else 0,
-        num_warps=cfg["num_warps"], **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
+        num_warps=cfg["num_warps_tf32x3"] if prec == "tf32x3" else cfg["num_warps"],
+        **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
     return grid
 
 
