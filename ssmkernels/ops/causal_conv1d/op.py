@@ -206,11 +206,11 @@ class _UpdatePlan:
     values and launches directly, without the op dispatcher. On the CUDA backend the native params
     are prepared once too (``prepare_update``). Host time per call is what a decode loop without
     CUDA graphs waits on: the batch-256 step's kernel takes ~10-40 us."""
-    __slots__ = ("backend", "silu", "module", "prepared", "device_index", "size", "stride", "dtype", "allocate",
+    __slots__ = ("silu", "module", "prepared", "device_index", "size", "stride", "dtype", "allocate",
                  "batch", "slots", "host_indices", "to_int32", "weight_contiguous", "key", "flags", "absent", "guard")
 
     def __init__(self, key, flags, x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, backend):
-        self.key, self.flags, self.backend, self.silu = key, flags, backend, silu
+        self.key, self.flags, self.silu = key, flags, silu
         optional = (bias, cache_seqlens, conv_state_indices)
         self.absent = tuple(t is None for t in optional)
         self.guard = metadata_guard((x, conv_state, weight) + tuple(t for t in optional if t is not None))
