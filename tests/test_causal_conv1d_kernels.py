@@ -649,23 +649,27 @@ def emulated_native(request):
     tmp = cache_dir() / "test-emulation" / "causal_conv1d" / digest.hexdigest()[:16]
     library = tmp / "emulated.so"
     if not library.is_file():
-        tmp.mkdir(parents=True, exist_ok=True)
-        _, sources = _emulation_sources(tmp)
+        # Each process builds in a folder of its own (pytest-xdist workers may build at once) and
+        # moves the finished library into place.
+        work = tmp / f"build.{os.getpid()}"
+        work.mkdir(parents=True, exist_ok=True)
+        _, sources = _emulation_sources(work)
         objects = []
         jobs = []
         for source in sources:  # one g++ per file, in parallel
             obj = source.with_suffix(".o")
             objects.append(obj)
             jobs.append(subprocess.Popen(
-                ["g++", "-std=c++20", "-O0", "-c", "-fPIC", "-pthread", "-w", "-include", str(tmp / "shim.h"),
+                ["g++", "-std=c++20", "-O0", "-c", "-fPIC", "-pthread", "-w", "-include", str(work / "shim.h"),
                  f"-I{root / 'csrc'}", f"-I{cuda_home / 'include'}", str(source), "-o", str(obj)],
                 stderr=subprocess.PIPE, text=True))
         for job in jobs:
             _, err = job.communicate()
             assert job.returncode == 0, err[-3000:]
-        partial = tmp / f"emulated.{os.getpid()}.so"
+        partial = work / "emulated.so"
         subprocess.run(["g++", "-shared", "-pthread", *map(str, objects), "-o", str(partial)], check=True)
         partial.replace(library)
+        shutil.rmtree(work, ignore_errors=True)
     lib = ctypes.CDLL(str(library))
 
     def make_params(cls_name):
