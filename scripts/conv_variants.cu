@@ -158,7 +158,7 @@ int main() {
   for (int64_t k = 0; k < kCopies; ++k) {
     bf16* base = decode + k * (state_elems + 2 * row_elems);
     UpdateParams& u = copies[k];
-    u.batch = kBatch; u.dim = D; u.tokens = 1; u.state_len = W - 1; u.width = W; u.silu = true;
+    u.batch = u.slots = kBatch; u.dim = D; u.tokens = 1; u.state_len = W - 1; u.width = W; u.silu = true;
     u.dtype = u.state_dtype = u.weight_dtype = u.bias_dtype = static_cast<int>(ssmk::DType::kBFloat16);
     u.conv_state = reinterpret_cast<std::uintptr_t>(base);
     u.x = reinterpret_cast<std::uintptr_t>(base + state_elems);

@@ -301,6 +301,30 @@ def test_update(backend, dtype, case_name):
         assert bool((out[pad] == 0).all()), "padding rows must give zeros"
 
 
+def _update_past_the_cache(backend):
+    """The op itself (past the public checks, as with CUDA index tensors, whose values are not read
+    on the host) with one index past the cache: that row acts as a padding slot."""
+    case = {**UPDATE_BASE, "b": 3, "d": 16, "indices": [1, 5, 0], "slots": 2}
+    inputs = _update_inputs(case, torch.float32)
+    state = inputs["conv_state"].clone()
+    out = torch.ops.ssmkernels.causal_conv1d_update(inputs["x"], state, inputs["weight"], inputs["bias"], True, None,
+                                                    inputs["conv_state_indices"], backend)
+    expected_inputs = {**inputs, "conv_state_indices": torch.tensor([1, -1, 0], dtype=torch.int32, device=DEVICE)}
+    expected, expected_state = _run_update(expected_inputs, "silu", "reference")
+    assert bool((out[1] == 0).all()), f"{backend}: a row whose index is past the cache must give zeros"
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(state, expected_state), f"{backend}: an index past the cache must leave the state alone"
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "reference"])
+def test_update_index_past_the_cache_is_a_padding_slot(backend):
+    _update_past_the_cache(backend)
+
+
+def test_update_index_past_the_cache_emulated(emulated_cuda):
+    _update_past_the_cache("cuda")
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_update_plan_serves_repeat_calls(backend):
     """A decode loop's second call of a kind takes the plan (op.py: _UpdatePlan): new values give new
@@ -520,7 +544,7 @@ _EMU_FIELDS = {
         "dfinal_l_stride dinit_batch_stride dinit_c_stride dinit_l_stride"
     ).split(),
     "CausalConv1dUpdateParams": (
-        "batch dim tokens state_len width dtype state_dtype weight_dtype bias_dtype silu x conv_state weight bias "
+        "batch dim tokens slots state_len width dtype state_dtype weight_dtype bias_dtype silu x conv_state weight bias "
         "out cache_seqlens conv_state_indices x_batch_stride x_c_stride x_l_stride state_batch_stride "
         "state_c_stride state_l_stride out_batch_stride out_c_stride out_l_stride weight_c_stride "
         "weight_width_stride bias_stride stream"

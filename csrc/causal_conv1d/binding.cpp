@@ -47,6 +47,7 @@ void bind_causal_conv1d(py::module_& m) {
   py::class_<UpdateParams>(m, "CausalConv1dUpdateParams")
       .def(py::init<>())
       SSMK_FIELD(UpdateParams, batch) SSMK_FIELD(UpdateParams, dim) SSMK_FIELD(UpdateParams, tokens)
+      SSMK_FIELD(UpdateParams, slots)
       SSMK_FIELD(UpdateParams, state_len) SSMK_FIELD(UpdateParams, width) SSMK_FIELD(UpdateParams, dtype)
       SSMK_FIELD(UpdateParams, state_dtype) SSMK_FIELD(UpdateParams, weight_dtype)
       SSMK_FIELD(UpdateParams, bias_dtype) SSMK_FIELD(UpdateParams, silu)

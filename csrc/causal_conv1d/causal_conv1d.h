@@ -42,6 +42,7 @@ struct ForwardParams {
 // Decode update: x (b, d, t) new tokens, conv_state (B_cache, d, s), out (b, d, t).
 struct UpdateParams {
   int64_t batch = 0, dim = 0, tokens = 0, state_len = 0, width = 0;
+  int64_t slots = 0;      // conv_state rows; an index outside [0, slots) is a padding slot
   int dtype = 0;          // x / out
   int state_dtype = 0;    // conv_state
   int weight_dtype = 0, bias_dtype = 0;

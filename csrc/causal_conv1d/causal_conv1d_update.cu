@@ -29,7 +29,9 @@ __device__ __forceinline__ void update_channel(const UpdateParams& p, int64_t i,
   const T* x = reinterpret_cast<const T*>(p.x) + i * p.x_batch_stride + c * p.x_c_stride;
   T* out = reinterpret_cast<T*>(p.out) + i * p.out_batch_stride + c * p.out_c_stride;
   const int64_t slot = p.conv_state_indices ? reinterpret_cast<const int32_t*>(p.conv_state_indices)[i] : i;
-  if (slot < 0) {  // padding slot: zeros out, state untouched
+  // A padding slot (negative), or an index past the cache (CUDA index values are not checked on the
+  // host: that would synchronise every step): zeros out, state untouched.
+  if (slot < 0 || slot >= p.slots) {
     for (int64_t j = 0; j < p.tokens; ++j) out[j * p.out_l_stride] = from_float<T>(0.0f);
     return;
   }
@@ -124,6 +126,7 @@ __global__ void __launch_bounds__(kUpdateThreads) update_vector_kernel(UpdatePar
     for (int r = 0; r < kRows; ++r) {
       const int64_t i = r0 + r;
       slot[r] = i >= p.batch ? -1 : indices ? indices[i] : i;
+      if (slot[r] >= p.slots) slot[r] = -1;  // outside the cache: a padding slot, as in update_channel
       if (i < p.batch) x_raw[r] = *reinterpret_cast<const Raw*>(x + i * p.x_batch_stride);
       if (slot[r] >= 0) {
 #pragma unroll

@@ -117,7 +117,7 @@ def prepare_update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_
     outs = out.unsqueeze(-1) if out.dim() == 2 else out
     p = ext.module().CausalConv1dUpdateParams()
     p.batch, p.dim, p.tokens = xs.shape
-    p.state_len, p.width = conv_state.shape[2], weight.shape[1]
+    p.slots, p.state_len, p.width = conv_state.shape[0], conv_state.shape[2], weight.shape[1]
     p.dtype, p.state_dtype = dtype_code(x), dtype_code(conv_state)
     p.weight_dtype, p.bias_dtype = dtype_code(weight), _code_or_zero(bias)
     p.silu = bool(silu)

@@ -291,7 +291,10 @@ def causal_conv1d_update(
         cache_seqlens: ``(b,)`` int32: treat the state as a circular buffer whose newest token sits
             at ``(cache_seqlens[i] - 1) mod s``; new token j goes to ``(cache_seqlens[i] + j) mod s``.
         conv_state_indices: ``(b,)`` int32: row i uses ``conv_state[conv_state_indices[i]]``; a
-            negative index is a padding slot (zeros out, state untouched).
+            negative index is a padding slot (zeros out, state untouched). Values are checked
+            (ValueError) for CPU tensors; CUDA tensors are not read on the host (that would
+            synchronise every decode step), and the kernels treat an index past the cache as a
+            padding slot too, so a bad index never writes out of bounds.
         backend: None, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -332,7 +335,9 @@ def causal_conv1d_update(
             raise ValueError(f"conv_state has {conv_state.shape[0]} slots for batch {b}; pass conv_state_indices "
                              f"or a state with at least {b} rows")
     else:
-        v.check_indices("conv_state_indices", conv_state_indices, b, conv_state.shape[0], x.device)
+        v.check_tensor("conv_state_indices", conv_state_indices, (b,), v.INDEX_DTYPES, x.device)
+        if not conv_state_indices.is_cuda:  # CUDA values are not read on the host: see the docstring
+            v.check_indices("conv_state_indices", conv_state_indices, b, conv_state.shape[0], x.device)
     v.check_tensor("cache_seqlens", cache_seqlens, (b,), v.INDEX_DTYPES, x.device, optional=True)
 
     features = {"dtype": x.dtype, "state_dtype": conv_state.dtype, "width": w,

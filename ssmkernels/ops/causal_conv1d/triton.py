@@ -469,7 +469,7 @@ def backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_
 @triton.jit
 def _update_kernel(
     x_ptr, state_ptr, w_ptr, bias_ptr, seqlens_ptr, index_ptr, out_ptr,
-    d,
+    d, slots,
     stride_xb, stride_xd, stride_xt,
     stride_cb, stride_cd, stride_cs,
     stride_wd, stride_ww, stride_bias,
@@ -483,7 +483,9 @@ def _update_kernel(
     offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < d
     slot = tl.load(index_ptr + i).to(tl.int64) if HAS_INDEX else i
-    live = slot >= 0  # a negative index is a padding slot: zeros out, state untouched
+    # A negative index is a padding slot: zeros out, state untouched. So is an index past the cache
+    # (CUDA index values are not checked on the host: that would synchronise every decode step).
+    live = (slot >= 0) & (slot < slots)
     mask = mask_d & live
     x_row = x_ptr + i * stride_xb + offs_d * stride_xd
     state_row = state_ptr + tl.maximum(slot, 0) * stride_cb + offs_d * stride_cd
@@ -552,7 +554,7 @@ def update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices,
         xs, conv_state, weight, bias if bias is not None else weight,
         cache_seqlens if cache_seqlens is not None else xs,
         conv_state_indices if conv_state_indices is not None else xs, outs,
-        d, *xs.stride(), *conv_state.stride(), *weight.stride(),
+        d, conv_state.shape[0], *xs.stride(), *conv_state.stride(), *weight.stride(),
         bias.stride(0) if bias is not None else 0, *outs.stride(),
         HAS_BIAS=bias is not None, SILU=bool(silu), CIRCULAR=cache_seqlens is not None,
         HAS_INDEX=conv_state_indices is not None, W=w, TOKENS=tokens, S=s, BLOCK_D=block_d, BLOCK_S=block_s)
