@@ -54,8 +54,10 @@ MAX_DSTATE = 256
 # are tensor-core friendly: >= 16 in every dot dimension, wgmma in the sm_90a build. The value
 # dimension of the forward/dx scans is one tile (p <= 128). The segment kernel takes 8 warps
 # because with 4 ptxas (sm_90a, bf16) reported 255 registers and spills. The scan kernel runs at 4
-# warps (measured faster; the forward scan: 167 registers, no spills, 79 KB of shared memory, from
-# ptxas). Registers per thread of the scans with 8 warps and 64 x 64 tiles (no spills unless noted):
+# warps (measured faster; ptxas, bf16 inputs: the forward scan 167 registers, no spills, 79 KB of
+# shared memory; the backward scans 224 and 168 registers, and 255 with 84 B and 24 B of spill
+# stores for dB and dC). Registers per thread of the scans with 8 warps and 64 x 64 tiles (no
+# spills unless noted):
 # - forward scan: 152; dy scan: 128; dx scan: 128; dB scan: 226; dC scan (float64 intra-chunk dA
 #   sums): 244;
 # - chunk-state kernels: 126 forward, 159 backward; C B^T kernel: 82 (4 warps).
