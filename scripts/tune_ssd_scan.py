@@ -1,13 +1,19 @@
-"""Times the Triton SSD scan kernel (``_scan_kernel``, 81% of the forward and 90% of fwd+bwd in
-``bench --profile`` on the H200) under other tile configurations than
-``ssmkernels/ops/ssd/triton.py: _SCAN_CFG / _SCAN_CFG_F32``, at the bench's SSD shape (B4 L4096 H128
-P64 N128 G8 chunk 256 bf16, D, dt_bias, softplus). A tuning tool for the GPU machine:
+"""Times the Triton SSD kernels under other configurations than the ``_*_CFG`` dicts at the top of
+``ssmkernels/ops/ssd/triton.py``, at the bench's SSD shape (B4 L4096 H128 P64 N128 G8 chunk 256
+bf16, D, dt_bias, softplus). A tuning tool for the GPU machine:
 
-    python scripts/tune_ssd_scan.py [--forward-only] [--json out.json]
+    python scripts/tune_ssd_scan.py [--sweep scan-fwd,scan-bwd,segment,pass] [--json out.json]
 
-Each row: the configuration, median time of the whole forward (or forward + backward), and the
-largest difference of the outputs (or of dx) from the library's configuration, so that a tiling that
-computes something else shows. The library's current choice is marked with '*'.
+Sweeps (``bench --profile`` on the H200 put 81% of the forward and 90% of fwd+bwd in the scan
+kernel before its retune; the segment and state-pass kernels are the next largest):
+- scan-fwd: ``_SCAN_CFG`` (the scan kernel with bf16 operands), timing the whole forward;
+- scan-bwd: ``_SCAN_CFG_F32`` (the backward's float32-operand scans at tf32), timing fwd+bwd;
+- segment: ``_SEGMENT_CFG`` (chunk states, forward), timing the whole forward;
+- pass: ``_PASS_CFG`` (the sequential state pass), timing the whole forward.
+
+Each row: the configuration, median time, and the largest difference of the output (forward) or
+of dx (fwd+bwd) from the library's configuration, so that a tiling that computes something else
+shows. The library's current choice comes first, marked with '*'.
 """
 from __future__ import annotations
 
@@ -24,19 +30,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ssmkernels.bench import cases, runner, timing  # noqa: E402
 from ssmkernels.ops.ssd import triton as ssd_triton  # noqa: E402
 
-# bf16-operand forward scan: (BLOCK_M, BLOCK_K, num_warps, num_stages)
-FORWARD = [(64, 32, 4, 3), (64, 32, 4, 4), (64, 32, 4, 2), (128, 32, 4, 3), (64, 16, 4, 3), (32, 32, 4, 3),
-           (64, 32, 2, 3), (64, 64, 8, 3)]
-# float32-operand backward scans at tf32 (bf16 inputs): (BLOCK_M, BLOCK_K, num_warps, num_stages)
-BACKWARD = [(32, 32, 4, 2), (32, 32, 2, 2), (32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2)]
+# name -> (config dict in triton.py, bench case, candidate overrides)
+SWEEPS = {
+    "scan-fwd": ("_SCAN_CFG", "ssd-fwd", [
+        dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=2), dict(BLOCK_M=64, BLOCK_K=32, num_warps=4, num_stages=4),
+        dict(BLOCK_M=128, BLOCK_K=32, num_warps=4, num_stages=3), dict(BLOCK_M=64, BLOCK_K=16, num_warps=4, num_stages=3),
+        dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=3), dict(BLOCK_M=64, BLOCK_K=32, num_warps=8, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_K=64, num_warps=8, num_stages=3)]),
+    "scan-bwd": ("_SCAN_CFG_F32", "ssd-fwdbwd", [
+        dict(BLOCK_M=32, BLOCK_K=32, num_warps=2, num_stages=2), dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=3),
+        dict(BLOCK_M=32, BLOCK_K=16, num_warps=4, num_stages=2), dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2)]),
+    "segment": ("_SEGMENT_CFG", "ssd-fwd", [
+        dict(BLOCK_T=32, num_warps=4), dict(BLOCK_T=64, num_warps=4), dict(BLOCK_T=32, num_warps=8),
+        dict(BLOCK_T=128, num_warps=8), dict(BLOCK_P=32, num_warps=4), dict(BLOCK_N=64, num_warps=4),
+        dict(num_stages=2), dict(num_stages=4)]),
+    "pass": ("_PASS_CFG", "ssd-fwd", [
+        dict(BLOCK=512, num_warps=4), dict(BLOCK=2048, num_warps=4), dict(BLOCK=2048, num_warps=8),
+        dict(BLOCK=4096, num_warps=8), dict(BLOCK=1024, num_warps=2)]),
+}
 
 
-def _time(case_name: str, fwd_cfg: dict, f32_cfg: dict):
+def _time(case_name: str, cfg_name: str, overrides: dict):
+    """(median ms, first output or dx as float32) of the case with ``overrides`` applied to the
+    config dict ``cfg_name`` of triton.py (restored afterwards)."""
     case = next(c for c in cases.all_cases() if c.name == case_name)
-    saved = dict(ssd_triton._SCAN_CFG), dict(ssd_triton._SCAN_CFG_F32)
-    ssd_triton._SCAN_CFG.update(fwd_cfg)
-    ssd_triton._SCAN_CFG_F32.clear()
-    ssd_triton._SCAN_CFG_F32.update(f32_cfg)
+    cfg = getattr(ssd_triton, cfg_name)
+    saved = dict(cfg)
+    cfg.update(overrides)
     try:
         build, _ = runner.implementation(case, "ssmkernels:triton")
         torch.manual_seed(0)
@@ -45,59 +66,35 @@ def _time(case_name: str, fwd_cfg: dict, f32_cfg: dict):
         result = step()
         result = result[0] if isinstance(result, (tuple, list)) else result
         result = result.float().clone()
-        t = timing.measure([step], warmup_ms=25, rep_ms=150)
-        return t.median_ms, result
+        return timing.measure([step], warmup_ms=25, rep_ms=150).median_ms, result
     finally:
-        ssd_triton._SCAN_CFG.clear()
-        ssd_triton._SCAN_CFG.update(saved[0])
-        ssd_triton._SCAN_CFG_F32.clear()
-        ssd_triton._SCAN_CFG_F32.update(saved[1])
+        cfg.clear()
+        cfg.update(saved)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--sweep", default=",".join(SWEEPS), help=f"comma-separated, of {', '.join(SWEEPS)}")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
     rows = []
-    default_fwd = (ssd_triton._SCAN_CFG["BLOCK_M"], ssd_triton._SCAN_CFG["BLOCK_K"], ssd_triton._SCAN_CFG["num_warps"],
-                   ssd_triton._SCAN_CFG.get("num_stages", 3))
-    reference = None
-    for bm, bk, warps, stages in [default_fwd] + [c for c in FORWARD if c != default_fwd]:
-        label = f"fwd BLOCK_M {bm:3d} BLOCK_K {bk:3d} warps {warps} stages {stages}"
-        started = time.perf_counter()
-        try:
-            ms, out = _time("ssd-fwd", {"BLOCK_M": bm, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages},
-                            dict(ssd_triton._SCAN_CFG_F32))
-        except Exception as exc:  # out of shared memory, a compile failure: reported, the sweep goes on
-            print(f"  {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
-            continue
-        reference = out if reference is None else reference
-        diff = (out - reference).abs().max().item()
-        mark = "*" if (bm, bk, warps, stages) == default_fwd else " "
-        print(f"{mark} {label}  {ms:8.3f} ms  max diff {diff:.3g}  ({time.perf_counter() - started:.0f} s)", flush=True)
-        rows.append({"mode": "fwd", "BLOCK_M": bm, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages,
-                     "median_ms": ms, "max_diff": diff})
-    if not args.forward_only:
-        f32 = ssd_triton._SCAN_CFG_F32
-        default_bwd = (f32["BLOCK_M"], f32["BLOCK_K"], ssd_triton._SCAN_CFG["num_warps"], f32.get("num_stages", 3))
+    for name in args.sweep.split(","):
+        cfg_name, case_name, candidates = SWEEPS[name]
         reference = None
-        for bm, bk, warps, stages in [default_bwd] + [c for c in BACKWARD if c != default_bwd]:
-            label = f"fwd+bwd f32 BLOCK_M {bm:3d} BLOCK_K {bk:3d} warps {warps} stages {stages}"
+        for overrides in [{}] + candidates:  # {}: the library's configuration
+            label = f"{name:9s} {case_name:11s} " + (", ".join(f"{k}={v}" for k, v in overrides.items()) or
+                                                      f"library: {getattr(ssd_triton, cfg_name)}")
             started = time.perf_counter()
             try:
-                ms, out = _time("ssd-fwdbwd", {},  # (the forward's bf16 scan keeps its configuration)
-                                {"BLOCK_M": bm, "BLOCK_K": bk, "num_stages": stages, "num_warps": warps})
-            except Exception as exc:
+                ms, out = _time(case_name, cfg_name, overrides)
+            except Exception as exc:  # out of shared memory, a compile failure: reported, the sweep goes on
                 print(f"  {label}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
                 continue
             reference = out if reference is None else reference
             diff = (out - reference).abs().max().item()
-            mark = "*" if (bm, bk, warps, stages) == default_bwd else " "
-            print(f"{mark} {label}  {ms:8.3f} ms  max dx diff {diff:.3g}  ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
-            rows.append({"mode": "fwd+bwd", "BLOCK_M": bm, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages,
-                         "median_ms": ms, "max_diff": diff})
+            print(f"{'*' if not overrides else ' '} {label}  {ms:8.3f} ms  max diff {diff:.3g}  "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            rows.append({"sweep": name, "case": case_name, "overrides": overrides, "median_ms": ms, "max_diff": diff})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -845,7 +845,8 @@ def _launch_segments(u, w, dtp, cs, seq_idx, segs, dst, dst_strides, forward: bo
         *_operand(u, h), *_operand(w, h), dtp, cs, _lo_off(cs), seq, seq.stride(0), seq.stride(-1),
         *segs, dst, *dst_strides, seqlen, h, nc, chunk_size, P, N,
         FORWARD=forward, HAS_SEQ=seq_idx is not None, DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET,
-        BLOCK_T=bt, BLOCK_P=bp, BLOCK_N=bn, num_warps=cfg["num_warps"])
+        BLOCK_T=bt, BLOCK_P=bp, BLOCK_N=bn, num_warps=cfg["num_warps"],
+        **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
 
 
 def _launch_cb(C, B, chunk_size: int, input_dtype: torch.dtype):
