@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from . import config
+from . import config, native
 
 NAMESPACE = "ssmkernels"
 
@@ -81,6 +81,15 @@ def allocator_like(like: torch.Tensor):
     same = (type(made) is torch.Tensor and made.shape == like.shape and made.stride() == like.stride()
             and made.dtype == like.dtype and made.device == device and not made.requires_grad)
     return fast if same else public
+
+
+def on_device_of(t: torch.Tensor):
+    """A context in which ``t``'s CUDA device is the current one, for the kernels launched inside:
+    Triton launches on the current device, and a native launch on another device's stream fails.
+    A no-op on the CPU and where that device is current already (the usual case, ~0.3 us)."""
+    if t.device.type != "cuda" or t.device.index == native.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def new_empty(like: torch.Tensor, shape, dtype: torch.dtype | None = None) -> torch.Tensor:

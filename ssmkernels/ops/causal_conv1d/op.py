@@ -9,7 +9,7 @@ from torch import Tensor
 from ..._core import config, dispatch, native
 from ..._core import validation as v
 from ..._core.custom_op import (absent, allocator_like, call_op, define_decode_op, eager_autograd, empty_like, kernels,
-                                new_empty, placeholder, plain_eager, qualified)
+                                new_empty, on_device_of, placeholder, plain_eager, qualified)
 from ..._core.decode_plan import metadata_guard
 from . import reference
 
@@ -41,8 +41,9 @@ def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Option
     if return_final_states:
         count = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         final_states = new_empty(x, (count, x.shape[1], weight.shape[1] - 1))
-    kernels(PRIMITIVE, backend).forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu,
-                                        out, final_states)
+    with on_device_of(x):
+        kernels(PRIMITIVE, backend).forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu,
+                                            out, final_states)
     return out, final_states if final_states is not None else placeholder(x)
 
 
@@ -64,8 +65,9 @@ def _conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Option
     dweight = torch.zeros_like(weight, dtype=torch.float32)
     dbias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
     dinitial = None if initial_states is None else empty_like(initial_states)
-    kernels(PRIMITIVE, backend).backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout,
-                                         dfinal_states, silu, dx, dweight, dbias, dinitial)
+    with on_device_of(x):
+        kernels(PRIMITIVE, backend).backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout,
+                                             dfinal_states, silu, dx, dweight, dbias, dinitial)
     return (dx, dweight.to(weight.dtype),
             placeholder(x) if dbias is None else dbias.to(bias.dtype),
             placeholder(x) if dinitial is None else dinitial)
@@ -102,7 +104,8 @@ _conv_fwd_autograd = eager_autograd(_conv_fwd, _setup_context, _backward)
 def _conv_update_impl(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool,
                       cache_seqlens: Optional[Tensor], conv_state_indices: Optional[Tensor], backend: str) -> Tensor:
     out = empty_like(x)
-    kernels(PRIMITIVE, backend).update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out)
+    with on_device_of(x):
+        kernels(PRIMITIVE, backend).update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out)
     return out
 
 

@@ -11,7 +11,7 @@ from ..._core import dispatch
 from ..._core.dtypes import accumulation_dtype
 from ..._core import validation as v
 from ..._core.custom_op import (absent, call_op, eager_autograd, empty_like, kernels, needs_grad, new_empty,
-                                placeholder, qualified)
+                                on_device_of, placeholder, qualified)
 from . import reference
 
 PRIMITIVE = "ssd"
@@ -35,8 +35,9 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     final_states = new_empty(x, (b, h, p, n), sd)
     varlen_states = placeholder(x) if cu_seqlens is None else new_empty(x, (cu_seqlens.numel() - 1, h, p, n), sd)
     checkpoints = new_empty(x, impl.checkpoint_shape(x.shape, n, chunk_size), sd)
-    impl.forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                 dt_softplus, dt_min, dt_max, out, final_states, varlen_states, checkpoints)
+    with on_device_of(x):
+        impl.forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
+                     dt_softplus, dt_min, dt_max, out, final_states, varlen_states, checkpoints)
     return out, final_states, varlen_states, checkpoints
 
 
@@ -65,9 +66,10 @@ def _ssd_bwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
              None if z is None else empty_like(z),
              None if dt_bias is None else torch.zeros_like(dt_bias, dtype=f32),
              None if initial_states is None else empty_like(initial_states)]
-    kernels(PRIMITIVE, backend).backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
-                                         chunk_size, dt_softplus, dt_min, dt_max, out, checkpoints, dout,
-                                         dfinal_states, dvarlen_states, *grads)
+    with on_device_of(x):
+        kernels(PRIMITIVE, backend).backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                                             chunk_size, dt_softplus, dt_min, dt_max, out, checkpoints, dout,
+                                             dfinal_states, dvarlen_states, *grads)
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     return [placeholder(x) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
 
