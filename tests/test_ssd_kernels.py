@@ -393,3 +393,23 @@ def test_ssd_long_sequence_int64_offsets_gpu(backend):
     for i, name in enumerate(("output", "final state", "grad x")):
         mine = (out[:, s0:], final, gx[:, s0:])[i]
         assert_spec_close(f"{backend} long sequence {name}", mine, refs["ref64"][i], refs["lowp"][i], dtype)
+
+
+def test_profiler_tells_the_steps_apart():
+    """The scan kernel runs in five roles: each step is a named profiler range (profiling.step_range),
+    present while the profiler records and absent (a no-op) otherwise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b, l, h, p, g, n = 1, 40, 2, 8, 1, 8
+    x = torch.randn(b, l, h, p, device=DEVICE, requires_grad=True)
+    dt, A = torch.rand(b, l, h, device=DEVICE), -torch.rand(h, device=DEVICE)
+    B, C = torch.randn(b, l, g, n, device=DEVICE), torch.randn(b, l, g, n, device=DEVICE)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ssmkernels.ssd_chunk_scan(x, dt, A, B, C, 16, backend="triton").sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    expected = {"ssd.fwd.chunk_states", "ssd.fwd.scan", "ssd.bwd.dy_scan", "ssd.bwd.dstates", "ssd.bwd.dx_scan",
+                "ssd.bwd.dB_scan", "ssd.bwd.dC_scan"}
+    assert expected <= names, f"missing profiler ranges: {sorted(expected - names)}"
+    from ssmkernels._core.profiling import step_range
+
+    assert type(step_range("ssd.fwd.scan")).__name__ == "nullcontext"  # the profiler is off again

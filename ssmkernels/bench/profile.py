@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from .._core.profiling import STEP_NAMES
 from .cases import BenchCase
 from .runner import Unavailable, build_steps, labels
 
@@ -23,14 +24,23 @@ def kernel_table(step: Callable[[], object], calls: int = 5, top: int = 15) -> s
         for _ in range(calls):
             step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
-    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    timed = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    timed.sort(key=lambda e: e.device_time_total, reverse=True)
+    # Named steps (profiling.step_range), where the profiler reports their GPU time, span kernels
+    # listed above them: they are listed apart, so that nothing counts twice.
+    steps = [e for e in timed if e.key in STEP_NAMES]
+    events = [e for e in timed if e.key not in STEP_NAMES]
     total = sum(e.device_time_total for e in events) / calls
     lines = [f"    {'us/call':>10} {'share':>6} {'launches':>8}  kernel (GPU total {total:.1f} us/call)"]
     for e in events[:top]:
         per_call = e.device_time_total / calls
         lines.append(f"    {per_call:10.1f} {100 * per_call / max(total, 1e-9):5.1f}% {e.count // calls:8d}  "
                      f"{e.key[:110]}")
+    if steps:
+        lines.append(f"    {'us/call':>10} {'share':>6} {'calls':>8}  step (GPU time of its kernels)")
+        for e in steps:
+            per_call = e.device_time_total / calls
+            lines.append(f"    {per_call:10.1f} {100 * per_call / max(total, 1e-9):5.1f}% {e.count // calls:8d}  {e.key}")
     return "\n".join(lines)
 
 

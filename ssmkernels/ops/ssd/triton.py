@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..._core import config
+from ..._core.profiling import step_range
 
 # Loops whose bound is a tensor run as while-loops under the interpreter (its range() cannot take
 # one with this numpy); compiled kernels keep range() so that Triton can pipeline them.
@@ -827,7 +828,8 @@ def _launch_dt(dt, dt_bias, A, dtp, cs, chunk_size, dt_softplus, dt_min, dt_max)
 
 
 def _launch_segments(u, w, dtp, cs, seq_idx, segs, dst, dst_strides, forward: bool, seqlen: int,
-                     chunk_size: int, dtype: torch.dtype, input_dtype: torch.dtype | None = None):
+                     chunk_size: int, dtype: torch.dtype, input_dtype: torch.dtype | None = None,
+                     stage: str = "ssd.segments"):
     """Run ``_segment_state_kernel`` over ``segs = (seg_b, seg_c, seg_ref, seg_seq, seg_dst)``."""
     nseg = segs[0].numel()
     if nseg == 0:
@@ -841,12 +843,13 @@ def _launch_segments(u, w, dtp, cs, seq_idx, segs, dst, dst_strides, forward: bo
     bt = min(_p2(chunk_size), cfg["BLOCK_T"])
     seq = dtp if seq_idx is None else seq_idx
     grid = (nseg, h, triton.cdiv(P, bp) * triton.cdiv(N, bn))
-    _segment_state_kernel[grid](
-        *_operand(u, h), *_operand(w, h), dtp, cs, _lo_off(cs), seq, seq.stride(0), seq.stride(-1),
-        *segs, dst, *dst_strides, seqlen, h, nc, chunk_size, P, N,
-        FORWARD=forward, HAS_SEQ=seq_idx is not None, DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET,
-        BLOCK_T=bt, BLOCK_P=bp, BLOCK_N=bn, num_warps=cfg["num_warps"],
-        **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
+    with step_range(stage):
+        _segment_state_kernel[grid](
+            *_operand(u, h), *_operand(w, h), dtp, cs, _lo_off(cs), seq, seq.stride(0), seq.stride(-1),
+            *segs, dst, *dst_strides, seqlen, h, nc, chunk_size, P, N,
+            FORWARD=forward, HAS_SEQ=seq_idx is not None, DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET,
+            BLOCK_T=bt, BLOCK_P=bp, BLOCK_N=bn, num_warps=cfg["num_warps"],
+            **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
 
 
 def _launch_cb(C, B, chunk_size: int, input_dtype: torch.dtype):
@@ -870,7 +873,7 @@ def _launch_cb(C, B, chunk_size: int, input_dtype: torch.dtype):
 def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu_seqlens, *,
                  reverse, col_scale=False, row_scale=False, epilogue, x=None, z=None, dout=None,
                  D=None, o1=None, o2=None, vec1=None, vec2=None, dpart=None, dtype, full_value,
-                 q2=None, k2=None, dai=None, group_heads=False, input_dtype=None, cb=None):
+                 q2=None, k2=None, dai=None, group_heads=False, input_dtype=None, cb=None, stage="ssd.scan"):
     b, l, h, _ = v.shape[0], v.shape[1], cs.shape[1], None
     nc = cs.shape[2]
     chunk_size = cs.shape[3]
@@ -886,25 +889,26 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
     hp = x if x is not None else (dout if dout is not None else o1)
     heads_per_group = h // o1.shape[2] if group_heads else 1
     grid = (b * nc * (h // heads_per_group) * triton.cdiv(chunk_size, bm), triton.cdiv(DV, bv))
-    _scan_kernel[grid](
-        *_operand(q, h), *_operand(k, h), *_operand(v, h),
-        *_operand(q if q2 is None else q2, h), *_operand(k if k2 is None else k2, h),
-        dummy if dai is None else dai, dummy if cb is None else cb, 1 if cb is None else h // cb.shape[2],
-        st, *st_strides, dummy if ext is None else ext, *(ext_strides or (0, 0, 0, 0)),
-        dtp, cs, _lo_off(cs), seq, seq.stride(0), seq.stride(-1), dummy if cu_seqlens is None else cu_seqlens,
-        dummy if x is None else x, dummy if z is None else z, dummy if dout is None else dout,
-        hp.stride(0), hp.stride(1), hp.stride(2),
-        dummy if D is None else D, *_D_strides(D),
-        o1, o1.stride(0), o1.stride(1), o1.stride(2), dummy if o2 is None else o2,
-        dummy if vec1 is None else vec1, dummy if vec2 is None else vec2, dummy if dpart is None else dpart,
-        l, h, nc, chunk_size, DQK, DV, D2,
-        REVERSE=reverse, SPLIT=epilogue in (_EPI_DZ, _EPI_DX), INTRA_DA=dai is not None, COL_SCALE=col_scale, ROW_SCALE=row_scale, HAS_SEQ=seq_idx is not None,
-        HAS_EXT=ext is not None, HAS_CB=cb is not None, HAS_D=D is not None, HAS_Z=z is not None, EPILOGUE=epilogue,
-        DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DQK=_p2(DQK), BLOCK_V=bv, BLOCK_D2=_p2(D2),
-        GROUP_HEADS=group_heads, heads_per_group=heads_per_group,
-        STATIC_HEADS=heads_per_group if _INTERPRET else 0,
-        num_warps=cfg["num_warps_tf32x3"] if prec == "tf32x3" else cfg["num_warps"],
-        **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
+    with step_range(stage):
+        _scan_kernel[grid](
+            *_operand(q, h), *_operand(k, h), *_operand(v, h),
+            *_operand(q if q2 is None else q2, h), *_operand(k if k2 is None else k2, h),
+            dummy if dai is None else dai, dummy if cb is None else cb, 1 if cb is None else h // cb.shape[2],
+            st, *st_strides, dummy if ext is None else ext, *(ext_strides or (0, 0, 0, 0)),
+            dtp, cs, _lo_off(cs), seq, seq.stride(0), seq.stride(-1), dummy if cu_seqlens is None else cu_seqlens,
+            dummy if x is None else x, dummy if z is None else z, dummy if dout is None else dout,
+            hp.stride(0), hp.stride(1), hp.stride(2),
+            dummy if D is None else D, *_D_strides(D),
+            o1, o1.stride(0), o1.stride(1), o1.stride(2), dummy if o2 is None else o2,
+            dummy if vec1 is None else vec1, dummy if vec2 is None else vec2, dummy if dpart is None else dpart,
+            l, h, nc, chunk_size, DQK, DV, D2,
+            REVERSE=reverse, SPLIT=epilogue in (_EPI_DZ, _EPI_DX), INTRA_DA=dai is not None, COL_SCALE=col_scale, ROW_SCALE=row_scale, HAS_SEQ=seq_idx is not None,
+            HAS_EXT=ext is not None, HAS_CB=cb is not None, HAS_D=D is not None, HAS_Z=z is not None, EPILOGUE=epilogue,
+            DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DQK=_p2(DQK), BLOCK_V=bv, BLOCK_D2=_p2(D2),
+            GROUP_HEADS=group_heads, heads_per_group=heads_per_group,
+            STATIC_HEADS=heads_per_group if _INTERPRET else 0,
+            num_warps=cfg["num_warps_tf32x3"] if prec == "tf32x3" else cfg["num_warps"],
+            **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
     return grid
 
 
@@ -1014,7 +1018,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, 
     # chunk states L_c into slots 1..nc
     _launch_segments(x, B, dtp, cs, seq_idx,
                      _chunk_segments(seq_idx, b, l, h, p, n, nc, chunk_size, x.device, True, True),
-                     states, (p * n, n, 1), True, l, chunk_size, x.dtype)
+                     states, (p * n, n, 1), True, l, chunk_size, x.dtype, stage="ssd.fwd.chunk_states")
     row_init = initial_states if not varlen else None
     varlen_init = initial_states if varlen else None
     grid, block = _pass_grid(b, h, p * n)
@@ -1031,7 +1035,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, 
     _launch_scan(C, B, x, states, (states.stride(0), states.stride(1), states.stride(2), 1, n),
                  varlen_init, None if varlen_init is None else (h * p * n, p * n, 1, n),
                  dtp, cs, seq_idx, cu_seqlens, reverse=False, col_scale=True, epilogue=_EPI_OUT,
-                 x=x, z=z, D=D, o1=out, dtype=x.dtype, full_value=True, cb=cb)
+                 x=x, z=z, D=D, o1=out, dtype=x.dtype, full_value=True, cb=cb, stage="ssd.fwd.scan")
     if varlen:
         vl = _Varlen(cu_seqlens, l, nc, chunk_size, cs)
         _varlen_final_states(x, B, dtp, cs, seq_idx, vl, states, varlen_init, chunk_size, varlen_states)
@@ -1123,13 +1127,13 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     _launch_scan(C, B, x, states, st_strides_np, varlen_init, init_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=False, col_scale=True, epilogue=_EPI_DZ, x=x, z=z, dout=dout, D=D,
                  o1=dy, o2=dz, vec1=dcs, vec2=dcs_seg, dpart=dpart, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
-                 full_value=True, cb=cb)
+                 full_value=True, cb=cb, stage="ssd.bwd.dy_scan")
 
     # 2. gradient reaching S_{c-1} from chunk c's outputs -> slot c of dstates
     dstates = torch.empty(b, nc, h, p, n, device=dev, dtype=f32)
     _launch_segments(dy, C, dtp, cs, seq_idx,
                      _chunk_segments(seq_idx, b, l, h, p, n, nc, chunk_size, dev, False, False),
-                     dstates, (p * n, n, 1), False, l, chunk_size, GRAD_DOT_DTYPE, x.dtype)
+                     dstates, (p * n, n, 1), False, l, chunk_size, GRAD_DOT_DTYPE, x.dtype, stage="ssd.bwd.dstates")
 
     # 3. cu_seqlens: final states' gradients -> the matrices they started their end chunk from
     if varlen:
@@ -1171,15 +1175,15 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     ds_pn = (dstates.stride(0), dstates.stride(1), dstates.stride(2), n, 1)
     _launch_scan(B, C, dy, dstates, ds_np, dvl if varlen else None, dvl_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, epilogue=_EPI_DX, x=x, D=D, o1=dx, vec1=dcs_end, vec2=ddtp, dpart=dcs_fwd,
-                 dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype, full_value=True, cb=cb)
+                 dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype, full_value=True, cb=cb, stage="ssd.bwd.dx_scan")
     # dB, dC: each program sums the heads of one group (no per-head buffers)
     _launch_scan(x, dy, C, dstates, ds_pn, dvl if varlen else None, dvl_pn, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
-                 full_value=False, group_heads=True)
+                 full_value=False, group_heads=True, stage="ssd.bwd.dB_scan")
     dai = torch.zeros(b, h, nc, nmb, chunk_size, device=dev, dtype=f32)
     _launch_scan(dy, x, B, states, st_strides_pn, varlen_init, init_pn, dtp, cs, seq_idx, cu_seqlens,
                  reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
-                 full_value=False, q2=C, k2=B, dai=dai, group_heads=True, cb=cb)
+                 full_value=False, q2=C, k2=B, dai=dai, group_heads=True, cb=cb, stage="ssd.bwd.dC_scan")
     del cb
 
     # 6. cu_seqlens initial states: outputs of the start chunk, the chunk-end state, the final state
