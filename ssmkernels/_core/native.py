@@ -38,4 +38,4 @@ current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.curren
 
 def stream_of(t: torch.Tensor) -> int:
     """Handle of torch's current stream on ``t``'s device, so kernels order with torch's work."""
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return raw_stream(t.get_device())

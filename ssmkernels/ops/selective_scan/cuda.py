@@ -124,8 +124,7 @@ def forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delt
     p.initial_state = native.address(initial_state)
     p.last_state = native.address(last_state)
     p.checkpoints = native.address(checkpoints)
-    with torch.cuda.device(u.device):
-        ext.module().selective_scan_fwd(p)
+    ext.module().selective_scan_fwd(p)
 
 
 def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
@@ -172,21 +171,20 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
     p.du, p.ddelta, p.dz = native.address(du), native.address(staged["ddelta"]), native.address(staged["dz"])
     p.dinitial_state = native.address(dinitial_state)
     p.dA_part, p.dD_part, p.dbias_part = native.address(dA_part), native.address(dD_part), native.address(dbias_part)
-    with torch.cuda.device(u.device):
-        if not per_channel:
+    if not per_channel:
+        ext.module().selective_scan_bwd(p)
+    else:
+        # (slots, dM as (b, g, n, l), channels per group) of each input-dependent B/C
+        varying = [(buf, dM.view(M.shape[0], _groups(M), n, l), d // _groups(M))
+                   for M, dM, buf in ((B, dB, grad_bufs[0]), (C, dC, grad_bufs[1])) if M.dim() != 2]
+        p.bc_grad_per_channel, p.channel_count = True, per_launch
+        for begin in range(0, d, per_launch):
+            for slots, _, _ in varying:
+                slots.zero_()
+            p.channel_begin = begin
             ext.module().selective_scan_bwd(p)
-        else:
-            # (slots, dM as (b, g, n, l), channels per group) of each input-dependent B/C
-            varying = [(buf, dM.view(M.shape[0], _groups(M), n, l), d // _groups(M))
-                       for M, dM, buf in ((B, dB, grad_bufs[0]), (C, dC, grad_bufs[1])) if M.dim() != 2]
-            p.bc_grad_per_channel, p.channel_count = True, per_launch
-            for begin in range(0, d, per_launch):
-                for slots, _, _ in varying:
-                    slots.zero_()
-                p.channel_begin = begin
-                ext.module().selective_scan_bwd(p)
-                for slots, grouped, per_group in varying:  # the slice lies in one group of each
-                    grouped[:, begin // per_group] += slots.sum(1)
+            for slots, grouped, per_group in varying:  # the slice lies in one group of each
+                grouped[:, begin // per_group] += slots.sum(1)
     for name, g in (("ddelta", ddelta), ("dz", dz)):
         if g is not None and staged[name] is not g:
             g.copy_(staged[name])

@@ -10,7 +10,7 @@ from ..._core import dispatch
 from ..._core.dtypes import accumulation_dtype
 from ..._core import validation as v
 from ..._core.custom_op import (absent, call_op, eager_autograd, empty_like, kernels, needs_grad, new_empty,
-                                placeholder, qualified)
+                                on_device_of, placeholder, qualified)
 from . import reference
 
 PRIMITIVE = "selective_scan"
@@ -30,8 +30,9 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     out = empty_like(u)
     last_state = new_empty(u, (count, u.shape[1], A.shape[1]), accumulation_dtype(u.dtype))
     checkpoints = new_empty(u, impl.checkpoint_shape(u.shape, A.shape[1], count), accumulation_dtype(u.dtype))
-    impl.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
-                 out, last_state, checkpoints)
+    with on_device_of(u):
+        impl.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
+                     out, last_state, checkpoints)
     return out, last_state, checkpoints
 
 
@@ -55,8 +56,9 @@ def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
              None if z is None else empty_like(z),
              None if delta_bias is None else torch.zeros_like(delta_bias, dtype=torch.float32),
              None if initial_state is None else empty_like(initial_state)]
-    kernels(PRIMITIVE, backend).backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
-                                         delta_softplus, checkpoints, dout, dlast_state, *grads)
+    with on_device_of(u):
+        kernels(PRIMITIVE, backend).backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
+                                             delta_softplus, checkpoints, dout, dlast_state, *grads)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     return [placeholder(u) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
 

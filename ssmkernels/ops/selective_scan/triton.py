@@ -429,18 +429,6 @@ def _layout(u: torch.Tensor, B: torch.Tensor, C: torch.Tensor, n: int, tile: int
                 blocks_per_segment=blocks_per_segment, num_blocks=num_blocks)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _Null()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
             out, last_state, checkpoints) -> None:
     """Writes ``out (b, d, l)``, ``last_state (s, d, n)`` and the chunk ``checkpoints``."""
@@ -450,22 +438,21 @@ def forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delt
     if count == 0 or d == 0:
         return
     lay = _layout(u, B, C, n, _FWD_TILE)
-    with _device_guard(u):
-        _launch(
-            _selective_scan_fwd_kernel, _selective_scan_fwd_tuned, lay, count, d,
-            u, delta, A, B, C, u if D is None else D, u if z is None else z,
-            u if delta_bias is None else delta_bias,
-            last_state if initial_state is None else initial_state,
-            last_state if cu_seqlens is None else cu_seqlens,
-            out, last_state, checkpoints,
-            l, d, n, triton.cdiv(l, CHUNK), lay["segment_len"],
-            lay["b_cpg"], lay["c_cpg"], *lay["b_strides"], *lay["c_strides"],
-            BLOCK_N=lay["block_n"], CHUNK=CHUNK,
-            B_FIXED=lay["b_fixed"], C_FIXED=lay["c_fixed"], HAS_D=D is not None, HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            HAS_INIT=initial_state is not None, VARLEN=cu_seqlens is not None,
-            STATIC_CHUNKS=_static_chunks(l),
-        )
+    _launch(
+        _selective_scan_fwd_kernel, _selective_scan_fwd_tuned, lay, count, d,
+        u, delta, A, B, C, u if D is None else D, u if z is None else z,
+        u if delta_bias is None else delta_bias,
+        last_state if initial_state is None else initial_state,
+        last_state if cu_seqlens is None else cu_seqlens,
+        out, last_state, checkpoints,
+        l, d, n, triton.cdiv(l, CHUNK), lay["segment_len"],
+        lay["b_cpg"], lay["c_cpg"], *lay["b_strides"], *lay["c_strides"],
+        BLOCK_N=lay["block_n"], CHUNK=CHUNK,
+        B_FIXED=lay["b_fixed"], C_FIXED=lay["c_fixed"], HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_INIT=initial_state is not None, VARLEN=cu_seqlens is not None,
+        STATIC_CHUNKS=_static_chunks(l),
+    )
 
 
 def _partials_for(M: torch.Tensor, dM: torch.Tensor, lay: dict, key: str, count: int, d: int,
@@ -503,25 +490,24 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
     dC_buf, dC_strides = _partials_for(C, dC, lay, "c", count, d, atomic)
     if dlast_state is not None:
         dlast_state = dlast_state.to(torch.float32).contiguous()
-    with _device_guard(u):
-        _launch(
-            _selective_scan_bwd_kernel, _selective_scan_bwd_tuned, lay, count, d,
-            u, delta, A, B, C, u if D is None else D, u if z is None else z,
-            u if delta_bias is None else delta_bias,
-            checkpoints if cu_seqlens is None else cu_seqlens, checkpoints,
-            dout, checkpoints if dlast_state is None else dlast_state,
-            du, ddelta, du if dz is None else dz,
-            checkpoints if dinitial_state is None else dinitial_state,
-            dA_part, dD_part, dbias_part, dB_buf, dC_buf,
-            l, d, n, triton.cdiv(l, CHUNK), lay["segment_len"],
-            lay["b_cpg"], lay["c_cpg"], *lay["b_strides"], *lay["c_strides"],
-            *dB_strides, *dC_strides,
-            BLOCK_N=lay["block_n"], CHUNK=CHUNK,
-            B_FIXED=lay["b_fixed"], C_FIXED=lay["c_fixed"], HAS_D=D is not None, HAS_Z=z is not None,
-            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            HAS_INIT=initial_state is not None, HAS_DLAST=dlast_state is not None,
-            VARLEN=cu_seqlens is not None, ATOMIC=atomic, STATIC_CHUNKS=_static_chunks(l),
-        )
+    _launch(
+        _selective_scan_bwd_kernel, _selective_scan_bwd_tuned, lay, count, d,
+        u, delta, A, B, C, u if D is None else D, u if z is None else z,
+        u if delta_bias is None else delta_bias,
+        checkpoints if cu_seqlens is None else cu_seqlens, checkpoints,
+        dout, checkpoints if dlast_state is None else dlast_state,
+        du, ddelta, du if dz is None else dz,
+        checkpoints if dinitial_state is None else dinitial_state,
+        dA_part, dD_part, dbias_part, dB_buf, dC_buf,
+        l, d, n, triton.cdiv(l, CHUNK), lay["segment_len"],
+        lay["b_cpg"], lay["c_cpg"], *lay["b_strides"], *lay["c_strides"],
+        *dB_strides, *dC_strides,
+        BLOCK_N=lay["block_n"], CHUNK=CHUNK,
+        B_FIXED=lay["b_fixed"], C_FIXED=lay["c_fixed"], HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_INIT=initial_state is not None, HAS_DLAST=dlast_state is not None,
+        VARLEN=cu_seqlens is not None, ATOMIC=atomic, STATIC_CHUNKS=_static_chunks(l),
+    )
     # Second, fixed-order stage of every reduction.
     dA += dA_part.sum(0)
     if D is not None:
