@@ -143,7 +143,7 @@ def host(device: torch.device, calls: int, repeats: int) -> dict:
             "whole call (public function, kernel call stubbed)": lambda: call(kw, None),
             "  guards (is_compiling, modes, functorch, profiler)": plain_eager,
             "  last-plan match (flags, absent optionals, C++ TensorGuards)": lambda: plan.matches(
-                (None, config.default_backend(), True, -1), tensors),
+                (None, config.default_backend(), True, -1), (D is None, z is None, dt_bias is None, True), tensors),
             "  (plan key by _signature: used when the last plan does not match)": lambda: op._signature(*tensors),
             "  SSMKERNELS_BACKEND read (part of the plan key)": config.default_backend,
             "  out: SSMKERNELS_POISON_OUTPUTS read + allocation": lambda: (

@@ -10,7 +10,7 @@ from ..._core import config, dispatch, native
 from ..._core import validation as v
 from ..._core.custom_op import (absent, allocator_like, call_op, define_decode_op, eager_autograd, empty_like, kernels,
                                 new_empty, on_device_of, placeholder, plain_eager, qualified)
-from ..._core.decode_plan import metadata_guard
+from ..._core.decode_plan import MAX_PLANS, PLAIN_TYPES, PlanKind
 from . import reference
 
 PRIMITIVE = "causal_conv1d"
@@ -193,30 +193,26 @@ def causal_conv1d(
     return (out, final) if return_final_states else out
 
 
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)  # Parameter disables __torch_function__: a plain Tensor here
-_MAX_PLANS = 4096  # past this the plan cache starts over (shapes that never repeat)
-
-
 def _update_signature(x, conv_state, weight, bias, cache_seqlens, conv_state_indices) -> tuple:
     """What validation, the backend choice and the launch arguments depend on (a plan's key)."""
     return tuple(None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
                  for t in (x, conv_state, weight, bias, cache_seqlens, conv_state_indices))
 
 
-class _UpdatePlan:
+class _UpdatePlan(PlanKind):
     """A plain eager decode call of one kind after its first call (same signature, flags, backend
     request): the checks passed and the backend is chosen, so a later call re-checks only CPU index
     values and launches directly, without the op dispatcher. On the CUDA backend the native params
     are prepared once too (``prepare_update``). Host time per call is what a decode loop without
-    CUDA graphs waits on: the batch-256 step's kernel takes ~10-40 us."""
+    CUDA graphs waits on: the batch-256 step's kernel takes ~10-40 us. ``matches``
+    (``decode_plan.PlanKind``) tells whether a call is of this kind without building its key."""
     __slots__ = ("silu", "module", "prepared", "device_index", "size", "stride", "dtype", "allocate",
-                 "batch", "slots", "host_indices", "to_int32", "weight_contiguous", "key", "flags", "absent", "guard")
+                 "batch", "slots", "host_indices", "to_int32", "weight_contiguous")
 
     def __init__(self, key, flags, x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, backend):
-        self.key, self.flags, self.silu = key, flags, silu
-        optional = (bias, cache_seqlens, conv_state_indices)
-        self.absent = tuple(t is None for t in optional)
-        self.guard = metadata_guard((x, conv_state, weight) + tuple(t for t in optional if t is not None))
+        super().__init__(key, flags, (bias is None, cache_seqlens is None, conv_state_indices is None),
+                         (x, conv_state, weight, bias, cache_seqlens, conv_state_indices), _update_signature)
+        self.silu = silu
         self.batch, self.slots = x.shape[0], conv_state.shape[0]
         self.host_indices = conv_state_indices is not None and not conv_state_indices.is_cuda
         self.to_int32 = any(t is not None and t.dtype != torch.int32 for t in (cache_seqlens, conv_state_indices))
@@ -230,17 +226,6 @@ class _UpdatePlan:
         if backend == "cuda":
             self.prepared = self.module.prepare_update(x, conv_state, weight.contiguous(), bias, silu,
                                                        v.as_int32(cache_seqlens), v.as_int32(conv_state_indices), out)
-
-    def matches(self, flags, x, conv_state, weight, bias, cache_seqlens, conv_state_indices) -> bool:
-        """Whether a call is of this plan's kind, without building its key (~1 us in C++ against
-        ~4 us for the key): the flags, which optional tensors are absent, the tensors' metadata."""
-        if self.guard is None:
-            return self.key == (*flags, _update_signature(x, conv_state, weight, bias, cache_seqlens,
-                                                          conv_state_indices))
-        if flags != self.flags or (bias is None, cache_seqlens is None, conv_state_indices is None) != self.absent:
-            return False
-        return self.guard(x, conv_state, weight, *(t for t in (bias, cache_seqlens, conv_state_indices)
-                                                   if t is not None))
 
     def __call__(self, x, conv_state, weight, bias, activation, cache_seqlens, conv_state_indices):
         if self.host_indices:  # CPU index values: checked every call, as on the full path
@@ -311,9 +296,11 @@ def causal_conv1d_update(
     if plain_eager():
         try:
             flags = (backend, config.default_backend(), activation)
+            tensors = (x, conv_state, weight, bias, cache_seqlens, conv_state_indices)
             plan = _last_update_plan
-            if plan is None or not plan.matches(flags, x, conv_state, weight, bias, cache_seqlens, conv_state_indices):
-                key = (*flags, _update_signature(x, conv_state, weight, bias, cache_seqlens, conv_state_indices))
+            absent = (bias is None, cache_seqlens is None, conv_state_indices is None)
+            if plan is None or not plan.matches(flags, absent, tensors):
+                key = (*flags, _update_signature(*tensors))
                 plan = _UPDATE_PLANS.get(key)
                 if plan is not None:
                     _last_update_plan = plan
@@ -347,9 +334,9 @@ def causal_conv1d_update(
                 "state_len": conv_state.shape[2], "tokens": 1 if x.dim() == 2 else x.shape[2],
                 "cache_seqlens": cache_seqlens is not None, "indices": conv_state_indices is not None}
     chosen = dispatch.traced_select_backend(PRIMITIVE, backend, x.device, features)
-    if key is not None and all(type(t) in _PLAIN_TYPES for t in (x, conv_state, weight, bias, cache_seqlens,
+    if key is not None and all(type(t) in PLAIN_TYPES for t in (x, conv_state, weight, bias, cache_seqlens,
                                                                    conv_state_indices) if t is not None):
-        if len(_UPDATE_PLANS) >= _MAX_PLANS:
+        if len(_UPDATE_PLANS) >= MAX_PLANS:
             _UPDATE_PLANS.clear()
         _UPDATE_PLANS[key] = _UpdatePlan(key, key[:3], x, conv_state, weight, bias, activation is not None,
                                          cache_seqlens, conv_state_indices, chosen)

@@ -48,7 +48,6 @@ torch's current one).
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -57,7 +56,7 @@ from torch import Tensor
 from ..._core import config, dispatch, native
 from ..._core import validation as v
 from ..._core.custom_op import allocator_like, define_decode_op, empty_like, kernels, plain_eager
-from ..._core.decode_plan import metadata_guard
+from ..._core.decode_plan import MAX_PLANS, PLAIN_TYPES, PlanKind
 from . import reference
 
 PRIMITIVE = "state_update"
@@ -67,7 +66,6 @@ PRIMITIVE = "state_update"
 # below). Tensors arrive as the caller passed them.
 _SCHEMA = ("(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
            "Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, int pad_slot_id, str backend) -> Tensor")
-_MAX_CACHED = 4096  # entries per cache below; past this the cache starts over (shapes that never repeat)
 
 
 def _signature(state, x, dt, A, B, C, D, z, dt_bias, idx) -> tuple:
@@ -118,7 +116,7 @@ def _state_update_impl(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_
     key = (backend, dt_softplus, pad_slot_id, _signature(state, x, dt, A, B, C, D, z, dt_bias, idx))
     launch = _LAUNCHES.get(key)
     if launch is None:
-        if len(_LAUNCHES) >= _MAX_CACHED:
+        if len(_LAUNCHES) >= MAX_PLANS:
             _LAUNCHES.clear()
         launch = _LAUNCHES[key] = _Launch(backend, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx,
                                           pad_slot_id)
@@ -262,32 +260,20 @@ def _check(state, x, dt, A, B, C, D, z, dt_bias, idx, pad_slot_id) -> int:
     return b
 
 
-class _Plan:
+class _Plan(PlanKind):
     """What a plain eager call of one kind (same ``_signature``, backend request and flags) needs
     after its first call: the checks passed and the backend is chosen, so only the index values (CPU
     tensors) are checked again and the kernel is launched directly (``launch``; None: reference).
-
-    ``matches`` tells whether a call is of this kind without building its key: the flags, which
-    optional tensors are absent, and the present tensors' metadata through ``decode_plan.metadata_guard``."""
-    __slots__ = ("batch", "slots", "host_indices", "launch", "key", "flags", "absent", "present", "guard")
+    ``matches`` (``decode_plan.PlanKind``) tells whether a call is of this kind without building its key."""
+    __slots__ = ("batch", "slots", "host_indices", "launch")
 
     def __init__(self, key, flags, b, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, idx, pad_slot_id, backend):
+        super().__init__(key, flags, (D is None, z is None, dt_bias is None, idx is None),
+                         (state, x, dt, A, B, C, D, z, dt_bias, idx), _signature)
         self.batch, self.slots = b, state.shape[0]
         self.host_indices = idx is not None and not idx.is_cuda
         self.launch = None if backend == "reference" else _Launch(
             backend, state, x, dt, A, B, C, D, z, dt_bias, bool(dt_softplus), idx, int(pad_slot_id))
-        self.key, self.flags = key, flags
-        tensors = (state, x, dt, A, B, C, D, z, dt_bias, idx)
-        self.absent = tuple(t is None for t in tensors[6:])
-        self.present = operator.itemgetter(*(i for i, t in enumerate(tensors) if t is not None))
-        self.guard = metadata_guard(self.present(tensors))
-
-    def matches(self, flags, tensors: tuple) -> bool:
-        if self.guard is None:
-            return self.key == (*flags, _signature(*tensors))
-        _, _, _, _, _, _, D, z, dt_bias, idx = tensors
-        return (flags == self.flags and (D is None, z is None, dt_bias is None, idx is None) == self.absent
-                and self.guard(*self.present(tensors)))
 
 
 _PLANS: dict = {}  # (backend=, SSMKERNELS_BACKEND, flags, _signature) -> _Plan, for plain eager calls
@@ -304,8 +290,6 @@ def clear_caches() -> None:
     _last_plan = None
 
 
-# Tensor types a plan is made for: Parameter disables __torch_function__, so it is a plain Tensor here.
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def selective_state_update(
@@ -356,7 +340,8 @@ def selective_state_update(
         try:
             flags = (backend, config.default_backend(), bool(dt_softplus), int(pad_slot_id))
             plan = _last_plan
-            if plan is None or not plan.matches(flags, tensors):
+            if plan is None or not plan.matches(flags, (D is None, z is None, dt_bias is None,
+                                                        state_batch_indices is None), tensors):
                 key = (*flags, _signature(*tensors))
                 plan = _PLANS.get(key)
                 if plan is not None:
@@ -376,9 +361,9 @@ def selective_state_update(
     b = _check(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices, pad_slot_id)
     chosen = _backend_for(backend, config.default_backend(), x.device, x.dtype, state.dtype, state.dim() == 3,
                           state_batch_indices is not None, state.shape[-1], b <= SMALL_BATCH)
-    if key is not None and all(type(t) in _PLAIN_TYPES for t in (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
+    if key is not None and all(type(t) in PLAIN_TYPES for t in (state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
                                if t is not None):
-        if len(_PLANS) >= _MAX_CACHED:
+        if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = _Plan(key, flags, b, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices,
                             pad_slot_id, chosen)
