@@ -76,7 +76,7 @@ _PASS_CFG = {"BLOCK": 1024, "num_warps": 4}
 # 3 stages unless noted): 64 x 32 at 4 warps 1.660 ms; 64 x 32 at 8 warps 1.952; 64 x 64 at 4
 # warps 2.128-2.305 (2-3 stages), at 8 warps 2.185-2.863; 128 x 32 at 8 warps 2.059; 128 x 64
 # 2.470-2.617; 64 x 128 3.069. Without the precomputed C B^T (SSMKERNELS_SSD_PRECOMPUTE_CB=0): 3.010.
-_SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_V_MAX": 64, "num_warps": 4, "num_warps_tf32x3": 8}
+_SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_V_MAX": 64, "num_warps": 4}
 # float32 operands take twice the shared memory: narrower key blocks and two pipeline stages keep
 # the full-value scans (p = 64, n = 128) under the 227 KB of an H100 (seen: 232,960 B requested).
 # 32-row blocks: with tf32x3 dots, 64-row blocks gave wrong dt gradients on an H100 at chunk 64
