@@ -31,6 +31,18 @@ inline thread_local EmuDim emu_threadIdx, emu_blockIdx;
 extern "C" inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 extern "C" inline const char* cudaGetErrorString(cudaError_t) { return "(emulated)"; }
 
+// Bit casts of the device intrinsics (cuda_runtime declares them for device code only).
+inline unsigned __float_as_uint(float v) {
+  unsigned bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  return bits;
+}
+inline float __uint_as_float(unsigned bits) {
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
 // A sleeping barrier (std::barrier may spin, which starves hundreds of threads on a few cores).
 class EmuBarrier {
  public:

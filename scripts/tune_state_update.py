@@ -66,6 +66,12 @@ def main() -> None:
                 sets.append((state, x, dt, A, B, C, D, None, dt_bias, True, None, -1, out))
             nbytes = 2 * batch * h * p * n * state_dtype.itemsize + (2 * batch * h * p + 2 * batch * g * n) * 2
             if args.cuda_only:
+                # What an in-place read-modify-write of the state alone reaches (torch's mul_): the
+                # ceiling for a kernel that reads and writes the state once.
+                t = timing.measure([lambda s=s: s[0].mul_(1.0) for s in sets])
+                gbps = 2 * sets[0][0].numel() * state_dtype.itemsize / (t.median_ms * 1e-3) / 1e9
+                print(f"  b{batch} {str(state_dtype):15} state.mul_ (in place)  {t.median_ms:.4f} ms "
+                      f"{gbps:6.0f} GB/s {100 * gbps / peaks.copy_gbps:5.1f}%", flush=True)
                 packs = os.environ.get("SSMKERNELS_STATE_UPDATE_PACKS", "0")
                 t = timing.measure([lambda s=s: su_cuda.update(*s) for s in sets])
                 gbps = nbytes / (t.median_ms * 1e-3) / 1e9

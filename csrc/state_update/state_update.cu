@@ -34,13 +34,28 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float load_as_float(const void* base, int64_t offset, int code) {
+// An element's bits, loaded without converting them, and their conversion (bits_to_float) apart.
+// A conversion inside the dtype switch waits on its load before the next switch issues the next
+// load: the H200 ran the bf16-state decode step with six such waits per block (A, dt_bias, D, x,
+// dt, z, all L2 hits) at 47-50% of copy bandwidth. Loading all bits first keeps them in flight
+// together with the state's loads. float64 (rare here) is narrowed at its load: only that case waits.
+__device__ __forceinline__ uint32_t load_bits(const void* base, int64_t offset, int code) {
+  if (code == static_cast<int>(DType::kFloat32)) return static_cast<const uint32_t*>(base)[offset];
+  if (code == static_cast<int>(DType::kFloat64))
+    return __float_as_uint(static_cast<float>(static_cast<const double*>(base)[offset]));
+  return static_cast<const uint16_t*>(base)[offset];
+}
+
+__device__ __forceinline__ float bits_to_float(uint32_t bits, int code) {
   switch (static_cast<DType>(code)) {
-    case DType::kFloat32: return static_cast<const float*>(base)[offset];
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[offset]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[offset]);
-    default: return static_cast<float>(static_cast<const double*>(base)[offset]);
+    case DType::kFloat16: return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+    case DType::kBFloat16: return __uint_as_float(bits << 16);
+    default: return __uint_as_float(bits);  // float32, or float64 narrowed by load_bits
   }
+}
+
+__device__ __forceinline__ float load_as_float(const void* base, int64_t offset, int code) {
+  return bits_to_float(load_bits(base, offset, code), code);
 }
 
 __device__ __forceinline__ void store_from_float(void* base, int64_t offset, int code, float value) {
@@ -133,24 +148,19 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) valid[c] = row_ok && c < chunks && (c * lanes + lane_in_row) * kVec < n;
 
-  // The state first: its loads are the ones that reach DRAM, the rest overlap them.
+  // Every load of the first token is issued before any value is used: the state's (the ones that
+  // reach DRAM) first, then the row constants' and token 0's as raw bits (see load_bits), then B/C.
+  // Only then are they converted, so one block waits about one memory latency, not one per input.
   state_t* state_row = static_cast<state_t*>(params.state) + slot * params.state_stride[0] +
                        h * params.state_stride[1] + (row_ok ? p : 0) * params.state_stride[2];
-  float s[kElems];
+  Pack<state_t, kVec> state_raw[kChunks];
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) {
     const int idx = (c * lanes + lane_in_row) * kVec;
     if constexpr (kVec > 1) {  // n contiguous, 16-byte aligned rows, n a multiple of kVec
-      if (valid[c]) {
-        const Pack<state_t, kVec> pack = *reinterpret_cast<const Pack<state_t, kVec>*>(state_row + idx);
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) s[c * kVec + v] = to_float(pack.v[v]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < kVec; ++v) s[c * kVec + v] = 0.f;
-      }
+      if (valid[c]) state_raw[c] = *reinterpret_cast<const Pack<state_t, kVec>*>(state_row + idx);
     } else {
-      s[c] = valid[c] ? to_float(state_row[idx * params.state_stride[3]]) : 0.f;
+      if (valid[c]) state_raw[c].v[0] = state_row[idx * params.state_stride[3]];
     }
   }
 
@@ -158,13 +168,16 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
   // head), one exp per token and row. Otherwise (Mamba-1, full A) A is re-read per token and
   // element (cache hits after the first token) rather than held in registers.
   const int64_t A_row = h * params.A_stride[0] + (row_ok ? p : 0) * params.A_stride[1];
-  const float A_head = kAPerHead ? load_as_float(params.A, A_row, params.A_dtype) : 0.f;
-  float dt_bias = 0.f, D = 0.f;
-  if (row_ok && params.dt_bias != nullptr)
-    dt_bias = load_as_float(params.dt_bias, h * params.dt_bias_stride[0] + p * params.dt_bias_stride[1],
-                            params.dt_bias_dtype);
-  if (row_ok && params.D != nullptr)
-    D = load_as_float(params.D, h * params.D_stride[0] + p * params.D_stride[1], params.D_dtype);
+  const uint32_t A_bits = kAPerHead ? load_bits(params.A, A_row, params.A_dtype) : 0;
+  const bool has_dt_bias = row_ok && params.dt_bias != nullptr;
+  const bool has_D = row_ok && params.D != nullptr;
+  const bool has_z = row_ok && params.z != nullptr;
+  const uint32_t dt_bias_bits =
+      has_dt_bias ? load_bits(params.dt_bias, h * params.dt_bias_stride[0] + p * params.dt_bias_stride[1],
+                              params.dt_bias_dtype)
+                  : 0;
+  const uint32_t D_bits =
+      has_D ? load_bits(params.D, h * params.D_stride[0] + p * params.D_stride[1], params.D_dtype) : 0;
 
   const int64_t x_row = b * params.x_stride[0] + h * params.x_stride[2] + p * params.x_stride[3];
   const int64_t dt_row = b * params.dt_stride[0] + h * params.dt_stride[2] + p * params.dt_stride[3];
@@ -173,19 +186,31 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
   const int64_t B_row = b * params.B_stride[0] + g * params.B_stride[2];
   const int64_t C_row = b * params.C_stride[0] + g * params.C_stride[2];
 
-  for (int64_t t = 0; t < params.tokens; ++t) {
-    float x = 0.f, dt = 0.f, z = 0.f;
-    if (row_ok) {
-      x = load_as_float(params.x, x_row + t * params.x_stride[1], params.x_dtype);
-      dt = load_as_float(params.dt, dt_row + t * params.dt_stride[1], params.dt_dtype);
-      if (params.z != nullptr) z = load_as_float(params.z, z_row + t * params.z_stride[1], params.z_dtype);
-    }
-    BCPacks<bc_t, kVec, kChunks> B_tok, C_tok;
+  // One token's inputs as loaded (x, dt, z as bits; B and C in packs).
+  uint32_t x_bits = 0, dt_bits = 0, z_bits = 0;
+  BCPacks<bc_t, kVec, kChunks> B_tok, C_tok;
+  auto load_token = [&](int64_t t) {
+    x_bits = row_ok ? load_bits(params.x, x_row + t * params.x_stride[1], params.x_dtype) : 0;
+    dt_bits = row_ok ? load_bits(params.dt, dt_row + t * params.dt_stride[1], params.dt_dtype) : 0;
+    z_bits = has_z ? load_bits(params.z, z_row + t * params.z_stride[1], params.z_dtype) : 0;
     load_bc_row<bc_t, kVec, kChunks>(params.B, B_row + t * params.B_stride[1], params.B_stride[3], params.B_dtype,
                                      lanes, lane_in_row, valid, B_tok);
     load_bc_row<bc_t, kVec, kChunks>(params.C, C_row + t * params.C_stride[1], params.C_stride[3], params.C_dtype,
                                      lanes, lane_in_row, valid, C_tok);
+  };
+  load_token(0);
 
+  float s[kElems];
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) s[e] = valid[e / kVec] ? to_float(state_raw[e / kVec].v[e % kVec]) : 0.f;
+  const float A_head = kAPerHead ? bits_to_float(A_bits, params.A_dtype) : 0.f;
+  const float dt_bias = has_dt_bias ? bits_to_float(dt_bias_bits, params.dt_bias_dtype) : 0.f;
+  const float D = has_D ? bits_to_float(D_bits, params.D_dtype) : 0.f;
+
+  for (int64_t t = 0;;) {
+    const float x = row_ok ? bits_to_float(x_bits, params.x_dtype) : 0.f;
+    float dt = row_ok ? bits_to_float(dt_bits, params.dt_dtype) : 0.f;
+    const float z = has_z ? bits_to_float(z_bits, params.z_dtype) : 0.f;
     dt += dt_bias;
     if (params.dt_softplus) dt = softplus(dt);
     const float dt_x = dt * x;
@@ -210,6 +235,8 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
       if (params.z != nullptr) y *= z / (1.f + expf(-z));
       store_from_float(params.out, out_row + t * params.out_stride[1], params.out_dtype, y);
     }
+    if (++t == params.tokens) break;
+    load_token(t);
   }
 
 #pragma unroll
@@ -260,17 +287,16 @@ struct TypeTag {
 
 int dtype_bytes(int code) { return code == static_cast<int>(DType::kFloat32) ? 4 : 2; }
 
-template <typename state_t, int kVec>
+// kChunks: the packs (vector path) or elements (scalar path) one thread holds at most; registers
+// are allocated for all of them, so it sets the occupancy.
+template <typename state_t, int kVec, int kChunks>
 void launch_typed(const Params& params, bool A_per_head) {
-  // Vector path: up to kMaxPacks 16-byte packs per thread (d_state <= 32 * 4 * kVec >= 512);
-  // scalar path: up to kMaxStateElemsPerLane elements.
-  constexpr int kChunks = kVec > 1 ? kMaxPacks : kMaxStateElemsPerLane;
   const int64_t packs = ceil_div(params.dstate, kVec);
-  // Up to 4 packs per thread: more 16-byte accesses in flight per thread, and fewer threads. At
-  // batch 1 (8192 rows of the issue's shape) one pack per thread made 2048 blocks of 80-register
-  // threads, ~2.6 waves of serialized load latencies (13.6 us on the H100 against Triton's 5.9);
-  // 4 packs make 512 blocks, one wave. At large batch 4 packs were already the choice.
-  const int64_t target_chunks = packs_override() > 0 ? packs_override() : (kChunks < 4 ? kChunks : 4);
+  // As many packs per thread as the instance holds (or the override, fewer): more 16-byte accesses
+  // in flight per thread, and fewer threads. At batch 1 (8192 rows of the issue's shape) one pack
+  // per thread made 2048 blocks of 80-register threads, ~2.6 waves of serialized load latencies
+  // (13.6 us on the H100 against Triton's 5.9); 4 float32 packs make 512 blocks, one wave.
+  const int64_t target_chunks = packs_override() > 0 ? std::min(packs_override(), kChunks) : kChunks;
   const int lanes = pow2_at_least(ceil_div(packs, target_chunks));
   const int chunks = static_cast<int>(ceil_div(packs, lanes));
   if (chunks > kChunks) throw std::invalid_argument("selective_state_update: d_state too large for the CUDA kernel");
@@ -318,9 +344,18 @@ void launch_state(const Params& params) {
                          packs_aligned(params.C, params.C_stride, dtype_bytes(params.C_dtype), params.dstate, kVec);
   const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
   if (vector && (bc_packed || !A_per_head)) {
-    launch_typed<state_t, kVec>(params, A_per_head);
+    // 16 state elements per thread by default whatever the type (4 float32 packs, 2 of 16-bit
+    // types): with 4 packs of 8 the bf16 step took 161 registers a thread (3 blocks per SM).
+    // The override asks for 4 packs of 16-bit types (tune_state_update.py --cuda-packs).
+    if constexpr (kVec == 8) {
+      if (packs_override() > 2) {
+        launch_typed<state_t, kVec, 4>(params, A_per_head);
+        return;
+      }
+    }
+    launch_typed<state_t, kVec, 16 / kVec>(params, A_per_head);
   } else {
-    launch_typed<state_t, 1>(params, A_per_head);
+    launch_typed<state_t, 1, kMaxStateElemsPerLane>(params, A_per_head);
   }
 }
 
