@@ -4,13 +4,17 @@
 A tuning tool for the GPU machine:
 
     python scripts/tune_state_update.py [--batch 256] [--json out.json] [--cuda-packs 1,2,4]
+        [--cuda-kernels rows,head2,head4,head8] [--no-triton]
 
 Each row: state dtype, tile (state elements per program), warps, programs per SM (0: one program per
 tile; k: the pipelined kernel, at most k programs per SM looping over tiles; ``--programs-per-sm``
 picks the values), median time, GB/s and % of copy.
 The library's current choice is marked with '*'. ``--cuda-packs`` also times the CUDA kernel with
 each cap on the 16-byte state packs per thread (SSMKERNELS_STATE_UPDATE_PACKS, one process each,
-since the launcher reads it once; 0 = the launcher's own choice).
+since the launcher reads it once; 0 = the launcher's own choice), on the per-row kernel;
+``--cuda-kernels`` times the CUDA launcher's kernels (SSMKERNELS_STATE_UPDATE_KERNEL: ``rows`` the
+per-row kernel, ``headK`` the head kernel with K rows per thread). Each CUDA child first times an
+in-place ``state.mul_`` (the read-modify-write ceiling).
 """
 from __future__ import annotations
 
@@ -37,13 +41,21 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--programs-per-sm", type=lambda text: [int(v) for v in text.split(",")], default=[0],
                         help="comma-separated programs per SM of the Triton kernel to time (default 0)")
-    parser.add_argument("--cuda-packs", help="comma-separated caps on the CUDA kernel's packs per thread to time")
+    parser.add_argument("--cuda-packs", help="comma-separated caps on the per-row CUDA kernel's packs per thread to time")
+    parser.add_argument("--cuda-kernels", help="comma-separated SSMKERNELS_STATE_UPDATE_KERNEL values to time "
+                        "(rows, head2, head4, head8; default = the launcher's choice)")
     parser.add_argument("--cuda-only", action="store_true", help=argparse.SUPPRESS)  # one --cuda-packs child
+    parser.add_argument("--no-triton", action="store_true", help="time the CUDA kernels only")
     args = parser.parse_args()
-    if args.cuda_packs and not args.cuda_only:
-        for packs in args.cuda_packs.split(","):
-            command = [sys.executable, __file__, "--cuda-only"] + [f"--batch={b}" for b in args.batch or [256]]
-            subprocess.run(command, check=False, env=dict(os.environ, SSMKERNELS_STATE_UPDATE_PACKS=packs))
+    if (args.cuda_packs or args.cuda_kernels) and not args.cuda_only:
+        command = [sys.executable, __file__, "--cuda-only"] + [f"--batch={b}" for b in args.batch or [256]]
+        for packs in args.cuda_packs.split(",") if args.cuda_packs else []:
+            subprocess.run(command, check=False, env=dict(os.environ, SSMKERNELS_STATE_UPDATE_PACKS=packs,
+                                                          SSMKERNELS_STATE_UPDATE_KERNEL="rows"))
+        for kernel in args.cuda_kernels.split(",") if args.cuda_kernels else []:
+            subprocess.run(command, check=False, env=dict(os.environ, SSMKERNELS_STATE_UPDATE_KERNEL=kernel))
+        if args.no_triton:
+            return
     h, p, n, g = 128, 64, 128, 8
     peaks = timing.peaks()
     print(f"copy {peaks.copy_gbps:.0f} GB/s", flush=True)
@@ -73,9 +85,10 @@ def main() -> None:
                 print(f"  b{batch} {str(state_dtype):15} state.mul_ (in place)  {t.median_ms:.4f} ms "
                       f"{gbps:6.0f} GB/s {100 * gbps / peaks.copy_gbps:5.1f}%", flush=True)
                 packs = os.environ.get("SSMKERNELS_STATE_UPDATE_PACKS", "0")
+                kernel = os.environ.get("SSMKERNELS_STATE_UPDATE_KERNEL", "default")
                 t = timing.measure([lambda s=s: su_cuda.update(*s) for s in sets])
                 gbps = nbytes / (t.median_ms * 1e-3) / 1e9
-                print(f"  b{batch} {str(state_dtype):15} cuda packs {packs:>2}      {t.median_ms:.4f} ms "
+                print(f"  b{batch} {str(state_dtype):15} cuda {kernel:7} packs {packs:>2}  {t.median_ms:.4f} ms "
                       f"{gbps:6.0f} GB/s {100 * gbps / peaks.copy_gbps:5.1f}%", flush=True)
                 continue
             chosen = default_config(batch, h, p, n, state_dtype.itemsize)

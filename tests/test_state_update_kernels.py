@@ -64,6 +64,8 @@ CASES = {
     "mamba2_wide_headdim": replace(BASE, heads=2, groups=1, headdim=70, dstate=4, batch=1),
     "mamba2_dstate128": replace(BASE, heads=2, groups=1, headdim=5, dstate=128, tokens=2),
     "mamba2_dstate100": replace(BASE, heads=2, groups=2, headdim=3, dstate=100),
+    # More rows per head than one block of the CUDA head kernel takes (64 at d_state 64, bf16 state).
+    "mamba2_rows_past_a_block": replace(BASE, heads=2, groups=1, headdim=70, dstate=64, batch=2, tokens=2),
     "mamba2_indices_pad": replace(BASE, batch=4, cache=6, indices=(5, -1, 0, 2), tokens=2),
     "mamba2_indices_custom_pad": replace(BASE, batch=3, cache=4, indices=(3, 9, 1), pad_slot_id=9),
     "mamba2_indices_int64": replace(BASE, batch=3, cache=4, indices=(1, -1, 3), index_dtype=torch.int64, tokens=2),
@@ -545,10 +547,11 @@ def test_emulated_cuda_kernel_matches_reference(case_name, dtype, state_dtype, e
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU runs the real kernel (test_matches_reference)")
-@pytest.mark.parametrize("dstate", [8, 64, 128])
+@pytest.mark.parametrize("dstate", [8, 64, 128, 256])
 def test_emulated_cuda_kernel_packed_bc(dstate, emulated_state_update_cuda):
-    """d_state a multiple of the pack width, B/C contiguous: the vector path with B/C read in packs
-    of their own type (bf16 x/B/C with float32 and with bf16 state), several tokens, padding rows."""
+    """d_state a multiple of the pack width, B/C contiguous: the head kernel (the per-row kernel at
+    d_state 256 with a float32 state: 64 packs a row) with B/C read in packs of their own type (bf16
+    x/B/C with float32 and with bf16 state), several tokens, padding rows."""
     case = replace(BASE, heads=2, groups=1, headdim=9, dstate=dstate, batch=3, cache=4, indices=(3, -1, 0), tokens=2)
     for state_dtype in (torch.float32, torch.bfloat16):
         compare_with_reference(run_case(case), make_inputs(case, torch.bfloat16, state_dtype), "cuda",

@@ -255,6 +255,173 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
   }
 }
 
+// The head kernel: the Mamba-2 decode step's fast path (A one scalar per head, the state and B/C
+// in 16-byte packs, n / kVec a power of two <= 32). A block owns kRows * rows_per_pass rows of one
+// (batch row, head); a row's packs are spread over `lanes` = n / kVec threads, one pack each, and
+// a thread keeps its B and C packs, its dt and decay for all its kRows rows. The per-row kernel
+// above re-did that setup (indices, dtype switches, 64-bit offsets) for every 16 state elements:
+// on the H200 it issued instructions at its limit and reached 45-66% of copy bandwidth; here the
+// setup is shared by kRows rows and a thread's kRows state loads are in flight together.
+template <typename state_t, typename bc_t, int kRows>
+__global__ void __launch_bounds__(kThreads)
+state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, int p_blocks, int64_t b_offset) {
+  constexpr int kVec = 16 / sizeof(state_t);
+  const int lanes = 1 << lanes_log2;
+  const int lane_in_row = threadIdx.x & (lanes - 1);
+  const int rows_per_pass = kThreads >> lanes_log2;
+  const int h32 = static_cast<int>(blockIdx.x) / p_blocks;
+  const int p_block = static_cast<int>(blockIdx.x) - h32 * p_blocks;
+  const int64_t h = h32;
+  const int64_t b = b_offset + blockIdx.y;
+  const int64_t g = h32 / static_cast<int>(params.heads_per_group);
+  // Row j of this thread: p0 + j * rows_per_pass.
+  const int64_t p0 = static_cast<int64_t>(p_block) * kRows * rows_per_pass + (threadIdx.x >> lanes_log2);
+  bool row_ok[kRows];
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) row_ok[j] = p0 + j * rows_per_pass < params.headdim;
+  const bool out_lane = lane_in_row == 0;
+
+  int64_t slot = b;
+  if (params.indices != nullptr) {
+    slot = params.index_is_int64 ? static_cast<const int64_t*>(params.indices)[b * params.index_stride]
+                                 : static_cast<const int32_t*>(params.indices)[b * params.index_stride];
+    if (slot == params.pad_slot_id || slot < 0 || slot >= params.slots) {  // uniform over the block
+      if (out_lane) {
+#pragma unroll
+        for (int j = 0; j < kRows; ++j) {
+          if (!row_ok[j]) continue;
+          const int64_t base = b * params.out_stride[0] + h * params.out_stride[2] +
+                               (p0 + j * rows_per_pass) * params.out_stride[3];
+          for (int64_t t = 0; t < params.tokens; ++t)
+            store_from_float(params.out, base + t * params.out_stride[1], params.out_dtype, 0.f);
+        }
+      }
+      return;
+    }
+  }
+
+  // Loads first, conversions after (see load_bits): the state's packs, the per-row x/z/D/dt and
+  // the head's A/dt_bias, token 0's B/C packs.
+  const int n_offset = lane_in_row * kVec;
+  state_t* state_head = static_cast<state_t*>(params.state) + slot * params.state_stride[0] +
+                        h * params.state_stride[1] + n_offset;
+  Pack<state_t, kVec> state_raw[kRows];
+#pragma unroll
+  for (int j = 0; j < kRows; ++j)
+    if (row_ok[j])
+      state_raw[j] = *reinterpret_cast<const Pack<state_t, kVec>*>(state_head + (p0 + j * rows_per_pass) *
+                                                                                   params.state_stride[2]);
+  const uint32_t A_bits = load_bits(params.A, h * params.A_stride[0], params.A_dtype);
+  const bool has_z = params.z != nullptr, has_D = params.D != nullptr, has_dt_bias = params.dt_bias != nullptr;
+  // Then row 0's dt stands for all rows (a thread whose row 0 is past headdim has no row at all).
+  const bool dt_per_head = params.dt_stride[3] == 0 && (!has_dt_bias || params.dt_bias_stride[1] == 0);
+  uint32_t D_bits[kRows], dt_bias_bits[kRows];
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) {
+    const int64_t p = p0 + j * rows_per_pass;
+    D_bits[j] = has_D && row_ok[j] ? load_bits(params.D, h * params.D_stride[0] + p * params.D_stride[1], params.D_dtype) : 0;
+    dt_bias_bits[j] = has_dt_bias && row_ok[j] ? load_bits(params.dt_bias, h * params.dt_bias_stride[0] +
+                                                                             p * params.dt_bias_stride[1],
+                                                           params.dt_bias_dtype)
+                                               : 0;
+  }
+  const int64_t x_head = b * params.x_stride[0] + h * params.x_stride[2];
+  const int64_t dt_head = b * params.dt_stride[0] + h * params.dt_stride[2];
+  const int64_t z_head = b * params.z_stride[0] + h * params.z_stride[2];
+  const int64_t out_head = b * params.out_stride[0] + h * params.out_stride[2];
+  const bc_t* B_head = static_cast<const bc_t*>(params.B) + b * params.B_stride[0] + g * params.B_stride[2] + n_offset;
+  const bc_t* C_head = static_cast<const bc_t*>(params.C) + b * params.C_stride[0] + g * params.C_stride[2] + n_offset;
+
+  uint32_t x_bits[kRows], dt_bits[kRows], z_bits[kRows];
+  Pack<bc_t, kVec> B_pack, C_pack;
+  auto load_token = [&](int64_t t) {
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      const int64_t p = p0 + j * rows_per_pass;
+      x_bits[j] = row_ok[j] ? load_bits(params.x, x_head + t * params.x_stride[1] + p * params.x_stride[3], params.x_dtype) : 0;
+      dt_bits[j] = row_ok[j] && (j == 0 || !dt_per_head) ? load_bits(params.dt, dt_head + t * params.dt_stride[1] + p * params.dt_stride[3], params.dt_dtype) : 0;
+      z_bits[j] = has_z && row_ok[j] ? load_bits(params.z, z_head + t * params.z_stride[1] + p * params.z_stride[3], params.z_dtype) : 0;
+    }
+    B_pack = *reinterpret_cast<const Pack<bc_t, kVec>*>(B_head + t * params.B_stride[1]);
+    C_pack = *reinterpret_cast<const Pack<bc_t, kVec>*>(C_head + t * params.C_stride[1]);
+  };
+  load_token(0);
+
+  float s[kRows][kVec];
+#pragma unroll
+  for (int j = 0; j < kRows; ++j)
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) s[j][v] = row_ok[j] ? to_float(state_raw[j].v[v]) : 0.f;
+  const float A = bits_to_float(A_bits, params.A_dtype);
+
+  for (int64_t t = 0;;) {
+    float B[kVec], C[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      B[v] = to_float(B_pack.v[v]);
+      C[v] = to_float(C_pack.v[v]);
+    }
+    // dt and the decay: once for the thread when dt and dt_bias are one value per head (Mamba-2's
+    // broadcast views; softplus and two exps per row otherwise).
+    float dt[kRows], decay[kRows];
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      if (j > 0 && dt_per_head) {
+        dt[j] = dt[0];
+        decay[j] = decay[0];
+        continue;
+      }
+      dt[j] = bits_to_float(dt_bits[j], params.dt_dtype);
+      if (has_dt_bias) dt[j] += bits_to_float(dt_bias_bits[j], params.dt_bias_dtype);
+      if (params.dt_softplus) dt[j] = softplus(dt[j]);
+      decay[j] = expf(A * dt[j]);
+    }
+    float y[kRows];
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      const float x = bits_to_float(x_bits[j], params.x_dtype);
+      const float dt_x = dt[j] * x;
+      float partial = 0.f;
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        s[j][v] = s[j][v] * decay[j] + dt_x * B[v];
+        partial += s[j][v] * C[v];
+      }
+      y[j] = partial;
+    }
+    // Sums over the row's lanes (aligned groups of `lanes` threads inside a warp).
+#pragma unroll
+    for (int j = 0; j < kRows; ++j)
+      for (int offset = lanes >> 1; offset > 0; offset >>= 1) y[j] += __shfl_xor_sync(0xffffffffu, y[j], offset);
+    if (out_lane) {
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        if (!row_ok[j]) continue;
+        const float x = bits_to_float(x_bits[j], params.x_dtype);
+        float out = y[j];
+        if (has_D) out += bits_to_float(D_bits[j], params.D_dtype) * x;
+        if (has_z) {
+          const float z = bits_to_float(z_bits[j], params.z_dtype);
+          out *= z / (1.f + expf(-z));
+        }
+        store_from_float(params.out, out_head + t * params.out_stride[1] + (p0 + j * rows_per_pass) * params.out_stride[3],
+                         params.out_dtype, out);
+      }
+    }
+    if (++t == params.tokens) break;
+    load_token(t);
+  }
+
+#pragma unroll
+  for (int j = 0; j < kRows; ++j) {
+    if (!row_ok[j]) continue;
+    Pack<state_t, kVec> pack;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) pack.v[v] = from_float<state_t>(s[j][v]);
+    *reinterpret_cast<Pack<state_t, kVec>*>(state_head + (p0 + j * rows_per_pass) * params.state_stride[2]) = pack;
+  }
+}
+
 int pow2_at_least(int64_t value) {
   int result = 1;
   while (result < 32 && result < value) result <<= 1;
@@ -333,6 +500,56 @@ void launch_typed(const Params& params, bool A_per_head) {
   check_launch("selective_state_update kernel");
 }
 
+// Tuning knobs for scripts/tune_state_update.py, read once per process:
+// SSMKERNELS_STATE_UPDATE_KERNEL=rows sends every call to the per-row kernel; =head<k> runs the head
+// kernel with k rows per thread (2, 4 or 8) instead of the choice in launch_head.
+enum class KernelChoice { kDefault, kRows, kHead2, kHead4, kHead8 };
+
+KernelChoice kernel_override() {
+  static const KernelChoice value = [] {
+    const char* text = std::getenv("SSMKERNELS_STATE_UPDATE_KERNEL");
+    const std::string name = text == nullptr ? "" : text;
+    if (name == "rows") return KernelChoice::kRows;
+    if (name == "head2") return KernelChoice::kHead2;
+    if (name == "head4") return KernelChoice::kHead4;
+    if (name == "head8") return KernelChoice::kHead8;
+    return KernelChoice::kDefault;
+  }();
+  return value;
+}
+
+template <typename state_t, int kRows>
+void launch_head_rows(const Params& params) {
+  constexpr int kVec = 16 / sizeof(state_t);
+  int lanes_log2 = 0;
+  while ((kVec << lanes_log2) < params.dstate) ++lanes_log2;
+  const int64_t rows_per_block = static_cast<int64_t>(kRows) * (kThreads >> lanes_log2);
+  const int64_t p_blocks = ceil_div(params.headdim, rows_per_block);
+  const int64_t head_blocks = params.heads * p_blocks;
+  if (head_blocks > INT_MAX)
+    throw std::invalid_argument("selective_state_update: heads * row blocks = " + std::to_string(head_blocks) +
+                                " exceeds the CUDA grid limit");
+  SSMK_DISPATCH_FLOAT(params.B_dtype, "selective_state_update B", [&] {
+    auto kernel = state_update_head_kernel<state_t, scalar_t, kRows>;
+    constexpr int64_t kMaxGridY = 65535;
+    for (int64_t b0 = 0; b0 < params.batch; b0 += kMaxGridY) {
+      const dim3 grid(static_cast<unsigned>(head_blocks), static_cast<unsigned>(std::min(kMaxGridY, params.batch - b0)));
+      SSMK_LAUNCH(kernel, grid, kThreads, params.stream, params, lanes_log2, static_cast<int>(p_blocks), b0);
+    }
+  });
+  check_launch("selective_state_update head kernel");
+}
+
+template <typename state_t>
+void launch_head(const Params& params) {
+  switch (kernel_override()) {
+    case KernelChoice::kHead2: return launch_head_rows<state_t, 2>(params);
+    case KernelChoice::kHead8: return launch_head_rows<state_t, 8>(params);
+    case KernelChoice::kHead4: return launch_head_rows<state_t, 4>(params);
+    default: return launch_head_rows<state_t, (sizeof(state_t) == 4 ? 8 : 4)>(params);  // 32 state floats a thread
+  }
+}
+
 template <typename state_t>
 void launch_state(const Params& params) {
   constexpr int kVec = 16 / sizeof(state_t);
@@ -343,6 +560,12 @@ void launch_state(const Params& params) {
                          packs_aligned(params.B, params.B_stride, dtype_bytes(params.B_dtype), params.dstate, kVec) &&
                          packs_aligned(params.C, params.C_stride, dtype_bytes(params.C_dtype), params.dstate, kVec);
   const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
+  const int64_t packs = params.dstate / kVec;
+  if (vector && bc_packed && A_per_head && packs <= 32 && (packs & (packs - 1)) == 0 &&
+      kernel_override() != KernelChoice::kRows) {
+    launch_head<state_t>(params);
+    return;
+  }
   if (vector && (bc_packed || !A_per_head)) {
     // 16 state elements per thread by default whatever the type (4 float32 packs, 2 of 16-bit
     // types): with 4 packs of 8 the bf16 step took 161 registers a thread (3 blocks per SM).
