@@ -20,16 +20,21 @@ def kernel_table(step: Callable[[], object], calls: int = 5, top: int = 15) -> s
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    # CPU activity too: without it the profiler drops the named step ranges (profiling.step_range).
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             step()
         torch.cuda.synchronize()
-    timed = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
-    timed.sort(key=lambda e: e.device_time_total, reverse=True)
-    # Named steps (profiling.step_range), where the profiler reports their GPU time, span kernels
-    # listed above them: they are listed apart, so that nothing counts twice.
-    steps = [e for e in timed if e.key in STEP_NAMES]
-    events = [e for e in timed if e.key not in STEP_NAMES]
+    averages = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    # Kernels: the GPU-side events. Named steps span kernels (a CPU range whose device time is that
+    # of the kernels it launched, and its GPU annotation): listed apart, so that nothing counts twice.
+    events = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA and e.key not in STEP_NAMES]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    step_times: dict = {}
+    for e in averages:
+        if e.key in STEP_NAMES and e.device_time_total > step_times.get(e.key, (0, 0))[0]:
+            step_times[e.key] = (e.device_time_total, e.count)
+    steps = sorted(step_times.items(), key=lambda item: item[1][0], reverse=True)
     total = sum(e.device_time_total for e in events) / calls
     lines = [f"    {'us/call':>10} {'share':>6} {'launches':>8}  kernel (GPU total {total:.1f} us/call)"]
     for e in events[:top]:
@@ -38,9 +43,9 @@ def kernel_table(step: Callable[[], object], calls: int = 5, top: int = 15) -> s
                      f"{e.key[:110]}")
     if steps:
         lines.append(f"    {'us/call':>10} {'share':>6} {'calls':>8}  step (GPU time of its kernels)")
-        for e in steps:
-            per_call = e.device_time_total / calls
-            lines.append(f"    {per_call:10.1f} {100 * per_call / max(total, 1e-9):5.1f}% {e.count // calls:8d}  {e.key}")
+        for name, (device_time, count) in steps:
+            per_call = device_time / calls
+            lines.append(f"    {per_call:10.1f} {100 * per_call / max(total, 1e-9):5.1f}% {count // calls:8d}  {name}")
     return "\n".join(lines)
 
 
