@@ -31,12 +31,13 @@ inline thread_local EmuDim emu_threadIdx, emu_blockIdx;
 extern "C" inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 extern "C" inline const char* cudaGetErrorString(cudaError_t) { return "(emulated)"; }
 
-// Bit casts of the device intrinsics (cuda_runtime declares them for device code only).
+// Device intrinsics that cuda_runtime declares for device code only: bit casts, the rounded reciprocal.
 inline unsigned __float_as_uint(float v) {
   unsigned bits;
   std::memcpy(&bits, &v, sizeof bits);
   return bits;
 }
+inline float __frcp_rn(float v) { return 1.f / v; }
 inline float __uint_as_float(unsigned bits) {
   float v;
   std::memcpy(&v, &bits, sizeof v);

@@ -256,16 +256,21 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
 }
 
 // The head kernel: the Mamba-2 decode step's fast path (A one scalar per head, the state and B/C
-// in 16-byte packs, n / kVec a power of two <= 32). A block owns kRows * rows_per_pass rows of one
-// (batch row, head); a row's packs are spread over `lanes` = n / kVec threads, one pack each, and
-// a thread keeps its B and C packs, its dt and decay for all its kRows rows. The per-row kernel
-// above re-did that setup (indices, dtype switches, 64-bit offsets) for every 16 state elements:
-// on the H200 it issued instructions at its limit and reached 45-66% of copy bandwidth; here the
-// setup is shared by kRows rows and a thread's kRows state loads are in flight together.
-template <typename state_t, typename bc_t, int kRows>
+// in 16-byte packs, n / kVec a power of two <= 32, x/z/out/B/C of one type io_t). A block owns
+// kRows * rows_per_pass rows of one (batch row, head); a row's packs are spread over `lanes` =
+// n / kVec threads, one pack each; a thread keeps its B and C packs, and dt, the decay and D when
+// they are one value per head, for all its kRows rows.
+// Why: the per-row kernel above executed ~44 instructions per state element (ncu on the H200:
+// 0.45 issued per scheduler cycle, 55% of DRAM bandwidth at batch 256): run-time dtype switches,
+// 64-bit offsets and the row's setup for every 16 elements. Here the element types are template
+// parameters and the per-row work is the state pack, x, z and the output.
+// kOneToken: the decode step proper (t = 1), where a row's registers are free once its state is
+// stored; several tokens keep every row's state in float registers across them.
+template <typename state_t, typename io_t, int kRows, bool kOneToken>
 __global__ void __launch_bounds__(kThreads)
 state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, int p_blocks, int64_t b_offset) {
   constexpr int kVec = 16 / sizeof(state_t);
+  const int64_t tokens = kOneToken ? 1 : params.tokens;
   const int lanes = 1 << lanes_log2;
   const int lane_in_row = threadIdx.x & (lanes - 1);
   const int rows_per_pass = kThreads >> lanes_log2;
@@ -274,12 +279,15 @@ state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, 
   const int64_t h = h32;
   const int64_t b = b_offset + blockIdx.y;
   const int64_t g = h32 / static_cast<int>(params.heads_per_group);
-  // Row j of this thread: p0 + j * rows_per_pass.
-  const int64_t p0 = static_cast<int64_t>(p_block) * kRows * rows_per_pass + (threadIdx.x >> lanes_log2);
+  // Row j of this thread: p0 + j * rows_per_pass (a thread whose row 0 is past headdim has none).
+  const int p0 = p_block * kRows * rows_per_pass + (static_cast<int>(threadIdx.x) >> lanes_log2);
+  const int headdim = static_cast<int>(params.headdim);  // the launcher checks it fits
   bool row_ok[kRows];
 #pragma unroll
-  for (int j = 0; j < kRows; ++j) row_ok[j] = p0 + j * rows_per_pass < params.headdim;
+  for (int j = 0; j < kRows; ++j) row_ok[j] = p0 + j * rows_per_pass < headdim;
   const bool out_lane = lane_in_row == 0;
+  const bool has_z = params.z != nullptr, has_D = params.D != nullptr, has_dt_bias = params.dt_bias != nullptr;
+  io_t* out_head = static_cast<io_t*>(params.out) + b * params.out_stride[0] + h * params.out_stride[2];
 
   int64_t slot = b;
   if (params.indices != nullptr) {
@@ -290,60 +298,61 @@ state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, 
 #pragma unroll
         for (int j = 0; j < kRows; ++j) {
           if (!row_ok[j]) continue;
-          const int64_t base = b * params.out_stride[0] + h * params.out_stride[2] +
-                               (p0 + j * rows_per_pass) * params.out_stride[3];
-          for (int64_t t = 0; t < params.tokens; ++t)
-            store_from_float(params.out, base + t * params.out_stride[1], params.out_dtype, 0.f);
+          for (int64_t t = 0; t < tokens; ++t)
+            out_head[t * params.out_stride[1] + (p0 + j * rows_per_pass) * params.out_stride[3]] = from_float<io_t>(0.f);
         }
       }
       return;
     }
   }
 
-  // Loads first, conversions after (see load_bits): the state's packs, the per-row x/z/D/dt and
-  // the head's A/dt_bias, token 0's B/C packs.
+  // Loads first, conversions after (see load_bits): the state's packs, then the rest.
   const int n_offset = lane_in_row * kVec;
   state_t* state_head = static_cast<state_t*>(params.state) + slot * params.state_stride[0] +
                         h * params.state_stride[1] + n_offset;
+  const int64_t state_row_stride = params.state_stride[2];
   Pack<state_t, kVec> state_raw[kRows];
 #pragma unroll
   for (int j = 0; j < kRows; ++j)
     if (row_ok[j])
-      state_raw[j] = *reinterpret_cast<const Pack<state_t, kVec>*>(state_head + (p0 + j * rows_per_pass) *
-                                                                                   params.state_stride[2]);
-  const uint32_t A_bits = load_bits(params.A, h * params.A_stride[0], params.A_dtype);
-  const bool has_z = params.z != nullptr, has_D = params.D != nullptr, has_dt_bias = params.dt_bias != nullptr;
-  // Then row 0's dt stands for all rows (a thread whose row 0 is past headdim has no row at all).
+      state_raw[j] = *reinterpret_cast<const Pack<state_t, kVec>*>(state_head + (p0 + j * rows_per_pass) * state_row_stride);
+
+  // Per-head values (Mamba-2's broadcast views), else per row.
   const bool dt_per_head = params.dt_stride[3] == 0 && (!has_dt_bias || params.dt_bias_stride[1] == 0);
+  const bool D_per_head = params.D_stride[1] == 0;
+  const uint32_t A_bits = load_bits(params.A, h * params.A_stride[0], params.A_dtype);
   uint32_t D_bits[kRows], dt_bias_bits[kRows];
 #pragma unroll
   for (int j = 0; j < kRows; ++j) {
     const int64_t p = p0 + j * rows_per_pass;
-    D_bits[j] = has_D && row_ok[j] ? load_bits(params.D, h * params.D_stride[0] + p * params.D_stride[1], params.D_dtype) : 0;
-    dt_bias_bits[j] = has_dt_bias && row_ok[j] ? load_bits(params.dt_bias, h * params.dt_bias_stride[0] +
-                                                                             p * params.dt_bias_stride[1],
-                                                           params.dt_bias_dtype)
-                                               : 0;
+    const bool first = j == 0;
+    D_bits[j] = has_D && row_ok[j] && (first || !D_per_head)
+                    ? load_bits(params.D, h * params.D_stride[0] + p * params.D_stride[1], params.D_dtype) : 0;
+    dt_bias_bits[j] = has_dt_bias && row_ok[j] && (first || !dt_per_head)
+                          ? load_bits(params.dt_bias, h * params.dt_bias_stride[0] + p * params.dt_bias_stride[1],
+                                      params.dt_bias_dtype) : 0;
   }
-  const int64_t x_head = b * params.x_stride[0] + h * params.x_stride[2];
+  const io_t* x_head = static_cast<const io_t*>(params.x) + b * params.x_stride[0] + h * params.x_stride[2];
+  const io_t* z_head = static_cast<const io_t*>(params.z) + b * params.z_stride[0] + h * params.z_stride[2];
   const int64_t dt_head = b * params.dt_stride[0] + h * params.dt_stride[2];
-  const int64_t z_head = b * params.z_stride[0] + h * params.z_stride[2];
-  const int64_t out_head = b * params.out_stride[0] + h * params.out_stride[2];
-  const bc_t* B_head = static_cast<const bc_t*>(params.B) + b * params.B_stride[0] + g * params.B_stride[2] + n_offset;
-  const bc_t* C_head = static_cast<const bc_t*>(params.C) + b * params.C_stride[0] + g * params.C_stride[2] + n_offset;
+  const io_t* B_head = static_cast<const io_t*>(params.B) + b * params.B_stride[0] + g * params.B_stride[2] + n_offset;
+  const io_t* C_head = static_cast<const io_t*>(params.C) + b * params.C_stride[0] + g * params.C_stride[2] + n_offset;
 
-  uint32_t x_bits[kRows], dt_bits[kRows], z_bits[kRows];
-  Pack<bc_t, kVec> B_pack, C_pack;
+  io_t x_raw[kRows], z_raw[kRows];
+  uint32_t dt_bits[kRows];
+  Pack<io_t, kVec> B_pack, C_pack;
   auto load_token = [&](int64_t t) {
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
       const int64_t p = p0 + j * rows_per_pass;
-      x_bits[j] = row_ok[j] ? load_bits(params.x, x_head + t * params.x_stride[1] + p * params.x_stride[3], params.x_dtype) : 0;
-      dt_bits[j] = row_ok[j] && (j == 0 || !dt_per_head) ? load_bits(params.dt, dt_head + t * params.dt_stride[1] + p * params.dt_stride[3], params.dt_dtype) : 0;
-      z_bits[j] = has_z && row_ok[j] ? load_bits(params.z, z_head + t * params.z_stride[1] + p * params.z_stride[3], params.z_dtype) : 0;
+      x_raw[j] = row_ok[j] ? x_head[t * params.x_stride[1] + p * params.x_stride[3]] : from_float<io_t>(0.f);
+      z_raw[j] = has_z && row_ok[j] ? z_head[t * params.z_stride[1] + p * params.z_stride[3]] : from_float<io_t>(0.f);
+      dt_bits[j] = row_ok[j] && (j == 0 || !dt_per_head)
+                       ? load_bits(params.dt, dt_head + t * params.dt_stride[1] + p * params.dt_stride[3], params.dt_dtype)
+                       : 0;
     }
-    B_pack = *reinterpret_cast<const Pack<bc_t, kVec>*>(B_head + t * params.B_stride[1]);
-    C_pack = *reinterpret_cast<const Pack<bc_t, kVec>*>(C_head + t * params.C_stride[1]);
+    B_pack = *reinterpret_cast<const Pack<io_t, kVec>*>(B_head + t * params.B_stride[1]);
+    C_pack = *reinterpret_cast<const Pack<io_t, kVec>*>(C_head + t * params.C_stride[1]);
   };
   load_token(0);
 
@@ -352,17 +361,20 @@ state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, 
   for (int j = 0; j < kRows; ++j)
 #pragma unroll
     for (int v = 0; v < kVec; ++v) s[j][v] = row_ok[j] ? to_float(state_raw[j].v[v]) : 0.f;
+  auto store_state_row = [&](int j) {
+    if (!row_ok[j]) return;
+    Pack<state_t, kVec> pack;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) pack.v[v] = from_float<state_t>(s[j][v]);
+    *reinterpret_cast<Pack<state_t, kVec>*>(state_head + (p0 + j * rows_per_pass) * state_row_stride) = pack;
+  };
   const float A = bits_to_float(A_bits, params.A_dtype);
+  float D[kRows];
+#pragma unroll
+  for (int j = 0; j < kRows; ++j)
+    D[j] = j > 0 && D_per_head ? D[0] : has_D ? bits_to_float(D_bits[j], params.D_dtype) : 0.f;
 
   for (int64_t t = 0;;) {
-    float B[kVec], C[kVec];
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) {
-      B[v] = to_float(B_pack.v[v]);
-      C[v] = to_float(C_pack.v[v]);
-    }
-    // dt and the decay: once for the thread when dt and dt_bias are one value per head (Mamba-2's
-    // broadcast views; softplus and two exps per row otherwise).
     float dt[kRows], decay[kRows];
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
@@ -376,11 +388,16 @@ state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, 
       if (params.dt_softplus) dt[j] = softplus(dt[j]);
       decay[j] = expf(A * dt[j]);
     }
+    float B[kVec], C[kVec];
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      B[v] = to_float(B_pack.v[v]);
+      C[v] = to_float(C_pack.v[v]);
+    }
     float y[kRows];
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
-      const float x = bits_to_float(x_bits[j], params.x_dtype);
-      const float dt_x = dt[j] * x;
+      const float dt_x = dt[j] * to_float(x_raw[j]);
       float partial = 0.f;
 #pragma unroll
       for (int v = 0; v < kVec; ++v) {
@@ -388,6 +405,7 @@ state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, 
         partial += s[j][v] * C[v];
       }
       y[j] = partial;
+      if (kOneToken) store_state_row(j);  // its registers are free from here
     }
     // Sums over the row's lanes (aligned groups of `lanes` threads inside a warp).
 #pragma unroll
@@ -397,28 +415,21 @@ state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, 
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
         if (!row_ok[j]) continue;
-        const float x = bits_to_float(x_bits[j], params.x_dtype);
-        float out = y[j];
-        if (has_D) out += bits_to_float(D_bits[j], params.D_dtype) * x;
+        float out = y[j] + D[j] * to_float(x_raw[j]);
         if (has_z) {
-          const float z = bits_to_float(z_bits[j], params.z_dtype);
-          out *= z / (1.f + expf(-z));
+          const float z = to_float(z_raw[j]);
+          out *= z * __frcp_rn(1.f + expf(-z));
         }
-        store_from_float(params.out, out_head + t * params.out_stride[1] + (p0 + j * rows_per_pass) * params.out_stride[3],
-                         params.out_dtype, out);
+        out_head[t * params.out_stride[1] + (p0 + j * rows_per_pass) * params.out_stride[3]] = from_float<io_t>(out);
       }
     }
-    if (++t == params.tokens) break;
+    if (++t == tokens) break;
     load_token(t);
   }
 
+  if (!kOneToken) {
 #pragma unroll
-  for (int j = 0; j < kRows; ++j) {
-    if (!row_ok[j]) continue;
-    Pack<state_t, kVec> pack;
-#pragma unroll
-    for (int v = 0; v < kVec; ++v) pack.v[v] = from_float<state_t>(s[j][v]);
-    *reinterpret_cast<Pack<state_t, kVec>*>(state_head + (p0 + j * rows_per_pass) * params.state_stride[2]) = pack;
+    for (int j = 0; j < kRows; ++j) store_state_row(j);
   }
 }
 
@@ -501,24 +512,24 @@ void launch_typed(const Params& params, bool A_per_head) {
 }
 
 // Tuning knobs for scripts/tune_state_update.py, read once per process:
-// SSMKERNELS_STATE_UPDATE_KERNEL=rows sends every call to the per-row kernel; =head<k> runs the head
-// kernel with k rows per thread (2, 4 or 8) instead of the choice in launch_head.
-enum class KernelChoice { kDefault, kRows, kHead2, kHead4, kHead8 };
+// SSMKERNELS_STATE_UPDATE_KERNEL=rows sends every call to the per-row kernel; =head<k> runs the
+// one-token head kernel with k rows per thread (4, 8 or 16) instead of the choice in launch_head.
+enum class KernelChoice { kDefault, kRows, kHead4, kHead8, kHead16 };
 
 KernelChoice kernel_override() {
   static const KernelChoice value = [] {
     const char* text = std::getenv("SSMKERNELS_STATE_UPDATE_KERNEL");
     const std::string name = text == nullptr ? "" : text;
     if (name == "rows") return KernelChoice::kRows;
-    if (name == "head2") return KernelChoice::kHead2;
     if (name == "head4") return KernelChoice::kHead4;
     if (name == "head8") return KernelChoice::kHead8;
+    if (name == "head16") return KernelChoice::kHead16;
     return KernelChoice::kDefault;
   }();
   return value;
 }
 
-template <typename state_t, int kRows>
+template <typename state_t, int kRows, bool kOneToken>
 void launch_head_rows(const Params& params) {
   constexpr int kVec = 16 / sizeof(state_t);
   int lanes_log2 = 0;
@@ -529,8 +540,8 @@ void launch_head_rows(const Params& params) {
   if (head_blocks > INT_MAX)
     throw std::invalid_argument("selective_state_update: heads * row blocks = " + std::to_string(head_blocks) +
                                 " exceeds the CUDA grid limit");
-  SSMK_DISPATCH_FLOAT(params.B_dtype, "selective_state_update B", [&] {
-    auto kernel = state_update_head_kernel<state_t, scalar_t, kRows>;
+  SSMK_DISPATCH_FLOAT(params.x_dtype, "selective_state_update x", [&] {
+    auto kernel = state_update_head_kernel<state_t, scalar_t, kRows, kOneToken>;
     constexpr int64_t kMaxGridY = 65535;
     for (int64_t b0 = 0; b0 < params.batch; b0 += kMaxGridY) {
       const dim3 grid(static_cast<unsigned>(head_blocks), static_cast<unsigned>(std::min(kMaxGridY, params.batch - b0)));
@@ -542,11 +553,11 @@ void launch_head_rows(const Params& params) {
 
 template <typename state_t>
 void launch_head(const Params& params) {
+  if (params.tokens != 1) return launch_head_rows<state_t, (sizeof(state_t) == 4 ? 4 : 2), false>(params);
   switch (kernel_override()) {
-    case KernelChoice::kHead2: return launch_head_rows<state_t, 2>(params);
-    case KernelChoice::kHead8: return launch_head_rows<state_t, 8>(params);
-    case KernelChoice::kHead4: return launch_head_rows<state_t, 4>(params);
-    default: return launch_head_rows<state_t, (sizeof(state_t) == 4 ? 8 : 4)>(params);  // 32 state floats a thread
+    case KernelChoice::kHead4: return launch_head_rows<state_t, 4, true>(params);
+    case KernelChoice::kHead16: return launch_head_rows<state_t, 16, true>(params);
+    default: return launch_head_rows<state_t, 8, true>(params);
   }
 }
 
@@ -561,8 +572,12 @@ void launch_state(const Params& params) {
                          packs_aligned(params.C, params.C_stride, dtype_bytes(params.C_dtype), params.dstate, kVec);
   const bool A_per_head = params.A_stride[1] == 0 && params.A_stride[2] == 0;
   const int64_t packs = params.dstate / kVec;
-  if (vector && bc_packed && A_per_head && packs <= 32 && (packs & (packs - 1)) == 0 &&
-      kernel_override() != KernelChoice::kRows) {
+  // The head kernel: x, z, out, B and C of one float type; rows of a head fit in int.
+  const int io = params.x_dtype;
+  const bool one_io_type = io <= static_cast<int>(DType::kBFloat16) && params.B_dtype == io && params.out_dtype == io &&
+                           (params.z == nullptr || params.z_dtype == io);
+  if (vector && bc_packed && one_io_type && A_per_head && packs <= 32 && (packs & (packs - 1)) == 0 &&
+      params.headdim <= INT_MAX / 2 && kernel_override() != KernelChoice::kRows) {
     launch_head<state_t>(params);
     return;
   }
