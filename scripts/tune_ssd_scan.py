@@ -40,7 +40,10 @@ SWEEPS = {
     "scan-bwd": ("_SCAN_CFG_F32", "ssd-fwdbwd", [
         dict(BLOCK_M=32, BLOCK_K=32, num_warps=2, num_stages=2), dict(BLOCK_M=32, BLOCK_K=32, num_warps=4, num_stages=3),
         dict(BLOCK_M=32, BLOCK_K=16, num_warps=4, num_stages=2), dict(BLOCK_M=16, BLOCK_K=32, num_warps=4, num_stages=2),
-        dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2)]),
+        dict(BLOCK_M=32, BLOCK_K=32, num_warps=8, num_stages=2),
+        # the dB/dC scans' value tile (d_state 128: two 64-wide tiles by default)
+        dict(BLOCK_V_MAX=128), dict(BLOCK_V_MAX=32), dict(BLOCK_V_MAX=128, num_warps=2, num_stages=2),
+        dict(BLOCK_V_MAX=32, num_warps=2, num_stages=2)]),
     "segment": ("_SEGMENT_CFG", "ssd-fwd", [
         dict(BLOCK_T=32, num_warps=4), dict(BLOCK_T=64, num_warps=4), dict(BLOCK_T=32, num_warps=8),
         dict(BLOCK_T=128, num_warps=8), dict(BLOCK_P=32, num_warps=4), dict(BLOCK_N=64, num_warps=4),
