@@ -65,8 +65,10 @@ from ssmkernels._core import dispatch  # noqa: E402
 dispatch.triton_device_reason = lambda device: None  # CPU tensors stand in for CUDA ones
 SHARED_LIMIT = 232448  # bytes of shared memory per block on an H100
 # Bytes of spill stores per thread a kernel may have (ptxas -v). The largest today: 1408 B (an SSD
-# float32 backward scan), 996 B (the conv backward, channel-first); the regression this guards
-# against was 13 KB (SSMKERNELS_SSD_DOT_PRECISION=ieee still shows it).
+# float32 backward scan), 1264 B (the bf16-input dB/dC scans with their 128-wide value tile, which
+# the H200 still ran faster: whole fwd+bwd 14.68 against 18.36 ms with 64 and 364 B), 996 B (the
+# conv backward, channel-first); the regression this guards against was 13 KB
+# (SSMKERNELS_SSD_DOT_PRECISION=ieee still shows it).
 SPILL_LIMIT = 2048
 _SPILLS = re.compile(r"(\d+) bytes spill stores")
 

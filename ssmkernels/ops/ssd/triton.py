@@ -85,7 +85,10 @@ _SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_V_MAX": 64, "num_warps": 4}
 # whole fwd+bwd: 32 x 32 at 4 warps 19.47 ms (1 stage 20.01), at 8 warps 29.84; 32 x 64 at 8 warps
 # 26.28; 64 x 32 at 8 warps, 1 stage 28.34. tf32x3 dots (float16 and float32 inputs) keep 8 warps:
 # at 4, ptxas put 2952 B of spill stores per thread into a float32-input scan.
-_SCAN_CFG_F32 = {"BLOCK_M": 32, "BLOCK_K": 32, "num_stages": 2, "num_warps_tf32x3": 8}
+# The dB/dC scans (value tile BLOCK_V_MAX) at tf32: d_state 128 in one 128-wide tile, 14.68 ms
+# whole fwd+bwd against 18.36 with two 64-wide tiles (32: 31.64); tf32x3 keeps 64 (register room).
+_SCAN_CFG_F32 = {"BLOCK_M": 32, "BLOCK_K": 32, "num_stages": 2, "num_warps_tf32x3": 8,
+                 "BLOCK_V_MAX": 128, "BLOCK_V_MAX_tf32x3": 64}
 
 
 def _scan_cfg(dtype: torch.dtype) -> dict:
@@ -882,8 +885,9 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
     cfg = _scan_cfg(dtype)
     bm = _scan_block_m(chunk_size, dtype)
     bk = min(_p2(chunk_size), cfg["BLOCK_K"])
-    bv = _p2(DV) if full_value else min(_p2(DV), cfg["BLOCK_V_MAX"])
     dot_dtype, prec = _dot_types(dtype, input_dtype or dtype)
+    bv_max = cfg["BLOCK_V_MAX_tf32x3"] if prec == "tf32x3" else cfg["BLOCK_V_MAX"]
+    bv = _p2(DV) if full_value else min(_p2(DV), bv_max)
     seq = cs if seq_idx is None else seq_idx
     dummy = cs
     hp = x if x is not None else (dout if dout is not None else o1)
