@@ -4,7 +4,7 @@
 A tuning tool for the GPU machine:
 
     python scripts/tune_state_update.py [--batch 256] [--json out.json] [--cuda-packs 1,2,4]
-        [--cuda-kernels rows,head2,head4,head8] [--no-triton]
+        [--cuda-kernels default,rows] [--no-triton]
 
 Each row: state dtype, tile (state elements per program), warps, programs per SM (0: one program per
 tile; k: the pipelined kernel, at most k programs per SM looping over tiles; ``--programs-per-sm``
@@ -12,8 +12,8 @@ picks the values), median time, GB/s and % of copy.
 The library's current choice is marked with '*'. ``--cuda-packs`` also times the CUDA kernel with
 each cap on the 16-byte state packs per thread (SSMKERNELS_STATE_UPDATE_PACKS, one process each,
 since the launcher reads it once; 0 = the launcher's own choice), on the per-row kernel;
-``--cuda-kernels`` times the CUDA launcher's kernels (SSMKERNELS_STATE_UPDATE_KERNEL: ``rows`` the
-per-row kernel, ``headK`` the head kernel with K rows per thread). Each CUDA child first times an
+``--cuda-kernels`` times the CUDA launcher's kernels (SSMKERNELS_STATE_UPDATE_KERNEL: ``rows`` forces
+the per-row kernel, ``default`` leaves the launcher's choice, the head kernel for Mamba-2 steps). Each CUDA child first times an
 in-place ``state.mul_`` (the read-modify-write ceiling).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
                         help="comma-separated programs per SM of the Triton kernel to time (default 0)")
     parser.add_argument("--cuda-packs", help="comma-separated caps on the per-row CUDA kernel's packs per thread to time")
     parser.add_argument("--cuda-kernels", help="comma-separated SSMKERNELS_STATE_UPDATE_KERNEL values to time "
-                        "(rows, head2, head4, head8; default = the launcher's choice)")
+                        "(rows = the per-row kernel; default = the launcher's choice)")
     parser.add_argument("--cuda-only", action="store_true", help=argparse.SUPPRESS)  # one --cuda-packs child
     parser.add_argument("--no-triton", action="store_true", help="time the CUDA kernels only")
     args = parser.parse_args()

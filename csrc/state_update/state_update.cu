@@ -511,20 +511,12 @@ void launch_typed(const Params& params, bool A_per_head) {
   check_launch("selective_state_update kernel");
 }
 
-// Tuning knobs for scripts/tune_state_update.py, read once per process:
-// SSMKERNELS_STATE_UPDATE_KERNEL=rows sends every call to the per-row kernel; =head<k> runs the
-// one-token head kernel with k rows per thread (4, 8 or 16) instead of the choice in launch_head.
-enum class KernelChoice { kDefault, kRows, kHead4, kHead8, kHead16 };
-
-KernelChoice kernel_override() {
-  static const KernelChoice value = [] {
+// Tuning knob for scripts/tune_state_update.py, read once per process:
+// SSMKERNELS_STATE_UPDATE_KERNEL=rows sends every call to the per-row kernel (for comparison).
+bool per_row_kernel_forced() {
+  static const bool value = [] {
     const char* text = std::getenv("SSMKERNELS_STATE_UPDATE_KERNEL");
-    const std::string name = text == nullptr ? "" : text;
-    if (name == "rows") return KernelChoice::kRows;
-    if (name == "head4") return KernelChoice::kHead4;
-    if (name == "head8") return KernelChoice::kHead8;
-    if (name == "head16") return KernelChoice::kHead16;
-    return KernelChoice::kDefault;
+    return text != nullptr && std::string(text) == "rows";
   }();
   return value;
 }
@@ -553,15 +545,13 @@ void launch_head_rows(const Params& params) {
 
 template <typename state_t>
 void launch_head(const Params& params) {
+  // Rows per thread of the one-token instance, H200 batch 256 H128 P64 N128 (GB/s as % of copy,
+  // float32 / bf16 state): 4: 80.3 / 55.8, 8: 61.9 / 48.0 (128-168 registers), 16: 43.2 / 18.6
+  // (spills); the per-row kernel 66.3 / 44.9. Batch 1: 18.7-19.4 us of GPU time for 4 and 8 alike.
+  // (The first form of this kernel, with run-time element types: 2 rows 55.0 / 47.1, 4 rows 62.3 /
+  // 41.1.) Several tokens: 16 state elements per thread, as in the per-row kernel.
   if (params.tokens != 1) return launch_head_rows<state_t, (sizeof(state_t) == 4 ? 4 : 2), false>(params);
-  // Rows per thread, H200 batch 256 H128 P64 N128 (GB/s as % of copy, float32 / bf16 state):
-  // 4: 80.3 / 55.8, 8: 61.9 / 48.0 (128-168 registers), 16: 43.2 / 18.6 (spills); the per-row
-  // kernel 66.3 / 44.9. Batch 1: 18.7-19.4 us of GPU time for 4 and 8 alike.
-  switch (kernel_override()) {
-    case KernelChoice::kHead8: return launch_head_rows<state_t, 8, true>(params);
-    case KernelChoice::kHead16: return launch_head_rows<state_t, 16, true>(params);
-    default: return launch_head_rows<state_t, 4, true>(params);
-  }
+  return launch_head_rows<state_t, 4, true>(params);
 }
 
 template <typename state_t>
@@ -580,7 +570,7 @@ void launch_state(const Params& params) {
   const bool one_io_type = io <= static_cast<int>(DType::kBFloat16) && params.B_dtype == io && params.out_dtype == io &&
                            (params.z == nullptr || params.z_dtype == io);
   if (vector && bc_packed && one_io_type && A_per_head && packs <= 32 && (packs & (packs - 1)) == 0 &&
-      params.headdim <= INT_MAX / 2 && kernel_override() != KernelChoice::kRows) {
+      params.headdim <= INT_MAX / 2 && !per_row_kernel_forced()) {
     launch_head<state_t>(params);
     return;
   }
