@@ -11,8 +11,8 @@ kernel before its retune; the segment and state-pass kernels are the next larges
 - segment: ``_SEGMENT_CFG`` (chunk states, forward), timing the whole forward;
 - pass: ``_PASS_CFG`` (the sequential state pass), timing the whole forward.
 
-Each row: the configuration, median time, and the largest difference of the output (forward) or
-of dx (fwd+bwd) from the library's configuration, so that a tiling that computes something else
+Each row: the configuration, median time, and the largest difference of the outputs (forward) or
+of all gradients (fwd+bwd) from the library's configuration, so that a tiling that computes something else
 shows. The library's current choice comes first, marked with '*'.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ SWEEPS = {
 
 
 def _time(case_name: str, cfg_name: str, overrides: dict):
-    """(median ms, first output or dx as float32) of the case with ``overrides`` applied to the
+    """(median ms, every output or gradient as one float32 vector) of the case with ``overrides`` applied to the
     config dict ``cfg_name`` of triton.py (restored afterwards)."""
     case = next(c for c in cases.all_cases() if c.name == case_name)
     cfg = getattr(ssd_triton, cfg_name)
@@ -67,8 +67,9 @@ def _time(case_name: str, cfg_name: str, overrides: dict):
         forward, leaves = build(case.make(torch.device("cuda")))
         step = runner.make_step(forward, leaves, case.backward)
         result = step()
-        result = result[0] if isinstance(result, (tuple, list)) else result
-        result = result.float().clone()
+        # every gradient (fwd+bwd) or output, flattened: a tile of the dB/dC scans shows in dB/dC
+        parts = result if isinstance(result, (tuple, list)) else [result]
+        result = torch.cat([t.detach().float().flatten() for t in parts if t is not None])
         return timing.measure([step], warmup_ms=25, rep_ms=150).median_ms, result
     finally:
         cfg.clear()
