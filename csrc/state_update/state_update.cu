@@ -1,4 +1,8 @@
-// selective_state_update kernel: t tokens of the Mamba recurrence applied to a state cache in place.
+// selective_state_update kernels: t tokens of the Mamba recurrence applied to a state cache in place.
+// Two kernels: the head kernel (state_update_head_kernel, below the per-row one) serves Mamba-2
+// steps whose state and B/C read in 16-byte packs and whose x/z/out/B/C share one type, the common
+// decode call; the per-row kernel serves every other form (Mamba-1's full A, strided or odd-sized
+// state rows, mixed input types). The per-row kernel:
 //
 // Work split: a group of `lanes` threads (a power of two <= 32, inside one warp) owns one state
 // row (b, h, p, 0:n); each thread of the group keeps `chunks` packs of `kVec` consecutive state
@@ -15,7 +19,7 @@
 //
 // Templated on the state type, the pack width, whether A is one scalar per head and B/C's type on
 // the vector path (18 instances, see launch_typed; B/C of mixed types or layouts go element by
-// element). The other inputs' element types are read at run time (warp-uniform switches), since
+// element; the head kernel adds 18 more). The other inputs' element types are read at run time (warp-uniform switches), since
 // callers mix them (bf16 x with fp32 A/D/dt_bias) and they are one load per row and token.
 #include "common.h"
 #include "state_update/state_update.h"
@@ -333,7 +337,8 @@ state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, 
                                       params.dt_bias_dtype) : 0;
   }
   const io_t* x_head = static_cast<const io_t*>(params.x) + b * params.x_stride[0] + h * params.x_stride[2];
-  const io_t* z_head = static_cast<const io_t*>(params.z) + b * params.z_stride[0] + h * params.z_stride[2];
+  const io_t* z_head = has_z ? static_cast<const io_t*>(params.z) + b * params.z_stride[0] + h * params.z_stride[2]
+                            : nullptr;
   const int64_t dt_head = b * params.dt_stride[0] + h * params.dt_stride[2];
   const io_t* B_head = static_cast<const io_t*>(params.B) + b * params.B_stride[0] + g * params.B_stride[2] + n_offset;
   const io_t* C_head = static_cast<const io_t*>(params.C) + b * params.C_stride[0] + g * params.C_stride[2] + n_offset;
@@ -575,15 +580,9 @@ void launch_state(const Params& params) {
     return;
   }
   if (vector && (bc_packed || !A_per_head)) {
-    // 16 state elements per thread by default whatever the type (4 float32 packs, 2 of 16-bit
-    // types): with 4 packs of 8 the bf16 step took 161 registers a thread (3 blocks per SM).
-    // The override asks for 4 packs of 16-bit types (tune_state_update.py --cuda-packs).
-    if constexpr (kVec == 8) {
-      if (packs_override() > 2) {
-        launch_typed<state_t, kVec, 4>(params, A_per_head);
-        return;
-      }
-    }
+    // 16 state elements per thread whatever the type (4 float32 packs, 2 of 16-bit types): with 4
+    // packs of 8 the bf16 step took 161 registers a thread (3 blocks per SM) and was no faster
+    // (H200 batch 256: 45.4% of copy against 44.9%).
     launch_typed<state_t, kVec, 16 / kVec>(params, A_per_head);
   } else {
     launch_typed<state_t, 1, kMaxStateElemsPerLane>(params, A_per_head);

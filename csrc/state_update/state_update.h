@@ -12,10 +12,10 @@
 namespace ssmk {
 namespace state_update {
 
-// Most state elements one thread keeps in registers across tokens: on the vector path 16 (4
-// float32 or 2 16-bit packs of 16 bytes; kMaxPacks 16-byte packs of 16-bit types on request, see
-// SSMKERNELS_STATE_UPDATE_PACKS), on the scalar path kMaxStateElemsPerLane single elements. With
-// 32 lanes per state row this bounds d_state to kMaxStateElemsPerLane * 32.
+// Most state elements one thread of the per-row kernel keeps in registers across tokens: on the
+// vector path 16 (kMaxPacks = 4 float32 packs of 16 bytes, or 2 of 16-bit types), on the scalar
+// path kMaxStateElemsPerLane single elements. With 32 lanes per state row this bounds d_state to
+// kMaxStateElemsPerLane * 32.
 constexpr int kMaxPacks = 4;
 constexpr int kMaxStateElemsPerLane = 16;
 constexpr int64_t kMaxDState = kMaxStateElemsPerLane * 32;

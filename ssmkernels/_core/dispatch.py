@@ -35,8 +35,8 @@ def preferred_order(primitive: str, features: dict[str, Any]) -> tuple[str, ...]
     if primitive == "selective_scan":
         return CUDA_FIRST  # H200: fwd 1.80 (cuda) vs 6.27 ms, fwd+bwd 9.29 vs 25.8 ms
     if primitive == "state_update":
-        # H200: batch 1 wall clock 10.3-10.9 (cuda) vs 36 us; batch 256 0.808 vs 0.562 ms (triton,
-        # fp32 state) and 0.509 vs 0.316 ms (bf16 state)
+        # H200: batch 1 wall clock 10.3-11.4 (cuda) vs 36-41 us; batch 256 0.640 vs 0.565 ms (triton,
+        # fp32 state) and 0.459 vs 0.320 ms (bf16 state; cuda = the head kernel, fifth session)
         return CUDA_FIRST if features.get("small_batch") else DEFAULT_ORDER
     # ssd: the chunked Triton kernels first; the CUDA backend (the recurrence on the selective-scan
     # kernels, ops/ssd/cuda.py) is exact but not tuned, so it comes second.
