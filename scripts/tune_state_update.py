@@ -12,9 +12,9 @@ picks the values), median time, GB/s and % of copy.
 The library's current choice is marked with '*'. ``--cuda-packs`` also times the CUDA kernel with
 each cap on the 16-byte state packs per thread (SSMKERNELS_STATE_UPDATE_PACKS, one process each,
 since the launcher reads it once; 0 = the launcher's own choice), on the per-row kernel;
-``--cuda-kernels`` times the CUDA launcher's kernels (SSMKERNELS_STATE_UPDATE_KERNEL: ``rows`` forces
-the per-row kernel, ``default`` leaves the launcher's choice, the head kernel for Mamba-2 steps). Each CUDA child first times an
-in-place ``state.mul_`` (the read-modify-write ceiling).
+``--cuda-kernels`` times the CUDA launcher's kernels (SSMKERNELS_STATE_UPDATE_KERNEL: ``rows``
+forces the per-row kernel, ``default`` leaves the launcher's choice, the head kernel for Mamba-2
+steps). Each CUDA child first times an in-place ``state.mul_`` (the read-modify-write ceiling).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--cuda-packs", help="comma-separated caps on the per-row CUDA kernel's packs per thread to time")
     parser.add_argument("--cuda-kernels", help="comma-separated SSMKERNELS_STATE_UPDATE_KERNEL values to time "
                         "(rows = the per-row kernel; default = the launcher's choice)")
-    parser.add_argument("--cuda-only", action="store_true", help=argparse.SUPPRESS)  # one --cuda-packs child
+    parser.add_argument("--cuda-only", action="store_true", help=argparse.SUPPRESS)  # one --cuda-packs/--cuda-kernels child
     parser.add_argument("--no-triton", action="store_true", help="time the CUDA kernels only")
     args = parser.parse_args()
     if (args.cuda_packs or args.cuda_kernels) and not args.cuda_only:

@@ -19,8 +19,9 @@
 //
 // Templated on the state type, the pack width, whether A is one scalar per head and B/C's type on
 // the vector path (18 instances, see launch_typed; B/C of mixed types or layouts go element by
-// element; the head kernel adds 18 more). The other inputs' element types are read at run time (warp-uniform switches), since
-// callers mix them (bf16 x with fp32 A/D/dt_bias) and they are one load per row and token.
+// element; the head kernel adds 18 more). The other inputs' element types are read at run time
+// (warp-uniform switches), since callers mix them (bf16 x with fp32 A/D/dt_bias) and they are one
+// load per row and token.
 #include "common.h"
 #include "state_update/state_update.h"
 
@@ -40,9 +41,11 @@ constexpr int kWarps = kThreads / 32;
 
 // An element's bits, loaded without converting them, and their conversion (bits_to_float) apart.
 // A conversion inside the dtype switch waits on its load before the next switch issues the next
-// load: the H200 ran the bf16-state decode step with six such waits per block (A, dt_bias, D, x,
-// dt, z, all L2 hits) at 47-50% of copy bandwidth. Loading all bits first keeps them in flight
-// together with the state's loads. float64 (rare here) is narrowed at its load: only that case waits.
+// load: the SASS of the per-row kernel showed six such waits per block (A, dt_bias, D, x, dt, z,
+// all L2 hits). Loading all bits first keeps them in flight together with the state's loads. By
+// itself it gained little on the H200 (batch 256, float32 state: 63 -> 66% of copy); the rest of the
+// per-row kernel's cost is its instruction count (see the head kernel). float64 (rare here) is
+// narrowed at its load: only that case waits.
 __device__ __forceinline__ uint32_t load_bits(const void* base, int64_t offset, int code) {
   if (code == static_cast<int>(DType::kFloat32)) return static_cast<const uint32_t*>(base)[offset];
   if (code == static_cast<int>(DType::kFloat64))
@@ -73,6 +76,16 @@ __device__ __forceinline__ void store_from_float(void* base, int64_t offset, int
 
 // Same threshold as torch.nn.functional.softplus: linear above 20.
 __device__ __forceinline__ float softplus(float v) { return v <= 20.f ? log1pf(expf(v)) : v; }
+
+// The cache slot batch row b reads and writes: b itself without indices, else its index; -1 for a
+// padding row (pad_slot_id, and defensively any index outside the cache), which touches no state
+// and gets zeros as output.
+__device__ __forceinline__ int64_t cache_slot(const Params& params, int64_t b) {
+  if (params.indices == nullptr) return b;
+  const int64_t slot = params.index_is_int64 ? static_cast<const int64_t*>(params.indices)[b * params.index_stride]
+                                             : static_cast<const int32_t*>(params.indices)[b * params.index_stride];
+  return slot == params.pad_slot_id || slot < 0 || slot >= params.slots ? -1 : slot;
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -130,20 +143,15 @@ state_update_kernel(const __grid_constant__ Params params, int lanes, int chunks
   const int64_t g = h32 / static_cast<int>(params.heads_per_group);
   const int n = static_cast<int>(params.dstate);  // <= kMaxDState
 
-  int64_t slot = b;
-  if (params.indices != nullptr) {
-    slot = params.index_is_int64 ? static_cast<const int64_t*>(params.indices)[b * params.index_stride]
-                                 : static_cast<const int32_t*>(params.indices)[b * params.index_stride];
-    // Padding rows (and, defensively, any index outside the cache) touch no state: zeros out.
-    // Uniform over the block (one batch row per block), so returning here is safe for the shuffles.
-    if (slot == params.pad_slot_id || slot < 0 || slot >= params.slots) {
-      if (row_ok && lane_in_row == 0) {
-        const int64_t base = b * params.out_stride[0] + h * params.out_stride[2] + p * params.out_stride[3];
-        for (int64_t t = 0; t < params.tokens; ++t) store_from_float(params.out, base + t * params.out_stride[1],
-                                                                     params.out_dtype, 0.f);
-      }
-      return;
+  // Uniform over the block (one batch row per block), so returning here is safe for the shuffles.
+  const int64_t slot = cache_slot(params, b);
+  if (slot < 0) {
+    if (row_ok && lane_in_row == 0) {
+      const int64_t base = b * params.out_stride[0] + h * params.out_stride[2] + p * params.out_stride[3];
+      for (int64_t t = 0; t < params.tokens; ++t) store_from_float(params.out, base + t * params.out_stride[1],
+                                                                   params.out_dtype, 0.f);
     }
+    return;
   }
 
   // Element e = c * kVec + v of this thread sits at n index (c * lanes + lane_in_row) * kVec + v.
@@ -293,21 +301,17 @@ state_update_head_kernel(const __grid_constant__ Params params, int lanes_log2, 
   const bool has_z = params.z != nullptr, has_D = params.D != nullptr, has_dt_bias = params.dt_bias != nullptr;
   io_t* out_head = static_cast<io_t*>(params.out) + b * params.out_stride[0] + h * params.out_stride[2];
 
-  int64_t slot = b;
-  if (params.indices != nullptr) {
-    slot = params.index_is_int64 ? static_cast<const int64_t*>(params.indices)[b * params.index_stride]
-                                 : static_cast<const int32_t*>(params.indices)[b * params.index_stride];
-    if (slot == params.pad_slot_id || slot < 0 || slot >= params.slots) {  // uniform over the block
-      if (out_lane) {
+  const int64_t slot = cache_slot(params, b);
+  if (slot < 0) {  // uniform over the block
+    if (out_lane) {
 #pragma unroll
-        for (int j = 0; j < kRows; ++j) {
-          if (!row_ok[j]) continue;
-          for (int64_t t = 0; t < tokens; ++t)
-            out_head[t * params.out_stride[1] + (p0 + j * rows_per_pass) * params.out_stride[3]] = from_float<io_t>(0.f);
-        }
+      for (int j = 0; j < kRows; ++j) {
+        if (!row_ok[j]) continue;
+        for (int64_t t = 0; t < tokens; ++t)
+          out_head[t * params.out_stride[1] + (p0 + j * rows_per_pass) * params.out_stride[3]] = from_float<io_t>(0.f);
       }
-      return;
     }
+    return;
   }
 
   // Loads first, conversions after (see load_bits): the state's packs, then the rest.
