@@ -464,12 +464,13 @@ _LOWER_FOR_SM90 = textwrap.dedent("""
     from ssmkernels.ops.state_update import triton as kernels
 
     fn = kernels._state_update_kernel
-    variants = [("fp32", "bf16", True, True, True, 16, 128, True), ("bf16", "fp16", False, False, False, 4, 16, False),
-                ("fp16", "fp32", True, False, True, 1, 512, False)]
-    for state_ty, in_ty, indices, dt_per_head, a_per_head, block_p, block_n, even_n in variants:
+    variants = [("fp32", "bf16", True, True, True, 16, 128, True, True),
+                ("bf16", "fp16", False, False, False, 4, 16, False, False),
+                ("fp16", "fp32", True, False, True, 1, 512, False, True)]
+    for state_ty, in_ty, indices, dt_per_head, a_per_head, block_p, block_n, even_n, one_token in variants:
         constants = dict(DT_SOFTPLUS=True, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, HAS_INDICES=indices,
                          DT_PER_HEAD=dt_per_head, A_PER_HEAD=a_per_head, BF16_BY_BITS=False, EVEN_N=even_n,
-                         BLOCK_P=block_p, BLOCK_N=block_n)
+                         BLOCK_P=block_p, BLOCK_N=block_n, ONE_TOKEN=one_token)
         signature = {}
         for name in fn.arg_names:
             if name in constants:
