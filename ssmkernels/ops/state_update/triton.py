@@ -85,10 +85,13 @@ def _one_token(state, x_ptrs, dt_ptrs, B_ptrs, C_ptrs, z_ptrs, out_ptrs, out_ptr
         decay = tl.exp(A * dt)  # a scalar when A_PER_HEAD too: one exp per head and token
     else:
         decay = tl.exp(A * dt[:, None])
-    state = state * decay + (dt * x)[:, None] * B[None, :]
+    # Explicit fma: left to the compiler, the contraction of this sum and of ``D * x`` differed
+    # between the straight-line (ONE_TOKEN) and loop code, so t tokens in one call and t single
+    # steps differed in the last bit; pinned, both give the same bits (and so would a new path).
+    state = tl.fma(state, decay, (dt * x)[:, None] * B[None, :])
     y = tl.sum(state * C[None, :], axis=1)
     if HAS_D:
-        y += D * x
+        y = tl.fma(D, x, y)
     if HAS_Z:
         z = tl.load(z_ptrs, mask=mask_p, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
