@@ -126,6 +126,17 @@ int main() {
   FIRST_BWD_REVERSE(12, 4) FIRST_BWD_REVERSE(1, 4) FIRST_BWD_REVERSE(8, 4) FIRST_BWD_REVERSE(10, 4)
   FIRST_BWD_REVERSE(16, 4) FIRST_BWD_REVERSE(12, 2)
 
+#define FIRST_BWD_ASYNC(MINB, STAGES)                                                                   \
+  {                                                                                                     \
+    const int64_t segment = 128 * 8 * 4, segments = ceil_div(L, segment);                              \
+    const dim3 grid(D, B, segments);                                                                    \
+    report("cf bwd async minblocks=" #MINB " stages=" #STAGES,                                          \
+           time_us([&] { backward_first_async_kernel<bf16, 4, MINB, STAGES><<<grid, 128>>>(first, segment, segments); }), \
+           bwd_bytes);                                                                                  \
+  }
+  FIRST_BWD_ASYNC(12, 3) FIRST_BWD_ASYNC(12, 2) FIRST_BWD_ASYNC(12, 4) FIRST_BWD_ASYNC(8, 3) FIRST_BWD_ASYNC(8, 4)
+  FIRST_BWD_ASYNC(16, 3) FIRST_BWD_ASYNC(10, 3)
+
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \
     const int64_t groups = ceil_div(L, ROWS);                                                           \
@@ -135,6 +146,26 @@ int main() {
   }
   LAST_FWD(2, 32) LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 8) LAST_FWD(8, 4) LAST_FWD(8, 8)
   LAST_FWD(8, 16) LAST_FWD(4, 32) LAST_FWD(2, 64)
+
+#define LAST_FWD_TILED(ROWS, SEGMENT)                                                                   \
+  {                                                                                                     \
+    const dim3 grid(D / tile_channels<bf16>(), ceil_div(L, SEGMENT), B);                                \
+    report("cl fwd tiled rows=" #ROWS " segment=" #SEGMENT,                                             \
+           time_us([&] { forward_last_tiled_kernel<bf16, 4, ROWS><<<grid, kTiledThreads>>>(fl, SEGMENT); }), fwd_bytes); \
+  }
+  LAST_FWD_TILED(64, 512) LAST_FWD_TILED(32, 512) LAST_FWD_TILED(64, 256) LAST_FWD_TILED(64, 1024)
+  LAST_FWD_TILED(64, 4096) LAST_FWD_TILED(32, 256) LAST_FWD_TILED(16, 256)
+
+#define LAST_BWD_TILED(ROWS, SEGMENT)                                                                   \
+  {                                                                                                     \
+    const int64_t segments = ceil_div(L, SEGMENT);                                                      \
+    const dim3 grid(D / tile_channels<bf16>(), segments, B);                                            \
+    report("cl bwd tiled rows=" #ROWS " segment=" #SEGMENT,                                             \
+           time_us([&] { backward_last_tiled_kernel<bf16, 4, ROWS><<<grid, kTiledThreads>>>(last, SEGMENT, segments); }), \
+           bwd_bytes);                                                                                  \
+  }
+  LAST_BWD_TILED(32, 512) LAST_BWD_TILED(32, 256) LAST_BWD_TILED(32, 1024) LAST_BWD_TILED(32, 4096)
+  LAST_BWD_TILED(16, 256) LAST_BWD_TILED(16, 512)
 
 #define LAST_BWD(CH, ROWS, UNROLL)                                                                      \
   {                                                                                                     \

@@ -125,6 +125,11 @@ PLAIN_CASES = {
     "w3_b3": dict(b=3, d=16, l=40, w=3),
     "init_final": dict(d=16, l=72, init=True, final=True),
     "segments": dict(b=1, d=8, l=4200),
+    # channel-last tiles: several channel blocks (128 16-bit / 64 float32 channels), the last one
+    # partial; two segments of 512 rows, the second with a partial tile
+    "channel_blocks": dict(b=2, d=136, l=600),
+    # d a multiple of 4 but not 8: the 16-bit channel-last rows take the sliding kernels
+    "d12": dict(d=12, l=72),
 }
 PLAIN_GRID = [(c, lay) for c in PLAIN_CASES for lay in LAYOUTS[:2]]
 

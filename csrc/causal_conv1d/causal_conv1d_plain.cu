@@ -41,6 +41,8 @@ constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
 constexpr int kFirstBackwardMinBlocks = 12;
 constexpr int kFirstBackwardRounds = 4;
+constexpr int kFirstBackwardStages = 3;  // cp.async stages of backward_first_async_kernel; 0: the synchronous walk
+constexpr int kFirstBackwardAsyncStages = kFirstBackwardStages >= 2 ? kFirstBackwardStages : 2;  // (instantiable)
 // Channel-last forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
 // kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 32
 // rows 207 us, 77%; 2 x 16 213 us, 4 x 8 232 us, 4 x 16 218 us; sliding along 32-128 rows with the
@@ -295,6 +297,104 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_r
   }
 }
 
+// The same walk with the chunks' vectors brought into shared memory by cp.async, kStages - 1 chunks
+// ahead of the one computed: the loads hold no registers in flight, so prefetching costs no
+// occupancy (the register prefetch above did). Slots per stage: x_slots[0] the x vector before the
+// chunk, x_slots[1 + t] and dout_slots[t] thread t's. The last thread's "after" vectors (the next
+// chunk's first) are kept in registers from the previous iteration, since that stage is refilled.
+template <typename T, int kWidth, int kMinBlocks, int kStages>
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_async_kernel(BackwardParams p,
+                                                                                            int64_t segment,
+                                                                                            int64_t num_segments) {
+  constexpr int kElts = Vec16<T>::kElts;
+  constexpr int kHist = kWidth - 1;
+  static_assert(kElts >= kHist, "the halo fits in one vector");
+  static_assert(kStages >= 2, "at least one chunk in flight");
+  __shared__ uint4 x_slots[kStages][kFirstThreadsMax + 1], dout_slots[kStages][kFirstThreadsMax];
+  const int tid = threadIdx.x, threads = blockDim.x;
+  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
+  const int64_t l = p.seqlen;
+  const int64_t seg_begin = blockIdx.z * segment;
+  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
+  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
+  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
+  const Taps<kWidth, 1> taps(p, c);
+  float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
+  const int64_t step = int64_t{threads} * kElts;
+  const int64_t chunks = ceil_div(seg_end - seg_begin, step);
+
+  // One vector at pos into a slot: asynchronously when it lies inside the row, zeros past it, and
+  // a vector reaching past the row's end element by element (a plain store: nothing else writes
+  // that slot until it has been read).
+  auto fetch = [&](uint4* slot, const T* row, int64_t pos) {
+    if (pos + kElts <= l || pos >= l) {
+      async_copy16(slot, pos < l ? row + pos : row, pos < l);
+    } else {
+      *slot = load_raw_vector(row, pos, l);
+    }
+  };
+  auto issue = [&](int64_t k, int stage) {
+    const int64_t base = seg_begin + k * step, pos = base + static_cast<int64_t>(tid) * kElts;
+    fetch(&x_slots[stage][tid + 1], x, pos);
+    fetch(&dout_slots[stage][tid], dout, pos);
+    if (tid == 0) async_copy16(&x_slots[stage][0], base > 0 ? x + base - kElts : x, base > 0);
+  };
+#pragma unroll
+  for (int s = 0; s + 1 < kStages; ++s) {
+    if (chunks - 1 - s >= 0) issue(chunks - 1 - s, s);
+    async_commit();  // (empty groups too: the wait below counts groups)
+  }
+  // What follows the segment's last chunk in the row, if anything.
+  uint4 carry_x = load_raw_vector(x, seg_begin + chunks * step, l);
+  uint4 carry_dout = load_raw_vector(dout, seg_begin + chunks * step, l);
+  for (int64_t it = 0; it < chunks; ++it) {
+    const int64_t k = chunks - 1 - it;
+    const int stage = static_cast<int>(it % kStages);
+    async_wait<kStages - 2>();  // this thread's copies of chunk k have landed
+    __syncthreads();            // everyone's have, and everyone is done with the previous stage
+    if (k - (kStages - 1) >= 0) issue(k - (kStages - 1), static_cast<int>((it + kStages - 1) % kStages));
+    async_commit();
+    const uint4 before = x_slots[stage][tid], own_x = x_slots[stage][tid + 1], own_dout = dout_slots[stage][tid];
+    const uint4 after_x = tid + 1 < threads ? x_slots[stage][tid + 2] : carry_x;
+    const uint4 after_dout = tid + 1 < threads ? dout_slots[stage][tid + 1] : carry_dout;
+    if (tid + 1 == threads) {  // the next chunk (k - 1) is followed by this one
+      carry_x = x_slots[stage][1];
+      carry_dout = dout_slots[stage][0];
+    }
+    const int64_t pos = seg_begin + k * step + static_cast<int64_t>(tid) * kElts;
+    float xf[kElts + 2 * kHist], g[kElts + kHist], dxf[kElts];
+    const T* before_elts = reinterpret_cast<const T*>(&before);
+    const T* x_elts = reinterpret_cast<const T*>(&own_x);
+    const T* after_x_elts = reinterpret_cast<const T*>(&after_x);
+    const T* dout_elts = reinterpret_cast<const T*>(&own_dout);
+    const T* after_dout_elts = reinterpret_cast<const T*>(&after_dout);
+#pragma unroll
+    for (int j = 0; j < kHist; ++j) {
+      xf[j] = to_float(before_elts[kElts - kHist + j]);
+      xf[kHist + kElts + j] = to_float(after_x_elts[j]);
+      g[kElts + j] = to_float(after_dout_elts[j]);
+    }
+#pragma unroll
+    for (int i = 0; i < kElts; ++i) {
+      xf[kHist + i] = to_float(x_elts[i]);
+      g[i] = to_float(dout_elts[i]);
+    }
+    if (pos < seg_end) {
+      backward_vector<kWidth, kElts>(taps, p.silu, xf, g, dxf, sums);
+      store_row<T, kElts>(dx, pos, l, dxf);
+    }
+  }
+  sum_over_block(sums);  // every thread: shuffles and a barrier
+  if (tid == 0) {
+    const int64_t partial_row = b * num_segments + blockIdx.z;
+    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) dw[j] = sums[j];
+    reinterpret_cast<float*>(p.dbias_partial)[partial_row * p.dim + c] = sums[kWidth];
+  }
+}
+
 // ------------------------------------------------------------------------------ channel-last
 template <typename T, int kWidth, int kCh, int kRows>
 __global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(ForwardParams p) {
@@ -438,6 +538,240 @@ __global__ void __launch_bounds__(kLastThreads) backward_last_sliding_kernel(Bac
   }
 }
 
+// Channel-last, tiled: a block owns kTileBytes of channels (128 bf16 or 64 float32) and walks a
+// segment of rows in tiles of kRows, each tile (with its halo rows) copied into shared memory by
+// cp.async while the block computes the tile before (double-buffered). Global accesses are 16-byte
+// vectors of whole 256-byte row spans; the loads hold no registers in flight. In shared memory each
+// thread takes one 4-byte word of channels (kChWord: 2 of a 16-bit type, 1 float) of kRows /
+// kRowGroups consecutive rows and slides along them with the window in registers, as the sliding
+// kernels above do. Channel blocks are the grid's fastest axis, so blocks running together cover
+// whole rows of x. Needs dim and the strides in multiples of 16 bytes (last_tiled_ok).
+constexpr bool kUseTiledLast = true;  // the tiled kernels instead of the sliding ones where both apply
+constexpr int kTiledThreads = 128;
+constexpr int kTileBytes = 256;
+constexpr int kTileWords = kTileBytes / 4;                     // threads across a tile's channels
+constexpr int kRowGroups = kTiledThreads / kTileWords;         // threads along its rows
+template <typename T> __host__ __device__ constexpr int tile_channels() { return kTileBytes / sizeof(T); }
+template <typename T> __host__ __device__ constexpr int word_channels() { return 4 / sizeof(T); }
+// Tuning knobs (scripts/conv_variants.cu): rows per tile, rows per block (segment).
+constexpr int kTiledForwardRows = 64;
+constexpr int kTiledForwardSegment = 512;
+constexpr int kTiledBackwardRows = 32;  // 64 would pass the 48 KB of static shared memory
+constexpr int kTiledBackwardSegment = 512;
+
+// Rows first_row .. first_row + kLoadRows - 1 of the block's channels [c_block, c_block +
+// tile_channels) into tile, as 16-byte cp.async copies; rows outside [0, l) and channels past dim
+// become zeros, except rows before 0 when skip_before_start (the caller fills those: a copy's zeros
+// could land after its stores). The caller commits.
+template <typename T, int kLoadRows>
+__device__ __forceinline__ void load_tile_async(T (*tile)[tile_channels<T>()], const T* rows, int64_t l_stride,
+                                                int64_t first_row, int64_t l, int64_t c_block, int64_t dim,
+                                                bool skip_before_start = false) {
+  constexpr int kVecs = kTileBytes / 16, kElts = Vec16<T>::kElts;
+  for (int i = threadIdx.x; i < kLoadRows * kVecs; i += kTiledThreads) {
+    const int r = i / kVecs, v = i % kVecs;
+    const int64_t t = first_row + r, c = c_block + v * kElts;
+    if (skip_before_start && t < 0) continue;
+    const bool valid = t >= 0 && t < l && c < dim;
+    async_copy16(&tile[r][v * kElts], valid ? rows + t * l_stride + c : rows, valid);
+  }
+}
+
+// One 4-byte word of kCh channels at tile row r, as float.
+template <typename T, int kCh>
+__device__ __forceinline__ void word_as_float(const T (*tile)[tile_channels<T>()], int r, int channel, float (&out)[kCh]) {
+#pragma unroll
+  for (int e = 0; e < kCh; ++e) out[e] = to_float(tile[r][channel + e]);
+}
+
+template <typename T, int kWidth, int kRows>
+__global__ void __launch_bounds__(kTiledThreads) forward_last_tiled_kernel(ForwardParams p, int64_t segment) {
+  constexpr int kHist = kWidth - 1, kCh = word_channels<T>(), kLoadRows = kRows + kHist;
+  constexpr int kPerThread = kRows / kRowGroups;
+  static_assert(kRows % kRowGroups == 0, "rows split evenly over the row groups");
+  __shared__ __align__(16) T tiles[2][kLoadRows][tile_channels<T>()];
+  const int64_t c_block = int64_t{blockIdx.x} * tile_channels<T>(), b = blockIdx.z;  // last_tiled_grid
+  const int64_t l = p.seqlen, seg_begin = int64_t{blockIdx.y} * segment;
+  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
+  const int channel = (threadIdx.x % kTileWords) * kCh, r0 = (threadIdx.x / kTileWords) * kPerThread;
+  const int64_t c0 = c_block + channel;
+  const bool active = c0 < p.dim;
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride;
+  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c0;
+  const T* init = reinterpret_cast<const T*>(p.initial_states);
+  const Taps<kWidth, kCh> taps(p, active ? c0 : 0);
+  const int64_t tiles_in_segment = ceil_div(seg_end - seg_begin, kRows);
+
+  auto load = [&](int64_t tile, int buffer) {
+    const int64_t first = seg_begin + tile * kRows - kHist;
+    load_tile_async<T, kLoadRows>(tiles[buffer], x, p.x_l_stride, first, l, c_block, p.dim, init != nullptr);
+    if (init && first < 0) {  // rows before the sequence: its initial states (zeros past dim)
+      for (int i = threadIdx.x; i < -first * tile_channels<T>(); i += kTiledThreads) {
+        const int r = i / tile_channels<T>(), e = i % tile_channels<T>();
+        tiles[buffer][r][e] = c_block + e < p.dim ? init[b * p.init_batch_stride + (c_block + e) * p.init_c_stride +
+                                                         (kHist + first + r) * p.init_l_stride]
+                                                  : from_float<T>(0.0f);
+      }
+    }
+    async_commit();
+  };
+  load(0, 0);
+  for (int64_t tile = 0; tile < tiles_in_segment; ++tile) {
+    const int buffer = static_cast<int>(tile & 1);
+    if (tile + 1 < tiles_in_segment) {
+      load(tile + 1, buffer ^ 1);
+      async_wait<1>();
+    } else {
+      async_wait<0>();
+    }
+    __syncthreads();
+    const T(*rows)[tile_channels<T>()] = tiles[buffer];
+    const int64_t t_first = seg_begin + tile * kRows + r0;  // tile row r0 + kHist
+    float window[kWidth][kCh];
+#pragma unroll
+    for (int k = 0; k < kHist; ++k) word_as_float<T, kCh>(rows, r0 + k, channel, window[k + 1]);
+#pragma unroll 4
+    for (int i = 0; i < kPerThread; ++i) {
+#pragma unroll
+      for (int k = 0; k < kHist; ++k) {
+#pragma unroll
+        for (int e = 0; e < kCh; ++e) window[k][e] = window[k + 1][e];
+      }
+      word_as_float<T, kCh>(rows, r0 + i + kHist, channel, window[kHist]);
+      float y[kCh];
+#pragma unroll
+      for (int e = 0; e < kCh; ++e) {
+        float acc = taps.bias[e];
+#pragma unroll
+        for (int k = 0; k < kWidth; ++k) acc += taps.w[e][k] * window[k][e];
+        y[e] = p.silu ? silu(acc) : acc;
+      }
+      const int64_t t = t_first + i;
+      if (active && t < seg_end) store_floats<T, kCh>(out + t * p.out_l_stride, y);
+    }
+    __syncthreads();  // the buffer is refilled by the next iteration's loads
+  }
+}
+
+// Backward: x rows t-(w-1) .. t+kRows+w-2 and dout rows t .. t+kRows+w-2 of each tile; a thread
+// recomputes g for the w-1 rows past its own (the next thread's first rows) instead of exchanging
+// them. Weight and bias sums: the row groups' sums are added in a fixed order through shared memory
+// at the end, one partial per (segment, channel).
+template <typename T, int kWidth, int kRows>
+__global__ void __launch_bounds__(kTiledThreads) backward_last_tiled_kernel(BackwardParams p, int64_t segment,
+                                                                            int64_t segments) {
+  constexpr int kHist = kWidth - 1, kCh = word_channels<T>();
+  constexpr int kXRows = kRows + 2 * kHist, kDoutRows = kRows + kHist, kPerThread = kRows / kRowGroups;
+  static_assert(kRows % kRowGroups == 0, "rows split evenly over the row groups");
+  __shared__ __align__(16) T x_tiles[2][kXRows][tile_channels<T>()];
+  __shared__ __align__(16) T dout_tiles[2][kDoutRows][tile_channels<T>()];
+  const int64_t c_block = int64_t{blockIdx.x} * tile_channels<T>(), b = blockIdx.z;  // last_tiled_grid
+  const int64_t l = p.seqlen, seg_begin = int64_t{blockIdx.y} * segment;
+  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
+  const int word = threadIdx.x % kTileWords, group = threadIdx.x / kTileWords;
+  const int channel = word * kCh, r0 = group * kPerThread;
+  const int64_t c0 = c_block + channel;
+  const bool active = c0 < p.dim;
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride;
+  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride;
+  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c0;
+  const Taps<kWidth, kCh> taps(p, active ? c0 : 0);
+  const int64_t tiles_in_segment = ceil_div(seg_end - seg_begin, kRows);
+  float sums[kCh][kWidth + 1] = {};  // per channel: dweight[0..w-1], dbias
+
+  auto load = [&](int64_t tile, int buffer) {
+    const int64_t first = seg_begin + tile * kRows;
+    load_tile_async<T, kXRows>(x_tiles[buffer], x, p.x_l_stride, first - kHist, l, c_block, p.dim);
+    load_tile_async<T, kDoutRows>(dout_tiles[buffer], dout, p.dout_l_stride, first, l, c_block, p.dim);
+    async_commit();
+  };
+  load(0, 0);
+  for (int64_t tile = 0; tile < tiles_in_segment; ++tile) {
+    const int buffer = static_cast<int>(tile & 1);
+    if (tile + 1 < tiles_in_segment) {
+      load(tile + 1, buffer ^ 1);
+      async_wait<1>();
+    } else {
+      async_wait<0>();
+    }
+    __syncthreads();
+    const T(*xs)[tile_channels<T>()] = x_tiles[buffer];
+    const T(*ds)[tile_channels<T>()] = dout_tiles[buffer];
+    const int64_t t_first = seg_begin + tile * kRows + r0;  // x tile row r0 + kHist, dout tile row r0
+    // xwin[k]: x at t-(w-1)+k; gwin[j]: g at t-(w-1)+j (j < w-1), for the row t being computed.
+    float xwin[kWidth][kCh], gwin[kHist][kCh];
+#pragma unroll
+    for (int k = 0; k < kHist; ++k) word_as_float<T, kCh>(xs, r0 + k, channel, xwin[k + 1]);
+#pragma unroll
+    for (int i = 0; i < kPerThread + kHist; ++i) {
+#pragma unroll
+      for (int k = 0; k < kHist; ++k) {
+#pragma unroll
+        for (int e = 0; e < kCh; ++e) xwin[k][e] = xwin[k + 1][e];
+      }
+      word_as_float<T, kCh>(xs, r0 + i + kHist, channel, xwin[kHist]);
+      float g[kCh];
+      word_as_float<T, kCh>(ds, r0 + i, channel, g);  // zero past the row's end
+      const int64_t t = t_first + i;
+      const bool own = i < kPerThread && t < seg_end;
+#pragma unroll
+      for (int e = 0; e < kCh; ++e) {
+        if (p.silu) {
+          float z = taps.bias[e];
+#pragma unroll
+          for (int k = 0; k < kWidth; ++k) z += taps.w[e][k] * xwin[k][e];
+          g[e] = dsilu(z, g[e]);
+        }
+        if (own) {
+          sums[e][kWidth] += g[e];
+#pragma unroll
+          for (int k = 0; k < kWidth; ++k) sums[e][k] += g[e] * xwin[k][e];
+        }
+      }
+      if (i >= kHist) {  // dx at t - (w-1): the taps' gradients g at t-(w-1) .. t
+        float d[kCh];
+#pragma unroll
+        for (int e = 0; e < kCh; ++e) {
+          float acc = taps.w[e][0] * g[e];
+#pragma unroll
+          for (int j = 0; j < kHist; ++j) acc += taps.w[e][kHist - j] * gwin[j][e];
+          d[e] = acc;
+        }
+        if (active && t - kHist < seg_end) store_floats<T, kCh>(dx + (t - kHist) * p.dx_l_stride, d);
+      }
+#pragma unroll
+      for (int e = 0; e < kCh; ++e) {
+#pragma unroll
+        for (int j = 0; j + 1 < kHist; ++j) gwin[j][e] = gwin[j + 1][e];
+        gwin[kHist - 1][e] = g[e];
+      }
+    }
+    __syncthreads();  // the buffers are refilled by the next iteration's loads
+  }
+  // The row groups' sums, added in group order by group 0's threads.
+  __shared__ float group_sums[kRowGroups][kTileWords][kCh * (kWidth + 1)];
+#pragma unroll
+  for (int e = 0; e < kCh; ++e) {
+#pragma unroll
+    for (int k = 0; k <= kWidth; ++k) group_sums[group][word][e * (kWidth + 1) + k] = sums[e][k];
+  }
+  __syncthreads();
+  if (group == 0 && active) {
+    const int64_t partial_row = b * segments + blockIdx.y;
+    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c0) * kWidth;
+    float* db = reinterpret_cast<float*>(p.dbias_partial) + partial_row * p.dim + c0;
+#pragma unroll
+    for (int e = 0; e < kCh; ++e) {
+#pragma unroll
+      for (int k = 0; k <= kWidth; ++k) {
+        float total = group_sums[0][word][e * (kWidth + 1) + k];
+        for (int gi = 1; gi < kRowGroups; ++gi) total += group_sums[gi][word][e * (kWidth + 1) + k];
+        if (k < kWidth) dw[e * kWidth + k] = total; else db[e] = total;
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------ which path
 // Unit stride along positions (channel-first) or channels (channel-last) for every tensor, base
 // addresses and the other strides multiples of the vector.
@@ -466,7 +800,7 @@ bool plain_backward(const BackwardParams& p) {
   return plain_forward(p) && !p.initial_states && !p.dfinal_states && !p.dinitial_states;
 }
 
-enum class Path { kGeneral, kFirst, kLast };
+enum class Path { kGeneral, kFirst, kLast, kLastTiled };
 
 template <typename T>
 Path forward_path(const ForwardParams& p) {
@@ -475,6 +809,7 @@ Path forward_path(const ForwardParams& p) {
   const Strided out{p.out, p.out_batch_stride, p.out_c_stride, p.out_l_stride};
   constexpr int64_t kElts = Vec16<T>::kElts;
   if (first_ok({x, out}, kElts, sizeof(T))) return Path::kFirst;
+  if (kUseTiledLast && last_ok({x, out}, p.dim, kElts, sizeof(T))) return Path::kLastTiled;
   if (last_ok({x, out}, p.dim, last_forward_channels<T>(), sizeof(T))) return Path::kLast;
   return Path::kGeneral;
 }
@@ -486,6 +821,7 @@ Path backward_path(const BackwardParams& p) {
   const Strided dout{p.dout, p.dout_batch_stride, p.dout_c_stride, p.dout_l_stride};
   const Strided dx{p.dx, p.dx_batch_stride, p.dx_c_stride, p.dx_l_stride};
   if (first_ok({x, dout, dx}, Vec16<T>::kElts, sizeof(T))) return Path::kFirst;
+  if (kUseTiledLast && last_ok({x, dout, dx}, p.dim, Vec16<T>::kElts, sizeof(T))) return Path::kLastTiled;
   if (last_ok({x, dout, dx}, p.dim, kLastBackwardChannels, sizeof(T))) return Path::kLast;
   return Path::kGeneral;
 }
@@ -522,6 +858,20 @@ dim3 last_grid(const ForwardParams& p, int64_t row_groups, int64_t channels_per_
   return dim3(static_cast<unsigned>(row_groups), static_cast<unsigned>(channel_blocks), static_cast<unsigned>(p.batch));
 }
 
+// Tiled channel-last blocks: (channel block, segment, batch row), channel blocks fastest. Segments
+// grow past `rows` when grid.y's 65535 would not hold them.
+int64_t last_tiled_segment(int64_t seqlen, int64_t rows) {
+  const int64_t needed = ceil_div(ceil_div(seqlen, rows), 65535);
+  return rows * needed;
+}
+template <typename T>
+dim3 last_tiled_grid(const ForwardParams& p, int64_t segments, const char* name) {
+  const int64_t channel_blocks = ceil_div(p.dim, int64_t{tile_channels<T>()});
+  if (channel_blocks > INT_MAX || segments > 65535)
+    throw std::invalid_argument(std::string(name) + ": input too large for the channel-last grid");
+  return dim3(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(segments), static_cast<unsigned>(p.batch));
+}
+
 // Channel-first backward blocks span one segment of a row: the weight/bias partial rows are
 // batch * segments.
 struct FirstBackwardShape {
@@ -550,6 +900,11 @@ bool forward_plain(const ForwardParams& p) {
         const dim3 grid = first_grid(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
         forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
             <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
+      } else if (path == Path::kLastTiled) {
+        const int64_t segment = last_tiled_segment(p.seqlen, kTiledForwardSegment);
+        const dim3 grid = last_tiled_grid<scalar_t>(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
+        forward_last_tiled_kernel<scalar_t, kWidth, kTiledForwardRows>
+            <<<grid, kTiledThreads, 0, as_stream(p.stream)>>>(p, segment);
       } else {
         constexpr int kCh = last_forward_channels<scalar_t>();
         const dim3 grid = last_grid(p, ceil_div(p.seqlen, kLastForwardRows), kCh, "causal_conv1d_fwd");
@@ -566,6 +921,7 @@ int64_t backward_partial_rows(const BackwardParams& p) {
     switch (backward_path<scalar_t>(p)) {
       case Path::kFirst: return p.batch * ceil_div(p.seqlen, first_backward_shape<scalar_t>(p.seqlen).segment);
       case Path::kLast: return p.batch * ceil_div(p.seqlen, kLastBackwardRows);
+      case Path::kLastTiled: return p.batch * ceil_div(p.seqlen, last_tiled_segment(p.seqlen, kTiledBackwardSegment));
       default: return p.batch * ceil_div(p.seqlen, kBackwardTileL);
     }
   });
@@ -581,8 +937,18 @@ bool backward_plain(const BackwardParams& p) {
         const FirstBackwardShape shape = first_backward_shape<scalar_t>(p.seqlen);
         const int64_t segments = ceil_div(p.seqlen, shape.segment);
         const dim3 grid = first_grid(p, segments, "causal_conv1d_bwd");
-        backward_first_reverse_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
-            <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
+        if (kFirstBackwardStages >= 2)
+          backward_first_async_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks, kFirstBackwardAsyncStages>
+              <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
+        else
+          backward_first_reverse_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
+              <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
+      } else if (path == Path::kLastTiled) {
+        const int64_t segment = last_tiled_segment(p.seqlen, kTiledBackwardSegment);
+        const int64_t segments = ceil_div(p.seqlen, segment);
+        const dim3 grid = last_tiled_grid<scalar_t>(p, segments, "causal_conv1d_bwd");
+        backward_last_tiled_kernel<scalar_t, kWidth, kTiledBackwardRows>
+            <<<grid, kTiledThreads, 0, as_stream(p.stream)>>>(p, segment, segments);
       } else {
         const int64_t segments = ceil_div(p.seqlen, kLastBackwardRows);
         const dim3 grid = last_grid(p, segments, kLastBackwardChannels, "causal_conv1d_bwd");
