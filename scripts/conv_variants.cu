@@ -115,6 +115,15 @@ int main() {
   FIRST_FWD_STREAM(16, 4, 1) FIRST_FWD_STREAM(12, 4, 1) FIRST_FWD_STREAM(12, 2, 1) FIRST_FWD_STREAM(16, 2, 1)
   FIRST_FWD_STREAM(8, 4, 1) FIRST_FWD_STREAM(12, 1, 1) FIRST_FWD_STREAM(8, 4, 2) FIRST_FWD_STREAM(16, 1, 1)
 
+#define FIRST_FWD_ASYNC(MINB, STAGES)                                                                   \
+  {                                                                                                     \
+    const int64_t segment = 128 * 8 * 4;                                                               \
+    const dim3 grid(D, B, ceil_div(L, segment));                                                        \
+    report("cf fwd async minblocks=" #MINB " stages=" #STAGES,                                          \
+           time_us([&] { forward_first_async_kernel<bf16, 4, MINB, STAGES><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
+  }
+  FIRST_FWD_ASYNC(16, 3) FIRST_FWD_ASYNC(16, 2) FIRST_FWD_ASYNC(16, 4) FIRST_FWD_ASYNC(12, 3) FIRST_FWD_ASYNC(12, 4)
+
 #define FIRST_BWD_REVERSE(MINB, ROUNDS)                                                                 \
   {                                                                                                     \
     const int64_t segment = 128 * 8 * ROUNDS, segments = ceil_div(L, segment);                         \

@@ -5,9 +5,11 @@
 // tensors allow aligned vector accesses along the contiguous axis. The channel-first forward
 // streams 16-byte vectors and re-reads each vector's w-1 neighbours (its neighbour threads'
 // vectors, served from L1); the channel-first backward exchanges the neighbours through shared
-// memory, walking its segment backwards; the channel-last kernels own a few channels per thread
-// over a run of rows. The general kernels (causal_conv1d_fwd_channel_*.cu, causal_conv1d_bwd.cu)
-// handle everything else.
+// memory, walking its segment backwards with the next chunks' vectors in flight (cp.async). The
+// channel-last kernels copy tiles of 256-byte row spans into shared memory (cp.async, double-
+// buffered) where dim and the strides are multiples of 16 bytes, and otherwise own a few channels
+// per thread over a run of rows. The general kernels (causal_conv1d_fwd_channel_*.cu,
+// causal_conv1d_bwd.cu) handle everything else.
 //
 // The backward leaves one float32 weight/bias partial sum per (segment, channel), summed in a
 // fixed order (inside the block for channel-first; afterwards for all): bitwise reproducible.
@@ -39,6 +41,8 @@ namespace {
 constexpr int kFirstThreadsMax = 128;
 constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
+constexpr int kFirstForwardStages = 3;  // cp.async stages of forward_first_async_kernel; 0: the streaming kernel
+constexpr int kFirstForwardAsyncStages = kFirstForwardStages >= 2 ? kFirstForwardStages : 2;  // (instantiable)
 constexpr int kFirstBackwardMinBlocks = 12;
 constexpr int kFirstBackwardRounds = 4;
 constexpr int kFirstBackwardStages = 3;  // cp.async stages of backward_first_async_kernel; 0: the synchronous walk
@@ -133,6 +137,18 @@ __device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int6
   return raw;
 }
 
+// One vector of a row at pos into a shared slot: by cp.async when it lies inside the row, zeros
+// when it lies past the end, and element by element when it reaches past the end (a plain store:
+// nothing else writes that slot until it has been read).
+template <typename T>
+__device__ __forceinline__ void fetch_vector_async(uint4* slot, const T* row, int64_t pos, int64_t len) {
+  if (pos + Vec16<T>::kElts <= len || pos >= len) {
+    async_copy16(slot, pos < len ? row + pos : row, pos < len);
+  } else {
+    *slot = load_raw_vector(row, pos, len);
+  }
+}
+
 // kAhead: rounds whose loads are in flight while a round is computed (a tuning knob for
 // scripts/conv_variants.cu).
 template <typename T, int kWidth, int kMinBlocks, int kAhead = 1>
@@ -185,6 +201,66 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
       own[a] = own[a + 1];
       before[a] = before[a + 1];
     }
+  }
+}
+
+// The same forward with each chunk's vectors (one per thread, and the vector before the chunk)
+// brought into shared memory by cp.async, kStages - 1 chunks ahead of the one computed.
+template <typename T, int kWidth, int kMinBlocks, int kStages>
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_async_kernel(ForwardParams p, int64_t segment) {
+  constexpr int kElts = Vec16<T>::kElts;
+  constexpr int kHist = kWidth - 1;
+  static_assert(kElts >= kHist, "the halo fits in one vector");
+  static_assert(kStages >= 2, "at least one chunk in flight");
+  __shared__ uint4 x_slots[kStages][kFirstThreadsMax + 1];  // [0]: the vector before the chunk; [1 + t]: thread t's
+  const int tid = threadIdx.x;
+  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
+  const int64_t l = p.seqlen;
+  const int64_t seg_begin = blockIdx.z * segment;
+  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
+  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
+  const T* init = reinterpret_cast<const T*>(p.initial_states);
+  const Taps<kWidth, 1> taps(p, c);
+  const int64_t step = int64_t{blockDim.x} * kElts;
+  const int64_t chunks = ceil_div(seg_end - seg_begin, step);
+  auto issue = [&](int64_t k, int stage) {
+    const int64_t base = seg_begin + k * step;
+    fetch_vector_async(&x_slots[stage][tid + 1], x, base + static_cast<int64_t>(tid) * kElts, l);
+    if (tid == 0) async_copy16(&x_slots[stage][0], base > 0 ? x + base - kElts : x, base > 0);
+  };
+#pragma unroll
+  for (int s = 0; s + 1 < kStages; ++s) {
+    if (s < chunks) issue(s, s);
+    async_commit();  // (empty groups too: the wait below counts groups)
+  }
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int stage = static_cast<int>(k % kStages);
+    async_wait<kStages - 2>();
+    __syncthreads();  // chunk k has landed for everyone, and everyone is done with the previous stage
+    if (k + kStages - 1 < chunks) issue(k + kStages - 1, static_cast<int>((k + kStages - 1) % kStages));
+    async_commit();
+    const uint4 own = x_slots[stage][tid + 1], before = x_slots[stage][tid];
+    const int64_t pos = seg_begin + k * step + static_cast<int64_t>(tid) * kElts;
+    if (pos >= seg_end) continue;
+    float xf[kHist + kElts];
+    const T* own_elts = reinterpret_cast<const T*>(&own);
+    const T* before_elts = reinterpret_cast<const T*>(&before);
+#pragma unroll
+    for (int j = 0; j < kHist; ++j) {
+      xf[j] = pos > 0 ? to_float(before_elts[kElts - kHist + j])
+                      : (init ? to_float(init[b * p.init_batch_stride + c * p.init_c_stride + j * p.init_l_stride]) : 0.0f);
+    }
+#pragma unroll
+    for (int i = 0; i < kElts; ++i) xf[kHist + i] = to_float(own_elts[i]);
+#pragma unroll
+    for (int i = kElts - 1; i >= 0; --i) {
+      float acc = taps.bias[0];
+#pragma unroll
+      for (int j = 0; j < kWidth; ++j) acc += taps.w[0][j] * xf[i + j];
+      xf[kHist + i] = p.silu ? silu(acc) : acc;
+    }
+    store_row<T, kElts>(out, pos, l, xf + kHist);
   }
 }
 
@@ -324,20 +400,10 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_a
   const int64_t step = int64_t{threads} * kElts;
   const int64_t chunks = ceil_div(seg_end - seg_begin, step);
 
-  // One vector at pos into a slot: asynchronously when it lies inside the row, zeros past it, and
-  // a vector reaching past the row's end element by element (a plain store: nothing else writes
-  // that slot until it has been read).
-  auto fetch = [&](uint4* slot, const T* row, int64_t pos) {
-    if (pos + kElts <= l || pos >= l) {
-      async_copy16(slot, pos < l ? row + pos : row, pos < l);
-    } else {
-      *slot = load_raw_vector(row, pos, l);
-    }
-  };
   auto issue = [&](int64_t k, int stage) {
     const int64_t base = seg_begin + k * step, pos = base + static_cast<int64_t>(tid) * kElts;
-    fetch(&x_slots[stage][tid + 1], x, pos);
-    fetch(&dout_slots[stage][tid], dout, pos);
+    fetch_vector_async(&x_slots[stage][tid + 1], x, pos, l);
+    fetch_vector_async(&dout_slots[stage][tid], dout, pos, l);
     if (tid == 0) async_copy16(&x_slots[stage][0], base > 0 ? x + base - kElts : x, base > 0);
   };
 #pragma unroll
@@ -898,8 +964,12 @@ bool forward_plain(const ForwardParams& p) {
         const int threads = first_threads(p.seqlen, kElts);
         const int64_t segment = first_segment(p.seqlen, int64_t{threads} * kElts, kFirstForwardRounds);
         const dim3 grid = first_grid(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
-            <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
+        if (kFirstForwardStages >= 2)
+          forward_first_async_kernel<scalar_t, kWidth, kFirstForwardMinBlocks, kFirstForwardAsyncStages>
+              <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
+        else
+          forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
+              <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
       } else if (path == Path::kLastTiled) {
         const int64_t segment = last_tiled_segment(p.seqlen, kTiledForwardSegment);
         const dim3 grid = last_tiled_grid<scalar_t>(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
