@@ -115,15 +115,6 @@ int main() {
   FIRST_FWD_STREAM(16, 4, 1) FIRST_FWD_STREAM(12, 4, 1) FIRST_FWD_STREAM(12, 2, 1) FIRST_FWD_STREAM(16, 2, 1)
   FIRST_FWD_STREAM(8, 4, 1) FIRST_FWD_STREAM(12, 1, 1) FIRST_FWD_STREAM(8, 4, 2) FIRST_FWD_STREAM(16, 1, 1)
 
-#define FIRST_FWD_ASYNC(MINB, STAGES)                                                                   \
-  {                                                                                                     \
-    const int64_t segment = 128 * 8 * 4;                                                               \
-    const dim3 grid(D, B, ceil_div(L, segment));                                                        \
-    report("cf fwd async minblocks=" #MINB " stages=" #STAGES,                                          \
-           time_us([&] { forward_first_async_kernel<bf16, 4, MINB, STAGES><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
-  }
-  FIRST_FWD_ASYNC(16, 3) FIRST_FWD_ASYNC(16, 2) FIRST_FWD_ASYNC(16, 4) FIRST_FWD_ASYNC(12, 3) FIRST_FWD_ASYNC(12, 4)
-
 #define FIRST_BWD_REVERSE(MINB, ROUNDS)                                                                 \
   {                                                                                                     \
     const int64_t segment = 128 * 8 * ROUNDS, segments = ceil_div(L, segment);                         \
@@ -135,17 +126,6 @@ int main() {
   FIRST_BWD_REVERSE(12, 4) FIRST_BWD_REVERSE(1, 4) FIRST_BWD_REVERSE(8, 4) FIRST_BWD_REVERSE(10, 4)
   FIRST_BWD_REVERSE(16, 4) FIRST_BWD_REVERSE(12, 2)
 
-#define FIRST_BWD_ASYNC(MINB, STAGES)                                                                   \
-  {                                                                                                     \
-    const int64_t segment = 128 * 8 * 4, segments = ceil_div(L, segment);                              \
-    const dim3 grid(D, B, segments);                                                                    \
-    report("cf bwd async minblocks=" #MINB " stages=" #STAGES,                                          \
-           time_us([&] { backward_first_async_kernel<bf16, 4, MINB, STAGES><<<grid, 128>>>(first, segment, segments); }), \
-           bwd_bytes);                                                                                  \
-  }
-  FIRST_BWD_ASYNC(12, 3) FIRST_BWD_ASYNC(12, 2) FIRST_BWD_ASYNC(12, 4) FIRST_BWD_ASYNC(8, 3) FIRST_BWD_ASYNC(8, 4)
-  FIRST_BWD_ASYNC(16, 3) FIRST_BWD_ASYNC(10, 3)
-
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \
     const int64_t groups = ceil_div(L, ROWS);                                                           \
@@ -156,25 +136,44 @@ int main() {
   LAST_FWD(2, 32) LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 8) LAST_FWD(8, 4) LAST_FWD(8, 8)
   LAST_FWD(8, 16) LAST_FWD(4, 32) LAST_FWD(2, 64)
 
-#define LAST_FWD_TILED(ROWS, SEGMENT)                                                                   \
+  // Tiled channel-last kernels: TileShape<row bytes, threads, rows per tile, min blocks per SM>.
+#define LAST_FWD_TILED(SHAPE, SEGMENT)                                                                  \
   {                                                                                                     \
-    const dim3 grid(D / tile_channels<bf16>(), ceil_div(L, SEGMENT), B);                                \
-    report("cl fwd tiled rows=" #ROWS " segment=" #SEGMENT,                                             \
-           time_us([&] { forward_last_tiled_kernel<bf16, 4, ROWS><<<grid, kTiledThreads>>>(fl, SEGMENT); }), fwd_bytes); \
+    const dim3 grid(D / SHAPE::channels<bf16>(), ceil_div(L, SEGMENT), B);                              \
+    report("cl fwd tiled " #SHAPE " segment=" #SEGMENT,                                                 \
+           time_us([&] { forward_last_tiled_kernel<bf16, 4, SHAPE><<<grid, SHAPE::kThreads>>>(fl, SEGMENT); }), fwd_bytes); \
   }
-  LAST_FWD_TILED(64, 512) LAST_FWD_TILED(32, 512) LAST_FWD_TILED(64, 256) LAST_FWD_TILED(64, 1024)
-  LAST_FWD_TILED(64, 4096) LAST_FWD_TILED(32, 256) LAST_FWD_TILED(16, 256)
+  using F_256_128_32_6 = TileShape<256, 128, 32, 6>;
+  using F_256_128_32_1 = TileShape<256, 128, 32, 1>;
+  using F_256_128_32_8 = TileShape<256, 128, 32, 8>;
+  using F_512_128_32_4 = TileShape<512, 128, 32, 4>;
+  using F_512_128_16_6 = TileShape<512, 128, 16, 6>;
+  using F_128_128_64_6 = TileShape<128, 128, 64, 6>;
+  using F_256_256_64_3 = TileShape<256, 256, 64, 3>;
+  LAST_FWD_TILED(F_256_128_32_6, 256) LAST_FWD_TILED(F_256_128_32_1, 256) LAST_FWD_TILED(F_256_128_32_8, 256)
+  LAST_FWD_TILED(F_256_128_32_6, 128) LAST_FWD_TILED(F_256_128_32_6, 512) LAST_FWD_TILED(F_512_128_32_4, 256)
+  LAST_FWD_TILED(F_512_128_16_6, 256) LAST_FWD_TILED(F_128_128_64_6, 256) LAST_FWD_TILED(F_256_256_64_3, 256)
+  LAST_FWD_TILED(F_512_128_32_4, 128)
 
-#define LAST_BWD_TILED(ROWS, SEGMENT)                                                                   \
+#define LAST_BWD_TILED(SHAPE, SEGMENT)                                                                  \
   {                                                                                                     \
     const int64_t segments = ceil_div(L, SEGMENT);                                                      \
-    const dim3 grid(D / tile_channels<bf16>(), segments, B);                                            \
-    report("cl bwd tiled rows=" #ROWS " segment=" #SEGMENT,                                             \
-           time_us([&] { backward_last_tiled_kernel<bf16, 4, ROWS><<<grid, kTiledThreads>>>(last, SEGMENT, segments); }), \
+    const dim3 grid(D / SHAPE::channels<bf16>(), segments, B);                                          \
+    report("cl bwd tiled " #SHAPE " segment=" #SEGMENT,                                                 \
+           time_us([&] { backward_last_tiled_kernel<bf16, 4, SHAPE><<<grid, SHAPE::kThreads>>>(last, SEGMENT, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  LAST_BWD_TILED(32, 512) LAST_BWD_TILED(32, 256) LAST_BWD_TILED(32, 1024) LAST_BWD_TILED(32, 4096)
-  LAST_BWD_TILED(16, 256) LAST_BWD_TILED(16, 512)
+  using B_256_128_32_5 = TileShape<256, 128, 32, 5>;
+  using B_256_128_32_1 = TileShape<256, 128, 32, 1>;
+  using B_256_128_32_4 = TileShape<256, 128, 32, 4>;
+  using B_512_128_16_4 = TileShape<512, 128, 16, 4>;
+  using B_128_128_64_5 = TileShape<128, 128, 64, 5>;
+  using B_128_128_32_8 = TileShape<128, 128, 32, 8>;
+  using B_256_256_32_3 = TileShape<256, 256, 32, 3>;
+  LAST_BWD_TILED(B_256_128_32_5, 256) LAST_BWD_TILED(B_256_128_32_1, 256) LAST_BWD_TILED(B_256_128_32_4, 256)
+  LAST_BWD_TILED(B_256_128_32_5, 128) LAST_BWD_TILED(B_256_128_32_5, 512) LAST_BWD_TILED(B_512_128_16_4, 256)
+  LAST_BWD_TILED(B_128_128_64_5, 256) LAST_BWD_TILED(B_128_128_32_8, 256) LAST_BWD_TILED(B_256_256_32_3, 256)
+  LAST_BWD_TILED(B_512_128_16_4, 128)
 
 #define LAST_BWD(CH, ROWS, UNROLL)                                                                      \
   {                                                                                                     \

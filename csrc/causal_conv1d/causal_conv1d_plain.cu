@@ -5,8 +5,7 @@
 // tensors allow aligned vector accesses along the contiguous axis. The channel-first forward
 // streams 16-byte vectors and re-reads each vector's w-1 neighbours (its neighbour threads'
 // vectors, served from L1); the channel-first backward exchanges the neighbours through shared
-// memory, walking its segment backwards with the next chunks' vectors in flight (cp.async). The
-// channel-last kernels copy tiles of 256-byte row spans into shared memory (cp.async, double-
+// memory, walking its segment backwards. The channel-last kernels copy tiles of 256-byte row spans into shared memory (cp.async, double-
 // buffered) where dim and the strides are multiples of 16 bytes, and otherwise own a few channels
 // per thread over a run of rows. The general kernels (causal_conv1d_fwd_channel_*.cu,
 // causal_conv1d_bwd.cu) handle everything else.
@@ -41,12 +40,8 @@ namespace {
 constexpr int kFirstThreadsMax = 128;
 constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
-constexpr int kFirstForwardStages = 3;  // cp.async stages of forward_first_async_kernel; 0: the streaming kernel
-constexpr int kFirstForwardAsyncStages = kFirstForwardStages >= 2 ? kFirstForwardStages : 2;  // (instantiable)
 constexpr int kFirstBackwardMinBlocks = 12;
 constexpr int kFirstBackwardRounds = 4;
-constexpr int kFirstBackwardStages = 3;  // cp.async stages of backward_first_async_kernel; 0: the synchronous walk
-constexpr int kFirstBackwardAsyncStages = kFirstBackwardStages >= 2 ? kFirstBackwardStages : 2;  // (instantiable)
 // Channel-last forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
 // kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 32
 // rows 207 us, 77%; 2 x 16 213 us, 4 x 8 232 us, 4 x 16 218 us; sliding along 32-128 rows with the
@@ -137,18 +132,6 @@ __device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int6
   return raw;
 }
 
-// One vector of a row at pos into a shared slot: by cp.async when it lies inside the row, zeros
-// when it lies past the end, and element by element when it reaches past the end (a plain store:
-// nothing else writes that slot until it has been read).
-template <typename T>
-__device__ __forceinline__ void fetch_vector_async(uint4* slot, const T* row, int64_t pos, int64_t len) {
-  if (pos + Vec16<T>::kElts <= len || pos >= len) {
-    async_copy16(slot, pos < len ? row + pos : row, pos < len);
-  } else {
-    *slot = load_raw_vector(row, pos, len);
-  }
-}
-
 // kAhead: rounds whose loads are in flight while a round is computed (a tuning knob for
 // scripts/conv_variants.cu).
 template <typename T, int kWidth, int kMinBlocks, int kAhead = 1>
@@ -201,66 +184,6 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
       own[a] = own[a + 1];
       before[a] = before[a + 1];
     }
-  }
-}
-
-// The same forward with each chunk's vectors (one per thread, and the vector before the chunk)
-// brought into shared memory by cp.async, kStages - 1 chunks ahead of the one computed.
-template <typename T, int kWidth, int kMinBlocks, int kStages>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_async_kernel(ForwardParams p, int64_t segment) {
-  constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kHist = kWidth - 1;
-  static_assert(kElts >= kHist, "the halo fits in one vector");
-  static_assert(kStages >= 2, "at least one chunk in flight");
-  __shared__ uint4 x_slots[kStages][kFirstThreadsMax + 1];  // [0]: the vector before the chunk; [1 + t]: thread t's
-  const int tid = threadIdx.x;
-  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t l = p.seqlen;
-  const int64_t seg_begin = blockIdx.z * segment;
-  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
-  const T* init = reinterpret_cast<const T*>(p.initial_states);
-  const Taps<kWidth, 1> taps(p, c);
-  const int64_t step = int64_t{blockDim.x} * kElts;
-  const int64_t chunks = ceil_div(seg_end - seg_begin, step);
-  auto issue = [&](int64_t k, int stage) {
-    const int64_t base = seg_begin + k * step;
-    fetch_vector_async(&x_slots[stage][tid + 1], x, base + static_cast<int64_t>(tid) * kElts, l);
-    if (tid == 0) async_copy16(&x_slots[stage][0], base > 0 ? x + base - kElts : x, base > 0);
-  };
-#pragma unroll
-  for (int s = 0; s + 1 < kStages; ++s) {
-    if (s < chunks) issue(s, s);
-    async_commit();  // (empty groups too: the wait below counts groups)
-  }
-  for (int64_t k = 0; k < chunks; ++k) {
-    const int stage = static_cast<int>(k % kStages);
-    async_wait<kStages - 2>();
-    __syncthreads();  // chunk k has landed for everyone, and everyone is done with the previous stage
-    if (k + kStages - 1 < chunks) issue(k + kStages - 1, static_cast<int>((k + kStages - 1) % kStages));
-    async_commit();
-    const uint4 own = x_slots[stage][tid + 1], before = x_slots[stage][tid];
-    const int64_t pos = seg_begin + k * step + static_cast<int64_t>(tid) * kElts;
-    if (pos >= seg_end) continue;
-    float xf[kHist + kElts];
-    const T* own_elts = reinterpret_cast<const T*>(&own);
-    const T* before_elts = reinterpret_cast<const T*>(&before);
-#pragma unroll
-    for (int j = 0; j < kHist; ++j) {
-      xf[j] = pos > 0 ? to_float(before_elts[kElts - kHist + j])
-                      : (init ? to_float(init[b * p.init_batch_stride + c * p.init_c_stride + j * p.init_l_stride]) : 0.0f);
-    }
-#pragma unroll
-    for (int i = 0; i < kElts; ++i) xf[kHist + i] = to_float(own_elts[i]);
-#pragma unroll
-    for (int i = kElts - 1; i >= 0; --i) {
-      float acc = taps.bias[0];
-#pragma unroll
-      for (int j = 0; j < kWidth; ++j) acc += taps.w[0][j] * xf[i + j];
-      xf[kHist + i] = p.silu ? silu(acc) : acc;
-    }
-    store_row<T, kElts>(out, pos, l, xf + kHist);
   }
 }
 
@@ -341,94 +264,6 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_r
     }
     __syncthreads();
     const uint4 before = x_slots[parity][tid], after_x = x_slots[parity][tid + 2], after_dout = dout_slots[parity][tid + 2];
-    float xf[kElts + 2 * kHist], g[kElts + kHist], dxf[kElts];
-    const T* before_elts = reinterpret_cast<const T*>(&before);
-    const T* x_elts = reinterpret_cast<const T*>(&own_x);
-    const T* after_x_elts = reinterpret_cast<const T*>(&after_x);
-    const T* dout_elts = reinterpret_cast<const T*>(&own_dout);
-    const T* after_dout_elts = reinterpret_cast<const T*>(&after_dout);
-#pragma unroll
-    for (int j = 0; j < kHist; ++j) {
-      xf[j] = to_float(before_elts[kElts - kHist + j]);
-      xf[kHist + kElts + j] = to_float(after_x_elts[j]);
-      g[kElts + j] = to_float(after_dout_elts[j]);
-    }
-#pragma unroll
-    for (int i = 0; i < kElts; ++i) {
-      xf[kHist + i] = to_float(x_elts[i]);
-      g[i] = to_float(dout_elts[i]);
-    }
-    if (pos < seg_end) {
-      backward_vector<kWidth, kElts>(taps, p.silu, xf, g, dxf, sums);
-      store_row<T, kElts>(dx, pos, l, dxf);
-    }
-  }
-  sum_over_block(sums);  // every thread: shuffles and a barrier
-  if (tid == 0) {
-    const int64_t partial_row = b * num_segments + blockIdx.z;
-    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) dw[j] = sums[j];
-    reinterpret_cast<float*>(p.dbias_partial)[partial_row * p.dim + c] = sums[kWidth];
-  }
-}
-
-// The same walk with the chunks' vectors brought into shared memory by cp.async, kStages - 1 chunks
-// ahead of the one computed: the loads hold no registers in flight, so prefetching costs no
-// occupancy (the register prefetch above did). Slots per stage: x_slots[0] the x vector before the
-// chunk, x_slots[1 + t] and dout_slots[t] thread t's. The last thread's "after" vectors (the next
-// chunk's first) are kept in registers from the previous iteration, since that stage is refilled.
-template <typename T, int kWidth, int kMinBlocks, int kStages>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_async_kernel(BackwardParams p,
-                                                                                            int64_t segment,
-                                                                                            int64_t num_segments) {
-  constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kHist = kWidth - 1;
-  static_assert(kElts >= kHist, "the halo fits in one vector");
-  static_assert(kStages >= 2, "at least one chunk in flight");
-  __shared__ uint4 x_slots[kStages][kFirstThreadsMax + 1], dout_slots[kStages][kFirstThreadsMax];
-  const int tid = threadIdx.x, threads = blockDim.x;
-  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t l = p.seqlen;
-  const int64_t seg_begin = blockIdx.z * segment;
-  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
-  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
-  const Taps<kWidth, 1> taps(p, c);
-  float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
-  const int64_t step = int64_t{threads} * kElts;
-  const int64_t chunks = ceil_div(seg_end - seg_begin, step);
-
-  auto issue = [&](int64_t k, int stage) {
-    const int64_t base = seg_begin + k * step, pos = base + static_cast<int64_t>(tid) * kElts;
-    fetch_vector_async(&x_slots[stage][tid + 1], x, pos, l);
-    fetch_vector_async(&dout_slots[stage][tid], dout, pos, l);
-    if (tid == 0) async_copy16(&x_slots[stage][0], base > 0 ? x + base - kElts : x, base > 0);
-  };
-#pragma unroll
-  for (int s = 0; s + 1 < kStages; ++s) {
-    if (chunks - 1 - s >= 0) issue(chunks - 1 - s, s);
-    async_commit();  // (empty groups too: the wait below counts groups)
-  }
-  // What follows the segment's last chunk in the row, if anything.
-  uint4 carry_x = load_raw_vector(x, seg_begin + chunks * step, l);
-  uint4 carry_dout = load_raw_vector(dout, seg_begin + chunks * step, l);
-  for (int64_t it = 0; it < chunks; ++it) {
-    const int64_t k = chunks - 1 - it;
-    const int stage = static_cast<int>(it % kStages);
-    async_wait<kStages - 2>();  // this thread's copies of chunk k have landed
-    __syncthreads();            // everyone's have, and everyone is done with the previous stage
-    if (k - (kStages - 1) >= 0) issue(k - (kStages - 1), static_cast<int>((it + kStages - 1) % kStages));
-    async_commit();
-    const uint4 before = x_slots[stage][tid], own_x = x_slots[stage][tid + 1], own_dout = dout_slots[stage][tid];
-    const uint4 after_x = tid + 1 < threads ? x_slots[stage][tid + 2] : carry_x;
-    const uint4 after_dout = tid + 1 < threads ? dout_slots[stage][tid + 1] : carry_dout;
-    if (tid + 1 == threads) {  // the next chunk (k - 1) is followed by this one
-      carry_x = x_slots[stage][1];
-      carry_dout = dout_slots[stage][0];
-    }
-    const int64_t pos = seg_begin + k * step + static_cast<int64_t>(tid) * kElts;
     float xf[kElts + 2 * kHist], g[kElts + kHist], dxf[kElts];
     const T* before_elts = reinterpret_cast<const T*>(&before);
     const T* x_elts = reinterpret_cast<const T*>(&own_x);
@@ -604,37 +439,42 @@ __global__ void __launch_bounds__(kLastThreads) backward_last_sliding_kernel(Bac
   }
 }
 
-// Channel-last, tiled: a block owns kTileBytes of channels (128 bf16 or 64 float32) and walks a
-// segment of rows in tiles of kRows, each tile (with its halo rows) copied into shared memory by
-// cp.async while the block computes the tile before (double-buffered). Global accesses are 16-byte
-// vectors of whole 256-byte row spans; the loads hold no registers in flight. In shared memory each
-// thread takes one 4-byte word of channels (kChWord: 2 of a 16-bit type, 1 float) of kRows /
-// kRowGroups consecutive rows and slides along them with the window in registers, as the sliding
-// kernels above do. Channel blocks are the grid's fastest axis, so blocks running together cover
-// whole rows of x. Needs dim and the strides in multiples of 16 bytes (last_tiled_ok).
-constexpr bool kUseTiledLast = true;  // the tiled kernels instead of the sliding ones where both apply
-constexpr int kTiledThreads = 128;
-constexpr int kTileBytes = 256;
-constexpr int kTileWords = kTileBytes / 4;                     // threads across a tile's channels
-constexpr int kRowGroups = kTiledThreads / kTileWords;         // threads along its rows
-template <typename T> __host__ __device__ constexpr int tile_channels() { return kTileBytes / sizeof(T); }
+// Channel-last, tiled: a block owns Shape::kTileBytes of channels (e.g. 256 bytes: 128 bf16 or 64
+// float32) and walks a segment of rows in tiles of Shape::kRows, each tile (with its halo rows)
+// copied into shared memory by cp.async while the block computes the tile before (double-
+// buffered). Global accesses are 16-byte vectors of whole row spans; the loads hold no registers in
+// flight. In shared memory each thread takes one 4-byte word of channels (2 of a 16-bit type, 1
+// float) of kRows / kRowGroups consecutive rows and slides along them with the window in
+// registers, as the sliding kernels above do. Channel blocks are the grid's fastest axis, so blocks
+// running together cover whole rows of x. Needs dim and the strides in multiples of 16 bytes.
+template <int kTileBytes_, int kThreads_, int kRows_, int kMinBlocks_ = 1>
+struct TileShape {
+  static constexpr int kTileBytes = kTileBytes_, kThreads = kThreads_, kRows = kRows_, kMinBlocks = kMinBlocks_;
+  static constexpr int kWords = kTileBytes / 4;           // threads across a tile's channels
+  static constexpr int kRowGroups = kThreads / kWords;    // threads along its rows
+  static constexpr int kPerThread = kRows / kRowGroups;   // consecutive rows per thread
+  static_assert(kThreads % kWords == 0 && kRows % kRowGroups == 0, "threads and rows split evenly");
+  template <typename T>
+  __host__ __device__ static constexpr int channels() { return kTileBytes / sizeof(T); }
+};
 template <typename T> __host__ __device__ constexpr int word_channels() { return 4 / sizeof(T); }
-// Tuning knobs (scripts/conv_variants.cu): rows per tile, rows per block (segment).
-constexpr int kTiledForwardRows = 64;
-constexpr int kTiledForwardSegment = 512;
-constexpr int kTiledBackwardRows = 32;  // 64 would pass the 48 KB of static shared memory
-constexpr int kTiledBackwardSegment = 512;
+constexpr bool kUseTiledLast = true;  // the tiled kernels instead of the sliding ones where both apply
+// Tuning knobs (scripts/conv_variants.cu): the tile shapes and the rows per block (segment).
+using ForwardTile = TileShape<256, 128, 32, 6>;
+constexpr int kTiledForwardSegment = 256;
+using BackwardTile = TileShape<256, 128, 32, 5>;  // 64 rows would pass the 48 KB of static shared memory
+constexpr int kTiledBackwardSegment = 256;
 
 // Rows first_row .. first_row + kLoadRows - 1 of the block's channels [c_block, c_block +
-// tile_channels) into tile, as 16-byte cp.async copies; rows outside [0, l) and channels past dim
+// Shape::channels) into tile, as 16-byte cp.async copies; rows outside [0, l) and channels past dim
 // become zeros, except rows before 0 when skip_before_start (the caller fills those: a copy's zeros
 // could land after its stores). The caller commits.
-template <typename T, int kLoadRows>
-__device__ __forceinline__ void load_tile_async(T (*tile)[tile_channels<T>()], const T* rows, int64_t l_stride,
-                                                int64_t first_row, int64_t l, int64_t c_block, int64_t dim,
-                                                bool skip_before_start = false) {
-  constexpr int kVecs = kTileBytes / 16, kElts = Vec16<T>::kElts;
-  for (int i = threadIdx.x; i < kLoadRows * kVecs; i += kTiledThreads) {
+template <typename T, typename Shape, int kLoadRows>
+__device__ __forceinline__ void load_tile_async(T (*tile)[Shape::template channels<T>()], const T* rows,
+                                                int64_t l_stride, int64_t first_row, int64_t l, int64_t c_block,
+                                                int64_t dim, bool skip_before_start = false) {
+  constexpr int kVecs = Shape::kTileBytes / 16, kElts = Vec16<T>::kElts;
+  for (int i = threadIdx.x; i < kLoadRows * kVecs; i += Shape::kThreads) {
     const int r = i / kVecs, v = i % kVecs;
     const int64_t t = first_row + r, c = c_block + v * kElts;
     if (skip_before_start && t < 0) continue;
@@ -644,19 +484,19 @@ __device__ __forceinline__ void load_tile_async(T (*tile)[tile_channels<T>()], c
 }
 
 // One 4-byte word of kCh channels at tile row r, as float.
-template <typename T, int kCh>
-__device__ __forceinline__ void word_as_float(const T (*tile)[tile_channels<T>()], int r, int channel, float (&out)[kCh]) {
+template <typename T, int kRowElts, int kCh>
+__device__ __forceinline__ void word_as_float(const T (*tile)[kRowElts], int r, int channel, float (&out)[kCh]) {
 #pragma unroll
   for (int e = 0; e < kCh; ++e) out[e] = to_float(tile[r][channel + e]);
 }
 
-template <typename T, int kWidth, int kRows>
-__global__ void __launch_bounds__(kTiledThreads) forward_last_tiled_kernel(ForwardParams p, int64_t segment) {
-  constexpr int kHist = kWidth - 1, kCh = word_channels<T>(), kLoadRows = kRows + kHist;
-  constexpr int kPerThread = kRows / kRowGroups;
-  static_assert(kRows % kRowGroups == 0, "rows split evenly over the row groups");
-  __shared__ __align__(16) T tiles[2][kLoadRows][tile_channels<T>()];
-  const int64_t c_block = int64_t{blockIdx.x} * tile_channels<T>(), b = blockIdx.z;  // last_tiled_grid
+template <typename T, int kWidth, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) forward_last_tiled_kernel(ForwardParams p,
+                                                                                               int64_t segment) {
+  constexpr int kHist = kWidth - 1, kCh = word_channels<T>(), kRows = Shape::kRows, kLoadRows = kRows + kHist;
+  constexpr int kPerThread = Shape::kPerThread, kTileWords = Shape::kWords, kRowElts = Shape::template channels<T>();
+  __shared__ __align__(16) T tiles[2][kLoadRows][kRowElts];
+  const int64_t c_block = int64_t{blockIdx.x} * kRowElts, b = blockIdx.z;  // last_tiled_grid
   const int64_t l = p.seqlen, seg_begin = int64_t{blockIdx.y} * segment;
   const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
   const int channel = (threadIdx.x % kTileWords) * kCh, r0 = (threadIdx.x / kTileWords) * kPerThread;
@@ -670,10 +510,10 @@ __global__ void __launch_bounds__(kTiledThreads) forward_last_tiled_kernel(Forwa
 
   auto load = [&](int64_t tile, int buffer) {
     const int64_t first = seg_begin + tile * kRows - kHist;
-    load_tile_async<T, kLoadRows>(tiles[buffer], x, p.x_l_stride, first, l, c_block, p.dim, init != nullptr);
+    load_tile_async<T, Shape, kLoadRows>(tiles[buffer], x, p.x_l_stride, first, l, c_block, p.dim, init != nullptr);
     if (init && first < 0) {  // rows before the sequence: its initial states (zeros past dim)
-      for (int i = threadIdx.x; i < -first * tile_channels<T>(); i += kTiledThreads) {
-        const int r = i / tile_channels<T>(), e = i % tile_channels<T>();
+      for (int i = threadIdx.x; i < -first * kRowElts; i += Shape::kThreads) {
+        const int r = i / kRowElts, e = i % kRowElts;
         tiles[buffer][r][e] = c_block + e < p.dim ? init[b * p.init_batch_stride + (c_block + e) * p.init_c_stride +
                                                          (kHist + first + r) * p.init_l_stride]
                                                   : from_float<T>(0.0f);
@@ -691,11 +531,11 @@ __global__ void __launch_bounds__(kTiledThreads) forward_last_tiled_kernel(Forwa
       async_wait<0>();
     }
     __syncthreads();
-    const T(*rows)[tile_channels<T>()] = tiles[buffer];
+    const T(*rows)[kRowElts] = tiles[buffer];
     const int64_t t_first = seg_begin + tile * kRows + r0;  // tile row r0 + kHist
     float window[kWidth][kCh];
 #pragma unroll
-    for (int k = 0; k < kHist; ++k) word_as_float<T, kCh>(rows, r0 + k, channel, window[k + 1]);
+    for (int k = 0; k < kHist; ++k) word_as_float<T, kRowElts, kCh>(rows, r0 + k, channel, window[k + 1]);
 #pragma unroll 4
     for (int i = 0; i < kPerThread; ++i) {
 #pragma unroll
@@ -703,7 +543,7 @@ __global__ void __launch_bounds__(kTiledThreads) forward_last_tiled_kernel(Forwa
 #pragma unroll
         for (int e = 0; e < kCh; ++e) window[k][e] = window[k + 1][e];
       }
-      word_as_float<T, kCh>(rows, r0 + i + kHist, channel, window[kHist]);
+      word_as_float<T, kRowElts, kCh>(rows, r0 + i + kHist, channel, window[kHist]);
       float y[kCh];
 #pragma unroll
       for (int e = 0; e < kCh; ++e) {
@@ -723,15 +563,16 @@ __global__ void __launch_bounds__(kTiledThreads) forward_last_tiled_kernel(Forwa
 // recomputes g for the w-1 rows past its own (the next thread's first rows) instead of exchanging
 // them. Weight and bias sums: the row groups' sums are added in a fixed order through shared memory
 // at the end, one partial per (segment, channel).
-template <typename T, int kWidth, int kRows>
-__global__ void __launch_bounds__(kTiledThreads) backward_last_tiled_kernel(BackwardParams p, int64_t segment,
-                                                                            int64_t segments) {
-  constexpr int kHist = kWidth - 1, kCh = word_channels<T>();
-  constexpr int kXRows = kRows + 2 * kHist, kDoutRows = kRows + kHist, kPerThread = kRows / kRowGroups;
-  static_assert(kRows % kRowGroups == 0, "rows split evenly over the row groups");
-  __shared__ __align__(16) T x_tiles[2][kXRows][tile_channels<T>()];
-  __shared__ __align__(16) T dout_tiles[2][kDoutRows][tile_channels<T>()];
-  const int64_t c_block = int64_t{blockIdx.x} * tile_channels<T>(), b = blockIdx.z;  // last_tiled_grid
+template <typename T, int kWidth, typename Shape>
+__global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) backward_last_tiled_kernel(BackwardParams p,
+                                                                                                int64_t segment,
+                                                                                                int64_t segments) {
+  constexpr int kHist = kWidth - 1, kCh = word_channels<T>(), kRows = Shape::kRows;
+  constexpr int kXRows = kRows + 2 * kHist, kDoutRows = kRows + kHist, kPerThread = Shape::kPerThread;
+  constexpr int kTileWords = Shape::kWords, kRowGroups = Shape::kRowGroups, kRowElts = Shape::template channels<T>();
+  __shared__ __align__(16) T x_tiles[2][kXRows][kRowElts];
+  __shared__ __align__(16) T dout_tiles[2][kDoutRows][kRowElts];
+  const int64_t c_block = int64_t{blockIdx.x} * kRowElts, b = blockIdx.z;  // last_tiled_grid
   const int64_t l = p.seqlen, seg_begin = int64_t{blockIdx.y} * segment;
   const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
   const int word = threadIdx.x % kTileWords, group = threadIdx.x / kTileWords;
@@ -747,8 +588,8 @@ __global__ void __launch_bounds__(kTiledThreads) backward_last_tiled_kernel(Back
 
   auto load = [&](int64_t tile, int buffer) {
     const int64_t first = seg_begin + tile * kRows;
-    load_tile_async<T, kXRows>(x_tiles[buffer], x, p.x_l_stride, first - kHist, l, c_block, p.dim);
-    load_tile_async<T, kDoutRows>(dout_tiles[buffer], dout, p.dout_l_stride, first, l, c_block, p.dim);
+    load_tile_async<T, Shape, kXRows>(x_tiles[buffer], x, p.x_l_stride, first - kHist, l, c_block, p.dim);
+    load_tile_async<T, Shape, kDoutRows>(dout_tiles[buffer], dout, p.dout_l_stride, first, l, c_block, p.dim);
     async_commit();
   };
   load(0, 0);
@@ -761,13 +602,13 @@ __global__ void __launch_bounds__(kTiledThreads) backward_last_tiled_kernel(Back
       async_wait<0>();
     }
     __syncthreads();
-    const T(*xs)[tile_channels<T>()] = x_tiles[buffer];
-    const T(*ds)[tile_channels<T>()] = dout_tiles[buffer];
+    const T(*xs)[kRowElts] = x_tiles[buffer];
+    const T(*ds)[kRowElts] = dout_tiles[buffer];
     const int64_t t_first = seg_begin + tile * kRows + r0;  // x tile row r0 + kHist, dout tile row r0
     // xwin[k]: x at t-(w-1)+k; gwin[j]: g at t-(w-1)+j (j < w-1), for the row t being computed.
     float xwin[kWidth][kCh], gwin[kHist][kCh];
 #pragma unroll
-    for (int k = 0; k < kHist; ++k) word_as_float<T, kCh>(xs, r0 + k, channel, xwin[k + 1]);
+    for (int k = 0; k < kHist; ++k) word_as_float<T, kRowElts, kCh>(xs, r0 + k, channel, xwin[k + 1]);
 #pragma unroll
     for (int i = 0; i < kPerThread + kHist; ++i) {
 #pragma unroll
@@ -775,9 +616,9 @@ __global__ void __launch_bounds__(kTiledThreads) backward_last_tiled_kernel(Back
 #pragma unroll
         for (int e = 0; e < kCh; ++e) xwin[k][e] = xwin[k + 1][e];
       }
-      word_as_float<T, kCh>(xs, r0 + i + kHist, channel, xwin[kHist]);
+      word_as_float<T, kRowElts, kCh>(xs, r0 + i + kHist, channel, xwin[kHist]);
       float g[kCh];
-      word_as_float<T, kCh>(ds, r0 + i, channel, g);  // zero past the row's end
+      word_as_float<T, kRowElts, kCh>(ds, r0 + i, channel, g);  // zero past the row's end
       const int64_t t = t_first + i;
       const bool own = i < kPerThread && t < seg_end;
 #pragma unroll
@@ -930,9 +771,9 @@ int64_t last_tiled_segment(int64_t seqlen, int64_t rows) {
   const int64_t needed = ceil_div(ceil_div(seqlen, rows), 65535);
   return rows * needed;
 }
-template <typename T>
+template <typename T, typename Shape>
 dim3 last_tiled_grid(const ForwardParams& p, int64_t segments, const char* name) {
-  const int64_t channel_blocks = ceil_div(p.dim, int64_t{tile_channels<T>()});
+  const int64_t channel_blocks = ceil_div(p.dim, int64_t{Shape::template channels<T>()});
   if (channel_blocks > INT_MAX || segments > 65535)
     throw std::invalid_argument(std::string(name) + ": input too large for the channel-last grid");
   return dim3(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(segments), static_cast<unsigned>(p.batch));
@@ -964,17 +805,13 @@ bool forward_plain(const ForwardParams& p) {
         const int threads = first_threads(p.seqlen, kElts);
         const int64_t segment = first_segment(p.seqlen, int64_t{threads} * kElts, kFirstForwardRounds);
         const dim3 grid = first_grid(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        if (kFirstForwardStages >= 2)
-          forward_first_async_kernel<scalar_t, kWidth, kFirstForwardMinBlocks, kFirstForwardAsyncStages>
-              <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
-        else
-          forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
-              <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
+        forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
+            <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
       } else if (path == Path::kLastTiled) {
         const int64_t segment = last_tiled_segment(p.seqlen, kTiledForwardSegment);
-        const dim3 grid = last_tiled_grid<scalar_t>(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        forward_last_tiled_kernel<scalar_t, kWidth, kTiledForwardRows>
-            <<<grid, kTiledThreads, 0, as_stream(p.stream)>>>(p, segment);
+        const dim3 grid = last_tiled_grid<scalar_t, ForwardTile>(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
+        forward_last_tiled_kernel<scalar_t, kWidth, ForwardTile>
+            <<<grid, ForwardTile::kThreads, 0, as_stream(p.stream)>>>(p, segment);
       } else {
         constexpr int kCh = last_forward_channels<scalar_t>();
         const dim3 grid = last_grid(p, ceil_div(p.seqlen, kLastForwardRows), kCh, "causal_conv1d_fwd");
@@ -1007,18 +844,14 @@ bool backward_plain(const BackwardParams& p) {
         const FirstBackwardShape shape = first_backward_shape<scalar_t>(p.seqlen);
         const int64_t segments = ceil_div(p.seqlen, shape.segment);
         const dim3 grid = first_grid(p, segments, "causal_conv1d_bwd");
-        if (kFirstBackwardStages >= 2)
-          backward_first_async_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks, kFirstBackwardAsyncStages>
-              <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
-        else
-          backward_first_reverse_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
-              <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
+        backward_first_reverse_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
+            <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
       } else if (path == Path::kLastTiled) {
         const int64_t segment = last_tiled_segment(p.seqlen, kTiledBackwardSegment);
         const int64_t segments = ceil_div(p.seqlen, segment);
-        const dim3 grid = last_tiled_grid<scalar_t>(p, segments, "causal_conv1d_bwd");
-        backward_last_tiled_kernel<scalar_t, kWidth, kTiledBackwardRows>
-            <<<grid, kTiledThreads, 0, as_stream(p.stream)>>>(p, segment, segments);
+        const dim3 grid = last_tiled_grid<scalar_t, BackwardTile>(p, segments, "causal_conv1d_bwd");
+        backward_last_tiled_kernel<scalar_t, kWidth, BackwardTile>
+            <<<grid, BackwardTile::kThreads, 0, as_stream(p.stream)>>>(p, segment, segments);
       } else {
         const int64_t segments = ceil_div(p.seqlen, kLastBackwardRows);
         const dim3 grid = last_grid(p, segments, kLastBackwardChannels, "causal_conv1d_bwd");
