@@ -126,6 +126,16 @@ int main() {
   FIRST_BWD_REVERSE(12, 4) FIRST_BWD_REVERSE(1, 4) FIRST_BWD_REVERSE(8, 4) FIRST_BWD_REVERSE(10, 4)
   FIRST_BWD_REVERSE(16, 4) FIRST_BWD_REVERSE(12, 2)
 
+#define FIRST_BWD_EXCHANGE(MINB)                                                                        \
+  {                                                                                                     \
+    const int64_t segment = 128 * 8 * 4, segments = ceil_div(L, segment);                              \
+    const dim3 grid(D, B, segments);                                                                    \
+    report("cf bwd exchange minblocks=" #MINB,                                                          \
+           time_us([&] { backward_first_exchange_kernel<bf16, 4, MINB><<<grid, 128>>>(first, segment, segments); }), \
+           bwd_bytes);                                                                                  \
+  }
+  FIRST_BWD_EXCHANGE(12) FIRST_BWD_EXCHANGE(8) FIRST_BWD_EXCHANGE(10) FIRST_BWD_EXCHANGE(16)
+
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \
     const int64_t groups = ceil_div(L, ROWS);                                                           \
