@@ -115,26 +115,15 @@ int main() {
   FIRST_FWD_STREAM(16, 4, 1) FIRST_FWD_STREAM(12, 4, 1) FIRST_FWD_STREAM(12, 2, 1) FIRST_FWD_STREAM(16, 2, 1)
   FIRST_FWD_STREAM(8, 4, 1) FIRST_FWD_STREAM(12, 1, 1) FIRST_FWD_STREAM(8, 4, 2) FIRST_FWD_STREAM(16, 1, 1)
 
-#define FIRST_BWD_REVERSE(MINB, ROUNDS)                                                                 \
-  {                                                                                                     \
-    const int64_t segment = 128 * 8 * ROUNDS, segments = ceil_div(L, segment);                         \
-    const dim3 grid(D, B, segments);                                                                    \
-    report("cf bwd reverse minblocks=" #MINB " rounds=" #ROUNDS,                                        \
-           time_us([&] { backward_first_reverse_kernel<bf16, 4, MINB><<<grid, 128>>>(first, segment, segments); }), \
-           bwd_bytes);                                                                                  \
-  }
-  FIRST_BWD_REVERSE(12, 4) FIRST_BWD_REVERSE(1, 4) FIRST_BWD_REVERSE(8, 4) FIRST_BWD_REVERSE(10, 4)
-  FIRST_BWD_REVERSE(16, 4) FIRST_BWD_REVERSE(12, 2)
-
-#define FIRST_BWD_EXCHANGE(MINB)                                                                        \
+#define FIRST_BWD(MINB)                                                                        \
   {                                                                                                     \
     const int64_t segment = 128 * 8 * 4, segments = ceil_div(L, segment);                              \
     const dim3 grid(D, B, segments);                                                                    \
-    report("cf bwd exchange minblocks=" #MINB,                                                          \
-           time_us([&] { backward_first_exchange_kernel<bf16, 4, MINB><<<grid, 128>>>(first, segment, segments); }), \
+    report("cf bwd minblocks=" #MINB,                                                          \
+           time_us([&] { backward_first_kernel<bf16, 4, MINB><<<grid, 128>>>(first, segment, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  FIRST_BWD_EXCHANGE(12) FIRST_BWD_EXCHANGE(8) FIRST_BWD_EXCHANGE(10) FIRST_BWD_EXCHANGE(16)
+  FIRST_BWD(16) FIRST_BWD(12) FIRST_BWD(8) FIRST_BWD(10)
 
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \

@@ -5,9 +5,9 @@
 // tensors allow aligned vector accesses along the contiguous axis. The channel-first forward
 // streams 16-byte vectors and re-reads each vector's w-1 neighbours (its neighbour threads'
 // vectors, served from L1); the channel-first backward exchanges the neighbours through shared
-// memory, walking its segment backwards. The channel-last kernels copy tiles of 256-byte row spans into shared memory (cp.async, double-
-// buffered) where dim and the strides are multiples of 16 bytes, and otherwise own a few channels
-// per thread over a run of rows. The general kernels (causal_conv1d_fwd_channel_*.cu,
+// memory, walking its segment backwards. The channel-last kernels copy tiles of row spans into
+// shared memory (cp.async, double-buffered) where dim and the strides are multiples of 16 bytes,
+// and otherwise own a few channels per thread over a run of rows. The general kernels (causal_conv1d_fwd_channel_*.cu,
 // causal_conv1d_bwd.cu) handle everything else.
 //
 // The backward leaves one float32 weight/bias partial sum per (segment, channel), summed in a
@@ -32,18 +32,20 @@ namespace {
 // block, 16 blocks per SM (32 registers): 175 us, 91% of copy (12 blocks per SM 188 us; 2 rounds
 // 200-222 us, 1 round 248-290 us: per-block setup shows; exchanging the halo through shared memory
 // instead 176-191 us). Backward: 4 rounds per block so that the in-block weight sum runs once per
-// 4096 positions, 12 blocks per SM (40 registers): 356 us, 67% (8-16 blocks 372-390 us; the same
-// walked forwards with the next round prefetched 359-953 us; each thread re-reading the
-// neighbours' vectors 378-421 us; 2 rounds 512 us; walked from the end with the next chunk's
-// vectors loaded before each chunk's barrier: 368 us at 8 blocks (64 registers), 377-676 us at
-// 10-16, 419 us at 12). causal-conv1d's backward takes 265 us there.
+// 4096 positions, 16 blocks per SM, the halo's gradients exchanged between threads: 323 us, 74%
+// (12 blocks 331 us, 8 366 us; recomputing them from the next vector's x and dout, the walk before
+// 2026-12-03: 352 us at 12 blocks, 373-390 at 8-16; walked forwards with the next round
+// prefetched 359-953 us; each thread re-reading the neighbours' vectors 378-421 us; 2 rounds
+// 425-512 us). causal-conv1d's backward takes 265 us there. Moving the chunks through shared memory
+// by cp.async (2-4 stages ahead, no registers held) was slower in both directions: forward
+// 213-236 us against 175, backward 390-519 against 352 (2026-12-03).
 constexpr int kFirstThreadsMax = 128;
 constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
-constexpr int kFirstBackwardMinBlocks = 12;
+constexpr int kFirstBackwardMinBlocks = 16;
 constexpr int kFirstBackwardRounds = 4;
-constexpr bool kFirstBackwardExchange = true;  // backward_first_exchange_kernel instead of backward_first_reverse_kernel
-// Channel-last forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
+// Channel-last, where dim is not a multiple of 16 bytes (else the tiled kernels below serve).
+// Forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
 // kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 32
 // rows 207 us, 77%; 2 x 16 213 us, 4 x 8 232 us, 4 x 16 218 us; sliding along 32-128 rows with the
 // window in registers 229-305 us; 4 x 32 244 us, 2 x 64 236 us, 8 x 4/8/16 338-533 us; H100: 4 x 8
@@ -188,123 +190,18 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
   }
 }
 
-// The backward of one 16-byte vector at pos:
-// xf holds x at pos-(w-1) .. pos+kElts+w-2 and g dout at pos .. pos+kElts+w-2 (zero outside the
-// row); g becomes the pre-activation gradient, dxf the vector's dx, and the weight and bias sums
-// take the vector's terms.
-template <int kWidth, int kElts>
-__device__ __forceinline__ void backward_vector(const Taps<kWidth, 1>& taps, bool silu_act,
-                                                const float (&xf)[kElts + 2 * (kWidth - 1)],
-                                                float (&g)[kElts + kWidth - 1], float (&dxf)[kElts],
-                                                float (&sums)[kWidth + 1]) {
-  constexpr int kHist = kWidth - 1;
-  if (silu_act) {  // past the row's end dout is zero, and so is g
-#pragma unroll
-    for (int i = 0; i < kElts + kHist; ++i) {
-      float z = taps.bias[0];
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) z += taps.w[0][k] * xf[i + k];
-      g[i] = dsilu(z, g[i]);
-    }
-  }
-#pragma unroll
-  for (int u = 0; u < kElts; ++u) {
-    float acc = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) acc += taps.w[0][kHist - j] * g[u + j];
-    dxf[u] = acc;
-    sums[kWidth] += g[u];
-#pragma unroll
-    for (int k = 0; k < kWidth; ++k) sums[k] += g[u] * xf[u + k];
-  }
-}
-
 // Channel-first backward: a block walks its segment in chunks of one vector of x and one of dout
-// per thread, from the segment's end to its start, and each thread takes its neighbours' vectors
-// (x before, x and dout after) from shared slots: [1 + t] thread t's, [0] the x vector before the
-// chunk (an extra load by thread 0), [threads + 1] the chunk after's first vectors, which the
-// previous iteration loaded. The slots are double-buffered by chunk parity, so one barrier per
-// chunk suffices: a buffer is rewritten two chunks later, after every thread has passed the barrier
-// between. No prefetch: registers for occupancy instead. The weight and bias sums stay in
-// registers and are summed over the block once at the end (one partial per segment).
+// per thread, from the segment's end to its start. A thread takes the x vector before its own from
+// shared memory ([0] the one before the chunk, an extra load by thread 0; [1 + t] thread t's) and
+// the pre-activation gradients g of the w-1 positions after its vector from the next thread, which
+// computes them for its own vector: 8 silu gradients per 8 positions (recomputing the w-1 after
+// them from the next vector's x and dout, 11, measured 8% slower). The last thread of a chunk takes
+// them from the chunk after (computed the iteration before), or computes them itself past the
+// segment's end. Slots are double-buffered by chunk parity; two barriers per chunk. The weight and
+// bias sums stay in registers and are summed over the block once at the end (one partial per
+// segment).
 template <typename T, int kWidth, int kMinBlocks>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_reverse_kernel(BackwardParams p,
-                                                                                              int64_t segment,
-                                                                                              int64_t num_segments) {
-  constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kHist = kWidth - 1;
-  static_assert(kElts >= kHist, "the halo fits in one vector");
-  __shared__ uint4 x_slots[2][kFirstThreadsMax + 2], dout_slots[2][kFirstThreadsMax + 2];
-  const int tid = threadIdx.x, threads = blockDim.x;
-  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t l = p.seqlen;
-  const int64_t seg_begin = blockIdx.z * segment;
-  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
-  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
-  const Taps<kWidth, 1> taps(p, c);
-  float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
-  const int64_t step = int64_t{threads} * kElts;
-  const int64_t chunks = ceil_div(seg_end - seg_begin, step);
-  int parity = 0;
-  for (int64_t k = chunks - 1; k >= 0; --k, parity ^= 1) {
-    const int64_t base = seg_begin + k * step, pos = base + static_cast<int64_t>(tid) * kElts;
-    const uint4 own_x = load_raw_vector(x, pos, l), own_dout = load_raw_vector(dout, pos, l);  // zeros past the row
-    x_slots[parity][tid + 1] = own_x;
-    dout_slots[parity][tid + 1] = own_dout;
-    if (tid == 0) {
-      x_slots[parity][0] = base > 0 ? *reinterpret_cast<const uint4*>(x + base - kElts) : make_uint4(0, 0, 0, 0);
-      if (k == chunks - 1) {  // the segment's last chunk: what follows it in the row, if anything
-        x_slots[parity][threads + 1] = load_raw_vector(x, base + step, l);
-        dout_slots[parity][threads + 1] = load_raw_vector(dout, base + step, l);
-      } else {
-        x_slots[parity][threads + 1] = x_slots[parity ^ 1][1];
-        dout_slots[parity][threads + 1] = dout_slots[parity ^ 1][1];
-      }
-    }
-    __syncthreads();
-    const uint4 before = x_slots[parity][tid], after_x = x_slots[parity][tid + 2], after_dout = dout_slots[parity][tid + 2];
-    float xf[kElts + 2 * kHist], g[kElts + kHist], dxf[kElts];
-    const T* before_elts = reinterpret_cast<const T*>(&before);
-    const T* x_elts = reinterpret_cast<const T*>(&own_x);
-    const T* after_x_elts = reinterpret_cast<const T*>(&after_x);
-    const T* dout_elts = reinterpret_cast<const T*>(&own_dout);
-    const T* after_dout_elts = reinterpret_cast<const T*>(&after_dout);
-#pragma unroll
-    for (int j = 0; j < kHist; ++j) {
-      xf[j] = to_float(before_elts[kElts - kHist + j]);
-      xf[kHist + kElts + j] = to_float(after_x_elts[j]);
-      g[kElts + j] = to_float(after_dout_elts[j]);
-    }
-#pragma unroll
-    for (int i = 0; i < kElts; ++i) {
-      xf[kHist + i] = to_float(x_elts[i]);
-      g[i] = to_float(dout_elts[i]);
-    }
-    if (pos < seg_end) {
-      backward_vector<kWidth, kElts>(taps, p.silu, xf, g, dxf, sums);
-      store_row<T, kElts>(dx, pos, l, dxf);
-    }
-  }
-  sum_over_block(sums);  // every thread: shuffles and a barrier
-  if (tid == 0) {
-    const int64_t partial_row = b * num_segments + blockIdx.z;
-    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) dw[j] = sums[j];
-    reinterpret_cast<float*>(p.dbias_partial)[partial_row * p.dim + c] = sums[kWidth];
-  }
-}
-
-// The same walk, with the pre-activation gradients g of the w-1 positions after a thread's vector
-// taken from the next thread (which computes them for its own vector) through shared memory,
-// instead of recomputed from the next vector's x and dout: 8 silu gradients per 8 positions
-// instead of 8 + w-1, no "after" vectors, one more barrier per chunk. The last thread of a chunk
-// takes them from the chunk after (computed the iteration before), or computes them itself past
-// the segment's end.
-template <typename T, int kWidth, int kMinBlocks>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_exchange_kernel(BackwardParams p,
+__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_kernel(BackwardParams p,
                                                                                                int64_t segment,
                                                                                                int64_t num_segments) {
   constexpr int kElts = Vec16<T>::kElts;
@@ -570,10 +467,15 @@ struct TileShape {
 };
 template <typename T> __host__ __device__ constexpr int word_channels() { return 4 / sizeof(T); }
 constexpr bool kUseTiledLast = true;  // the tiled kernels instead of the sliding ones where both apply
-// Tuning knobs (scripts/conv_variants.cu): the tile shapes and the rows per block (segment).
-using ForwardTile = TileShape<256, 128, 32, 6>;
-constexpr int kTiledForwardSegment = 256;
-using BackwardTile = TileShape<256, 128, 32, 5>;  // 64 rows would pass the 48 KB of static shared memory
+// Tuning knobs (scripts/conv_variants.cu; H200 2026-12-03, copy 4.20 TB/s, two runs on two
+// machines). Forward: 512-byte rows of 32-row tiles, 128 rows per block, 222 us (72% of copy;
+// the other shapes 229-251 us; the sliding kernel 220 us in the same run, 248 us against 214 for
+// the tiled one in the other). Backward: 256-byte rows of 32-row tiles, 256 rows per block, 388 us
+// (62%; other shapes 389-486 us; 64-row tiles pass the 48 KB of static shared memory) against
+// 513 us for the sliding kernel in both runs.
+using ForwardTile = TileShape<512, 128, 32, 4>;
+constexpr int kTiledForwardSegment = 128;
+using BackwardTile = TileShape<256, 128, 32, 5>;
 constexpr int kTiledBackwardSegment = 256;
 
 // Rows first_row .. first_row + kLoadRows - 1 of the block's channels [c_block, c_block +
@@ -955,12 +857,8 @@ bool backward_plain(const BackwardParams& p) {
         const FirstBackwardShape shape = first_backward_shape<scalar_t>(p.seqlen);
         const int64_t segments = ceil_div(p.seqlen, shape.segment);
         const dim3 grid = first_grid(p, segments, "causal_conv1d_bwd");
-        if (kFirstBackwardExchange)
-          backward_first_exchange_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
-              <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
-        else
-          backward_first_reverse_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
-              <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
+        backward_first_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
+            <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
       } else if (path == Path::kLastTiled) {
         const int64_t segment = last_tiled_segment(p.seqlen, kTiledBackwardSegment);
         const int64_t segments = ceil_div(p.seqlen, segment);
