@@ -496,11 +496,42 @@ __device__ __forceinline__ void load_tile_async(T (*tile)[Shape::template channe
   }
 }
 
+// The double-buffered walk over a segment's tiles: body(tile, buffer) runs once tile's copies
+// (load(tile, buffer), which commits them) have landed for the whole block, with tile + 1's in
+// flight into the other buffer; a barrier after each body frees its buffer for the tile after next.
+template <typename Load, typename Body>
+__device__ __forceinline__ void for_each_tile(int64_t tiles, Load load, Body body) {
+  load(int64_t{0}, 0);
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int buffer = static_cast<int>(tile & 1);
+    if (tile + 1 < tiles) {
+      load(tile + 1, buffer ^ 1);
+      async_wait<1>();
+    } else {
+      async_wait<0>();
+    }
+    __syncthreads();
+    body(tile, buffer);
+    __syncthreads();
+  }
+}
+
 // One 4-byte word of kCh channels at tile row r, as float.
 template <typename T, int kRowElts, int kCh>
 __device__ __forceinline__ void word_as_float(const T (*tile)[kRowElts], int r, int channel, float (&out)[kCh]) {
 #pragma unroll
   for (int e = 0; e < kCh; ++e) out[e] = to_float(tile[r][channel + e]);
+}
+
+// A window of consecutive rows moved on by one: rows shift down a slot and tile row r enters last.
+template <typename T, int kRowElts, int kRows, int kCh>
+__device__ __forceinline__ void slide_window(float (&window)[kRows][kCh], const T (*tile)[kRowElts], int r, int channel) {
+#pragma unroll
+  for (int k = 0; k + 1 < kRows; ++k) {
+#pragma unroll
+    for (int e = 0; e < kCh; ++e) window[k][e] = window[k + 1][e];
+  }
+  word_as_float<T, kRowElts, kCh>(tile, r, channel, window[kRows - 1]);
 }
 
 template <typename T, int kWidth, typename Shape>
@@ -534,16 +565,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) forward_la
     }
     async_commit();
   };
-  load(0, 0);
-  for (int64_t tile = 0; tile < tiles_in_segment; ++tile) {
-    const int buffer = static_cast<int>(tile & 1);
-    if (tile + 1 < tiles_in_segment) {
-      load(tile + 1, buffer ^ 1);
-      async_wait<1>();
-    } else {
-      async_wait<0>();
-    }
-    __syncthreads();
+  for_each_tile(tiles_in_segment, load, [&](int64_t tile, int buffer) {
     const T(*rows)[kRowElts] = tiles[buffer];
     const int64_t t_first = seg_begin + tile * kRows + r0;  // tile row r0 + kHist
     float window[kWidth][kCh];
@@ -551,12 +573,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) forward_la
     for (int k = 0; k < kHist; ++k) word_as_float<T, kRowElts, kCh>(rows, r0 + k, channel, window[k + 1]);
 #pragma unroll 4
     for (int i = 0; i < kPerThread; ++i) {
-#pragma unroll
-      for (int k = 0; k < kHist; ++k) {
-#pragma unroll
-        for (int e = 0; e < kCh; ++e) window[k][e] = window[k + 1][e];
-      }
-      word_as_float<T, kRowElts, kCh>(rows, r0 + i + kHist, channel, window[kHist]);
+      slide_window<T, kRowElts>(window, rows, r0 + i + kHist, channel);
       float y[kCh];
 #pragma unroll
       for (int e = 0; e < kCh; ++e) {
@@ -568,8 +585,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) forward_la
       const int64_t t = t_first + i;
       if (active && t < seg_end) store_floats<T, kCh>(out + t * p.out_l_stride, y);
     }
-    __syncthreads();  // the buffer is refilled by the next iteration's loads
-  }
+  });
 }
 
 // Backward: x rows t-(w-1) .. t+kRows+w-2 and dout rows t .. t+kRows+w-2 of each tile; a thread
@@ -605,16 +621,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) backward_l
     load_tile_async<T, Shape, kDoutRows>(dout_tiles[buffer], dout, p.dout_l_stride, first, l, c_block, p.dim);
     async_commit();
   };
-  load(0, 0);
-  for (int64_t tile = 0; tile < tiles_in_segment; ++tile) {
-    const int buffer = static_cast<int>(tile & 1);
-    if (tile + 1 < tiles_in_segment) {
-      load(tile + 1, buffer ^ 1);
-      async_wait<1>();
-    } else {
-      async_wait<0>();
-    }
-    __syncthreads();
+  for_each_tile(tiles_in_segment, load, [&](int64_t tile, int buffer) {
     const T(*xs)[kRowElts] = x_tiles[buffer];
     const T(*ds)[kRowElts] = dout_tiles[buffer];
     const int64_t t_first = seg_begin + tile * kRows + r0;  // x tile row r0 + kHist, dout tile row r0
@@ -624,12 +631,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) backward_l
     for (int k = 0; k < kHist; ++k) word_as_float<T, kRowElts, kCh>(xs, r0 + k, channel, xwin[k + 1]);
 #pragma unroll
     for (int i = 0; i < kPerThread + kHist; ++i) {
-#pragma unroll
-      for (int k = 0; k < kHist; ++k) {
-#pragma unroll
-        for (int e = 0; e < kCh; ++e) xwin[k][e] = xwin[k + 1][e];
-      }
-      word_as_float<T, kRowElts, kCh>(xs, r0 + i + kHist, channel, xwin[kHist]);
+      slide_window<T, kRowElts>(xwin, xs, r0 + i + kHist, channel);
       float g[kCh];
       word_as_float<T, kRowElts, kCh>(ds, r0 + i, channel, g);  // zero past the row's end
       const int64_t t = t_first + i;
@@ -666,8 +668,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) backward_l
         gwin[kHist - 1][e] = g[e];
       }
     }
-    __syncthreads();  // the buffers are refilled by the next iteration's loads
-  }
+  });
   // The row groups' sums, added in group order by group 0's threads.
   __shared__ float group_sums[kRowGroups][kTileWords][kCh * (kWidth + 1)];
 #pragma unroll
