@@ -332,6 +332,8 @@ EMULATED_CASES = {
     # Fixed B/C in 4-channel blocks over the 2048 edge, odd n (n > 32 is n40_fixed_B_sub_chunks':
     # n = 33 here took 54 s of CI).
     "d4_fixed_l2100_n5": dict(b=1, d=4, n=5, l=2100, B="fixed", C="fixed", init=True),
+    # The backward from the tiled forward's checkpoints (n = 16, 32 channels, over the 2048 edge).
+    "tiled_forward_d32_n16_l2100": dict(b=1, d=32, n=16, l=2100, init=True),
 }
 # Forward only (the backward's emulation is slower): the forward's warp-per-channel paths. Each
 # warp walks 512-step warp chunks; blocks of 4 channels with idle warps when d % 4 != 0; carries of
@@ -345,6 +347,16 @@ EMULATED_FORWARD_CASES = {
     "varlen_bf16": (dict(b=1, d=4, n=3, l=1100, cu=[0, 0, 600, 601, 1100], B="grouped", g=2, init=True),
                     torch.bfloat16),
     "l1_f16": (dict(l=1, d=3, init=True), torch.float16),
+    # The state-parallel (tiled) kernel: 32-channel blocks, 4 or 8 states per thread, 32-step tiles.
+    # n = 16 (4 states: 4 threads per channel), bf16, a partial last tile, two blocks per row.
+    "tiled_n16_bf16": (dict(b=2, d=64, n=16, l=100, init=True), torch.bfloat16),
+    # n = 32 (8 states: 4 threads per channel), grouped B/C (32 channels per group), packed sequences with unaligned
+    # starts, an empty one and a 10-step one.
+    "tiled_n32_varlen_f16": (dict(b=1, d=64, n=32, l=300, cu=[0, 0, 37, 290, 300], B="grouped", C="grouped",
+                                  g=2, init=True), torch.float16),
+    # n = 64 and 128 (8 states: 8 and 16 threads per channel, blocks of 256 and 512), float32, l = 1.
+    "tiled_n64_f32": (dict(b=1, d=32, n=64, l=45, init=True), torch.float32),
+    "tiled_n128_l1_f32": (dict(b=1, d=32, n=128, l=1, init=True), torch.float32),
 }
 
 
@@ -355,6 +367,18 @@ def test_cuda_forward_in_host_emulation(case_name, emulated_scan_cuda):
     case = {**BASE, **changes}
     inputs = _scan_inputs(case, dtype)
     compare_with_reference(_scan_fn(case), inputs, "cuda", label=f"emulated cuda forward {case_name}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
+@pytest.mark.parametrize("case_name,states", [("tiled_n16_bf16", "8"), ("tiled_n64_f32", "4")])
+def test_cuda_tiled_forward_other_states_in_host_emulation(case_name, states, emulated_scan_cuda, monkeypatch):
+    """The tiled forward with the states per thread that its defaults do not pick for these n
+    (SSMKERNELS_SCAN_TILED_STATES; the default is 4 for n = 16, else 8)."""
+    monkeypatch.setenv("SSMKERNELS_SCAN_TILED_STATES", states)
+    changes, dtype = EMULATED_FORWARD_CASES[case_name]
+    case = {**BASE, **changes}
+    inputs = _scan_inputs(case, dtype)
+    compare_with_reference(_scan_fn(case), inputs, "cuda", label=f"emulated cuda forward, {states} states {case_name}")
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
@@ -411,6 +435,11 @@ GPU_CASES = {
     "l2048_grouped": dict(l=2048, d=6, n=16, B="grouped", C="grouped", g=3),
     "varlen_chunk_edges": dict(b=1, l=6000, d=4, n=16, cu=[0, 2047, 2049, 2049, 4096, 6000], init=True),
     "fixed_long": dict(l=3000, d=4, n=8, B="fixed", C="fixed", init=True),
+    # The CUDA forward's state-parallel (tiled) kernel: 32-channel blocks, n = 16, 32, 64, 128.
+    "tiled_l4099_n16": dict(l=4099, d=64, n=16, init=True),
+    "tiled_varlen_n64": dict(b=1, l=6000, d=32, n=64, cu=[0, 2047, 2049, 2049, 4096, 6000], init=True),
+    "tiled_grouped_n128": dict(l=2100, d=64, n=128, B="grouped", C="grouped", g=2, init=True),
+    "tiled_n32_plain": dict(l=777, d=32, n=32, D=False, z=False, bias=False),
 }
 
 
@@ -427,9 +456,10 @@ def test_scan_multi_chunk(backend, dtype, case_name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_scan_long_sequence(backend):
+@pytest.mark.parametrize("d", [8, 32])  # 32: the CUDA forward's tiled kernel
+def test_scan_long_sequence(backend, d):
     """l >= 64K in bf16 with every option, forward and backward."""
-    case = {**BASE, "b": 1, "d": 8, "n": 16, "l": 65536 + 7, "init": True}
+    case = {**BASE, "b": 1, "d": d, "n": 16, "l": 65536 + 7, "init": True}
     inputs = _scan_inputs(case, torch.bfloat16)
     compare_with_reference(_scan_fn(case), inputs, backend, grad_names=_grad_names(inputs),
                            label=f"{backend} l=65543")
@@ -437,10 +467,11 @@ def test_scan_long_sequence(backend):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_scan_more_than_2_31_elements(backend):
+@pytest.mark.parametrize("d", [32776, 32800])  # 32800: whole 32-channel blocks (the tiled forward)
+def test_scan_more_than_2_31_elements(backend, d):
     """u of more than 2^31 elements: the last channels (offsets past 2^31) match the reference run on
     those channels alone (channels are independent)."""
-    b, d, l, n = 1, 32776, 65536 + 3, 16
+    b, l, n = 1, 65536 + 3, 16
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     u = torch.randn(b, d, l, device=DEVICE, dtype=torch.bfloat16, generator=gen)
     delta = torch.randn(b, d, l, device=DEVICE, dtype=torch.bfloat16, generator=gen) * 0.5

@@ -52,6 +52,8 @@ struct Params {
 };
 
 void forward(const Params& params);
+// The state-parallel forward (selective_scan_fwd_tiled.cu) when it serves the call; false otherwise.
+bool forward_tiled(const Params& params);
 void backward(const Params& params);
 
 }  // namespace scan

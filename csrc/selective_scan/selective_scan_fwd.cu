@@ -1,4 +1,7 @@
 // Selective scan forward (SPEC.md section 2): one WARP per channel, kFwdWarps channels per block.
+// It serves the calls that the state-parallel kernel (selective_scan_fwd_tiled.cu, about twice as
+// fast) does not: fixed B/C, float32 B/C with 16-bit u, groups of channels not a multiple of 32, N
+// other than 16, 32, 64, 128.
 //
 // Why this shape. The old kernel (4 channels x 256 threads per block, a __syncthreads per state
 // index n and a serial cross-warp combine) needed 244 registers, so one block of 8 warps per SM:
@@ -55,17 +58,6 @@ static_assert(kChunk % kWarpChunk == 0, "checkpoints must land on warp-chunk sta
 // Blocks per SM the register budget is set for: 3 x 4 warps -> at most 168 registers per thread
 // (the bf16 instance needs ~150: dt, dtu, y, a, b of 16 steps and the prefetched B/C tiles).
 constexpr int kFwdMinBlocks = 3;
-
-// 2^x by the MUFU (ex2.approx.ftz: ~2 ulp, flushes denormal results to 0, which as decays are 0).
-__device__ __forceinline__ float fwd_exp2(float x) {
-#ifdef SSMK_SCAN_EMULATION
-  return exp2f(x);
-#else
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-#endif
-}
 
 // Pins a value computed outside the n loop: without it, NVVM sinks the 16 adds of sum_dt into the
 // loop (recomputing them for every n, +12% instructions) to shorten a live range.
@@ -252,11 +244,11 @@ __global__ __launch_bounds__(kFwdThreads, kFwdMinBlocks) void forward_kernel(con
       float a[kFwdItems], b[kFwdItems], fb = 0.f;
 #pragma unroll
       for (int i = 0; i < kFwdItems; ++i) {
-        a[i] = fwd_exp2(dt[i] * A2);
+        a[i] = exp2_approx(dt[i] * A2);
         b[i] = dtu[i] * fwd_at(B_tile, i);
         fb = fmaf(a[i], fb, b[i]);
       }
-      const float fa = fwd_exp2(sum_dt * A2);  // prod a_i to a few ulps, one MUFU op instead of 16 FMULs
+      const float fa = exp2_approx(sum_dt * A2);  // prod a_i to a few ulps, one MUFU op instead of 16 FMULs
       float h = fwd_warp_exclusive_state(fa, fb, h_in, lane, carry[n]);
 #pragma unroll
       for (int i = 0; i < kFwdItems; ++i) {
@@ -314,6 +306,7 @@ void launch_forward(const Params& p) {
 void forward(const Params& p) {
   if (p.num_seqs == 0 || p.dim == 0) return;
   if (p.num_seqs > 65535) throw std::invalid_argument("selective_scan cuda: at most 65535 sequences per call");
+  if (forward_tiled(p)) return;
   SSMK_DISPATCH_FLOAT(p.dtype, "selective_scan u", [&] {
     using input_t = scalar_t;
     if (p.bc_dtype == p.dtype) {

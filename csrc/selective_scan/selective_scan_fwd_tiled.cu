@@ -1,0 +1,358 @@
+// Selective scan forward, state-parallel form (SPEC.md section 2): each thread runs the recurrence
+// of kStates (4 or 8) states of one channel step by step, so no scan over time is needed at all.
+//
+// Why. The warp-per-channel kernel (selective_scan_fwd.cu) splits a channel's steps over 32 lanes
+// and joins them with a shuffle scan per state: per (step, state) it folds, scans and replays, ~14
+// instructions, and its serial fold/scan/replay chains leave the schedulers idle (0.31 issued per
+// cycle on the H200 at B4 D5120 L4096 N16). Here a (step, state) costs ~6: a = 2^(dt A log2e) (one
+// MUFU op: the floor, 16 per clock per SM), h = a h + dt u B, y += C h, with kStates independent
+// chains per thread. A channel's N = kStates * kLanes states live in kLanes consecutive lanes, whose
+// partial y are summed by an xor butterfly of log2(kLanes) shuffles per step.
+// H200, B4 D5120 L4096 bf16 with z, D, bias, softplus: N 16 1.03 ms, 32 1.62, 64 2.79, 128 5.54,
+// against 2.04 / 3.23 / 6.12 / 11.22 ms for the warp kernel in the same run.
+//
+// Block = 32 channels of one sequence (32 kLanes threads) walking the sequence in tiles of kSteps =
+// 32 steps. Per tile, staged in shared memory by the whole block:
+//   - dt = softplus(delta + bias) and dt u of each (channel, step), computed once (not per state),
+//     and y = D u, onto which the lanes add their sums;
+//   - B and C of the tile's steps as float, transposed to [step][n], so a thread reads its states'
+//     values of one step with one or two 16-byte loads, and the 32 channels share one conversion.
+//     The columns interleave the slices' float4 groups (bc_column): a 16-byte shared load is served
+//     per quarter-warp, and with a thread's 8 states side by side 8 slices hit 4 bank groups twice
+//     (N 64: 4.42 -> 2.79 ms with the interleave).
+// The next tile's u, delta, B, C (and this tile's z) are loaded into registers before this tile's
+// steps run, so their latency hides behind the compute; two barriers per tile.
+// Occupancy is what limits it at N 16 (Nsight Compute, 8 states: 8.7 warps per SM, 0.54 issued per
+// scheduler cycle; 4 states: 18.3 and 0.60): b d N / kStates threads is all the work there is.
+// B and C must be input-dependent with whole blocks per group (32 | channels per group), of u's
+// dtype, and N in {16, 32, 64, 128}: tiled_forward_states says which calls qualify; the others take
+// the warp-per-channel kernel. Checkpoints (the state entering every kChunk steps) and last_state
+// are written exactly as that kernel writes them, so the backward is the same for both.
+#include <cstdlib>
+#include <cstring>
+
+#include "selective_scan/scan_common.cuh"
+
+namespace ssmk {
+namespace scan {
+namespace tiled {
+
+constexpr int kChannels = 32;                  // channels per block
+constexpr int kSteps = 32;                     // steps per tile
+constexpr int kItem = 8;                       // elements per load item (16 bytes of 16-bit types)
+constexpr int kItemsPerRow = kSteps / kItem;   // items of one channel's (or one state's) tile row
+constexpr int kRow = kSteps + 4;               // [channel][step] rows: +4 floats keep float4 reads conflict-free
+static_assert(kChunk % kSteps == 0, "checkpoints must land on tile starts");
+
+// kStates states per thread (4 or 8), kLanes threads per channel: N = kStates * kLanes.
+template <int kStates, int kLanes>
+struct Shape {
+  static_assert(kStates == 4 || kStates == 8, "a thread's states are read as one or two float4");
+  static constexpr int kThreads = kChannels * kLanes;
+  static_assert(kThreads <= 512, "at most 512 threads per block (registers)");
+  static constexpr int kN = kStates * kLanes;
+  static constexpr int kBCRow = kN + 4;  // [step][n] rows of B and C
+  static constexpr int kXItems = kChannels * kItemsPerRow;
+  static constexpr int kXPerThread = (kXItems + kThreads - 1) / kThreads;
+  static constexpr int kBCItems = kN * kItemsPerRow;
+  static constexpr int kBCPerThread = (kBCItems + kThreads - 1) / kThreads;
+  // Shared memory (floats): dt, dt u, y [kChannels][kRow]; B, C [kSteps][kBCRow].
+  static constexpr int kSmemFloats = 3 * kChannels * kRow + 2 * kSteps * kBCRow;
+};
+
+// 8 consecutive elements in their own dtype, loaded ahead and converted when staged.
+template <typename T>
+struct alignas(16) Item {
+  T v[kItem];
+};
+
+// 8 floats to 16-byte aligned shared memory, as two 16-byte stores.
+__device__ __forceinline__ void store_floats(float* dst, const float (&v)[kItem]) {
+  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_item(const T* ptr, int valid, Item<T>& item) {
+  if (valid >= kItem && reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0) {
+#pragma unroll
+    for (int k = 0; k < static_cast<int>(sizeof(Item<T>) / 16); ++k) {
+      reinterpret_cast<uint4*>(item.v)[k] = reinterpret_cast<const uint4*>(ptr)[k];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItem; ++j) item.v[j] = j < valid ? ptr[j] : from_float<T>(0.f);
+  }
+}
+
+// Which calls the tiled kernel serves, as its states per thread (kStates, 4 or 8); 0: the warp
+// kernel's. kLanes = N / kStates.
+inline int tiled_forward_states(const Params& p) {
+  if (const char* force = std::getenv("SSMKERNELS_SCAN_FORWARD_KERNEL")) {
+    if (std::strcmp(force, "warp") == 0) return 0;  // A/B timing against the warp-per-channel kernel
+  }
+  if (p.b_fixed || p.c_fixed || p.bc_dtype != p.dtype) return 0;
+  if (p.channels_per_b_group % kChannels != 0 || p.channels_per_c_group % kChannels != 0) return 0;
+  if (p.dim % kChannels != 0) return 0;
+  if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64 && p.dstate != 128) return 0;
+  // H200, B4 D5120 L4096 bf16 (scripts/scan_forward_variants.py, one run): N 16: 4 states 1.033 ms,
+  // 8 states 1.099 (4 doubles the warps: 18.3 against 8.7 per SM); N 32: 1.834 / 1.620; N 64: 3.586 /
+  // 2.787 (4 states: more shuffles and dt loads per state for no more occupancy).
+  int states = p.dstate == 16 ? 4 : 8;
+  if (const char* force = std::getenv("SSMKERNELS_SCAN_TILED_STATES")) states = std::atoi(force) == 4 ? 4 : 8;
+  return p.dstate / states <= 16 ? states : 8;  // at most 16 lanes (512 threads) per channel
+}
+
+// Where state k of a thread's slice sits in a [step] row of B_s / C_s: float4 group g = k / 4 of
+// every slice side by side (g * 4 kLanes + slice * 4 + k % 4), so that the 8 lanes of a quarter-warp
+// (which a 16-byte shared load serves together) read 8 different 16-byte bank groups.
+template <int kLanes>
+__device__ __forceinline__ int bc_column(int slice, int k) {
+  return (k / 4) * 4 * kLanes + slice * 4 + k % 4;
+}
+
+template <typename T, int kStates, int kLanes>
+__global__ __launch_bounds__(Shape<kStates, kLanes>::kThreads) void forward_tiled_kernel(const Params p) {
+  using S = Shape<kStates, kLanes>;
+  extern __shared__ float smem[];
+  float* dt_s = smem;                           // [kChannels][kRow]
+  float* dtu_s = dt_s + kChannels * kRow;       // [kChannels][kRow]
+  float* y_s = dtu_s + kChannels * kRow;        // [kChannels][kRow]
+  float* B_s = y_s + kChannels * kRow;          // [kSteps][kBCRow]
+  float* C_s = B_s + kSteps * S::kBCRow;        // [kSteps][kBCRow]
+
+  const int tid = threadIdx.x;
+  const int channel = tid / kLanes, slice = tid % kLanes;  // this thread's channel and its 8 states
+  const int64_t channel0 = static_cast<int64_t>(blockIdx.x) * kChannels;
+  const int64_t seq = blockIdx.y;
+  const Span span = sequence_span(p, seq);
+  const int64_t num_tiles = ceil_div(span.end - span.start, kSteps);
+  const int64_t n_state = p.dstate;
+
+  const T* u = as_ptr<const T>(p.u) + span.row * p.x_batch_stride + channel0 * p.x_d_stride;
+  const T* delta = as_ptr<const T>(p.delta) + span.row * p.x_batch_stride + channel0 * p.x_d_stride;
+  const T* z = p.z ? as_ptr<const T>(p.z) + span.row * p.x_batch_stride + channel0 * p.x_d_stride : nullptr;
+  T* out = as_ptr<T>(p.out) + span.row * p.x_batch_stride + channel0 * p.x_d_stride;
+  // The block's channels share one B group and one C group (tiled_forward_lanes).
+  const T* B = as_ptr<const T>(p.B) + span.row * p.B_batch_stride + (channel0 / p.channels_per_b_group) * p.B_group_stride;
+  const T* C = as_ptr<const T>(p.C) + span.row * p.C_batch_stride + (channel0 / p.channels_per_c_group) * p.C_group_stride;
+  const float* bias = p.delta_bias ? as_ptr<const float>(p.delta_bias) + channel0 : nullptr;
+  const float* Dvec = p.D ? as_ptr<const float>(p.D) + channel0 : nullptr;
+
+  // The thread's states and A * log2(e).
+  const int64_t state_offset = (seq * p.dim + channel0 + channel) * n_state + slice * kStates;
+  float h[kStates], A2[kStates];
+#pragma unroll
+  for (int k = 0; k < kStates; ++k) {
+    A2[k] = as_ptr<const float>(p.A)[(channel0 + channel) * n_state + slice * kStates + k] * kLog2e;
+    h[k] = p.initial_state ? as_ptr<const float>(p.initial_state)[state_offset + k] : 0.f;
+  }
+
+  // Load items: x item i is (channel i / kItemsPerRow, steps (i % kItemsPerRow) * kItem ...); B/C
+  // item i is (state i / kItemsPerRow, the same steps). Items past kXItems (kLanes > 4) are idle.
+  Item<T> u_next[S::kXPerThread], delta_next[S::kXPerThread], z_now[S::kXPerThread];
+  Item<T> B_next[S::kBCPerThread], C_next[S::kBCPerThread];
+  auto x_item = [&](int k, int64_t tile, int& c, int& t, int& valid) {
+    const int i = tid + k * S::kThreads;
+    c = i / kItemsPerRow;
+    t = (i % kItemsPerRow) * kItem;
+    valid = i < S::kXItems ? items_in_range<kItem>(span.start + tile * kSteps + t, span.end) : 0;
+  };
+  auto load_tile = [&](int64_t tile) {
+    const int64_t t0 = span.start + tile * kSteps;
+#pragma unroll
+    for (int k = 0; k < S::kXPerThread; ++k) {
+      int c, t, valid;
+      x_item(k, tile, c, t, valid);
+      if (valid > 0) {
+        load_item(u + c * p.x_d_stride + t0 + t, valid, u_next[k]);
+        load_item(delta + c * p.x_d_stride + t0 + t, valid, delta_next[k]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < S::kBCPerThread; ++k) {
+      const int i = tid + k * S::kThreads, n = i / kItemsPerRow, t = (i % kItemsPerRow) * kItem;
+      if (i >= S::kBCItems) break;  // kStates 4: half the threads have none
+      const int valid = items_in_range<kItem>(t0 + t, span.end);
+      load_item(B + n * p.B_n_stride + t0 + t, valid, B_next[k]);
+      load_item(C + n * p.C_n_stride + t0 + t, valid, C_next[k]);
+    }
+  };
+  // The loaded tile into shared memory: step sizes (0 past the end: identity steps), dt u, D u, B, C.
+  // 16-bit inputs take softplus_fast: with 16 states per channel, softplus() cost about as much
+  // as the states' own steps.
+  auto stage_tile = [&](int64_t tile) {
+#pragma unroll
+    for (int k = 0; k < S::kXPerThread; ++k) {
+      int c, t, valid;
+      x_item(k, tile, c, t, valid);
+      if (c >= kChannels) continue;
+      const float b = bias ? bias[c] : 0.f, D = Dvec ? Dvec[c] : 0.f;
+      float dt[kItem], dtu[kItem], Du[kItem];
+#pragma unroll
+      for (int j = 0; j < kItem; ++j) {
+        const float uj = j < valid ? to_float(u_next[k].v[j]) : 0.f;
+        const float raw = (j < valid ? to_float(delta_next[k].v[j]) : 0.f) + b;
+        const float step = p.softplus ? (sizeof(T) < 4 ? softplus_fast(raw) : softplus(raw)) : raw;
+        dt[j] = j < valid ? step : 0.f;
+        dtu[j] = dt[j] * uj;
+        Du[j] = D * uj;
+      }
+      store_floats(dt_s + c * kRow + t, dt);
+      store_floats(dtu_s + c * kRow + t, dtu);
+      store_floats(y_s + c * kRow + t, Du);
+    }
+#pragma unroll
+    for (int k = 0; k < S::kBCPerThread; ++k) {
+      const int i = tid + k * S::kThreads, n = i / kItemsPerRow, t = (i % kItemsPerRow) * kItem;
+      if (i >= S::kBCItems) break;
+      const int column = bc_column<kLanes>(n / kStates, n % kStates);
+#pragma unroll
+      for (int j = 0; j < kItem; ++j) {
+        B_s[(t + j) * S::kBCRow + column] = to_float(B_next[k].v[j]);
+        C_s[(t + j) * S::kBCRow + column] = to_float(C_next[k].v[j]);
+      }
+    }
+  };
+
+  if (num_tiles > 0) {
+    load_tile(0);
+    stage_tile(0);
+  }
+  __syncthreads();
+  float* checkpoints = as_ptr<float>(p.checkpoints);
+  const float* dt_row = dt_s + channel * kRow;
+  const float* dtu_row = dtu_s + channel * kRow;
+  float* y_row = y_s + channel * kRow;
+  for (int64_t tile = 0; tile < num_tiles; ++tile) {
+    const bool has_next = tile + 1 < num_tiles;
+    if (has_next) load_tile(tile + 1);
+    if (z) {
+      const int64_t t0 = span.start + tile * kSteps;
+#pragma unroll
+      for (int k = 0; k < S::kXPerThread; ++k) {
+        int c, t, valid;
+        x_item(k, tile, c, t, valid);
+        if (valid > 0) load_item(z + c * p.x_d_stride + t0 + t, valid, z_now[k]);
+      }
+    }
+    if ((tile * kSteps) % kChunk == 0 && checkpoints) {  // the state entering a kChunk chunk
+      const int64_t slot = span.slot0 + tile * kSteps / kChunk;
+      float* dst = checkpoints + (slot * p.dim + channel0 + channel) * n_state + slice * kStates;
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) dst[k] = h[k];
+    }
+
+    // The tile's steps, four at a time (one float4 of dt and of dt u).
+#pragma unroll 1
+    for (int t4 = 0; t4 < kSteps; t4 += 4) {
+      const float4 dt4 = *reinterpret_cast<const float4*>(dt_row + t4);
+      const float4 dtu4 = *reinterpret_cast<const float4*>(dtu_row + t4);
+      const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
+      float ys[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float* Bt = B_s + (t4 + q) * S::kBCRow;
+        const float* Ct = C_s + (t4 + q) * S::kBCRow;
+        float Bv[kStates], Cv[kStates];
+#pragma unroll
+        for (int g = 0; g < kStates / 4; ++g) {
+          const float4 b4 = *reinterpret_cast<const float4*>(Bt + bc_column<kLanes>(slice, 4 * g));
+          const float4 c4 = *reinterpret_cast<const float4*>(Ct + bc_column<kLanes>(slice, 4 * g));
+          Bv[4 * g] = b4.x, Bv[4 * g + 1] = b4.y, Bv[4 * g + 2] = b4.z, Bv[4 * g + 3] = b4.w;
+          Cv[4 * g] = c4.x, Cv[4 * g + 1] = c4.y, Cv[4 * g + 2] = c4.z, Cv[4 * g + 3] = c4.w;
+        }
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < kStates; ++k) {
+          const float a = exp2_approx(dts[q] * A2[k]);
+          h[k] = fmaf(a, h[k], dtus[q] * Bv[k]);
+          acc = fmaf(Cv[k], h[k], acc);
+        }
+        ys[q] = acc;
+      }
+#pragma unroll
+      for (int offset = 1; offset < kLanes; offset *= 2) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) ys[q] += __shfl_xor_sync(0xffffffffu, ys[q], offset);
+      }
+      if (slice == 0) {
+        float4 y4 = *reinterpret_cast<float4*>(y_row + t4);
+        y4.x += ys[0];
+        y4.y += ys[1];
+        y4.z += ys[2];
+        y4.w += ys[3];
+        *reinterpret_cast<float4*>(y_row + t4) = y4;
+      }
+    }
+    __syncthreads();  // y complete; dt, dt u, B, C read
+
+    const int64_t t0 = span.start + tile * kSteps;
+#pragma unroll
+    for (int k = 0; k < S::kXPerThread; ++k) {
+      int c, t, valid;
+      x_item(k, tile, c, t, valid);
+      if (valid <= 0) continue;
+      float y[kItem];
+#pragma unroll
+      for (int j = 0; j < kItem; ++j) {
+        y[j] = y_s[c * kRow + t + j];
+        if (z) y[j] *= silu_fast(to_float(z_now[k].v[j]));
+      }
+      store_items(out + c * p.x_d_stride + t0 + t, valid, y);
+    }
+    if (has_next) stage_tile(tile + 1);  // the same items this thread just read from y_s
+    __syncthreads();
+  }
+
+  if (p.last_state) {
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) as_ptr<float>(p.last_state)[state_offset + k] = h[k];
+  }
+}
+
+#ifndef SSMK_SCAN_EMULATION
+template <typename T, int kStates, int kLanes>
+void launch(const Params& p) {
+  using S = Shape<kStates, kLanes>;
+  const dim3 grid(static_cast<unsigned>(p.dim / kChannels), static_cast<unsigned>(p.num_seqs));
+  const size_t smem = S::kSmemFloats * sizeof(float);
+  auto kernel = forward_tiled_kernel<T, kStates, kLanes>;
+  if (smem > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "selective_scan tiled forward: shared memory");
+  }
+  kernel<<<grid, S::kThreads, smem, as_stream(p.stream)>>>(p);
+  check_launch("selective_scan forward_tiled_kernel");
+}
+#endif  // SSMK_SCAN_EMULATION
+
+}  // namespace tiled
+
+#ifndef SSMK_SCAN_EMULATION
+bool forward_tiled(const Params& p) {
+  const int states = tiled::tiled_forward_states(p);
+  if (states == 0) return false;
+  const int lanes = static_cast<int>(p.dstate) / states;
+  SSMK_DISPATCH_FLOAT(p.dtype, "selective_scan u", [&] {
+    if (states == 4) {
+      switch (lanes) {
+        case 4: tiled::launch<scalar_t, 4, 4>(p); break;
+        case 8: tiled::launch<scalar_t, 4, 8>(p); break;
+        default: tiled::launch<scalar_t, 4, 16>(p); break;
+      }
+    } else {
+      switch (lanes) {
+        case 2: tiled::launch<scalar_t, 8, 2>(p); break;
+        case 4: tiled::launch<scalar_t, 8, 4>(p); break;
+        case 8: tiled::launch<scalar_t, 8, 8>(p); break;
+        default: tiled::launch<scalar_t, 8, 16>(p); break;
+      }
+    }
+  });
+  return true;
+}
+#endif  // SSMK_SCAN_EMULATION
+
+}  // namespace scan
+}  // namespace ssmk
