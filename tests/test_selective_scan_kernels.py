@@ -370,10 +370,10 @@ def test_cuda_forward_in_host_emulation(case_name, emulated_scan_cuda):
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
-@pytest.mark.parametrize("case_name,states", [("tiled_n16_bf16", "8"), ("tiled_n64_f32", "4")])
+@pytest.mark.parametrize("case_name,states", [("tiled_n16_bf16", "8"), ("tiled_n32_varlen_f16", "4")])
 def test_cuda_tiled_forward_other_states_in_host_emulation(case_name, states, emulated_scan_cuda, monkeypatch):
     """The tiled forward with the states per thread that its defaults do not pick for these n
-    (SSMKERNELS_SCAN_TILED_STATES; the default is 4 for n = 16, else 8)."""
+    (SSMKERNELS_SCAN_TILED_STATES; the default is 4 for n = 16, else 8; 4 exists for n <= 32)."""
     monkeypatch.setenv("SSMKERNELS_SCAN_TILED_STATES", states)
     changes, dtype = EMULATED_FORWARD_CASES[case_name]
     case = {**BASE, **changes}

@@ -42,7 +42,6 @@ void fwd_dispatch(const Params& p) {
   switch (states ? states * 100 + static_cast<int>(p.dstate) / states : 0) {
     case 404: return fwd_tiled<T, 4, 4>(p);
     case 408: return fwd_tiled<T, 4, 8>(p);
-    case 416: return fwd_tiled<T, 4, 16>(p);
     case 802: return fwd_tiled<T, 8, 2>(p);
     case 804: return fwd_tiled<T, 8, 4>(p);
     case 808: return fwd_tiled<T, 8, 8>(p);

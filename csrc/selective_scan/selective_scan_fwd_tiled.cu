@@ -100,7 +100,7 @@ inline int tiled_forward_states(const Params& p) {
   // 2.787 (4 states: more shuffles and dt loads per state for no more occupancy).
   int states = p.dstate == 16 ? 4 : 8;
   if (const char* force = std::getenv("SSMKERNELS_SCAN_TILED_STATES")) states = std::atoi(force) == 4 ? 4 : 8;
-  return p.dstate / states <= 16 ? states : 8;  // at most 16 lanes (512 threads) per channel
+  return p.dstate <= 32 ? states : 8;  // 4 states are built for N 16 and 32 only
 }
 
 // Where state k of a thread's slice sits in a [step] row of B_s / C_s: float4 group g = k / 4 of
@@ -336,11 +336,8 @@ bool forward_tiled(const Params& p) {
   const int lanes = static_cast<int>(p.dstate) / states;
   SSMK_DISPATCH_FLOAT(p.dtype, "selective_scan u", [&] {
     if (states == 4) {
-      switch (lanes) {
-        case 4: tiled::launch<scalar_t, 4, 4>(p); break;
-        case 8: tiled::launch<scalar_t, 4, 8>(p); break;
-        default: tiled::launch<scalar_t, 4, 16>(p); break;
-      }
+      if (lanes == 4) tiled::launch<scalar_t, 4, 4>(p);
+      else tiled::launch<scalar_t, 4, 8>(p);
     } else {
       switch (lanes) {
         case 2: tiled::launch<scalar_t, 8, 2>(p); break;
