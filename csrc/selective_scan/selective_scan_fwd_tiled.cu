@@ -8,8 +8,10 @@
 // MUFU op: the floor, 16 per clock per SM), h = a h + dt u B, y += C h, with kStates independent
 // chains per thread. A channel's N = kStates * kLanes states live in kLanes consecutive lanes, whose
 // partial y are summed by an xor butterfly of log2(kLanes) shuffles per step.
-// H200, B4 D5120 L4096 bf16 with z, D, bias, softplus: N 16 1.03 ms, 32 1.62, 64 2.79, 128 5.54,
-// against 2.04 / 3.23 / 6.12 / 11.22 ms for the warp kernel in the same run.
+// H200, B4 D5120 L4096 bf16 with z, D, bias, softplus (bench, mamba_ssm in the same run): N 16
+// 0.786 ms, 64 2.535, 128 5.218 against mamba_ssm's 1.437 / 4.863 / 9.460; timed against the warp
+// kernel on the same inputs (scripts/scan_forward_variants.py, host time included): N 16 1.03 ms,
+// 32 1.62, 64 2.79, 128 5.54 against 2.04 / 3.23 / 6.12 / 11.22.
 //
 // Block = 32 channels of one sequence (32 kLanes threads) walking the sequence in tiles of kSteps =
 // 32 steps. Per tile, staged in shared memory by the whole block:
@@ -22,8 +24,9 @@
 //     (N 64: 4.42 -> 2.79 ms with the interleave).
 // The next tile's u, delta, B, C (and this tile's z) are loaded into registers before this tile's
 // steps run, so their latency hides behind the compute; two barriers per tile.
-// Occupancy is what limits it at N 16 (Nsight Compute, 8 states: 8.7 warps per SM, 0.54 issued per
-// scheduler cycle; 4 states: 18.3 and 0.60): b d N / kStates threads is all the work there is.
+// At N 16 it is latency-bound (Nsight Compute, 8 states: 8.7 warps per SM, 0.54 issued per scheduler
+// cycle; 4 states: 18.3 and 0.60, 43% of the stalls waiting on shared-memory results): b d N / kStates
+// threads is all the parallel work there is, hence 4 states per thread there.
 // B and C must be input-dependent with whole blocks per group (32 | channels per group), of u's
 // dtype, and N in {16, 32, 64, 128}: tiled_forward_states says which calls qualify; the others take
 // the warp-per-channel kernel. Checkpoints (the state entering every kChunk steps) and last_state
@@ -122,7 +125,7 @@ __global__ __launch_bounds__(Shape<kStates, kLanes>::kThreads) void forward_tile
   float* C_s = B_s + kSteps * S::kBCRow;        // [kSteps][kBCRow]
 
   const int tid = threadIdx.x;
-  const int channel = tid / kLanes, slice = tid % kLanes;  // this thread's channel and its 8 states
+  const int channel = tid / kLanes, slice = tid % kLanes;  // this thread's channel and its kStates states
   const int64_t channel0 = static_cast<int64_t>(blockIdx.x) * kChannels;
   const int64_t seq = blockIdx.y;
   const Span span = sequence_span(p, seq);
@@ -133,7 +136,7 @@ __global__ __launch_bounds__(Shape<kStates, kLanes>::kThreads) void forward_tile
   const T* delta = as_ptr<const T>(p.delta) + span.row * p.x_batch_stride + channel0 * p.x_d_stride;
   const T* z = p.z ? as_ptr<const T>(p.z) + span.row * p.x_batch_stride + channel0 * p.x_d_stride : nullptr;
   T* out = as_ptr<T>(p.out) + span.row * p.x_batch_stride + channel0 * p.x_d_stride;
-  // The block's channels share one B group and one C group (tiled_forward_lanes).
+  // The block's channels share one B group and one C group (tiled_forward_states).
   const T* B = as_ptr<const T>(p.B) + span.row * p.B_batch_stride + (channel0 / p.channels_per_b_group) * p.B_group_stride;
   const T* C = as_ptr<const T>(p.C) + span.row * p.C_batch_stride + (channel0 / p.channels_per_c_group) * p.C_group_stride;
   const float* bias = p.delta_bias ? as_ptr<const float>(p.delta_bias) + channel0 : nullptr;
@@ -149,7 +152,8 @@ __global__ __launch_bounds__(Shape<kStates, kLanes>::kThreads) void forward_tile
   }
 
   // Load items: x item i is (channel i / kItemsPerRow, steps (i % kItemsPerRow) * kItem ...); B/C
-  // item i is (state i / kItemsPerRow, the same steps). Items past kXItems (kLanes > 4) are idle.
+  // item i is (state i / kItemsPerRow, the same steps). Items past kXItems (32 kLanes > 128 threads) or past
+  // kBCItems (kStates 4) are idle.
   Item<T> u_next[S::kXPerThread], delta_next[S::kXPerThread], z_now[S::kXPerThread];
   Item<T> B_next[S::kBCPerThread], C_next[S::kBCPerThread];
   auto x_item = [&](int k, int64_t tile, int& c, int& t, int& valid) {
