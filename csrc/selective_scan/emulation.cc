@@ -18,7 +18,8 @@ namespace ssmk { namespace scan { namespace {
 template <typename Kernel>
 void run_grid(Kernel kernel, unsigned gx, unsigned gy, int threads, const Params& p) {
   emu_run_grid(gx, gy, 1, threads, [] {
-                 for (float* buffer : {smem, tiled::smem}) std::fill(buffer, buffer + (1 << 17), std::numeric_limits<float>::quiet_NaN());
+                 for (auto* buffer : {&smem, &tiled::smem})
+                   std::fill(std::begin(*buffer), std::end(*buffer), std::numeric_limits<float>::quiet_NaN());
                },
                [&] { kernel(p); });
 }
@@ -29,24 +30,15 @@ void fwd_typed(const Params& p) {
   run_grid(forward_kernel<T, BC>, static_cast<unsigned>(ceil_div(p.dim, kFwdWarps)), p.num_seqs, kFwdThreads, p);
 }
 
-template <typename T, int kStates, int kLanes>
-void fwd_tiled(const Params& p) {
-  // Mirrors tiled::launch: 32 channels per block, kLanes threads per channel.
-  run_grid(tiled::forward_tiled_kernel<T, kStates, kLanes>, static_cast<unsigned>(p.dim / tiled::kChannels),
-           p.num_seqs, tiled::Shape<kStates, kLanes>::kThreads, p);
-}
-
 template <typename T>
 void fwd_dispatch(const Params& p) {
-  const int states = tiled::tiled_forward_states(p);
-  switch (states ? states * 100 + static_cast<int>(p.dstate) / states : 0) {
-    case 404: return fwd_tiled<T, 4, 4>(p);
-    case 408: return fwd_tiled<T, 4, 8>(p);
-    case 802: return fwd_tiled<T, 8, 2>(p);
-    case 804: return fwd_tiled<T, 8, 4>(p);
-    case 808: return fwd_tiled<T, 8, 8>(p);
-    case 816: return fwd_tiled<T, 8, 16>(p);
-    default: break;
+  if (const int states = tiled::tiled_forward_states(p)) {
+    // Mirrors tiled::launch: 32 channels per block, kLanes threads per channel.
+    return tiled::visit_tiled_shape(p, states, [&](auto shape) {
+      using S = decltype(shape);
+      run_grid(tiled::forward_tiled_kernel<T, S::kStates, S::kLanes>, static_cast<unsigned>(p.dim / tiled::kChannels),
+               p.num_seqs, S::kThreads, p);
+    });
   }
   if (p.bc_dtype == p.dtype) fwd_typed<T, T>(p);
   else fwd_typed<T, float>(p);

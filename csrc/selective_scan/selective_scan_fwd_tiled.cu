@@ -48,8 +48,9 @@ constexpr int kRow = kSteps + 4;               // [channel][step] rows: +4 float
 static_assert(kChunk % kSteps == 0, "checkpoints must land on tile starts");
 
 // kStates states per thread (4 or 8), kLanes threads per channel: N = kStates * kLanes.
-template <int kStates, int kLanes>
+template <int kStates_, int kLanes_>
 struct Shape {
+  static constexpr int kStates = kStates_, kLanes = kLanes_;
   static_assert(kStates == 4 || kStates == 8, "a thread's states are read as one or two float4");
   static constexpr int kThreads = kChannels * kLanes;
   static_assert(kThreads <= 512, "at most 512 threads per block (registers)");
@@ -104,6 +105,22 @@ inline int tiled_forward_states(const Params& p) {
   int states = p.dstate == 16 ? 4 : 8;
   if (const char* force = std::getenv("SSMKERNELS_SCAN_TILED_STATES")) states = std::atoi(force) == 4 ? 4 : 8;
   return p.dstate <= 32 ? states : 8;  // 4 states are built for N 16 and 32 only
+}
+
+// Calls visit(Shape<kStates, kLanes>{}) with the instance built for the call's N and `states` per
+// thread (tiled_forward_states(p), not 0): the one table of instances, for the launcher and the
+// host emulation alike.
+template <typename Visit>
+void visit_tiled_shape(const Params& p, int states, Visit&& visit) {
+  switch (states * 1000 + static_cast<int>(p.dstate)) {
+    case 4016: return visit(Shape<4, 4>{});
+    case 4032: return visit(Shape<4, 8>{});
+    case 8016: return visit(Shape<8, 2>{});
+    case 8032: return visit(Shape<8, 4>{});
+    case 8064: return visit(Shape<8, 8>{});
+    case 8128: return visit(Shape<8, 16>{});
+    default: throw std::logic_error("selective_scan tiled forward: no instance for this call");
+  }
 }
 
 // Where state k of a thread's slice sits in a [step] row of B_s / C_s: float4 group g = k / 4 of
@@ -337,19 +354,11 @@ void launch(const Params& p) {
 bool forward_tiled(const Params& p) {
   const int states = tiled::tiled_forward_states(p);
   if (states == 0) return false;
-  const int lanes = static_cast<int>(p.dstate) / states;
   SSMK_DISPATCH_FLOAT(p.dtype, "selective_scan u", [&] {
-    if (states == 4) {
-      if (lanes == 4) tiled::launch<scalar_t, 4, 4>(p);
-      else tiled::launch<scalar_t, 4, 8>(p);
-    } else {
-      switch (lanes) {
-        case 2: tiled::launch<scalar_t, 8, 2>(p); break;
-        case 4: tiled::launch<scalar_t, 8, 4>(p); break;
-        case 8: tiled::launch<scalar_t, 8, 8>(p); break;
-        default: tiled::launch<scalar_t, 8, 16>(p); break;
-      }
-    }
+    tiled::visit_tiled_shape(p, states, [&](auto shape) {
+      using S = decltype(shape);
+      tiled::launch<scalar_t, S::kStates, S::kLanes>(p);
+    });
   });
   return true;
 }
