@@ -20,9 +20,10 @@
 #include "common.h"
 
 struct EmuDim { unsigned x = 0, y = 0, z = 0; };
-inline thread_local EmuDim emu_threadIdx, emu_blockIdx;
+inline thread_local EmuDim emu_threadIdx, emu_blockIdx, emu_gridDim;
 #define threadIdx emu_threadIdx
 #define blockIdx emu_blockIdx
+#define gridDim emu_gridDim
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
@@ -118,6 +119,7 @@ inline void emu_run_grid(unsigned gx, unsigned gy, unsigned gz, int threads, con
           ts.emplace_back([&, t] {
             emu_threadIdx = {static_cast<unsigned>(t), 0, 0};
             emu_blockIdx = {bx, by, bz};
+            emu_gridDim = {gx, gy, gz};
             thread_body();
           });
         }

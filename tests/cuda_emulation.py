@@ -41,7 +41,7 @@ class EmulatedParams(ctypes.Structure):
                 + [(f, _I64) for f in ("dB_batch_stride dB_group_stride dB_n_stride dC_batch_stride dC_group_stride "
                                        "dC_n_stride").split()]
                 + [(f, _I64) for f in "channel_begin channel_count".split()] + [("bc_grad_per_channel", _BOOL)]
-                + [("stream", _P)])
+                + [("tile_states", _P), ("stream", _P)])
 
 
 def _compile(directory: Path, source: str, name: str) -> ctypes.CDLL:
@@ -67,6 +67,7 @@ def build_scan_module(directory: Path):
     lib = _compile(directory, "selective_scan/emulation.cc", "scan_emulation")
     for name in ("emu_params_size", "emu_params_stream_offset"):
         getattr(lib, name).restype = ctypes.c_size_t
+    lib.emu_backward_workspace.restype = ctypes.c_int64
     layout = (lib.emu_params_size(), lib.emu_params_stream_offset())
     mirror = (ctypes.sizeof(EmulatedParams), EmulatedParams.stream.offset)
     assert layout == mirror, (f"EmulatedParams (size, stream offset) {mirror} differs from ssmk::scan::Params "
@@ -81,6 +82,9 @@ def build_scan_module(directory: Path):
 
         def selective_scan_bwd(self, params):
             lib.emu_backward(ctypes.byref(params))
+
+        def selective_scan_bwd_workspace(self, params):
+            return lib.emu_backward_workspace(ctypes.byref(params))
 
     return Module()
 

@@ -332,8 +332,17 @@ EMULATED_CASES = {
     # Fixed B/C in 4-channel blocks over the 2048 edge, odd n (n > 32 is n40_fixed_B_sub_chunks':
     # n = 33 here took 54 s of CI).
     "d4_fixed_l2100_n5": dict(b=1, d=4, n=5, l=2100, B="fixed", C="fixed", init=True),
-    # The backward from the tiled forward's checkpoints (n = 16, 32 channels, over the 2048 edge).
+    # The state-parallel (tiled) forward and backward over the 2048 checkpoint edge (n = 16, 32
+    # channels): the backward's pass from each chunk's checkpoint through its tiles.
     "tiled_forward_d32_n16_l2100": dict(b=1, d=32, n=16, l=2100, init=True),
+    # The tiled backward: 4 items (2 rows x 2 channel blocks) on the emulation's 2 resident blocks,
+    # a partial last tile and sub-tile.
+    "tiled_backward_n16_two_rows": dict(b=2, d=64, n=16, l=100, init=True),
+    # n = 32 (8 warps), grouped B/C, packed sequences with unaligned starts, an empty one.
+    "tiled_backward_n32_varlen_grouped": dict(b=1, d=64, n=32, l=300, cu=[0, 0, 37, 290, 300], B="grouped",
+                                              C="grouped", g=2, init=True),
+    # n = 64 (16 warps), no z and no D, l shorter than a tile.
+    "tiled_backward_n64_plain": dict(b=1, d=32, n=64, l=21, z=False, D=False, init=True),
 }
 # Forward only (the backward's emulation is slower): the forward's warp-per-channel paths. Each
 # warp walks 512-step warp chunks; blocks of 4 channels with idle warps when d % 4 != 0; carries of
@@ -388,6 +397,48 @@ def test_cuda_kernels_in_host_emulation(case_name, emulated_scan_cuda):
     inputs = _scan_inputs(case, torch.float32)
     compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),
                            label=f"emulated cuda {case_name}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
+@pytest.mark.parametrize("case_name,dtype", [("tiled_backward_n16_two_rows", torch.bfloat16),
+                                             ("tiled_backward_n32_varlen_grouped", torch.float16)],
+                         ids=["n16_bf16", "n32_varlen_f16"])
+def test_cuda_tiled_backward_16bit_in_host_emulation(case_name, dtype, emulated_scan_cuda):
+    """The tiled backward's 16-bit paths: fast softplus and sigmoids, 8-byte stores and their
+    element-wise fallback at unaligned sequence starts."""
+    case = {**BASE, **EMULATED_CASES[case_name]}
+    inputs = _scan_inputs(case, dtype)
+    compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),
+                           label=f"emulated cuda {case_name} {dtype}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="host emulation of the launcher's choice")
+def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
+    """Which backward the launcher takes, seen through the workspace it asks for: the tiled kernel's
+    (2 emulated resident blocks x 64 tiles x N floats per channel of a block) or none (the
+    warp-per-channel kernel)."""
+    from ssmkernels.ops.selective_scan import cuda as scan_cuda
+
+    def workspace(dtype=torch.float32, deterministic=False, **changes):
+        case = {**BASE, "b": 2, "d": 64, "n": 16, "l": 40, **changes}
+        x = _scan_inputs(case, dtype)
+        count = len(case["cu"]) - 1 if case["cu"] else case["b"]
+        delta, A, B, C, D, z, bias = scan_cuda._prepare(x["u"], x["delta"], x["A"], x["B"], x["C"], x.get("D"),
+                                                        x.get("z"), x.get("delta_bias"))
+        p = scan_cuda._params(x["u"], delta, A, B, C, D, z, bias, x.get("cu_seqlens"), True, count)
+        p.bc_grad_per_channel = deterministic
+        return emulated_scan_cuda.selective_scan_bwd_workspace(p)
+
+    for n in (16, 32, 64):
+        assert workspace(n=n) == 2 * 64 * 32 * n, n
+    assert workspace(dtype=torch.bfloat16, B="grouped", C="grouped", g=2) == 2 * 64 * 32 * 16
+    assert workspace(b=1, d=32) == 64 * 32 * 16  # one item: one block
+    for changes in (dict(n=128), dict(n=8), dict(d=48), dict(B="fixed"), dict(C="fixed"),
+                    dict(B="grouped", C="grouped", g=4),  # 16 channels per group
+                    dict(deterministic=True)):
+        assert workspace(**changes) == 0, changes
+    monkeypatch.setenv("SSMKERNELS_SCAN_BACKWARD_KERNEL", "warp")
+    assert workspace() == 0
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in test_scan_float32_BC_with_half_u")

@@ -104,30 +104,6 @@ __device__ __forceinline__ float dsilu(float z, float g) {  // g * d silu(z) / d
   return g * sig * (1.0f + z * (1.0f - sig));
 }
 
-// Asynchronous 16-byte copies from global to shared memory (cp.async, sm_80+): a copy holds no
-// register while it is in flight, so a block can keep whole tiles of loads outstanding. `valid`
-// false fills the 16 bytes with zeros and reads nothing (src must still be a mapped address). Host
-// emulation (tests) copies at once; its barriers then give the same order.
-__device__ __forceinline__ void async_copy16(void* smem, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__)
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-#else
-  if (valid) std::memcpy(smem, src, 16); else std::memset(smem, 0, 16);
-#endif
-}
-__device__ __forceinline__ void async_commit() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int kPending>  // wait until at most kPending committed groups of this thread are in flight
-__device__ __forceinline__ void async_wait() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-#endif
-}
-
 inline bool aligned16(std::uintptr_t address) { return address % 16 == 0; }
 inline bool aligned_to(std::uintptr_t address, int64_t bytes) { return address % bytes == 0; }
 

@@ -29,6 +29,7 @@ void bind_selective_scan(py::module_& m) {
       SSMK_SCAN_FIELD(dB_batch_stride) SSMK_SCAN_FIELD(dB_group_stride) SSMK_SCAN_FIELD(dB_n_stride)
       SSMK_SCAN_FIELD(dC_batch_stride) SSMK_SCAN_FIELD(dC_group_stride) SSMK_SCAN_FIELD(dC_n_stride)
       SSMK_SCAN_FIELD(channel_begin) SSMK_SCAN_FIELD(channel_count) SSMK_SCAN_FIELD(bc_grad_per_channel)
+      SSMK_SCAN_FIELD(tile_states)
       SSMK_SCAN_FIELD(stream);
 
   m.attr("selective_scan_chunk") = ssmk::scan::kChunk;
@@ -36,4 +37,6 @@ void bind_selective_scan(py::module_& m) {
         "selective_scan forward: out, last_state and the chunk checkpoints");
   m.def("selective_scan_bwd", &ssmk::scan::backward, py::arg("params"),
         "selective_scan backward from the forward's checkpoints");
+  m.def("selective_scan_bwd_workspace", &ssmk::scan::backward_workspace_floats, py::arg("params"),
+        "float32 values of workspace (params.tile_states) the backward of these params takes (0: none)");
 }

@@ -12,6 +12,7 @@ namespace ssmk { namespace scan { namespace tiled { float smem[1 << 17]; } } }
 #include "selective_scan/selective_scan_fwd.cu"
 #include "selective_scan/selective_scan_fwd_tiled.cu"
 #include "selective_scan/selective_scan_bwd.cu"
+#include "selective_scan/selective_scan_bwd_tiled.cu"
 
 namespace ssmk { namespace scan { namespace {
 
@@ -46,6 +47,14 @@ void fwd_dispatch(const Params& p) {
 
 template <typename T>
 void bwd_dispatch(const Params& p) {
+  if (const int lanes = tiled::tiled_backward_lanes(p); lanes != 0 && p.tile_states != 0) {
+    // Mirrors tiled::launch_backward: backward_grid blocks of 32 channels, 4 states per thread.
+    return tiled::visit_backward_shape(lanes, [&](auto shape) {
+      using S = decltype(shape);
+      run_grid(tiled::backward_tiled_kernel<T, S::kLanes>, static_cast<unsigned>(tiled::backward_grid<T, S::kLanes>(p)),
+               1, S::kThreads, p);
+    });
+  }
   // Mirrors launch_backward: kCh warps (channels) per block.
   const auto channels = static_cast<unsigned>(p.channel_count ? p.channel_count : p.dim);
   const bool same = p.bc_dtype == p.dtype;
@@ -74,6 +83,10 @@ extern "C" void emu_backward(const ssmk::scan::Params* p) {
   if (p->dtype == 0) bwd_dispatch<float>(*p);
   else if (p->dtype == 1) bwd_dispatch<__half>(*p);
   else bwd_dispatch<__nv_bfloat16>(*p);
+}
+
+extern "C" int64_t emu_backward_workspace(const ssmk::scan::Params* p) {
+  return ssmk::scan::backward_workspace_floats(*p);
 }
 
 // The Params layout, so that the Python mirror (tests/cuda_emulation.py) can check its own against

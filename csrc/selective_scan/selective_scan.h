@@ -47,6 +47,9 @@ struct Params {
   // channel_count 0: every channel, grouped as usual.
   int64_t channel_begin = 0, channel_count = 0;
   bool bc_grad_per_channel = false;
+  // Workspace of the state-parallel backward (backward_workspace_floats() float32 values, 0 when it
+  // takes none): the state entering every 32-step tile of the chunk it is working on, per block.
+  std::uintptr_t tile_states = 0;
 
   std::uintptr_t stream = 0;
 };
@@ -54,6 +57,11 @@ struct Params {
 void forward(const Params& params);
 // The state-parallel forward (selective_scan_fwd_tiled.cu) when it serves the call; false otherwise.
 bool forward_tiled(const Params& params);
+// The state-parallel backward (selective_scan_bwd_tiled.cu) when it serves the call and its
+// workspace is given; false otherwise.
+bool backward_tiled(const Params& params);
+// Float32 values of workspace (Params::tile_states) the backward of this call takes; 0: none.
+int64_t backward_workspace_floats(const Params& params);
 void backward(const Params& params);
 
 }  // namespace scan

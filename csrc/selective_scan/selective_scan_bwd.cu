@@ -445,6 +445,7 @@ void launch_backward(const Params& p) {
 #ifndef SSMK_SCAN_EMULATION
 void backward(const Params& p) {
   if (p.num_seqs == 0 || p.dim == 0) return;
+  if (backward_tiled(p)) return;
   if (p.num_seqs > 65535) throw std::invalid_argument("selective_scan cuda: at most 65535 sequences per call");
   SSMK_DISPATCH_FLOAT(p.dtype, "selective_scan u", [&] {
     using input_t = scalar_t;

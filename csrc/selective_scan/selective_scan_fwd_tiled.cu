@@ -34,18 +34,11 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "selective_scan/scan_common.cuh"
+#include "selective_scan/tiled_common.cuh"
 
 namespace ssmk {
 namespace scan {
 namespace tiled {
-
-constexpr int kChannels = 32;                  // channels per block
-constexpr int kSteps = 32;                     // steps per tile
-constexpr int kItem = 8;                       // elements per load item (16 bytes of 16-bit types)
-constexpr int kItemsPerRow = kSteps / kItem;   // items of one channel's (or one state's) tile row
-constexpr int kRow = kSteps + 4;               // [channel][step] rows: +4 floats keep float4 reads conflict-free
-static_assert(kChunk % kSteps == 0, "checkpoints must land on tile starts");
 
 // kStates states per thread (4 or 8), kLanes threads per channel: N = kStates * kLanes.
 template <int kStates_, int kLanes_>
@@ -63,31 +56,6 @@ struct Shape {
   // Shared memory (floats): dt, dt u, y [kChannels][kRow]; B, C [kSteps][kBCRow].
   static constexpr int kSmemFloats = 3 * kChannels * kRow + 2 * kSteps * kBCRow;
 };
-
-// 8 consecutive elements in their own dtype, loaded ahead and converted when staged.
-template <typename T>
-struct alignas(16) Item {
-  T v[kItem];
-};
-
-// 8 floats to 16-byte aligned shared memory, as two 16-byte stores.
-__device__ __forceinline__ void store_floats(float* dst, const float (&v)[kItem]) {
-  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
-  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
-}
-
-template <typename T>
-__device__ __forceinline__ void load_item(const T* ptr, int valid, Item<T>& item) {
-  if (valid >= kItem && reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0) {
-#pragma unroll
-    for (int k = 0; k < static_cast<int>(sizeof(Item<T>) / 16); ++k) {
-      reinterpret_cast<uint4*>(item.v)[k] = reinterpret_cast<const uint4*>(ptr)[k];
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kItem; ++j) item.v[j] = j < valid ? ptr[j] : from_float<T>(0.f);
-  }
-}
 
 // Which calls the tiled kernel serves, as its states per thread (kStates, 4 or 8); 0: the warp
 // kernel's. kLanes = N / kStates.

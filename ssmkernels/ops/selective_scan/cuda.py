@@ -167,6 +167,14 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
         for name, value in zip(("batch", "group", "n"), strides):
             setattr(p, f"{prefix}_{name}_stride", value)
     p.checkpoints = native.address(checkpoints)
+    # The state-parallel backward's workspace (the state entering each 32-step tile of the chunk its
+    # resident blocks work on); 0 values: the call takes the warp-per-channel kernel.
+    workspace = None
+    if not per_channel and hasattr(ext.module(), "selective_scan_bwd_workspace"):
+        floats = ext.module().selective_scan_bwd_workspace(p)
+        if floats > 0:
+            workspace = torch.empty(floats, device=dev, dtype=f32)
+            p.tile_states = native.address(workspace)
     p.dout, p.dlast_state = native.address(dout), native.address(dlast_state)
     p.du, p.ddelta, p.dz = native.address(du), native.address(staged["ddelta"]), native.address(staged["dz"])
     p.dinitial_state = native.address(dinitial_state)

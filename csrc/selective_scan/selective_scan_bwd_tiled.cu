@@ -1,0 +1,586 @@
+// Selective scan backward, state-parallel form (SPEC.md section 2): each thread runs the adjoint of 4
+// states of one channel step by step, backwards, with no scan over time (the counterpart of
+// selective_scan_fwd_tiled.cu; the math is in selective_scan_bwd.cu's header).
+//
+// Why. The warp-per-channel backward (selective_scan_bwd.cu) splits a channel's steps over 32 lanes
+// and joins them with two shuffle scans per state (forward for h, reverse for the adjoint), and sums
+// input-dependent dB/dC over only 4 channels before its atomics: at B4 D5120 L4096 N16 bf16 on the
+// H200 it took ~7.4 ms against mamba_ssm's ~5.7. Here a (step, state) costs a few FMAs and MUFU ops.
+//
+// Layout. A block takes 32 channels of one sequence; warp w holds states 4w .. 4w+3 of all 32
+// channels, lane = channel. So:
+//   - dB_t,n and dC_t,n, sums over channels, are sums over a warp's lanes: a shuffle reduce-scatter
+//     (16 values of 2 steps per round trip of 16 shuffles) leaves one block total per (n, step) in
+//     shared memory, and the block adds it with one atomic (32 consecutive steps per warp
+//     instruction): 32 times fewer atomics than one per channel;
+//   - B_t and C_t are broadcast reads (all lanes of a warp read the same float4);
+//   - the per-step sums over n (sum g B for du, sum g A a h for ddelta, y = sum C h for dz) cross the
+//     warps: each warp leaves its partial sums in shared memory and the block adds them.
+// Time. The forward keeps the state entering every 2048-step chunk (checkpoints). Per chunk, walked
+// backwards:
+//   1. a forward pass from the checkpoint leaves the state entering each 32-step tile in the global
+//      workspace (p.tile_states, a region per block: 64 tiles x 32 channels x N floats; resident
+//      blocks only, as blocks loop over their (sequence, channel block) items);
+//   2. the tiles in reverse: the tile's inputs staged in shared memory as float (dt = softplus(delta
+//      + bias), dt u, dy = dout silu(z), u, softplus' and the z factor of dz); a forward pass over
+//      the tile leaves the states entering its 8-step sub-tiles in shared memory (per thread); per
+//      sub-tile in reverse, the 9 states of its steps are recomputed into registers and the adjoint
+//      G = a g, g = C dy + G runs back over them.
+//   The next tile's loads are in flight while a tile runs.
+// Serves input-dependent B/C of u's dtype with whole blocks per group (32 | channels per group) and
+// N in {16, 32, 64}, outside deterministic mode; the warp-per-channel backward serves the rest.
+#include <cstdlib>
+#include <cstring>
+
+#include "selective_scan/tiled_common.cuh"
+
+namespace ssmk {
+namespace scan {
+namespace tiled {
+
+constexpr int kBwdStates = 4;                    // states per thread
+constexpr int kSub = 8;                          // steps per sub-tile (their states held in registers)
+constexpr int kSubs = kSteps / kSub;
+constexpr int kTilesPerChunk = kChunk / kSteps;
+constexpr int kPartRow = kSub;                   // a warp's per-step partial sums of one channel, one sub-tile
+constexpr int kRedRow = kSteps + 4;              // [2N][step] rows of a tile's dB / dC block sums
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr unsigned kAllLanes = 0xffffffffu;
+static_assert(kSteps % kSub == 0 && kSub % 4 == 0, "sub-tiles tile a tile in float4 groups");
+
+// kLanes warps of 32 channels: N = 4 kLanes states.
+template <int kLanes_>
+struct BwdShape {
+  static constexpr int kLanes = kLanes_;
+  static constexpr int kThreads = 32 * kLanes;
+  static constexpr int kN = kBwdStates * kLanes;
+  static constexpr int kBCRow = kN + 4;                      // [step][n] rows of B and C
+  static constexpr int kXItems = kChannels * kItemsPerRow;   // 128
+  static constexpr int kBCItems = kN * kItemsPerRow;
+  static constexpr int kOutItems = kChannels * (kSub / 4);   // (channel, 4 steps) of a sub-tile's outputs
+  static_assert(kThreads >= kXItems && kThreads >= kBCItems, "at most one load item of each kind per thread");
+  // Shared memory, in floats: 6 [kChannels][kRow] arrays (dt, dt u, dy, u, softplus', z factor), B
+  // and C [kSteps][kBCRow], the dB/dC block sums [2N][kRedRow], the warps' partial sums
+  // [kLanes][3][kChannels][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4; then
+  // the raw loads of the next tile in the inputs' dtype: u, delta, dout, z [kChannels][kSteps] and
+  // B, C [kN][kSteps].
+  static constexpr int kChannelArrays = 6;
+  static constexpr int kOffBC = kChannelArrays * kChannels * kRow;
+  static constexpr int kOffRed = kOffBC + 2 * kSteps * kBCRow;
+  static constexpr int kOffPart = kOffRed + 2 * kN * kRedRow;
+  static constexpr int kOffEntry = kOffPart + kLanes * 3 * kChannels * kPartRow;
+  static constexpr int kOffRaw = kOffEntry + (kSubs - 1) * kThreads * 4;
+  static constexpr int kRawElements = (4 * kChannels + 2 * kN) * kSteps;
+  template <typename T>
+  static constexpr size_t smem_bytes() { return kOffRaw * sizeof(float) + kRawElements * sizeof(T); }
+  // Blocks per SM the registers are set for: what shared memory allows (N 16: 3 blocks of 64.5 KB,
+  // at most 168 registers; N 32 and 64: 2 x 256 and 1 x 512 threads, at most 128).
+  static constexpr int kMinBlocks = kLanes == 4 ? 3 : 16 / kLanes;
+};
+
+// An item (8 elements) from global to 16-byte aligned shared memory: asynchronous 16-byte copies
+// when it is whole and aligned, else element by element (zeros past `valid`).
+template <typename T>
+__device__ __forceinline__ void load_item_async(const T* src, int valid, T* dst) {
+  constexpr int kPerCopy = 16 / sizeof(T);
+  if (valid >= kItem && reinterpret_cast<std::uintptr_t>(src) % 16 == 0) {
+#pragma unroll
+    for (int c = 0; c < kItem / kPerCopy; ++c) async_copy16(dst + c * kPerCopy, src + c * kPerCopy, true);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kItem; ++j) dst[j] = j < valid ? src[j] : from_float<T>(0.f);
+  }
+}
+
+// 4 floats to 4 consecutive elements (8 or 16 bytes at once when whole and aligned).
+template <typename T>
+__device__ __forceinline__ void store_4(T* dst, int valid, float a, float b, float c, float d) {
+  if (valid >= 4 && reinterpret_cast<std::uintptr_t>(dst) % (4 * sizeof(T)) == 0) {
+    struct alignas(4 * sizeof(T)) Four { T v[4]; } four{{from_float<T>(a), from_float<T>(b), from_float<T>(c),
+                                                         from_float<T>(d)}};
+    *reinterpret_cast<Four*>(dst) = four;
+  } else {
+    const float v[4] = {a, b, c, d};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (j < valid) dst[j] = from_float<T>(v[j]);
+  }
+}
+
+// Which calls the tiled backward serves, as its warps per block (N / 4); 0: the warp kernel's.
+inline int tiled_backward_lanes(const Params& p) {
+  if (const char* force = std::getenv("SSMKERNELS_SCAN_BACKWARD_KERNEL")) {
+    if (std::strcmp(force, "warp") == 0) return 0;  // A/B timing against the warp-per-channel kernel
+  }
+  if (p.bc_grad_per_channel || p.channel_count != 0) return 0;  // deterministic slices
+  if (p.b_fixed || p.c_fixed || p.bc_dtype != p.dtype) return 0;
+  if (p.channels_per_b_group % kChannels != 0 || p.channels_per_c_group % kChannels != 0) return 0;
+  if (p.dim % kChannels != 0) return 0;
+  if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64) return 0;
+  return static_cast<int>(p.dstate / kBwdStates);
+}
+
+template <typename Visit>
+void visit_backward_shape(int lanes, Visit&& visit) {
+  switch (lanes) {
+    case 4: return visit(BwdShape<4>{});
+    case 8: return visit(BwdShape<8>{});
+    case 16: return visit(BwdShape<16>{});
+    default: throw std::logic_error("selective_scan tiled backward: no instance for this call");
+  }
+}
+
+// Work items: (sequence, block of 32 channels).
+__host__ __device__ inline int64_t backward_items(const Params& p) { return p.num_seqs * (p.dim / kChannels); }
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+__device__ __forceinline__ float sigmoid_fast(float x) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(1.f, 1.f + exp2_approx(-x * kLog2e));
+#else
+  return 1.f / (1.f + exp2_approx(-x * kLog2e));
+#endif
+}
+
+// One round of a warp reduce-scatter: lanes with bit kWidth set keep (and receive the partner's
+// share of) the upper kWidth of the 2 kWidth values, the others the lower.
+template <int kWidth>
+__device__ __forceinline__ void reduce_scatter_round(float* v, bool upper) {
+#pragma unroll
+  for (int i = 0; i < kWidth; ++i) {
+    const float send = upper ? v[i] : v[i + kWidth];
+    const float keep = upper ? v[i + kWidth] : v[i];
+    v[i] = keep + __shfl_xor_sync(kAllLanes, send, kWidth);
+  }
+}
+
+// Sums 16 values over the 32 lanes of a warp: lane L ends with the total of value L % 16 (the first
+// four rounds halve the values a lane holds, by lane bits 3 .. 0; the last adds the half-warps).
+__device__ __forceinline__ float warp_reduce_scatter16(float (&v)[16]) {
+  const int lane = threadIdx.x % 32;
+  reduce_scatter_round<8>(v, (lane & 8) != 0);
+  reduce_scatter_round<4>(v, (lane & 4) != 0);
+  reduce_scatter_round<2>(v, (lane & 2) != 0);
+  reduce_scatter_round<1>(v, (lane & 1) != 0);
+  return v[0] + __shfl_xor_sync(kAllLanes, v[0], 16);
+}
+
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+
+template <typename T, int kLanes>
+__global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinBlocks) void backward_tiled_kernel(
+    const Params p) {
+  using S = BwdShape<kLanes>;
+  constexpr int kN = S::kN;
+  extern __shared__ float smem[];
+  float* const dt_s = smem;                      // each [kChannels][kRow]
+  float* const dtu_s = dt_s + kChannels * kRow;
+  float* const dy_s = dtu_s + kChannels * kRow;  // dout silu(z) (dout without z)
+  float* const u_s = dy_s + kChannels * kRow;
+  float* const dsp_s = u_s + kChannels * kRow;   // softplus'(delta + bias) (1 without softplus)
+  float* const dzf_s = dsp_s + kChannels * kRow; // dout silu'(z): dz = (sum_n C h + D u) dzf
+  float* const B_s = smem + S::kOffBC;           // [kSteps][kBCRow]
+  float* const C_s = B_s + kSteps * S::kBCRow;
+  float* const red_s = smem + S::kOffRed;        // [2N][kRedRow]: dB rows, then dC rows
+  float* const part_s = smem + S::kOffPart;      // [warp][sum g B, sum g A log2(e) a h, sum C h][channel][step]
+  float4* const entry_s = reinterpret_cast<float4*>(smem + S::kOffEntry);  // [sub-tile - 1][thread]
+  T* const raw_s = reinterpret_cast<T*>(smem + S::kOffRaw);  // u, delta, dout, z, then B, C rows
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t blocks_per_row = p.dim / kChannels;
+  // This block's region of the workspace: the state entering each tile of the current chunk.
+  float4* const tile_states =
+      as_ptr<float4>(p.tile_states) + static_cast<int64_t>(blockIdx.x) * kTilesPerChunk * S::kThreads + tid;
+  // Load items: x item tid (tid < 128) is channel tid / 4, steps (tid % 4) * 8 ..; B/C item tid is
+  // state tid / 4, the same steps. Each thread stages the items it loaded itself, so the raw rows
+  // need no barrier.
+  const bool has_x = tid < S::kXItems, has_bc = tid < S::kBCItems;
+  const int item_row = tid / kItemsPerRow, item_t = (tid % kItemsPerRow) * kItem;
+  T* const raw_x = raw_s + item_row * kSteps + item_t;   // + kind * kChannels * kSteps (u, delta, dout, z)
+  T* const raw_bc = raw_s + 4 * kChannels * kSteps + item_row * kSteps + item_t;  // + kind * kN * kSteps (B, C)
+  // Output items: (channel tid / 2, steps (tid % 2) * 4 .. + 3) of each sub-tile.
+  const bool has_out = tid < S::kOutItems;
+  const int out_c = tid / (kSub / 4), out_t = (tid % (kSub / 4)) * 4;
+
+  for (int64_t work = blockIdx.x; work < backward_items(p); work += gridDim.x) {
+    const int64_t seq = work / blocks_per_row;
+    const int64_t channel0 = (work % blocks_per_row) * kChannels;
+    const Span span = sequence_span(p, seq);
+    const int64_t num_tiles = ceil_div(span.end - span.start, kSteps);
+    const int64_t x0 = span.row * p.x_batch_stride + channel0 * p.x_d_stride;
+    // The block's channels share one B group and one C group (tiled_backward_lanes).
+    const int64_t group_b = channel0 / p.channels_per_b_group, group_c = channel0 / p.channels_per_c_group;
+    const float* bias = p.delta_bias ? as_ptr<const float>(p.delta_bias) + channel0 : nullptr;
+    const float* Dvec = p.D ? as_ptr<const float>(p.D) + channel0 : nullptr;
+
+    // The thread's states: channel channel0 + lane, n = 4 warp .. 4 warp + 3.
+    const int64_t state_offset = (seq * p.dim + channel0 + lane) * kN + warp * kBwdStates;
+    float A2[kBwdStates], G[kBwdStates], dA[kBwdStates];
+    {
+      const float4 a4 = load4(as_ptr<const float>(p.A) + (channel0 + lane) * kN + warp * kBwdStates);
+      const float4 g4 = p.dlast_state ? load4(as_ptr<const float>(p.dlast_state) + state_offset)
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+      A2[0] = a4.x * kLog2e, A2[1] = a4.y * kLog2e, A2[2] = a4.z * kLog2e, A2[3] = a4.w * kLog2e;
+      G[0] = g4.x, G[1] = g4.y, G[2] = g4.z, G[3] = g4.w;
+#pragma unroll
+      for (int k = 0; k < kBwdStates; ++k) dA[k] = 0.f;
+    }
+    float dD_sum = 0.f, dbias_sum = 0.f;  // of output item threads: their channel's steps
+
+    // A tile's inputs into the raw rows (asynchronous); `full`: also what the adjoint needs (dout,
+    // z, C).
+    auto load_tile = [&](int64_t tile, bool full) {
+      const int64_t t0 = span.start + tile * kSteps;
+      const int valid = items_in_range<kItem>(t0 + item_t, span.end);
+      if (has_x && valid > 0) {
+        const int64_t at = x0 + item_row * p.x_d_stride + t0 + item_t;
+        load_item_async(as_ptr<const T>(p.u) + at, valid, raw_x);
+        load_item_async(as_ptr<const T>(p.delta) + at, valid, raw_x + kChannels * kSteps);
+        if (full) {
+          load_item_async(as_ptr<const T>(p.dout) + at, valid, raw_x + 2 * kChannels * kSteps);
+          if (p.z) load_item_async(as_ptr<const T>(p.z) + at, valid, raw_x + 3 * kChannels * kSteps);
+        }
+      }
+      if (has_bc) {  // zeros past the end
+        const int64_t at = span.row * p.B_batch_stride + group_b * p.B_group_stride + item_row * p.B_n_stride;
+        load_item_async(as_ptr<const T>(p.B) + at + t0 + item_t, valid, raw_bc);
+        if (full) {
+          const int64_t at_c = span.row * p.C_batch_stride + group_c * p.C_group_stride + item_row * p.C_n_stride;
+          load_item_async(as_ptr<const T>(p.C) + at_c + t0 + item_t, valid, raw_bc + kN * kSteps);
+        }
+      }
+      async_commit();
+    };
+    // The loaded tile (this thread's items) into shared memory as float; every per-step value is 0
+    // past the end (identity steps that add nothing).
+    auto stage_tile = [&](int64_t tile, bool full) {
+      async_wait<0>();
+      const int64_t t0 = span.start + tile * kSteps;
+      const int valid = items_in_range<kItem>(t0 + item_t, span.end);
+      if (has_x) {
+        const float b = bias ? bias[item_row] : 0.f;
+        float dt[kItem], dtu[kItem], dy[kItem], uu[kItem], dsp[kItem], dzf[kItem];
+#pragma unroll
+        for (int j = 0; j < kItem; ++j) {
+          const bool in = j < valid;
+          const float uj = in ? to_float(raw_x[j]) : 0.f;
+          const float raw = (in ? to_float(raw_x[kChannels * kSteps + j]) : 0.f) + b;
+          float step = raw, slope = 1.f;
+          if (p.softplus) {
+            step = sizeof(T) < 4 ? softplus_fast(raw) : softplus(raw);
+            if (full) slope = sizeof(T) < 4 ? sigmoid_fast(raw) : sigmoid(raw);
+          }
+          dt[j] = in ? step : 0.f;
+          dtu[j] = dt[j] * uj;
+          if (full) {
+            const float go = in ? to_float(raw_x[2 * kChannels * kSteps + j]) : 0.f;
+            uu[j] = uj;
+            dsp[j] = in ? slope : 0.f;
+            if (p.z) {
+              const float zj = in ? to_float(raw_x[3 * kChannels * kSteps + j]) : 0.f;
+              const float sig = sizeof(T) < 4 ? sigmoid_fast(zj) : sigmoid(zj);
+              dy[j] = go * zj * sig;
+              dzf[j] = go * sig * fmaf(zj, 1.f - sig, 1.f);
+            } else {
+              dy[j] = go;
+              dzf[j] = 0.f;
+            }
+          }
+        }
+        const int at = item_row * kRow + item_t;
+        store_floats(dt_s + at, dt);
+        store_floats(dtu_s + at, dtu);
+        if (full) {
+          store_floats(dy_s + at, dy);
+          store_floats(u_s + at, uu);
+          store_floats(dsp_s + at, dsp);
+          store_floats(dzf_s + at, dzf);
+        }
+      }
+      if (has_bc) {
+#pragma unroll
+        for (int j = 0; j < kItem; ++j) {
+          B_s[(item_t + j) * S::kBCRow + item_row] = to_float(raw_bc[j]);
+          if (full) C_s[(item_t + j) * S::kBCRow + item_row] = to_float(raw_bc[kN * kSteps + j]);
+        }
+      }
+    };
+
+    const float* dt_row = dt_s + lane * kRow;
+    const float* dtu_row = dtu_s + lane * kRow;
+    const float* dy_row = dy_s + lane * kRow;
+    const float* B_col = B_s + warp * kBwdStates;
+    const float* C_col = C_s + warp * kBwdStates;
+    // h through the staged tile's steps [t_begin, t_begin + count), count a multiple of 4.
+    auto advance = [&](float (&h)[kBwdStates], int t_begin, int count) {
+#pragma unroll 1
+      for (int t4 = t_begin; t4 < t_begin + count; t4 += 4) {
+        const float4 dt4 = load4(dt_row + t4), dtu4 = load4(dtu_row + t4);
+        const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 b4 = load4(B_col + (t4 + q) * S::kBCRow);
+          const float Bv[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+          for (int k = 0; k < kBwdStates; ++k) h[k] = fmaf(exp2_approx(dts[q] * A2[k]), h[k], dtus[q] * Bv[k]);
+        }
+      }
+    };
+
+    const float* checkpoints = as_ptr<const float>(p.checkpoints);
+    const int64_t num_chunks = ceil_div(num_tiles, kTilesPerChunk);
+    for (int64_t chunk = num_chunks - 1; chunk >= 0; --chunk) {
+      const int64_t tile_begin = chunk * kTilesPerChunk;
+      const int64_t tile_end = num_tiles < tile_begin + kTilesPerChunk ? num_tiles : tile_begin + kTilesPerChunk;
+
+      // 1. The state entering each tile of the chunk, from its checkpoint.
+      {
+        float h[kBwdStates];
+        const float4 c4 = load4(checkpoints + ((span.slot0 + chunk) * p.dim + channel0 + lane) * kN + warp * kBwdStates);
+        h[0] = c4.x, h[1] = c4.y, h[2] = c4.z, h[3] = c4.w;
+        if (tile_begin + 1 < tile_end) load_tile(tile_begin, false);
+        for (int64_t tile = tile_begin; tile + 1 < tile_end; ++tile) {
+          __syncthreads();  // the previous tile's shared memory is read
+          stage_tile(tile, false);
+          if (tile + 2 < tile_end) load_tile(tile + 1, false);
+          __syncthreads();
+          tile_states[(tile - tile_begin) * S::kThreads] = make_float4(h[0], h[1], h[2], h[3]);
+          advance(h, 0, kSteps);
+        }
+        tile_states[(tile_end - 1 - tile_begin) * S::kThreads] = make_float4(h[0], h[1], h[2], h[3]);
+      }
+
+      // 2. The tiles in reverse.
+      load_tile(tile_end - 1, true);
+      for (int64_t tile = tile_end - 1; tile >= tile_begin; --tile) {
+        const int64_t t0 = span.start + tile * kSteps;
+        __syncthreads();  // the previous tile's shared memory is read
+        stage_tile(tile, true);
+        if (tile > tile_begin) load_tile(tile - 1, true);
+        __syncthreads();
+        const float4 h0 = tile_states[(tile - tile_begin) * S::kThreads];
+        {  // the states entering sub-tiles 1 .. kSubs - 1 (this thread's own slots: no barrier)
+          float h[kBwdStates] = {h0.x, h0.y, h0.z, h0.w};
+          for (int s = 0; s + 1 < kSubs; ++s) {
+            advance(h, s * kSub, kSub);
+            entry_s[s * S::kThreads + tid] = make_float4(h[0], h[1], h[2], h[3]);
+          }
+        }
+#pragma unroll 1
+        for (int s = kSubs - 1; s >= 0; --s) {
+          const int t_sub = s * kSub;
+          // hs[j] = the state entering step j of the sub-tile (hs[kSub]: after its last step).
+          float hs[kSub + 1][kBwdStates];
+          {
+            const float4 e = s == 0 ? h0 : entry_s[(s - 1) * S::kThreads + tid];
+            hs[0][0] = e.x, hs[0][1] = e.y, hs[0][2] = e.z, hs[0][3] = e.w;
+          }
+#pragma unroll
+          for (int j4 = 0; j4 < kSub; j4 += 4) {
+            const float4 dt4 = load4(dt_row + t_sub + j4), dtu4 = load4(dtu_row + t_sub + j4);
+            const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              const float4 b4 = load4(B_col + (t_sub + j4 + q) * S::kBCRow);
+              const float Bv[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+              for (int k = 0; k < kBwdStates; ++k) {
+                hs[j4 + q + 1][k] = fmaf(exp2_approx(dts[q] * A2[k]), hs[j4 + q][k], dtus[q] * Bv[k]);
+              }
+            }
+          }
+          // The adjoint, backwards. red: 2 steps x (dB, dC) x 4 states, summed over the warp's
+          // channels every second step.
+          float red[16];
+#pragma unroll
+          for (int j4 = kSub - 4; j4 >= 0; j4 -= 4) {
+            const float4 dt4 = load4(dt_row + t_sub + j4), dtu4 = load4(dtu_row + t_sub + j4);
+            const float4 dy4 = load4(dy_row + t_sub + j4);
+            const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
+            const float dys[4] = {dy4.x, dy4.y, dy4.z, dy4.w};
+            float sum_gB[4], sum_gAh[4], sum_y[4];
+#pragma unroll
+            for (int q = 3; q >= 0; --q) {
+              const int j = j4 + q;
+              const float4 b4 = load4(B_col + (t_sub + j) * S::kBCRow);
+              const float4 c4 = load4(C_col + (t_sub + j) * S::kBCRow);
+              const float Bv[4] = {b4.x, b4.y, b4.z, b4.w}, Cv[4] = {c4.x, c4.y, c4.z, c4.w};
+              float gB = 0.f, gAh = 0.f, y = 0.f;
+#pragma unroll
+              for (int k = 0; k < kBwdStates; ++k) {
+                const float a = exp2_approx(dts[q] * A2[k]);
+                const float g = fmaf(Cv[k], dys[q], G[k]);  // dL/dh_t
+                G[k] = a * g;                               // handed to step t - 1
+                const float decayed = g * (a * hs[j][k]);   // g a h_{t-1}
+                gAh = fmaf(decayed, A2[k], gAh);
+                dA[k] = fmaf(decayed, dts[q], dA[k]);
+                gB = fmaf(g, Bv[k], gB);
+                y = fmaf(Cv[k], hs[j + 1][k], y);
+                red[(q % 2) * 8 + k] = g * dtus[q];
+                red[(q % 2) * 8 + 4 + k] = dys[q] * hs[j + 1][k];
+              }
+              sum_gB[q] = gB, sum_gAh[q] = gAh, sum_y[q] = y;
+              if (q % 2 == 0) {
+                // Lane L: the block's value L % 16, i.e. step j + L / 8, dB or dC by (L / 4) % 2, state L % 4.
+                const float total = warp_reduce_scatter16(red);
+                if (lane < 16) {
+                  const int row = ((lane / 4) % 2) * kN + warp * kBwdStates + lane % 4;
+                  red_s[row * kRedRow + t_sub + j + lane / 8] = total;
+                }
+              }
+            }
+            float* part = part_s + (warp * 3 * kChannels + lane) * kPartRow + j4;
+            store4(part, sum_gB[0], sum_gB[1], sum_gB[2], sum_gB[3]);
+            store4(part + kChannels * kPartRow, sum_gAh[0], sum_gAh[1], sum_gAh[2], sum_gAh[3]);
+            store4(part + 2 * kChannels * kPartRow, sum_y[0], sum_y[1], sum_y[2], sum_y[3]);
+          }
+          __syncthreads();  // the warps' partial sums are in
+          // du, ddelta, dz of 4 steps of one channel from the warps' sums; dD and ddelta_bias sums.
+          if (has_out) {
+            float4 sum[3];
+#pragma unroll
+            for (int what = 0; what < 3; ++what) {
+              sum[what] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+              for (int w = 0; w < kLanes; ++w) {
+                const float4 v = load4(part_s + ((w * 3 + what) * kChannels + out_c) * kPartRow + out_t);
+                sum[what].x += v.x, sum[what].y += v.y, sum[what].z += v.z, sum[what].w += v.w;
+              }
+            }
+            const int at = out_c * kRow + t_sub + out_t;
+            const float4 dt4 = load4(dt_s + at), dy4 = load4(dy_s + at), u4 = load4(u_s + at);
+            const float4 dsp4 = load4(dsp_s + at), dzf4 = load4(dzf_s + at);
+            const float gBs[4] = {sum[0].x, sum[0].y, sum[0].z, sum[0].w};
+            const float gAhs[4] = {sum[1].x, sum[1].y, sum[1].z, sum[1].w};
+            const float ys[4] = {sum[2].x, sum[2].y, sum[2].z, sum[2].w};
+            const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dys[4] = {dy4.x, dy4.y, dy4.z, dy4.w};
+            const float us[4] = {u4.x, u4.y, u4.z, u4.w}, dsps[4] = {dsp4.x, dsp4.y, dsp4.z, dsp4.w};
+            const float dzfs[4] = {dzf4.x, dzf4.y, dzf4.z, dzf4.w};
+            const float D = Dvec ? Dvec[out_c] : 0.f;
+            float du_v[4], ddt_v[4], dz_v[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              du_v[j] = fmaf(D, dys[j], dts[j] * gBs[j]);
+              ddt_v[j] = dsps[j] * fmaf(us[j], gBs[j], gAhs[j] * kLn2);
+              dz_v[j] = fmaf(D, us[j], ys[j]) * dzfs[j];
+              dD_sum = fmaf(dys[j], us[j], dD_sum);  // 0 past the end (dy = 0)
+              dbias_sum += ddt_v[j];                 // 0 past the end (softplus' = 0)
+            }
+            const int valid = items_in_range<4>(t0 + t_sub + out_t, span.end);
+            if (valid > 0) {
+              const int64_t at_x = x0 + out_c * p.x_d_stride + t0 + t_sub + out_t;
+              store_4(as_ptr<T>(p.du) + at_x, valid, du_v[0], du_v[1], du_v[2], du_v[3]);
+              store_4(as_ptr<T>(p.ddelta) + at_x, valid, ddt_v[0], ddt_v[1], ddt_v[2], ddt_v[3]);
+              if (p.z) store_4(as_ptr<T>(p.dz) + at_x, valid, dz_v[0], dz_v[1], dz_v[2], dz_v[3]);
+            }
+          }
+          __syncthreads();  // part_s is read (the next sub-tile rewrites it); after the last, red_s is in
+        }
+
+        // dB, dC: one atomic per (n, step) of the block.
+        const int64_t left = span.end - t0;
+        float* dB = as_ptr<float>(p.dB) + span.row * p.dB_batch_stride + group_b * p.dB_group_stride + t0;
+        float* dC = as_ptr<float>(p.dC) + span.row * p.dC_batch_stride + group_c * p.dC_group_stride + t0;
+        for (int i = tid; i < 2 * kN * kSteps; i += S::kThreads) {
+          const int row = i / kSteps, t = i % kSteps;
+          if (t < left) {
+            const float v = red_s[row * kRedRow + t];
+            if (row < kN) atomicAdd(dB + row * p.dB_n_stride + t, v);
+            else atomicAdd(dC + (row - kN) * p.dC_n_stride + t, v);
+          }
+        }
+      }
+    }
+
+    // The item's gradients that are not per step.
+    if (p.dinitial_state) store4(as_ptr<float>(p.dinitial_state) + state_offset, G[0], G[1], G[2], G[3]);
+    store4(as_ptr<float>(p.dA_part) + state_offset, dA[0], dA[1], dA[2], dA[3]);
+    // A channel's output items are consecutive lanes.
+#pragma unroll
+    for (int offset = 1; offset < kSub / 4; offset *= 2) {
+      dD_sum += __shfl_xor_sync(kAllLanes, dD_sum, offset);
+      dbias_sum += __shfl_xor_sync(kAllLanes, dbias_sum, offset);
+    }
+    if (has_out && out_t == 0) {
+      as_ptr<float>(p.dD_part)[seq * p.dim + channel0 + out_c] = dD_sum;
+      as_ptr<float>(p.dbias_part)[seq * p.dim + channel0 + out_c] = dbias_sum;
+    }
+    __syncthreads();  // the next item restages shared memory
+  }
+}
+
+// Blocks of the launch: the resident ones (each loops over items), so the workspace holds only
+// theirs. The host emulation runs blocks one after another: 2, so that one block takes several items.
+template <typename T, int kLanes>
+int64_t backward_grid(const Params& p) {
+#ifdef SSMK_SCAN_EMULATION
+  const int64_t resident = 2;
+#else
+  using S = BwdShape<kLanes>;
+  int device = 0, sms = 0, per_sm = 0;
+  check_cuda(cudaGetDevice(&device), "selective_scan tiled backward: device");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "selective_scan: SM count");
+  auto kernel = backward_tiled_kernel<T, kLanes>;
+  const size_t smem = S::template smem_bytes<T>();
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+             "selective_scan tiled backward: shared memory");
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, S::kThreads, smem),
+             "selective_scan tiled backward: occupancy");
+  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+#endif
+  const int64_t items = backward_items(p);
+  return items < resident ? items : resident;
+}
+
+// Calls visit(T{}, BwdShape<lanes>{}) for the call's dtype and shape: the one table of instances.
+template <typename Visit>
+void visit_backward_instance(const Params& p, int lanes, Visit&& visit) {
+  SSMK_DISPATCH_FLOAT(p.dtype, "selective_scan u", [&] {
+    visit_backward_shape(lanes, [&](auto shape) { visit(scalar_t{}, shape); });
+  });
+}
+
+#ifndef SSMK_SCAN_EMULATION
+template <typename T, int kLanes>
+void launch_backward(const Params& p) {
+  using S = BwdShape<kLanes>;
+  const auto grid = static_cast<unsigned>(backward_grid<T, kLanes>(p));
+  const size_t smem = S::template smem_bytes<T>();
+  auto kernel = backward_tiled_kernel<T, kLanes>;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+             "selective_scan tiled backward: shared memory");
+  kernel<<<grid, S::kThreads, smem, as_stream(p.stream)>>>(p);
+  check_launch("selective_scan backward_tiled_kernel");
+}
+#endif  // SSMK_SCAN_EMULATION
+
+}  // namespace tiled
+
+int64_t backward_workspace_floats(const Params& p) {
+  if (p.num_seqs == 0 || p.dim == 0) return 0;
+  const int lanes = tiled::tiled_backward_lanes(p);
+  if (lanes == 0) return 0;
+  int64_t floats = 0;
+  tiled::visit_backward_instance(p, lanes, [&](auto type, auto shape) {
+    using S = decltype(shape);
+    floats = tiled::backward_grid<decltype(type), S::kLanes>(p) * tiled::kTilesPerChunk * S::kThreads * 4;
+  });
+  return floats;
+}
+
+#ifndef SSMK_SCAN_EMULATION
+bool backward_tiled(const Params& p) {
+  const int lanes = tiled::tiled_backward_lanes(p);
+  if (lanes == 0 || p.tile_states == 0) return false;
+  tiled::visit_backward_instance(p, lanes, [&](auto type, auto shape) {
+    tiled::launch_backward<decltype(type), decltype(shape)::kLanes>(p);
+  });
+  return true;
+}
+#endif  // SSMK_SCAN_EMULATION
+
+}  // namespace scan
+}  // namespace ssmk
