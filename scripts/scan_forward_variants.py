@@ -1,12 +1,15 @@
-"""Times the CUDA selective-scan forward kernels against each other on the GPU, in one process.
+"""Times the CUDA selective-scan kernels against each other on the GPU, in one process.
 
-    python scripts/scan_forward_variants.py [--n 16,64,128] [--states 8,4] [--backward]
+    python scripts/scan_forward_variants.py [--n 16,64,128] [--states 8,4] [--backward] [--backward-kernels]
 
 The tiled (state-parallel) kernel serves the calls it supports, with SSMKERNELS_SCAN_TILED_STATES
 states per thread (8 or 4); SSMKERNELS_SCAN_FORWARD_KERNEL=warp sends them to the warp-per-channel
 kernel instead (both read at every launch), so all run on the same inputs here. Prints ms per call
 (CUDA events, median of repeats) and the largest difference of each variant's outputs and last
-states from the warp kernel's.
+states from the warp kernel's. ``--backward-kernels`` times the backward alone (after the default
+forward), the state-parallel kernel against the warp-per-channel one
+(SSMKERNELS_SCAN_BACKWARD_KERNEL=warp), with the largest difference of their gradients relative to
+the largest gradient.
 """
 from __future__ import annotations
 
@@ -42,6 +45,8 @@ def main() -> None:
     parser.add_argument("--l", type=int, default=4096)
     parser.add_argument("--states", default="8,4", help="states per thread of the tiled kernel to time")
     parser.add_argument("--backward", action="store_true", help="also time forward + backward")
+    parser.add_argument("--backward-kernels", action="store_true",
+                        help="time the backward kernels (tiled, warp) instead of the forward ones")
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     b, d, l = args.b, args.d, args.l
@@ -55,6 +60,10 @@ def main() -> None:
 
         def forward():
             return ssmkernels.selective_scan(u, delta, A, B, C, D, z, bias, True, True, backend="cuda")
+
+        if args.backward_kernels:
+            _time_backward_kernels(f"B{b} D{d} L{l} N{n} bf16", u, delta, A, B, C, D, z, bias)
+            continue
 
         results = {}
         variants = [f"tiled{v}" for v in args.states.split(",")] + ["warp"]
@@ -89,6 +98,30 @@ def main() -> None:
                 line += (f"; max |diff| from warp: out {(r['out'] - warp['out']).abs().max().item():.3g}, "
                          f"last state {(r['last'] - warp['last']).abs().max().item():.3g}")
             print(line, flush=True)
+
+def _time_backward_kernels(label, u, delta, A, B, C, D, z, bias) -> None:
+    leaves = [t.detach().clone().requires_grad_(True) for t in (u, delta, A, B, C, D, z, bias)]
+    out, last = ssmkernels.selective_scan(*leaves[:7], leaves[7], True, True, backend="cuda")
+    dout, dlast = torch.randn_like(out), torch.randn_like(last)
+
+    def backward():
+        return torch.autograd.grad([out, last], leaves, [dout, dlast], retain_graph=True)
+
+    results = {}
+    for kernel in ("tiled", "warp"):
+        os.environ.pop("SSMKERNELS_SCAN_BACKWARD_KERNEL", None)
+        if kernel == "warp":
+            os.environ["SSMKERNELS_SCAN_BACKWARD_KERNEL"] = "warp"
+        results[kernel] = (_time_ms(backward, reps=10), [g.float() for g in backward()])
+    os.environ.pop("SSMKERNELS_SCAN_BACKWARD_KERNEL", None)
+    warp_ms, warp_grads = results["warp"]
+    tiled_ms, tiled_grads = results["tiled"]
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    diffs = ", ".join(f"{name} {((t - w).abs().max() / w.abs().max().clamp_min(1e-30)).item():.2g}"
+                      for name, t, w in zip(names, tiled_grads, warp_grads))
+    print(f"{label} backward: tiled {tiled_ms:.3f} ms, warp {warp_ms:.3f} ms ({warp_ms / tiled_ms:.2f}x); "
+          f"max |tiled - warp| / max |warp|: {diffs}", flush=True)
+
 
 if __name__ == "__main__":
     main()

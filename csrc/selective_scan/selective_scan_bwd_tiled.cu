@@ -76,6 +76,9 @@ struct BwdShape {
   // Blocks per SM the registers are set for: what shared memory allows (N 16: 3 blocks of 64.5 KB,
   // at most 168 registers; N 32 and 64: 2 x 256 and 1 x 512 threads, at most 128).
   static constexpr int kMinBlocks = kLanes == 4 ? 3 : 16 / kLanes;
+  // Keep the sub-tile's decays a_t from the recompute for the adjoint (32 registers, one MUFU op
+  // less per step and state) where registers allow: N 16's 168.
+  static constexpr bool kKeepDecays = kLanes == 4;
 };
 
 // An item (8 elements) from global to 16-byte aligned shared memory: asynchronous 16-byte copies
@@ -374,6 +377,7 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
           const int t_sub = s * kSub;
           // hs[j] = the state entering step j of the sub-tile (hs[kSub]: after its last step).
           float hs[kSub + 1][kBwdStates];
+          float decay[S::kKeepDecays ? kSub : 1][kBwdStates];  // a of each step, when kept
           {
             const float4 e = s == 0 ? h0 : entry_s[(s - 1) * S::kThreads + tid];
             hs[0][0] = e.x, hs[0][1] = e.y, hs[0][2] = e.z, hs[0][3] = e.w;
@@ -388,7 +392,9 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
               const float Bv[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
               for (int k = 0; k < kBwdStates; ++k) {
-                hs[j4 + q + 1][k] = fmaf(exp2_approx(dts[q] * A2[k]), hs[j4 + q][k], dtus[q] * Bv[k]);
+                const float a = exp2_approx(dts[q] * A2[k]);
+                if constexpr (S::kKeepDecays) decay[j4 + q][k] = a;
+                hs[j4 + q + 1][k] = fmaf(a, hs[j4 + q][k], dtus[q] * Bv[k]);
               }
             }
           }
@@ -411,7 +417,7 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
               float gB = 0.f, gAh = 0.f, y = 0.f;
 #pragma unroll
               for (int k = 0; k < kBwdStates; ++k) {
-                const float a = exp2_approx(dts[q] * A2[k]);
+                const float a = S::kKeepDecays ? decay[S::kKeepDecays ? j : 0][k] : exp2_approx(dts[q] * A2[k]);
                 const float g = fmaf(Cv[k], dys[q], G[k]);  // dL/dh_t
                 G[k] = a * g;                               // handed to step t - 1
                 const float decayed = g * (a * hs[j][k]);   // g a h_{t-1}
