@@ -51,8 +51,8 @@ void bwd_dispatch(const Params& p) {
     // Mirrors tiled::launch_backward: backward_grid blocks of 32 channels, 4 states per thread.
     return tiled::visit_backward_shape(lanes, [&](auto shape) {
       using S = decltype(shape);
-      run_grid(tiled::backward_tiled_kernel<T, S::kLanes>, static_cast<unsigned>(tiled::backward_grid<T, S::kLanes>(p)),
-               1, S::kThreads, p);
+      run_grid(tiled::backward_tiled_kernel<T, S>, static_cast<unsigned>(tiled::backward_grid<T, S>(p)), 1,
+               S::kThreads, p);
     });
   }
   // Mirrors launch_backward: kCh warps (channels) per block.

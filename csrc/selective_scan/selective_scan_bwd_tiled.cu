@@ -44,12 +44,13 @@ constexpr int kSubs = kSteps / kSub;
 constexpr int kTilesPerChunk = kChunk / kSteps;
 constexpr int kPartRow = kSub;                   // a warp's per-step partial sums of one channel, one sub-tile
 constexpr int kRedRow = kSteps + 4;              // [2N][step] rows of a tile's dB / dC block sums
+constexpr int kExchangeRow = 16 + 4;             // a lane's dB/dC terms of 2 steps (+4: float4 stores spread over banks)
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kAllLanes = 0xffffffffu;
 static_assert(kSteps % kSub == 0 && kSub % 4 == 0, "sub-tiles tile a tile in float4 groups");
 
 // kLanes warps of 32 channels: N = 4 kLanes states.
-template <int kLanes_>
+template <int kLanes_, bool kKeepDecays_ = kLanes_ == 4>
 struct BwdShape {
   static constexpr int kLanes = kLanes_;
   static constexpr int kThreads = 32 * kLanes;
@@ -69,7 +70,8 @@ struct BwdShape {
   static constexpr int kOffRed = kOffBC + 2 * kSteps * kBCRow;
   static constexpr int kOffPart = kOffRed + 2 * kN * kRedRow;
   static constexpr int kOffEntry = kOffPart + kLanes * 3 * kChannels * kPartRow;
-  static constexpr int kOffRaw = kOffEntry + (kSubs - 1) * kThreads * 4;
+  static constexpr int kOffExchange = kOffEntry + (kSubs - 1) * kThreads * 4;
+  static constexpr int kOffRaw = kOffExchange + kLanes * kChannels * kExchangeRow;
   static constexpr int kRawElements = (4 * kChannels + 2 * kN) * kSteps;
   template <typename T>
   static constexpr size_t smem_bytes() { return kOffRaw * sizeof(float) + kRawElements * sizeof(T); }
@@ -78,7 +80,7 @@ struct BwdShape {
   static constexpr int kMinBlocks = kLanes == 4 ? 3 : 16 / kLanes;
   // Keep the sub-tile's decays a_t from the recompute for the adjoint (32 registers, one MUFU op
   // less per step and state) where registers allow: N 16's 168.
-  static constexpr bool kKeepDecays = kLanes == 4;
+  static constexpr bool kKeepDecays = kKeepDecays_;
 };
 
 // An item (8 elements) from global to 16-byte aligned shared memory: asynchronous 16-byte copies
@@ -99,9 +101,17 @@ __device__ __forceinline__ void load_item_async(const T* src, int valid, T* dst)
 template <typename T>
 __device__ __forceinline__ void store_4(T* dst, int valid, float a, float b, float c, float d) {
   if (valid >= 4 && reinterpret_cast<std::uintptr_t>(dst) % (4 * sizeof(T)) == 0) {
-    struct alignas(4 * sizeof(T)) Four { T v[4]; } four{{from_float<T>(a), from_float<T>(b), from_float<T>(c),
-                                                         from_float<T>(d)}};
-    *reinterpret_cast<Four*>(dst) = four;
+    if constexpr (sizeof(T) == 4) {
+      *reinterpret_cast<float4*>(dst) = make_float4(a, b, c, d);
+    } else {  // one 8-byte store of the packed bits
+      const auto bits = [](float value) {
+        const T v = from_float<T>(value);
+        std::uint16_t raw;
+        std::memcpy(&raw, &v, sizeof raw);
+        return static_cast<std::uint32_t>(raw);
+      };
+      *reinterpret_cast<uint2*>(dst) = make_uint2(bits(a) | bits(b) << 16, bits(c) | bits(d) << 16);
+    }
   } else {
     const float v[4] = {a, b, c, d};
 #pragma unroll
@@ -126,7 +136,11 @@ inline int tiled_backward_lanes(const Params& p) {
 template <typename Visit>
 void visit_backward_shape(int lanes, Visit&& visit) {
   switch (lanes) {
-    case 4: return visit(BwdShape<4>{});
+    case 4: {  // SSMKERNELS_SCAN_BWD_DECAYS=recompute: A/B timing of the kept decays
+      const char* decays = std::getenv("SSMKERNELS_SCAN_BWD_DECAYS");
+      if (decays && std::strcmp(decays, "recompute") == 0) return visit(BwdShape<4, false>{});
+      return visit(BwdShape<4>{});
+    }
     case 8: return visit(BwdShape<8>{});
     case 16: return visit(BwdShape<16>{});
     default: throw std::logic_error("selective_scan tiled backward: no instance for this call");
@@ -145,38 +159,14 @@ __device__ __forceinline__ float sigmoid_fast(float x) {
 #endif
 }
 
-// One round of a warp reduce-scatter: lanes with bit kWidth set keep (and receive the partner's
-// share of) the upper kWidth of the 2 kWidth values, the others the lower.
-template <int kWidth>
-__device__ __forceinline__ void reduce_scatter_round(float* v, bool upper) {
-#pragma unroll
-  for (int i = 0; i < kWidth; ++i) {
-    const float send = upper ? v[i] : v[i + kWidth];
-    const float keep = upper ? v[i + kWidth] : v[i];
-    v[i] = keep + __shfl_xor_sync(kAllLanes, send, kWidth);
-  }
-}
-
-// Sums 16 values over the 32 lanes of a warp: lane L ends with the total of value L % 16 (the first
-// four rounds halve the values a lane holds, by lane bits 3 .. 0; the last adds the half-warps).
-__device__ __forceinline__ float warp_reduce_scatter16(float (&v)[16]) {
-  const int lane = threadIdx.x % 32;
-  reduce_scatter_round<8>(v, (lane & 8) != 0);
-  reduce_scatter_round<4>(v, (lane & 4) != 0);
-  reduce_scatter_round<2>(v, (lane & 2) != 0);
-  reduce_scatter_round<1>(v, (lane & 1) != 0);
-  return v[0] + __shfl_xor_sync(kAllLanes, v[0], 16);
-}
-
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
   *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
 }
 
-template <typename T, int kLanes>
-__global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinBlocks) void backward_tiled_kernel(
-    const Params p) {
-  using S = BwdShape<kLanes>;
+template <typename T, typename S>
+__global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_kernel(const Params p) {
+  constexpr int kLanes = S::kLanes;
   constexpr int kN = S::kN;
   extern __shared__ float smem[];
   float* const dt_s = smem;                      // each [kChannels][kRow]
@@ -190,6 +180,8 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
   float* const red_s = smem + S::kOffRed;        // [2N][kRedRow]: dB rows, then dC rows
   float* const part_s = smem + S::kOffPart;      // [warp][sum g B, sum g A log2(e) a h, sum C h][channel][step]
   float4* const entry_s = reinterpret_cast<float4*>(smem + S::kOffEntry);  // [sub-tile - 1][thread]
+  // [lane][2 steps x (dB, dC) x 4 states] of this warp: its dB/dC terms before the sum over channels.
+  float* const exchange = smem + S::kOffExchange + (threadIdx.x / 32) * kChannels * kExchangeRow;
   T* const raw_s = reinterpret_cast<T*>(smem + S::kOffRaw);  // u, delta, dout, z, then B, C rows
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -198,12 +190,14 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
   float4* const tile_states =
       as_ptr<float4>(p.tile_states) + static_cast<int64_t>(blockIdx.x) * kTilesPerChunk * S::kThreads + tid;
   // Load items: x item tid (tid < 128) is channel tid / 4, steps (tid % 4) * 8 ..; B/C item tid is
-  // state tid / 4, the same steps. Each thread stages the items it loaded itself, so the raw rows
-  // need no barrier.
+  // state tid % N, steps (tid / N) * 8 .. (consecutive lanes, consecutive states: the staging's
+  // column writes hit different banks). Each thread stages the items it loaded itself, so the raw
+  // rows need no barrier.
   const bool has_x = tid < S::kXItems, has_bc = tid < S::kBCItems;
   const int item_row = tid / kItemsPerRow, item_t = (tid % kItemsPerRow) * kItem;
+  const int bc_n = tid % kN, bc_t = (tid / kN) * kItem;
   T* const raw_x = raw_s + item_row * kSteps + item_t;   // + kind * kChannels * kSteps (u, delta, dout, z)
-  T* const raw_bc = raw_s + 4 * kChannels * kSteps + item_row * kSteps + item_t;  // + kind * kN * kSteps (B, C)
+  T* const raw_bc = raw_s + 4 * kChannels * kSteps + bc_n * kSteps + bc_t;  // + kind * kN * kSteps (B, C)
   // Output items: (channel tid / 2, steps (tid % 2) * 4 .. + 3) of each sub-tile.
   const bool has_out = tid < S::kOutItems;
   const int out_c = tid / (kSub / 4), out_t = (tid % (kSub / 4)) * 4;
@@ -238,6 +232,7 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
     auto load_tile = [&](int64_t tile, bool full) {
       const int64_t t0 = span.start + tile * kSteps;
       const int valid = items_in_range<kItem>(t0 + item_t, span.end);
+      const int valid_bc = items_in_range<kItem>(t0 + bc_t, span.end);
       if (has_x && valid > 0) {
         const int64_t at = x0 + item_row * p.x_d_stride + t0 + item_t;
         load_item_async(as_ptr<const T>(p.u) + at, valid, raw_x);
@@ -248,11 +243,11 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
         }
       }
       if (has_bc) {  // zeros past the end
-        const int64_t at = span.row * p.B_batch_stride + group_b * p.B_group_stride + item_row * p.B_n_stride;
-        load_item_async(as_ptr<const T>(p.B) + at + t0 + item_t, valid, raw_bc);
+        const int64_t at = span.row * p.B_batch_stride + group_b * p.B_group_stride + bc_n * p.B_n_stride;
+        load_item_async(as_ptr<const T>(p.B) + at + t0 + bc_t, valid_bc, raw_bc);
         if (full) {
-          const int64_t at_c = span.row * p.C_batch_stride + group_c * p.C_group_stride + item_row * p.C_n_stride;
-          load_item_async(as_ptr<const T>(p.C) + at_c + t0 + item_t, valid, raw_bc + kN * kSteps);
+          const int64_t at_c = span.row * p.C_batch_stride + group_c * p.C_group_stride + bc_n * p.C_n_stride;
+          load_item_async(as_ptr<const T>(p.C) + at_c + t0 + bc_t, valid_bc, raw_bc + kN * kSteps);
         }
       }
       async_commit();
@@ -265,12 +260,16 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
       const int valid = items_in_range<kItem>(t0 + item_t, span.end);
       if (has_x) {
         const float b = bias ? bias[item_row] : 0.f;
+        // The raw items as 16-byte shared loads (zeros where the fill wrote them; unread past `valid`).
+        const auto raw_item = [&](int kind) { return *reinterpret_cast<const Item<T>*>(raw_x + kind * kChannels * kSteps); };
+        const Item<T> u_item = raw_item(0), delta_item = raw_item(1);
+        const Item<T> dout_item = full ? raw_item(2) : u_item, z_item = full && p.z ? raw_item(3) : u_item;
         float dt[kItem], dtu[kItem], dy[kItem], uu[kItem], dsp[kItem], dzf[kItem];
 #pragma unroll
         for (int j = 0; j < kItem; ++j) {
           const bool in = j < valid;
-          const float uj = in ? to_float(raw_x[j]) : 0.f;
-          const float raw = (in ? to_float(raw_x[kChannels * kSteps + j]) : 0.f) + b;
+          const float uj = in ? to_float(u_item.v[j]) : 0.f;
+          const float raw = (in ? to_float(delta_item.v[j]) : 0.f) + b;
           float step = raw, slope = 1.f;
           if (p.softplus) {
             step = sizeof(T) < 4 ? softplus_fast(raw) : softplus(raw);
@@ -279,11 +278,11 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
           dt[j] = in ? step : 0.f;
           dtu[j] = dt[j] * uj;
           if (full) {
-            const float go = in ? to_float(raw_x[2 * kChannels * kSteps + j]) : 0.f;
+            const float go = in ? to_float(dout_item.v[j]) : 0.f;
             uu[j] = uj;
             dsp[j] = in ? slope : 0.f;
             if (p.z) {
-              const float zj = in ? to_float(raw_x[3 * kChannels * kSteps + j]) : 0.f;
+              const float zj = in ? to_float(z_item.v[j]) : 0.f;
               const float sig = sizeof(T) < 4 ? sigmoid_fast(zj) : sigmoid(zj);
               dy[j] = go * zj * sig;
               dzf[j] = go * sig * fmaf(zj, 1.f - sig, 1.f);
@@ -304,10 +303,12 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
         }
       }
       if (has_bc) {
+        const Item<T> B_item = *reinterpret_cast<const Item<T>*>(raw_bc);
+        const Item<T> C_item = full ? *reinterpret_cast<const Item<T>*>(raw_bc + kN * kSteps) : B_item;
 #pragma unroll
         for (int j = 0; j < kItem; ++j) {
-          B_s[(item_t + j) * S::kBCRow + item_row] = to_float(raw_bc[j]);
-          if (full) C_s[(item_t + j) * S::kBCRow + item_row] = to_float(raw_bc[kN * kSteps + j]);
+          B_s[(bc_t + j) * S::kBCRow + bc_n] = to_float(B_item.v[j]);
+          if (full) C_s[(bc_t + j) * S::kBCRow + bc_n] = to_float(C_item.v[j]);
         }
       }
     };
@@ -398,9 +399,8 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
               }
             }
           }
-          // The adjoint, backwards. red: 2 steps x (dB, dC) x 4 states, summed over the warp's
-          // channels every second step.
-          float red[16];
+          // The adjoint, backwards. Each step's dB, dC terms of the thread's 4 states go to the warp's
+          // exchange rows; every second step the warp sums them over its 32 channels (lanes).
 #pragma unroll
           for (int j4 = kSub - 4; j4 >= 0; j4 -= 4) {
             const float4 dt4 = load4(dt_row + t_sub + j4), dtu4 = load4(dtu_row + t_sub + j4);
@@ -414,7 +414,7 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
               const float4 b4 = load4(B_col + (t_sub + j) * S::kBCRow);
               const float4 c4 = load4(C_col + (t_sub + j) * S::kBCRow);
               const float Bv[4] = {b4.x, b4.y, b4.z, b4.w}, Cv[4] = {c4.x, c4.y, c4.z, c4.w};
-              float gB = 0.f, gAh = 0.f, y = 0.f;
+              float gB = 0.f, gAh = 0.f, y = 0.f, terms_B[kBwdStates], terms_C[kBwdStates];
 #pragma unroll
               for (int k = 0; k < kBwdStates; ++k) {
                 const float a = S::kKeepDecays ? decay[S::kKeepDecays ? j : 0][k] : exp2_approx(dts[q] * A2[k]);
@@ -425,17 +425,32 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
                 dA[k] = fmaf(decayed, dts[q], dA[k]);
                 gB = fmaf(g, Bv[k], gB);
                 y = fmaf(Cv[k], hs[j + 1][k], y);
-                red[(q % 2) * 8 + k] = g * dtus[q];
-                red[(q % 2) * 8 + 4 + k] = dys[q] * hs[j + 1][k];
+                terms_B[k] = g * dtus[q];
+                terms_C[k] = dys[q] * hs[j + 1][k];
               }
+              float* const my_row = exchange + lane * kExchangeRow + (q % 2) * 8;
+              store4(my_row, terms_B[0], terms_B[1], terms_B[2], terms_B[3]);
+              store4(my_row + 4, terms_C[0], terms_C[1], terms_C[2], terms_C[3]);
               sum_gB[q] = gB, sum_gAh[q] = gAh, sum_y[q] = y;
               if (q % 2 == 0) {
-                // Lane L: the block's value L % 16, i.e. step j + L / 8, dB or dC by (L / 4) % 2, state L % 4.
-                const float total = warp_reduce_scatter16(red);
-                if (lane < 16) {
-                  const int row = ((lane / 4) % 2) * kN + warp * kBwdStates + lane % 4;
-                  red_s[row * kRedRow + t_sub + j + lane / 8] = total;
+                // Lane L sums value v = L % 16 (step j + v / 8, dB or dC by (v / 4) % 2, state v % 4)
+                // over channels 16 (L / 16) .. + 15; the half-warps start 4 rows apart, which puts
+                // them on different banks. The other half's sum comes by one shuffle.
+                __syncwarp();
+                const int v = lane % 16, half = lane / 16;
+                float sums[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int r = 0; r < 16; ++r) {
+                  const int c = 16 * half + ((r + 4 * half) & 15);
+                  sums[r % 4] += exchange[c * kExchangeRow + v];
                 }
+                float total = (sums[0] + sums[1]) + (sums[2] + sums[3]);
+                total += __shfl_xor_sync(kAllLanes, total, 16);
+                if (lane < 16) {
+                  const int row = ((v / 4) % 2) * kN + warp * kBwdStates + v % 4;
+                  red_s[row * kRedRow + t_sub + j + v / 8] = total;
+                }
+                __syncwarp();  // the rows are read (the next steps rewrite them)
               }
             }
             float* part = part_s + (warp * 3 * kChannels + lane) * kPartRow + j4;
@@ -520,16 +535,15 @@ __global__ __launch_bounds__(BwdShape<kLanes>::kThreads, BwdShape<kLanes>::kMinB
 
 // Blocks of the launch: the resident ones (each loops over items), so the workspace holds only
 // theirs. The host emulation runs blocks one after another: 2, so that one block takes several items.
-template <typename T, int kLanes>
+template <typename T, typename S>
 int64_t backward_grid(const Params& p) {
 #ifdef SSMK_SCAN_EMULATION
   const int64_t resident = 2;
 #else
-  using S = BwdShape<kLanes>;
   int device = 0, sms = 0, per_sm = 0;
   check_cuda(cudaGetDevice(&device), "selective_scan tiled backward: device");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "selective_scan: SM count");
-  auto kernel = backward_tiled_kernel<T, kLanes>;
+  auto kernel = backward_tiled_kernel<T, S>;
   const size_t smem = S::template smem_bytes<T>();
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "selective_scan tiled backward: shared memory");
@@ -550,12 +564,11 @@ void visit_backward_instance(const Params& p, int lanes, Visit&& visit) {
 }
 
 #ifndef SSMK_SCAN_EMULATION
-template <typename T, int kLanes>
+template <typename T, typename S>
 void launch_backward(const Params& p) {
-  using S = BwdShape<kLanes>;
-  const auto grid = static_cast<unsigned>(backward_grid<T, kLanes>(p));
+  const auto grid = static_cast<unsigned>(backward_grid<T, S>(p));
   const size_t smem = S::template smem_bytes<T>();
-  auto kernel = backward_tiled_kernel<T, kLanes>;
+  auto kernel = backward_tiled_kernel<T, S>;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
              "selective_scan tiled backward: shared memory");
   kernel<<<grid, S::kThreads, smem, as_stream(p.stream)>>>(p);
@@ -572,7 +585,7 @@ int64_t backward_workspace_floats(const Params& p) {
   int64_t floats = 0;
   tiled::visit_backward_instance(p, lanes, [&](auto type, auto shape) {
     using S = decltype(shape);
-    floats = tiled::backward_grid<decltype(type), S::kLanes>(p) * tiled::kTilesPerChunk * S::kThreads * 4;
+    floats = tiled::backward_grid<decltype(type), S>(p) * tiled::kTilesPerChunk * S::kThreads * 4;
   });
   return floats;
 }
@@ -582,7 +595,7 @@ bool backward_tiled(const Params& p) {
   const int lanes = tiled::tiled_backward_lanes(p);
   if (lanes == 0 || p.tile_states == 0) return false;
   tiled::visit_backward_instance(p, lanes, [&](auto type, auto shape) {
-    tiled::launch_backward<decltype(type), decltype(shape)::kLanes>(p);
+    tiled::launch_backward<decltype(type), decltype(shape)>(p);
   });
   return true;
 }
