@@ -107,10 +107,8 @@ def _time_backward_kernels(label, u, delta, A, B, C, D, z, bias) -> None:
     def backward():
         return torch.autograd.grad([out, last], leaves, [dout, dlast], retain_graph=True)
 
-    # (environment variable, value) of each variant; N 16's tiled kernel keeps its decays unless told
-    # SSMKERNELS_SCAN_BWD_DECAYS=recompute.
-    variants = {"tiled": None, "tiled-recompute": ("SSMKERNELS_SCAN_BWD_DECAYS", "recompute"),
-                "warp": ("SSMKERNELS_SCAN_BACKWARD_KERNEL", "warp")}
+    # (environment variable, value) of each variant.
+    variants = {"tiled": None, "warp": ("SSMKERNELS_SCAN_BACKWARD_KERNEL", "warp")}
     results = {}
     for kernel, setting in variants.items():
         if setting:
@@ -120,7 +118,9 @@ def _time_backward_kernels(label, u, delta, A, B, C, D, z, bias) -> None:
             os.environ.pop(setting[0])
     warp_ms, warp_grads = results["warp"]
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-    for kernel in ("tiled", "tiled-recompute"):
+    for kernel in variants:
+        if kernel == "warp":
+            continue
         ms, grads = results[kernel]
         diffs = ", ".join(f"{name} {((t - w).abs().max() / w.abs().max().clamp_min(1e-30)).item():.2g}"
                           for name, t, w in zip(names, grads, warp_grads))

@@ -79,7 +79,8 @@ struct BwdShape {
   // at most 168 registers; N 32 and 64: 2 x 256 and 1 x 512 threads, at most 128).
   static constexpr int kMinBlocks = kLanes == 4 ? 3 : 16 / kLanes;
   // Keep the sub-tile's decays a_t from the recompute for the adjoint (32 registers, one MUFU op
-  // less per step and state) where registers allow: N 16's 168.
+  // less per step and state) where registers allow: N 16's 168. H200, B4 D5120 L4096 bf16
+  // backward: 4.94 ms kept, 4.98 recomputed.
   static constexpr bool kKeepDecays = kKeepDecays_;
 };
 
@@ -136,11 +137,7 @@ inline int tiled_backward_lanes(const Params& p) {
 template <typename Visit>
 void visit_backward_shape(int lanes, Visit&& visit) {
   switch (lanes) {
-    case 4: {  // SSMKERNELS_SCAN_BWD_DECAYS=recompute: A/B timing of the kept decays
-      const char* decays = std::getenv("SSMKERNELS_SCAN_BWD_DECAYS");
-      if (decays && std::strcmp(decays, "recompute") == 0) return visit(BwdShape<4, false>{});
-      return visit(BwdShape<4>{});
-    }
+    case 4: return visit(BwdShape<4>{});
     case 8: return visit(BwdShape<8>{});
     case 16: return visit(BwdShape<16>{});
     default: throw std::logic_error("selective_scan tiled backward: no instance for this call");
@@ -420,7 +417,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
                 const float a = S::kKeepDecays ? decay[S::kKeepDecays ? j : 0][k] : exp2_approx(dts[q] * A2[k]);
                 const float g = fmaf(Cv[k], dys[q], G[k]);  // dL/dh_t
                 G[k] = a * g;                               // handed to step t - 1
-                const float decayed = g * (a * hs[j][k]);   // g a h_{t-1}
+                const float decayed = G[k] * hs[j][k];      // g a h_{t-1}
                 gAh = fmaf(decayed, A2[k], gAh);
                 dA[k] = fmaf(decayed, dts[q], dA[k]);
                 gB = fmaf(g, Bv[k], gB);
