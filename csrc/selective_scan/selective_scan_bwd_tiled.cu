@@ -43,6 +43,11 @@ constexpr int kSub = 8;                          // steps per sub-tile (their st
 constexpr int kSubs = kSteps / kSub;
 constexpr int kTilesPerChunk = kChunk / kSteps;
 constexpr int kPartRow = kSub;                   // a warp's per-step partial sums of one channel, one sub-tile
+// The float4 half of a part row where steps 4h .. 4h + 3 of channel c sit: halves swapped for
+// every other group of 4 channels, so that a quarter-warp's 16-byte accesses (8 channels, 32-byte
+// rows) cover all banks once.
+static_assert(kPartRow == 8, "part_column swaps the two float4 halves of a row");
+__device__ __forceinline__ int part_column(int c, int t4) { return t4 ^ (((c / 4) & 1) * 4); }
 constexpr int kRedRow = kSteps + 4;              // [2N][step] rows of a tile's dB / dC block sums
 constexpr int kExchangeRow = 16 + 4;             // a lane's dB/dC terms of 2 steps (+4: float4 stores spread over banks)
 constexpr float kLn2 = 0.6931471805599453f;
@@ -194,7 +199,9 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   const int item_row = tid / kItemsPerRow, item_t = (tid % kItemsPerRow) * kItem;
   const int bc_n = tid % kN, bc_t = (tid / kN) * kItem;
   T* const raw_x = raw_s + item_row * kSteps + item_t;   // + kind * kChannels * kSteps (u, delta, dout, z)
-  T* const raw_bc = raw_s + 4 * kChannels * kSteps + bc_n * kSteps + bc_t;  // + kind * kN * kSteps (B, C)
+  // B/C raw items side by side in the thread order ([item][8], not [n][step]): 16-byte accesses of
+  // consecutive lanes are consecutive.
+  T* const raw_bc = raw_s + 4 * kChannels * kSteps + tid * kItem;  // + kind * kN * kSteps (B, C)
   // Output items: (channel tid / 2, steps (tid % 2) * 4 .. + 3) of each sub-tile.
   const bool has_out = tid < S::kOutItems;
   const int out_c = tid / (kSub / 4), out_t = (tid % (kSub / 4)) * 4;
@@ -450,7 +457,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
                 __syncwarp();  // the rows are read (the next steps rewrite them)
               }
             }
-            float* part = part_s + (warp * 3 * kChannels + lane) * kPartRow + j4;
+            float* part = part_s + (warp * 3 * kChannels + lane) * kPartRow + part_column(lane, j4);
             store4(part, sum_gB[0], sum_gB[1], sum_gB[2], sum_gB[3]);
             store4(part + kChannels * kPartRow, sum_gAh[0], sum_gAh[1], sum_gAh[2], sum_gAh[3]);
             store4(part + 2 * kChannels * kPartRow, sum_y[0], sum_y[1], sum_y[2], sum_y[3]);
@@ -464,7 +471,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
               sum[what] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
               for (int w = 0; w < kLanes; ++w) {
-                const float4 v = load4(part_s + ((w * 3 + what) * kChannels + out_c) * kPartRow + out_t);
+                const float4 v = load4(part_s + ((w * 3 + what) * kChannels + out_c) * kPartRow + part_column(out_c, out_t));
                 sum[what].x += v.x, sum[what].y += v.y, sum[what].z += v.z, sum[what].w += v.w;
               }
             }
