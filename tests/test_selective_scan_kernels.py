@@ -335,8 +335,8 @@ EMULATED_CASES = {
     # The state-parallel (tiled) forward and backward over the 2048 checkpoint edge (n = 16, 32
     # channels): the backward's pass from each chunk's checkpoint through its tiles.
     "tiled_forward_d32_n16_l2100": dict(b=1, d=32, n=16, l=2100, init=True),
-    # The tiled backward: 4 items (2 rows x 2 channel blocks) on the emulation's 2 resident blocks,
-    # a partial last tile and sub-tile.
+    # The tiled backward: 8 items (2 rows x 4 blocks of 16 channels) on the emulation's 2 resident
+    # blocks, a partial last tile and sub-tile.
     "tiled_backward_n16_two_rows": dict(b=2, d=64, n=16, l=100, init=True),
     # n = 32 (8 warps), grouped B/C, packed sequences with unaligned starts, an empty one.
     "tiled_backward_n32_varlen_grouped": dict(b=1, d=64, n=32, l=300, cu=[0, 0, 37, 290, 300], B="grouped",
@@ -415,8 +415,8 @@ def test_cuda_tiled_backward_16bit_in_host_emulation(case_name, dtype, emulated_
 @pytest.mark.skipif(ON_GPU, reason="host emulation of the launcher's choice")
 def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
     """Which backward the launcher takes, seen through the workspace it asks for: the tiled kernel's
-    (2 emulated resident blocks x 64 tiles x N floats per channel of a block) or none (the
-    warp-per-channel kernel)."""
+    (blocks x 64 tiles x channels per block x N floats, on the emulation's 2 resident blocks; 16
+    channels per block at N = 16, else 32) or none (the warp-per-channel kernel)."""
     from ssmkernels.ops.selective_scan import cuda as scan_cuda
 
     def workspace(dtype=torch.float32, deterministic=False, **changes):
@@ -429,16 +429,30 @@ def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
         p.bc_grad_per_channel = deterministic
         return emulated_scan_cuda.selective_scan_bwd_workspace(p)
 
-    for n in (16, 32, 64):
+    assert workspace(n=16) == 2 * 64 * 16 * 16
+    for n in (32, 64):
         assert workspace(n=n) == 2 * 64 * 32 * n, n
-    assert workspace(dtype=torch.bfloat16, B="grouped", C="grouped", g=2) == 2 * 64 * 32 * 16
-    assert workspace(b=1, d=32) == 64 * 32 * 16  # one item: one block
-    for changes in (dict(n=128), dict(n=8), dict(d=48), dict(B="fixed"), dict(C="fixed"),
-                    dict(B="grouped", C="grouped", g=4),  # 16 channels per group
+    assert workspace(dtype=torch.bfloat16, B="grouped", C="grouped", g=2) == 2 * 64 * 16 * 16
+    assert workspace(b=1, d=16) == 64 * 16 * 16  # one item: one block
+    assert workspace(d=48) == workspace(B="grouped", C="grouped", g=4) == 2 * 64 * 16 * 16  # 16-channel blocks
+    for changes in (dict(n=128), dict(n=8), dict(d=40), dict(d=48, n=32), dict(B="fixed"), dict(C="fixed"),
+                    dict(B="grouped", C="grouped", g=4, n=32),  # 16 channels per group
                     dict(deterministic=True)):
         assert workspace(**changes) == 0, changes
+    monkeypatch.setenv("SSMKERNELS_SCAN_BWD_CHANNELS", "32")
+    assert workspace() == 2 * 64 * 32 * 16
     monkeypatch.setenv("SSMKERNELS_SCAN_BACKWARD_KERNEL", "warp")
     assert workspace() == 0
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
+def test_cuda_tiled_backward_32_channel_blocks_at_n16_in_host_emulation(emulated_scan_cuda, monkeypatch):
+    """N = 16 with the 32-channel blocks that its default (16) does not pick (SSMKERNELS_SCAN_BWD_CHANNELS)."""
+    monkeypatch.setenv("SSMKERNELS_SCAN_BWD_CHANNELS", "32")
+    case = {**BASE, **EMULATED_CASES["tiled_backward_n16_two_rows"]}
+    inputs = _scan_inputs(case, torch.float32)
+    compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),
+                           label="emulated cuda tiled backward, 32-channel blocks at n = 16")
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in test_scan_float32_BC_with_half_u")

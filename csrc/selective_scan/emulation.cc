@@ -47,9 +47,9 @@ void fwd_dispatch(const Params& p) {
 
 template <typename T>
 void bwd_dispatch(const Params& p) {
-  if (const int lanes = tiled::tiled_backward_lanes(p); lanes != 0 && p.tile_states != 0) {
-    // Mirrors tiled::launch_backward: backward_grid blocks of 32 channels, 4 states per thread.
-    return tiled::visit_backward_shape(lanes, [&](auto shape) {
+  if (const int instance = tiled::tiled_backward_instance(p); instance != 0 && p.tile_states != 0) {
+    // Mirrors tiled::launch_backward: backward_grid blocks of 16 or 32 channels, 4 states per thread.
+    return tiled::visit_backward_shape(instance, [&](auto shape) {
       using S = decltype(shape);
       run_grid(tiled::backward_tiled_kernel<T, S>, static_cast<unsigned>(tiled::backward_grid<T, S>(p)), 1,
                S::kThreads, p);

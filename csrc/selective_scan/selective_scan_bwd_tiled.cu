@@ -54,39 +54,42 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kAllLanes = 0xffffffffu;
 static_assert(kSteps % kSub == 0 && kSub % 4 == 0, "sub-tiles tile a tile in float4 groups");
 
-// kLanes warps of 32 channels: N = 4 kLanes states.
-template <int kLanes_, bool kKeepDecays_ = kLanes_ == 4>
+// A block: kC channels (16 or 32) of one sequence, N = 4 kSlices states; thread = (channel c, slice
+// of 4 states), lane = c + kC (slice % (32 / kC)): a warp holds one slice of 32 channels or two of
+// 16, so the sums over channels stay inside a warp.
+template <int kN_, int kC_, bool kKeepDecays_ = kN_ == 16>
 struct BwdShape {
-  static constexpr int kLanes = kLanes_;
-  static constexpr int kThreads = 32 * kLanes;
-  static constexpr int kN = kBwdStates * kLanes;
+  static constexpr int kN = kN_, kC = kC_;
+  static constexpr int kSlices = kN / kBwdStates;
+  static constexpr int kThreads = kC * kSlices;
+  static constexpr int kSlicesPerWarp = 32 / kC;
+  static_assert((kC == 16 || kC == 32) && kThreads % 32 == 0, "a warp holds whole slices");
   static constexpr int kBCRow = kN + 4;                      // [step][n] rows of B and C
-  static constexpr int kXItems = kChannels * kItemsPerRow;   // 128
+  static constexpr int kXItems = kC * kItemsPerRow;
   static constexpr int kBCItems = kN * kItemsPerRow;
-  static constexpr int kOutItems = kChannels * (kSub / 4);   // (channel, 4 steps) of a sub-tile's outputs
+  static constexpr int kOutItems = kC * (kSub / 4);          // (channel, 4 steps) of a sub-tile's outputs
   static_assert(kThreads >= kXItems && kThreads >= kBCItems, "at most one load item of each kind per thread");
-  // Shared memory, in floats: 6 [kChannels][kRow] arrays (dt, dt u, dy, u, softplus', z factor), B
-  // and C [kSteps][kBCRow], the dB/dC block sums [2N][kRedRow], the warps' partial sums
-  // [kLanes][3][kChannels][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4; then
-  // the raw loads of the next tile in the inputs' dtype: u, delta, dout, z [kChannels][kSteps] and
-  // B, C [kN][kSteps].
+  // Shared memory, in floats: 6 [kC][kRow] arrays (dt, dt u, dy, u, softplus', z factor), B and C
+  // [kSteps][kBCRow], the dB/dC block sums [2N][kRedRow], the slices' partial sums
+  // [kSlices][3][kC][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4, the warps'
+  // exchange rows [warp][lane][kExchangeRow]; then the raw loads of the next tile in the inputs'
+  // dtype: u, delta, dout, z [kC][kSteps] and the B, C items.
   static constexpr int kChannelArrays = 6;
-  static constexpr int kOffBC = kChannelArrays * kChannels * kRow;
+  static constexpr int kOffBC = kChannelArrays * kC * kRow;
   static constexpr int kOffRed = kOffBC + 2 * kSteps * kBCRow;
   static constexpr int kOffPart = kOffRed + 2 * kN * kRedRow;
-  static constexpr int kOffEntry = kOffPart + kLanes * 3 * kChannels * kPartRow;
+  static constexpr int kOffEntry = kOffPart + kSlices * 3 * kC * kPartRow;
   static constexpr int kOffExchange = kOffEntry + (kSubs - 1) * kThreads * 4;
-  static constexpr int kOffRaw = kOffExchange + kLanes * kChannels * kExchangeRow;
-  static constexpr int kRawElements = (4 * kChannels + 2 * kN) * kSteps;
+  static constexpr int kOffRaw = kOffExchange + kThreads * kExchangeRow;
+  static constexpr int kRawElements = (4 * kC + 2 * kN) * kSteps;
   template <typename T>
   static constexpr size_t smem_bytes() { return kOffRaw * sizeof(float) + kRawElements * sizeof(T); }
-  // Blocks per SM the registers are set for: what shared memory allows (N 16: 3 blocks of 64.5 KB,
-  // at most 168 registers; N 32 and 64: 2 x 256 and 1 x 512 threads, at most 128).
-  static constexpr int kMinBlocks = kLanes == 4 ? 3 : 16 / kLanes;
   // Keep the sub-tile's decays a_t from the recompute for the adjoint (32 registers, one MUFU op
   // less per step and state) where registers allow: N 16's 168. H200, B4 D5120 L4096 bf16
   // backward: 4.94 ms kept, 4.98 recomputed.
   static constexpr bool kKeepDecays = kKeepDecays_;
+  // Blocks per SM the registers are set for: 168 per thread with the kept decays, else 128.
+  static constexpr int kMinBlocks = (kKeepDecays ? 384 : 512) / kThreads;
 };
 
 // An item (8 elements) from global to 16-byte aligned shared memory: asynchronous 16-byte copies
@@ -126,31 +129,40 @@ __device__ __forceinline__ void store_4(T* dst, int valid, float a, float b, flo
   }
 }
 
-// Which calls the tiled backward serves, as its warps per block (N / 4); 0: the warp kernel's.
-inline int tiled_backward_lanes(const Params& p) {
+// Which calls the tiled backward serves, as its instance (N * 100 + channels per block); 0: the warp
+// kernel's. 16 channels per block at N 16: twice the items, of half the size, so that the resident
+// blocks (5 per SM instead of 3) take them in whole rounds (H200, B4 D5120: 1280 items on 660
+// blocks, against 640 on 396).
+inline int tiled_backward_instance(const Params& p) {
   if (const char* force = std::getenv("SSMKERNELS_SCAN_BACKWARD_KERNEL")) {
     if (std::strcmp(force, "warp") == 0) return 0;  // A/B timing against the warp-per-channel kernel
   }
   if (p.bc_grad_per_channel || p.channel_count != 0) return 0;  // deterministic slices
   if (p.b_fixed || p.c_fixed || p.bc_dtype != p.dtype) return 0;
-  if (p.channels_per_b_group % kChannels != 0 || p.channels_per_c_group % kChannels != 0) return 0;
-  if (p.dim % kChannels != 0) return 0;
   if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64) return 0;
-  return static_cast<int>(p.dstate / kBwdStates);
+  int channels = p.dstate == 16 ? 16 : 32;
+  if (const char* force = std::getenv("SSMKERNELS_SCAN_BWD_CHANNELS")) {  // A/B timing at N 16
+    if (p.dstate == 16) channels = std::atoi(force) == 32 ? 32 : 16;
+  }
+  if (p.channels_per_b_group % channels != 0 || p.channels_per_c_group % channels != 0) return 0;
+  if (p.dim % channels != 0) return 0;
+  return static_cast<int>(p.dstate) * 100 + channels;
 }
 
 template <typename Visit>
-void visit_backward_shape(int lanes, Visit&& visit) {
-  switch (lanes) {
-    case 4: return visit(BwdShape<4>{});
-    case 8: return visit(BwdShape<8>{});
-    case 16: return visit(BwdShape<16>{});
+void visit_backward_shape(int instance, Visit&& visit) {
+  switch (instance) {
+    case 1616: return visit(BwdShape<16, 16>{});
+    case 1632: return visit(BwdShape<16, 32>{});
+    case 3232: return visit(BwdShape<32, 32>{});
+    case 6432: return visit(BwdShape<64, 32>{});
     default: throw std::logic_error("selective_scan tiled backward: no instance for this call");
   }
 }
 
-// Work items: (sequence, block of 32 channels).
-__host__ __device__ inline int64_t backward_items(const Params& p) { return p.num_seqs * (p.dim / kChannels); }
+// Work items: (sequence, block of kC channels).
+template <typename S>
+__host__ __device__ inline int64_t backward_items(const Params& p) { return p.num_seqs * (p.dim / S::kC); }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
 __device__ __forceinline__ float sigmoid_fast(float x) {
@@ -168,26 +180,26 @@ __device__ __forceinline__ void store4(float* p, float a, float b, float c, floa
 
 template <typename T, typename S>
 __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_kernel(const Params p) {
-  constexpr int kLanes = S::kLanes;
-  constexpr int kN = S::kN;
+  constexpr int kN = S::kN, kC = S::kC;
   extern __shared__ float smem[];
-  float* const dt_s = smem;                      // each [kChannels][kRow]
-  float* const dtu_s = dt_s + kChannels * kRow;
-  float* const dy_s = dtu_s + kChannels * kRow;  // dout silu(z) (dout without z)
-  float* const u_s = dy_s + kChannels * kRow;
-  float* const dsp_s = u_s + kChannels * kRow;   // softplus'(delta + bias) (1 without softplus)
-  float* const dzf_s = dsp_s + kChannels * kRow; // dout silu'(z): dz = (sum_n C h + D u) dzf
+  float* const dt_s = smem;                      // each [kC][kRow]
+  float* const dtu_s = dt_s + kC * kRow;
+  float* const dy_s = dtu_s + kC * kRow;  // dout silu(z) (dout without z)
+  float* const u_s = dy_s + kC * kRow;
+  float* const dsp_s = u_s + kC * kRow;   // softplus'(delta + bias) (1 without softplus)
+  float* const dzf_s = dsp_s + kC * kRow; // dout silu'(z): dz = (sum_n C h + D u) dzf
   float* const B_s = smem + S::kOffBC;           // [kSteps][kBCRow]
   float* const C_s = B_s + kSteps * S::kBCRow;
   float* const red_s = smem + S::kOffRed;        // [2N][kRedRow]: dB rows, then dC rows
   float* const part_s = smem + S::kOffPart;      // [warp][sum g B, sum g A log2(e) a h, sum C h][channel][step]
   float4* const entry_s = reinterpret_cast<float4*>(smem + S::kOffEntry);  // [sub-tile - 1][thread]
   // [lane][2 steps x (dB, dC) x 4 states] of this warp: its dB/dC terms before the sum over channels.
-  float* const exchange = smem + S::kOffExchange + (threadIdx.x / 32) * kChannels * kExchangeRow;
+  float* const exchange = smem + S::kOffExchange + (threadIdx.x / 32) * 32 * kExchangeRow;
   T* const raw_s = reinterpret_cast<T*>(smem + S::kOffRaw);  // u, delta, dout, z, then B, C rows
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t blocks_per_row = p.dim / kChannels;
+  const int c = lane % kC, slice = warp * S::kSlicesPerWarp + lane / kC;  // this thread's channel, states
+  const int64_t blocks_per_row = p.dim / kC;
   // This block's region of the workspace: the state entering each tile of the current chunk.
   float4* const tile_states =
       as_ptr<float4>(p.tile_states) + static_cast<int64_t>(blockIdx.x) * kTilesPerChunk * S::kThreads + tid;
@@ -198,30 +210,30 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   const bool has_x = tid < S::kXItems, has_bc = tid < S::kBCItems;
   const int item_row = tid / kItemsPerRow, item_t = (tid % kItemsPerRow) * kItem;
   const int bc_n = tid % kN, bc_t = (tid / kN) * kItem;
-  T* const raw_x = raw_s + item_row * kSteps + item_t;   // + kind * kChannels * kSteps (u, delta, dout, z)
+  T* const raw_x = raw_s + item_row * kSteps + item_t;   // + kind * kC * kSteps (u, delta, dout, z)
   // B/C raw items side by side in the thread order ([item][8], not [n][step]): 16-byte accesses of
   // consecutive lanes are consecutive.
-  T* const raw_bc = raw_s + 4 * kChannels * kSteps + tid * kItem;  // + kind * kN * kSteps (B, C)
+  T* const raw_bc = raw_s + 4 * kC * kSteps + tid * kItem;  // + kind * kN * kSteps (B, C)
   // Output items: (channel tid / 2, steps (tid % 2) * 4 .. + 3) of each sub-tile.
   const bool has_out = tid < S::kOutItems;
   const int out_c = tid / (kSub / 4), out_t = (tid % (kSub / 4)) * 4;
 
-  for (int64_t work = blockIdx.x; work < backward_items(p); work += gridDim.x) {
+  for (int64_t work = blockIdx.x; work < backward_items<S>(p); work += gridDim.x) {
     const int64_t seq = work / blocks_per_row;
-    const int64_t channel0 = (work % blocks_per_row) * kChannels;
+    const int64_t channel0 = (work % blocks_per_row) * kC;
     const Span span = sequence_span(p, seq);
     const int64_t num_tiles = ceil_div(span.end - span.start, kSteps);
     const int64_t x0 = span.row * p.x_batch_stride + channel0 * p.x_d_stride;
-    // The block's channels share one B group and one C group (tiled_backward_lanes).
+    // The block's channels share one B group and one C group (tiled_backward_instance).
     const int64_t group_b = channel0 / p.channels_per_b_group, group_c = channel0 / p.channels_per_c_group;
     const float* bias = p.delta_bias ? as_ptr<const float>(p.delta_bias) + channel0 : nullptr;
     const float* Dvec = p.D ? as_ptr<const float>(p.D) + channel0 : nullptr;
 
-    // The thread's states: channel channel0 + lane, n = 4 warp .. 4 warp + 3.
-    const int64_t state_offset = (seq * p.dim + channel0 + lane) * kN + warp * kBwdStates;
+    // The thread's states: channel channel0 + c, n = 4 slice .. 4 slice + 3.
+    const int64_t state_offset = (seq * p.dim + channel0 + c) * kN + slice * kBwdStates;
     float A2[kBwdStates], G[kBwdStates], dA[kBwdStates];
     {
-      const float4 a4 = load4(as_ptr<const float>(p.A) + (channel0 + lane) * kN + warp * kBwdStates);
+      const float4 a4 = load4(as_ptr<const float>(p.A) + (channel0 + c) * kN + slice * kBwdStates);
       const float4 g4 = p.dlast_state ? load4(as_ptr<const float>(p.dlast_state) + state_offset)
                                       : make_float4(0.f, 0.f, 0.f, 0.f);
       A2[0] = a4.x * kLog2e, A2[1] = a4.y * kLog2e, A2[2] = a4.z * kLog2e, A2[3] = a4.w * kLog2e;
@@ -240,10 +252,10 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
       if (has_x && valid > 0) {
         const int64_t at = x0 + item_row * p.x_d_stride + t0 + item_t;
         load_item_async(as_ptr<const T>(p.u) + at, valid, raw_x);
-        load_item_async(as_ptr<const T>(p.delta) + at, valid, raw_x + kChannels * kSteps);
+        load_item_async(as_ptr<const T>(p.delta) + at, valid, raw_x + kC * kSteps);
         if (full) {
-          load_item_async(as_ptr<const T>(p.dout) + at, valid, raw_x + 2 * kChannels * kSteps);
-          if (p.z) load_item_async(as_ptr<const T>(p.z) + at, valid, raw_x + 3 * kChannels * kSteps);
+          load_item_async(as_ptr<const T>(p.dout) + at, valid, raw_x + 2 * kC * kSteps);
+          if (p.z) load_item_async(as_ptr<const T>(p.z) + at, valid, raw_x + 3 * kC * kSteps);
         }
       }
       if (has_bc) {  // zeros past the end
@@ -265,7 +277,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
       if (has_x) {
         const float b = bias ? bias[item_row] : 0.f;
         // The raw items as 16-byte shared loads (zeros where the fill wrote them; unread past `valid`).
-        const auto raw_item = [&](int kind) { return *reinterpret_cast<const Item<T>*>(raw_x + kind * kChannels * kSteps); };
+        const auto raw_item = [&](int kind) { return *reinterpret_cast<const Item<T>*>(raw_x + kind * kC * kSteps); };
         const Item<T> u_item = raw_item(0), delta_item = raw_item(1);
         const Item<T> dout_item = full ? raw_item(2) : u_item, z_item = full && p.z ? raw_item(3) : u_item;
         float dt[kItem], dtu[kItem], dy[kItem], uu[kItem], dsp[kItem], dzf[kItem];
@@ -317,11 +329,11 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
       }
     };
 
-    const float* dt_row = dt_s + lane * kRow;
-    const float* dtu_row = dtu_s + lane * kRow;
-    const float* dy_row = dy_s + lane * kRow;
-    const float* B_col = B_s + warp * kBwdStates;
-    const float* C_col = C_s + warp * kBwdStates;
+    const float* dt_row = dt_s + c * kRow;
+    const float* dtu_row = dtu_s + c * kRow;
+    const float* dy_row = dy_s + c * kRow;
+    const float* B_col = B_s + slice * kBwdStates;
+    const float* C_col = C_s + slice * kBwdStates;
     // h through the staged tile's steps [t_begin, t_begin + count), count a multiple of 4.
     auto advance = [&](float (&h)[kBwdStates], int t_begin, int count) {
 #pragma unroll 1
@@ -347,7 +359,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
       // 1. The state entering each tile of the chunk, from its checkpoint.
       {
         float h[kBwdStates];
-        const float4 c4 = load4(checkpoints + ((span.slot0 + chunk) * p.dim + channel0 + lane) * kN + warp * kBwdStates);
+        const float4 c4 = load4(checkpoints + ((span.slot0 + chunk) * p.dim + channel0 + c) * kN + slice * kBwdStates);
         h[0] = c4.x, h[1] = c4.y, h[2] = c4.z, h[3] = c4.w;
         if (tile_begin + 1 < tile_end) load_tile(tile_begin, false);
         for (int64_t tile = tile_begin; tile + 1 < tile_end; ++tile) {
@@ -404,7 +416,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
             }
           }
           // The adjoint, backwards. Each step's dB, dC terms of the thread's 4 states go to the warp's
-          // exchange rows; every second step the warp sums them over its 32 channels (lanes).
+          // exchange rows; every second step the warp sums them over the channels of each slice.
 #pragma unroll
           for (int j4 = kSub - 4; j4 >= 0; j4 -= 4) {
             const float4 dt4 = load4(dt_row + t_sub + j4), dtu4 = load4(dtu_row + t_sub + j4);
@@ -438,40 +450,40 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
               sum_gB[q] = gB, sum_gAh[q] = gAh, sum_y[q] = y;
               if (q % 2 == 0) {
                 // Lane L sums value v = L % 16 (step j + v / 8, dB or dC by (v / 4) % 2, state v % 4)
-                // over channels 16 (L / 16) .. + 15; the half-warps start 4 rows apart, which puts
-                // them on different banks. The other half's sum comes by one shuffle.
+                // over the 16 rows (lanes) 16 (L / 16) .. + 15: 16 channels of one slice, or (32
+                // channels) half of them, the other half's sum coming by one shuffle. The half-warps
+                // start 4 rows apart, which puts them on different banks.
                 __syncwarp();
                 const int v = lane % 16, half = lane / 16;
                 float sums[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                 for (int r = 0; r < 16; ++r) {
-                  const int c = 16 * half + ((r + 4 * half) & 15);
-                  sums[r % 4] += exchange[c * kExchangeRow + v];
+                  sums[r % 4] += exchange[(16 * half + ((r + 4 * half) & 15)) * kExchangeRow + v];
                 }
                 float total = (sums[0] + sums[1]) + (sums[2] + sums[3]);
-                total += __shfl_xor_sync(kAllLanes, total, 16);
-                if (lane < 16) {
-                  const int row = ((v / 4) % 2) * kN + warp * kBwdStates + v % 4;
+                if constexpr (kC == 32) total += __shfl_xor_sync(kAllLanes, total, 16);
+                if (kC == 16 || lane < 16) {
+                  const int row = ((v / 4) % 2) * kN + (kC == 16 ? slice : warp) * kBwdStates + v % 4;
                   red_s[row * kRedRow + t_sub + j + v / 8] = total;
                 }
                 __syncwarp();  // the rows are read (the next steps rewrite them)
               }
             }
-            float* part = part_s + (warp * 3 * kChannels + lane) * kPartRow + part_column(lane, j4);
+            float* part = part_s + (slice * 3 * kC + c) * kPartRow + part_column(c, j4);
             store4(part, sum_gB[0], sum_gB[1], sum_gB[2], sum_gB[3]);
-            store4(part + kChannels * kPartRow, sum_gAh[0], sum_gAh[1], sum_gAh[2], sum_gAh[3]);
-            store4(part + 2 * kChannels * kPartRow, sum_y[0], sum_y[1], sum_y[2], sum_y[3]);
+            store4(part + kC * kPartRow, sum_gAh[0], sum_gAh[1], sum_gAh[2], sum_gAh[3]);
+            store4(part + 2 * kC * kPartRow, sum_y[0], sum_y[1], sum_y[2], sum_y[3]);
           }
-          __syncthreads();  // the warps' partial sums are in
-          // du, ddelta, dz of 4 steps of one channel from the warps' sums; dD and ddelta_bias sums.
+          __syncthreads();  // the slices' partial sums are in
+          // du, ddelta, dz of 4 steps of one channel from the slices' sums; dD and ddelta_bias sums.
           if (has_out) {
             float4 sum[3];
 #pragma unroll
             for (int what = 0; what < 3; ++what) {
               sum[what] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-              for (int w = 0; w < kLanes; ++w) {
-                const float4 v = load4(part_s + ((w * 3 + what) * kChannels + out_c) * kPartRow + part_column(out_c, out_t));
+              for (int w = 0; w < S::kSlices; ++w) {
+                const float4 v = load4(part_s + ((w * 3 + what) * kC + out_c) * kPartRow + part_column(out_c, out_t));
                 sum[what].x += v.x, sum[what].y += v.y, sum[what].z += v.z, sum[what].w += v.w;
               }
             }
@@ -555,15 +567,15 @@ int64_t backward_grid(const Params& p) {
              "selective_scan tiled backward: occupancy");
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
 #endif
-  const int64_t items = backward_items(p);
+  const int64_t items = backward_items<S>(p);
   return items < resident ? items : resident;
 }
 
-// Calls visit(T{}, BwdShape<lanes>{}) for the call's dtype and shape: the one table of instances.
+// Calls visit(T{}, BwdShape<N, channels>{}) for the call's dtype and instance: the one table of instances.
 template <typename Visit>
-void visit_backward_instance(const Params& p, int lanes, Visit&& visit) {
+void visit_backward_instance(const Params& p, int instance, Visit&& visit) {
   SSMK_DISPATCH_FLOAT(p.dtype, "selective_scan u", [&] {
-    visit_backward_shape(lanes, [&](auto shape) { visit(scalar_t{}, shape); });
+    visit_backward_shape(instance, [&](auto shape) { visit(scalar_t{}, shape); });
   });
 }
 
@@ -584,10 +596,10 @@ void launch_backward(const Params& p) {
 
 int64_t backward_workspace_floats(const Params& p) {
   if (p.num_seqs == 0 || p.dim == 0) return 0;
-  const int lanes = tiled::tiled_backward_lanes(p);
-  if (lanes == 0) return 0;
+  const int instance = tiled::tiled_backward_instance(p);
+  if (instance == 0) return 0;
   int64_t floats = 0;
-  tiled::visit_backward_instance(p, lanes, [&](auto type, auto shape) {
+  tiled::visit_backward_instance(p, instance, [&](auto type, auto shape) {
     using S = decltype(shape);
     floats = tiled::backward_grid<decltype(type), S>(p) * tiled::kTilesPerChunk * S::kThreads * 4;
   });
@@ -596,9 +608,9 @@ int64_t backward_workspace_floats(const Params& p) {
 
 #ifndef SSMK_SCAN_EMULATION
 bool backward_tiled(const Params& p) {
-  const int lanes = tiled::tiled_backward_lanes(p);
-  if (lanes == 0 || p.tile_states == 0) return false;
-  tiled::visit_backward_instance(p, lanes, [&](auto type, auto shape) {
+  const int instance = tiled::tiled_backward_instance(p);
+  if (instance == 0 || p.tile_states == 0) return false;
+  tiled::visit_backward_instance(p, instance, [&](auto type, auto shape) {
     tiled::launch_backward<decltype(type), decltype(shape)>(p);
   });
   return true;
