@@ -1,4 +1,5 @@
-// Shared helpers of the native layer: error checking and the dtype switch.
+// Shared helpers of the native layer: error checking, dtype conversions, asynchronous copies to
+// shared memory and the dtype switch.
 // No torch headers anywhere in csrc/: the Python op layer validates and passes raw pointers.
 #pragma once
 

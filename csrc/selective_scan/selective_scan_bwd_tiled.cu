@@ -5,29 +5,38 @@
 // Why. The warp-per-channel backward (selective_scan_bwd.cu) splits a channel's steps over 32 lanes
 // and joins them with two shuffle scans per state (forward for h, reverse for the adjoint), and sums
 // input-dependent dB/dC over only 4 channels before its atomics: at B4 D5120 L4096 N16 bf16 on the
-// H200 it took ~7.4 ms against mamba_ssm's ~5.7. Here a (step, state) costs a few FMAs and MUFU ops.
+// H200 it took 8.0-8.2 ms (scripts/scan_forward_variants.py --backward-kernels). Here a (step,
+// state) costs a few FMAs and MUFU ops.
 //
-// Layout. A block takes 32 channels of one sequence; warp w holds states 4w .. 4w+3 of all 32
-// channels, lane = channel. So:
-//   - dB_t,n and dC_t,n, sums over channels, are sums over a warp's lanes: a shuffle reduce-scatter
-//     (16 values of 2 steps per round trip of 16 shuffles) leaves one block total per (n, step) in
-//     shared memory, and the block adds it with one atomic (32 consecutive steps per warp
-//     instruction): 32 times fewer atomics than one per channel;
-//   - B_t and C_t are broadcast reads (all lanes of a warp read the same float4);
+// Layout. A block takes kC = 16 or 32 channels of one sequence; a thread holds 4 states (a slice)
+// of one channel, and a warp one slice of 32 channels or two of 16 (lane = channel + kC * slice).
+// So:
+//   - dB_t,n and dC_t,n, sums over channels, stay inside a warp: each lane writes its terms of 2
+//     steps to the warp's exchange rows, and every lane then adds one value over 16 rows (16
+//     independent shared loads; 32 channels add the other half-warp's sum by one shuffle). The
+//     block totals per (n, step) gather in shared memory and the block adds them to dB/dC with one
+//     atomic each (32 consecutive steps per warp instruction): kC times fewer atomics than one per
+//     channel. (A shuffle reduce-scatter instead, 16 values per 16 shuffles and 30 selects, took
+//     5.38 ms against 4.94 for the exchange.)
+//   - B_t and C_t are broadcast reads (all lanes of a slice read the same float4);
 //   - the per-step sums over n (sum g B for du, sum g A a h for ddelta, y = sum C h for dz) cross the
-//     warps: each warp leaves its partial sums in shared memory and the block adds them.
+//     slices: each leaves its partial sums in shared memory and the block adds them, per sub-tile.
 // Time. The forward keeps the state entering every 2048-step chunk (checkpoints). Per chunk, walked
 // backwards:
 //   1. a forward pass from the checkpoint leaves the state entering each 32-step tile in the global
-//      workspace (p.tile_states, a region per block: 64 tiles x 32 channels x N floats; resident
+//      workspace (p.tile_states, a region per block: 64 tiles x kC channels x N floats; resident
 //      blocks only, as blocks loop over their (sequence, channel block) items);
 //   2. the tiles in reverse: the tile's inputs staged in shared memory as float (dt = softplus(delta
 //      + bias), dt u, dy = dout silu(z), u, softplus' and the z factor of dz); a forward pass over
 //      the tile leaves the states entering its 8-step sub-tiles in shared memory (per thread); per
-//      sub-tile in reverse, the 9 states of its steps are recomputed into registers and the adjoint
-//      G = a g, g = C dy + G runs back over them.
-//   The next tile's loads are in flight while a tile runs.
-// Serves input-dependent B/C of u's dtype with whole blocks per group (32 | channels per group) and
+//      sub-tile in reverse, the 9 states of its steps are recomputed into registers (and, at N 16,
+//      their decays) and the adjoint G = a g, g = C dy + G runs back over them.
+//   The next tile's loads (cp.async into raw rows: no registers held) are in flight while a tile runs.
+// Blocks per SM: shared memory and registers allow 5 x 64 threads at N 16 (16 channels; 32 would
+// give 3 x 128, and B4 D5120's 640 items on 396 blocks take two rounds where 1.6 would do), 2 x 256
+// at N 32, 1 x 512 at N 64. Nsight Compute, N 16, 32 channels: 10 warps per SM, 1.9 issued per SM
+// cycle (of 4), stalls on shared-memory / MUFU results 25%, on fixed latencies 20%, on barriers 10%.
+// Serves input-dependent B/C of u's dtype with whole blocks per group (kC | channels per group) and
 // N in {16, 32, 64}, outside deterministic mode; the warp-per-channel backward serves the rest.
 #include <cstdlib>
 #include <cstring>

@@ -1,13 +1,16 @@
 """Cuda kernels of selective_scan (csrc/selective_scan): thin calls into the torch-free extension.
 
-The kernels scan one channel of one sequence per warp (4 consecutive channels per block, sharing
-their B/C loads) and keep the state entering every ``CHUNK`` (= 2048) steps as the backward's
-checkpoint. A, D and delta_bias go to the
-kernels as float32; delta and z in u's dtype; B and C in u's dtype or float32 (anything else is
-converted here). Gradients of input-dependent B and C sum over channels with float atomics (one per block and
-element, after the block's 4 channels are summed in shared memory); in
-deterministic mode the backward instead runs per slice of channels, each channel adding into a slot
-of its own (one add per address, onto zeros), and the slots are summed in a fixed order here.
+Where they apply (input-dependent B/C of u's dtype, whole 32- or 16-channel blocks per B/C group,
+d_state 16-128 forward and 16-64 backward), state-parallel kernels run the recurrence of a few
+states per thread step by step; elsewhere the warp-per-channel kernels scan one channel per warp.
+Both keep the state entering every ``CHUNK`` (= 2048) steps as the backward's checkpoint; the
+state-parallel backward also takes a workspace (the state entering each 32-step tile of the chunk
+its resident blocks work on), sized by the extension. A, D and delta_bias go to the kernels as
+float32; delta and z in u's dtype; B and C in u's dtype or float32 (anything else is converted
+here). Gradients of input-dependent B and C sum over channels with float atomics (one per block and
+element, after the block's channels are summed in shared memory); in deterministic mode the
+backward instead runs per slice of channels, each channel adding into a slot of its own (one add
+per address, onto zeros), and the slots are summed in a fixed order here.
 """
 from __future__ import annotations
 
