@@ -143,9 +143,7 @@ __device__ __forceinline__ void store_4(T* dst, int valid, float a, float b, flo
 // blocks (5 per SM instead of 3) take them in whole rounds (H200, B4 D5120: 1280 items on 660
 // blocks, against 640 on 396).
 inline int tiled_backward_instance(const Params& p) {
-  if (const char* force = std::getenv("SSMKERNELS_SCAN_BACKWARD_KERNEL")) {
-    if (std::strcmp(force, "warp") == 0) return 0;  // A/B timing against the warp-per-channel kernel
-  }
+  if (warp_kernel_forced("SSMKERNELS_SCAN_BACKWARD_KERNEL")) return 0;
   if (p.bc_grad_per_channel || p.channel_count != 0) return 0;  // deterministic slices
   if (p.b_fixed || p.c_fixed || p.bc_dtype != p.dtype) return 0;
   if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64) return 0;

@@ -60,9 +60,7 @@ struct Shape {
 // Which calls the tiled kernel serves, as its states per thread (kStates, 4 or 8); 0: the warp
 // kernel's. kLanes = N / kStates.
 inline int tiled_forward_states(const Params& p) {
-  if (const char* force = std::getenv("SSMKERNELS_SCAN_FORWARD_KERNEL")) {
-    if (std::strcmp(force, "warp") == 0) return 0;  // A/B timing against the warp-per-channel kernel
-  }
+  if (warp_kernel_forced("SSMKERNELS_SCAN_FORWARD_KERNEL")) return 0;
   if (p.b_fixed || p.c_fixed || p.bc_dtype != p.dtype) return 0;
   if (p.channels_per_b_group % kChannels != 0 || p.channels_per_c_group % kChannels != 0) return 0;
   if (p.dim % kChannels != 0) return 0;

@@ -4,6 +4,9 @@
 // shared memory as float.
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
+
 #include "selective_scan/scan_common.cuh"
 
 namespace ssmk {
@@ -16,6 +19,13 @@ constexpr int kItem = 8;                       // elements per load item (16 byt
 constexpr int kItemsPerRow = kSteps / kItem;   // items of one channel's (or one state's) tile row
 constexpr int kRow = kSteps + 4;               // [channel][step] rows: +4 floats keep float4 reads conflict-free
 static_assert(kChunk % kSteps == 0, "checkpoints must land on tile starts");
+
+// Whether the environment variable `name` is "warp": the call goes to the warp-per-channel kernel
+// instead (A/B timing; read at every launch, so that one process can time both).
+inline bool warp_kernel_forced(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "warp") == 0;
+}
 
 // 8 consecutive elements in their own dtype, loaded ahead and converted when staged.
 template <typename T>
