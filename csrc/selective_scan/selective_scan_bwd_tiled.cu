@@ -189,18 +189,18 @@ template <typename T, typename S>
 __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_kernel(const Params p) {
   constexpr int kN = S::kN, kC = S::kC;
   extern __shared__ float smem[];
-  float* const dt_s = smem;                      // each [kC][kRow]
+  float* const dt_s = smem;                // each [kC][kRow]
   float* const dtu_s = dt_s + kC * kRow;
-  float* const dy_s = dtu_s + kC * kRow;  // dout silu(z) (dout without z)
+  float* const dy_s = dtu_s + kC * kRow;   // dout silu(z) (dout without z)
   float* const u_s = dy_s + kC * kRow;
-  float* const dsp_s = u_s + kC * kRow;   // softplus'(delta + bias) (1 without softplus)
-  float* const dzf_s = dsp_s + kC * kRow; // dout silu'(z): dz = (sum_n C h + D u) dzf
+  float* const dsp_s = u_s + kC * kRow;    // softplus'(delta + bias) (1 without softplus)
+  float* const dzf_s = dsp_s + kC * kRow;  // dout silu'(z): dz = (sum_n C h + D u) dzf
   float* const B_s = smem + S::kOffBC;           // [kSteps][kBCRow]
   float* const C_s = B_s + kSteps * S::kBCRow;
   float* const red_s = smem + S::kOffRed;        // [2N][kRedRow]: dB rows, then dC rows
-  float* const part_s = smem + S::kOffPart;      // [warp][sum g B, sum g A log2(e) a h, sum C h][channel][step]
+  float* const part_s = smem + S::kOffPart;      // [slice][sum g B, sum g A log2(e) a h, sum C h][channel][step]
   float4* const entry_s = reinterpret_cast<float4*>(smem + S::kOffEntry);  // [sub-tile - 1][thread]
-  // [lane][2 steps x (dB, dC) x 4 states] of this warp: its dB/dC terms before the sum over channels.
+  // [lane][2 steps x (dB, dC) x 4 states] of this warp: its dB/dC terms before the sums over channels.
   float* const exchange = smem + S::kOffExchange + (threadIdx.x / 32) * 32 * kExchangeRow;
   T* const raw_s = reinterpret_cast<T*>(smem + S::kOffRaw);  // u, delta, dout, z, then B, C rows
 
@@ -210,7 +210,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   // This block's region of the workspace: the state entering each tile of the current chunk.
   float4* const tile_states =
       as_ptr<float4>(p.tile_states) + static_cast<int64_t>(blockIdx.x) * kTilesPerChunk * S::kThreads + tid;
-  // Load items: x item tid (tid < 128) is channel tid / 4, steps (tid % 4) * 8 ..; B/C item tid is
+  // Load items: x item tid (tid < 4 kC) is channel tid / 4, steps (tid % 4) * 8 ..; B/C item tid is
   // state tid % N, steps (tid / N) * 8 .. (consecutive lanes, consecutive states: the staging's
   // column writes hit different banks). Each thread stages the items it loaded itself, so the raw
   // rows need no barrier.
