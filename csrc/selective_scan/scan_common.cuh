@@ -10,6 +10,7 @@ namespace ssmk {
 namespace scan {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // 2^x by the MUFU alone (ex2.approx.ftz: ~2 ulp, flushes subnormal results to 0, harmless for a
 // decay factor); exp2f without fast math adds range fix-ups around it. Host emulation: exp2f.
@@ -103,7 +104,6 @@ __device__ __forceinline__ float log2_approx(float x) {
 // relative) and ln 2 * log2(1 + e) above (rounding of 1 + e and lg2's error: < 5e-6 relative).
 // For 16-bit inputs, whose own rounding is 1e-3; float32 inputs keep softplus().
 __device__ __forceinline__ float softplus_fast(float x) {
-  constexpr float kLn2 = 0.6931471805599453f;
   const float e = exp2_approx(-fabsf(x) * kLog2e);
   const float series = e * fmaf(e, fmaf(e, fmaf(e, fmaf(e, 0.2f, -0.25f), 1.f / 3.f), -0.5f), 1.f);
   const float logged = log2_approx(1.f + e) * kLn2;
@@ -117,6 +117,17 @@ __device__ __forceinline__ float silu_fast(float z) {
   return __fdividef(z, denominator);
 #else
   return z / denominator;
+#endif
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+// sigmoid(x) with the MUFU's exp2 and a fast division, for 16-bit inputs (as silu_fast).
+__device__ __forceinline__ float sigmoid_fast(float x) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(1.f, 1.f + exp2_approx(-x * kLog2e));
+#else
+  return 1.f / (1.f + exp2_approx(-x * kLog2e));
 #endif
 }
 

@@ -373,12 +373,12 @@ __global__ __launch_bounds__(32 * kCh, kMinBlocks<kCh>) void backward_kernel(con
 #pragma unroll
         for (int i = 0; i < kIt; ++i) {
           du[i] = fmaf(D, dy[i], dt[i] * gB[i]);
-          const float sg = i < valid ? (p.softplus ? 1.f / (1.f + expf(-(raw[i] + bias))) : 1.f) : 0.f;
+          const float sg = i < valid ? (p.softplus ? sigmoid(raw[i] + bias) : 1.f) : 0.f;
           gAh[i] = sg * fmaf(u[i], gB[i], gAh[i]);  // ddelta
           bias_lane += gAh[i];
           D_lane = fmaf(dy[i], u[i], D_lane);
           if (z_ptr) {
-            const float sig = 1.f / (1.f + expf(-zv[i]));
+            const float sig = sigmoid(zv[i]);
             y[i] = fmaf(D, u[i], y[i]) * go[i] * sig * (1.f + zv[i] * (1.f - sig));  // dz
           }
         }

@@ -38,6 +38,7 @@
 // cycle (of 4), stalls on shared-memory / MUFU results 25%, on fixed latencies 20%, on barriers 10%.
 // Serves input-dependent B/C of u's dtype with whole blocks per group (kC | channels per group) and
 // N in {16, 32, 64}, outside deterministic mode; the warp-per-channel backward serves the rest.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -59,7 +60,6 @@ static_assert(kPartRow == 8, "part_column swaps the two float4 halves of a row")
 __device__ __forceinline__ int part_column(int c, int t4) { return t4 ^ (((c / 4) & 1) * 4); }
 constexpr int kRedRow = kSteps + 4;              // [2N][step] rows of a tile's dB / dC block sums
 constexpr int kExchangeRow = 16 + 4;             // a lane's dB/dC terms of 2 steps (+4: float4 stores spread over banks)
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr unsigned kAllLanes = 0xffffffffu;
 static_assert(kSteps % kSub == 0 && kSub % 4 == 0, "sub-tiles tile a tile in float4 groups");
 
@@ -145,14 +145,12 @@ __device__ __forceinline__ void store_4(T* dst, int valid, float a, float b, flo
 inline int tiled_backward_instance(const Params& p) {
   if (warp_kernel_forced("SSMKERNELS_SCAN_BACKWARD_KERNEL")) return 0;
   if (p.bc_grad_per_channel || p.channel_count != 0) return 0;  // deterministic slices
-  if (p.b_fixed || p.c_fixed || p.bc_dtype != p.dtype) return 0;
   if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64) return 0;
   int channels = p.dstate == 16 ? 16 : 32;
   if (const char* force = std::getenv("SSMKERNELS_SCAN_BWD_CHANNELS")) {  // A/B timing at N 16
     if (p.dstate == 16) channels = std::atoi(force) == 32 ? 32 : 16;
   }
-  if (p.channels_per_b_group % channels != 0 || p.channels_per_c_group % channels != 0) return 0;
-  if (p.dim % channels != 0) return 0;
+  if (!tiled_blocks_fit(p, channels)) return 0;
   return static_cast<int>(p.dstate) * 100 + channels;
 }
 
@@ -170,15 +168,6 @@ void visit_backward_shape(int instance, Visit&& visit) {
 // Work items: (sequence, block of kC channels).
 template <typename S>
 __host__ __device__ inline int64_t backward_items(const Params& p) { return p.num_seqs * (p.dim / S::kC); }
-
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
-__device__ __forceinline__ float sigmoid_fast(float x) {
-#ifdef __CUDA_ARCH__
-  return __fdividef(1.f, 1.f + exp2_approx(-x * kLog2e));
-#else
-  return 1.f / (1.f + exp2_approx(-x * kLog2e));
-#endif
-}
 
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
@@ -556,15 +545,22 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   }
 }
 
-// Blocks of the launch: the resident ones (each loops over items), so the workspace holds only
-// theirs. The host emulation runs blocks one after another: 2, so that one block takes several items.
+// The instance's resident blocks on the current device. Its shared-memory limit is raised there
+// first (which its launches need too); both are done once per device and instance (the workspace
+// query and the launch of every backward ask for them).
 template <typename T, typename S>
-int64_t backward_grid(const Params& p) {
+int64_t resident_blocks() {
 #ifdef SSMK_SCAN_EMULATION
-  const int64_t resident = 2;
+  return 2;
 #else
-  int device = 0, sms = 0, per_sm = 0;
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int64_t> cached[kCachedDevices] = {};
+  int device = 0;
   check_cuda(cudaGetDevice(&device), "selective_scan tiled backward: device");
+  if (device < kCachedDevices) {
+    if (const int64_t known = cached[device].load(std::memory_order_relaxed)) return known;
+  }
+  int sms = 0, per_sm = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "selective_scan: SM count");
   auto kernel = backward_tiled_kernel<T, S>;
   const size_t smem = S::template smem_bytes<T>();
@@ -573,8 +569,16 @@ int64_t backward_grid(const Params& p) {
   check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, S::kThreads, smem),
              "selective_scan tiled backward: occupancy");
   const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  if (device < kCachedDevices) cached[device].store(resident, std::memory_order_relaxed);
+  return resident;
 #endif
-  const int64_t items = backward_items<S>(p);
+}
+
+// Blocks of the launch: the resident ones (each loops over items), so the workspace holds only
+// theirs. The host emulation runs blocks one after another: 2, so that one block takes several items.
+template <typename T, typename S>
+int64_t backward_grid(const Params& p) {
+  const int64_t items = backward_items<S>(p), resident = resident_blocks<T, S>();
   return items < resident ? items : resident;
 }
 
@@ -589,12 +593,8 @@ void visit_backward_instance(const Params& p, int instance, Visit&& visit) {
 #ifndef SSMK_SCAN_EMULATION
 template <typename T, typename S>
 void launch_backward(const Params& p) {
-  const auto grid = static_cast<unsigned>(backward_grid<T, S>(p));
-  const size_t smem = S::template smem_bytes<T>();
-  auto kernel = backward_tiled_kernel<T, S>;
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-             "selective_scan tiled backward: shared memory");
-  kernel<<<grid, S::kThreads, smem, as_stream(p.stream)>>>(p);
+  const auto grid = static_cast<unsigned>(backward_grid<T, S>(p));  // also raises the shared-memory limit
+  backward_tiled_kernel<T, S><<<grid, S::kThreads, S::template smem_bytes<T>(), as_stream(p.stream)>>>(p);
   check_launch("selective_scan backward_tiled_kernel");
 }
 #endif  // SSMK_SCAN_EMULATION

@@ -61,9 +61,7 @@ struct Shape {
 // kernel's. kLanes = N / kStates.
 inline int tiled_forward_states(const Params& p) {
   if (warp_kernel_forced("SSMKERNELS_SCAN_FORWARD_KERNEL")) return 0;
-  if (p.b_fixed || p.c_fixed || p.bc_dtype != p.dtype) return 0;
-  if (p.channels_per_b_group % kChannels != 0 || p.channels_per_c_group % kChannels != 0) return 0;
-  if (p.dim % kChannels != 0) return 0;
+  if (!tiled_blocks_fit(p, kChannels)) return 0;
   if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64 && p.dstate != 128) return 0;
   // H200, B4 D5120 L4096 bf16 (scripts/scan_forward_variants.py, one run): N 16: 4 states 1.033 ms,
   // 8 states 1.099 (4 doubles the warps: 18.3 against 8.7 per SM); N 32: 1.834 / 1.620; N 64: 3.586 /

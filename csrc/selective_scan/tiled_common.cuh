@@ -27,6 +27,13 @@ inline bool warp_kernel_forced(const char* name) {
   return value != nullptr && std::strcmp(value, "warp") == 0;
 }
 
+// Whether the tiled kernels' layout fits the call with blocks of `channels` channels: B and C
+// input-dependent and of u's dtype, the blocks tiling the channels and every B/C group.
+inline bool tiled_blocks_fit(const Params& p, int64_t channels) {
+  if (p.b_fixed || p.c_fixed || p.bc_dtype != p.dtype) return false;
+  return p.dim % channels == 0 && p.channels_per_b_group % channels == 0 && p.channels_per_c_group % channels == 0;
+}
+
 // 8 consecutive elements in their own dtype, loaded ahead and converted when staged.
 template <typename T>
 struct alignas(16) Item {
