@@ -391,6 +391,20 @@ def test_cuda_tiled_forward_other_states_in_host_emulation(case_name, states, em
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
+@pytest.mark.parametrize("case_name,layout", [("tiled_n16_bf16", "state"), ("tiled_n32_varlen_f16", "state"),
+                                              ("tiled_n64_f32", "channel"), ("tiled_n128_l1_f32", "channel")])
+def test_cuda_tiled_forward_other_layout_in_host_emulation(case_name, layout, emulated_scan_cuda, monkeypatch):
+    """The tiled forward with the thread layout that its defaults do not pick for these n
+    (SSMKERNELS_SCAN_TILED_LAYOUT; the default is lane = channel for n <= 32, lanes = a channel's
+    states above)."""
+    monkeypatch.setenv("SSMKERNELS_SCAN_TILED_LAYOUT", layout)
+    changes, dtype = EMULATED_FORWARD_CASES[case_name]
+    case = {**BASE, **changes}
+    inputs = _scan_inputs(case, dtype)
+    compare_with_reference(_scan_fn(case), inputs, "cuda", label=f"emulated cuda forward, {layout} layout {case_name}")
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
 @pytest.mark.parametrize("case_name", list(EMULATED_CASES))
 def test_cuda_kernels_in_host_emulation(case_name, emulated_scan_cuda):
     case = {**BASE, **EMULATED_CASES[case_name]}
@@ -517,6 +531,19 @@ def test_scan_multi_chunk(backend, dtype, case_name):
     inputs = _scan_inputs(case, dtype)
     compare_with_reference(_scan_fn(case), inputs, backend, grad_names=_grad_names(inputs),
                            label=f"{backend} {case_name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case_name", [name for name in GPU_CASES if name.startswith("tiled")])
+@pytest.mark.parametrize("layout", ["channel", "state"])
+def test_cuda_tiled_forward_layouts(layout, case_name, monkeypatch):
+    """Both thread layouts of the CUDA tiled forward (SSMKERNELS_SCAN_TILED_LAYOUT), bf16, forward
+    and backward (the backward starts from the forward's checkpoints)."""
+    monkeypatch.setenv("SSMKERNELS_SCAN_TILED_LAYOUT", layout)
+    case = {**BASE, **GPU_CASES[case_name]}
+    inputs = _scan_inputs(case, torch.bfloat16)
+    compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),
+                           label=f"cuda {layout} layout {case_name}")
 
 
 @pytest.mark.gpu

@@ -33,12 +33,12 @@ void fwd_typed(const Params& p) {
 
 template <typename T>
 void fwd_dispatch(const Params& p) {
-  if (const int states = tiled::tiled_forward_states(p)) {
-    // Mirrors tiled::launch: 32 channels per block, kLanes threads per channel.
-    return tiled::visit_tiled_shape(p, states, [&](auto shape) {
+  if (const tiled::ForwardTiling tiling = tiled::tiled_forward_tiling(p); tiling.states != 0) {
+    // Mirrors tiled::launch: 32 channels per block, kSlices threads per channel.
+    return tiled::visit_tiled_shape(p, tiling, [&](auto shape) {
       using S = decltype(shape);
-      run_grid(tiled::forward_tiled_kernel<T, S::kStates, S::kLanes>, static_cast<unsigned>(p.dim / tiled::kChannels),
-               p.num_seqs, S::kThreads, p);
+      run_grid(tiled::forward_tiled_kernel<T, S>, static_cast<unsigned>(p.dim / tiled::kChannels), p.num_seqs,
+               S::kThreads, p);
     });
   }
   if (p.bc_dtype == p.dtype) fwd_typed<T, T>(p);
