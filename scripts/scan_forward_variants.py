@@ -1,11 +1,9 @@
 """Times the CUDA selective-scan kernels against each other on the GPU, in one process.
 
-    python scripts/scan_forward_variants.py [--n 16,64,128] [--states 8,4] [--layouts channel,state]
-                                            [--backward] [--backward-kernels]
+    python scripts/scan_forward_variants.py [--n 16,64,128] [--states 8,4] [--backward] [--backward-kernels]
 
 The tiled (state-parallel) kernel serves the calls it supports, with SSMKERNELS_SCAN_TILED_STATES
-states per thread (8 or 4) and the SSMKERNELS_SCAN_TILED_LAYOUT thread layout (lane = channel, or
-a channel's states on consecutive lanes); SSMKERNELS_SCAN_FORWARD_KERNEL=warp sends them to the warp-per-channel
+states per thread (8 or 4); SSMKERNELS_SCAN_FORWARD_KERNEL=warp sends them to the warp-per-channel
 kernel instead (both read at every launch), so all run on the same inputs here. Prints ms per call
 (CUDA events, median of repeats) and the largest difference of each variant's outputs and last
 states from the warp kernel's. ``--backward-kernels`` times the backward alone (after the default
@@ -46,7 +44,6 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=5120)
     parser.add_argument("--l", type=int, default=4096)
     parser.add_argument("--states", default="8,4", help="states per thread of the tiled kernel to time")
-    parser.add_argument("--layouts", default="channel,state", help="thread layouts of the tiled kernel to time")
     parser.add_argument("--backward", action="store_true", help="also time forward + backward")
     parser.add_argument("--backward-kernels", action="store_true",
                         help="time the backward kernels (tiled, warp) instead of the forward ones")
@@ -69,16 +66,13 @@ def main() -> None:
             continue
 
         results = {}
-        variants = [f"tiled{v}/{layout}" for v in args.states.split(",") for layout in args.layouts.split(",")]
-        variants.append("warp")
+        variants = [f"tiled{v}" for v in args.states.split(",")] + ["warp"]
         for kernel in variants:
             os.environ.pop("SSMKERNELS_SCAN_FORWARD_KERNEL", None)
             if kernel == "warp":
                 os.environ["SSMKERNELS_SCAN_FORWARD_KERNEL"] = "warp"
             else:
-                states, layout = kernel[len("tiled"):].split("/")
-                os.environ["SSMKERNELS_SCAN_TILED_STATES"] = states
-                os.environ["SSMKERNELS_SCAN_TILED_LAYOUT"] = layout
+                os.environ["SSMKERNELS_SCAN_TILED_STATES"] = kernel[len("tiled"):]
             out, last = forward()
             row = {"fwd": _time_ms(forward), "out": out.float(), "last": last}
             if args.backward:
@@ -94,11 +88,10 @@ def main() -> None:
             results[kernel] = row
         os.environ.pop("SSMKERNELS_SCAN_FORWARD_KERNEL", None)
         os.environ.pop("SSMKERNELS_SCAN_TILED_STATES", None)
-        os.environ.pop("SSMKERNELS_SCAN_TILED_LAYOUT", None)
         warp = results["warp"]
         for kernel in variants:
             r = results[kernel]
-            line = f"B{b} D{d} L{l} N{n} bf16 {kernel:15}: forward {r['fwd']:.3f} ms ({warp['fwd'] / r['fwd']:.2f}x warp)"
+            line = f"B{b} D{d} L{l} N{n} bf16 {kernel:7}: forward {r['fwd']:.3f} ms ({warp['fwd'] / r['fwd']:.2f}x warp)"
             if args.backward:
                 line += f", fwd+bwd {r['fwdbwd']:.3f} ms"
             if kernel != "warp":

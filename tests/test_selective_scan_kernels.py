@@ -357,13 +357,13 @@ EMULATED_FORWARD_CASES = {
                     torch.bfloat16),
     "l1_f16": (dict(l=1, d=3, init=True), torch.float16),
     # The state-parallel (tiled) kernel: 32-channel blocks, 4 or 8 states per thread, 32-step tiles.
-    # n = 16 (4 states: 4 threads per channel), bf16, a partial last tile, two blocks per row.
+    # n = 16 (4 states: 4 warps of 32 channels), bf16, a partial last tile, two blocks per row.
     "tiled_n16_bf16": (dict(b=2, d=64, n=16, l=100, init=True), torch.bfloat16),
-    # n = 32 (8 states: 4 threads per channel), grouped B/C (32 channels per group), packed sequences with unaligned
+    # n = 32 (8 states: 4 warps), grouped B/C (32 channels per group), packed sequences with unaligned
     # starts, an empty one and a 10-step one.
     "tiled_n32_varlen_f16": (dict(b=1, d=64, n=32, l=300, cu=[0, 0, 37, 290, 300], B="grouped", C="grouped",
                                   g=2, init=True), torch.float16),
-    # n = 64 and 128 (8 states: 8 and 16 threads per channel, blocks of 256 and 512), float32, l = 1.
+    # n = 64 and 128 (8 states: 8 and 16 warps, blocks of 256 and 512), float32, l = 1.
     "tiled_n64_f32": (dict(b=1, d=32, n=64, l=45, init=True), torch.float32),
     "tiled_n128_l1_f32": (dict(b=1, d=32, n=128, l=1, init=True), torch.float32),
 }
@@ -388,20 +388,6 @@ def test_cuda_tiled_forward_other_states_in_host_emulation(case_name, states, em
     case = {**BASE, **changes}
     inputs = _scan_inputs(case, dtype)
     compare_with_reference(_scan_fn(case), inputs, "cuda", label=f"emulated cuda forward, {states} states {case_name}")
-
-
-@pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
-@pytest.mark.parametrize("case_name,layout", [("tiled_n16_bf16", "state"), ("tiled_n32_varlen_f16", "state"),
-                                              ("tiled_n64_f32", "channel"), ("tiled_n128_l1_f32", "channel")])
-def test_cuda_tiled_forward_other_layout_in_host_emulation(case_name, layout, emulated_scan_cuda, monkeypatch):
-    """The tiled forward with the thread layout that its defaults do not pick for these n
-    (SSMKERNELS_SCAN_TILED_LAYOUT; the default is lane = channel for n <= 32, lanes = a channel's
-    states above)."""
-    monkeypatch.setenv("SSMKERNELS_SCAN_TILED_LAYOUT", layout)
-    changes, dtype = EMULATED_FORWARD_CASES[case_name]
-    case = {**BASE, **changes}
-    inputs = _scan_inputs(case, dtype)
-    compare_with_reference(_scan_fn(case), inputs, "cuda", label=f"emulated cuda forward, {layout} layout {case_name}")
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
@@ -531,19 +517,6 @@ def test_scan_multi_chunk(backend, dtype, case_name):
     inputs = _scan_inputs(case, dtype)
     compare_with_reference(_scan_fn(case), inputs, backend, grad_names=_grad_names(inputs),
                            label=f"{backend} {case_name}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case_name", [name for name in GPU_CASES if name.startswith("tiled")])
-@pytest.mark.parametrize("layout", ["channel", "state"])
-def test_cuda_tiled_forward_layouts(layout, case_name, monkeypatch):
-    """Both thread layouts of the CUDA tiled forward (SSMKERNELS_SCAN_TILED_LAYOUT), bf16, forward
-    and backward (the backward starts from the forward's checkpoints)."""
-    monkeypatch.setenv("SSMKERNELS_SCAN_TILED_LAYOUT", layout)
-    case = {**BASE, **GPU_CASES[case_name]}
-    inputs = _scan_inputs(case, torch.bfloat16)
-    compare_with_reference(_scan_fn(case), inputs, "cuda", grad_names=_grad_names(inputs),
-                           label=f"cuda {layout} layout {case_name}")
 
 
 @pytest.mark.gpu

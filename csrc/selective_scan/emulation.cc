@@ -33,9 +33,9 @@ void fwd_typed(const Params& p) {
 
 template <typename T>
 void fwd_dispatch(const Params& p) {
-  if (const tiled::ForwardTiling tiling = tiled::tiled_forward_tiling(p); tiling.states != 0) {
-    // Mirrors tiled::launch: 32 channels per block, kSlices threads per channel.
-    return tiled::visit_tiled_shape(p, tiling, [&](auto shape) {
+  if (const int states = tiled::tiled_forward_states(p)) {
+    // Mirrors tiled::launch: 32 channels per block, kSlices warps.
+    return tiled::visit_tiled_shape(p, states, [&](auto shape) {
       using S = decltype(shape);
       run_grid(tiled::forward_tiled_kernel<T, S>, static_cast<unsigned>(p.dim / tiled::kChannels), p.num_seqs,
                S::kThreads, p);

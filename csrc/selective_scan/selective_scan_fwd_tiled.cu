@@ -5,35 +5,35 @@
 // and joins them with a shuffle scan per state: per (step, state) it folds, scans and replays, ~14
 // instructions, and its serial fold/scan/replay chains leave the schedulers idle (0.31 issued per
 // cycle on the H200 at B4 D5120 L4096 N16). Here a (step, state) costs ~6: a = 2^(dt A log2e) (one
-// MUFU op: the floor, 16 per clock per SM), h = a h + dt u B, y += C h, with kStates independent
-// chains per thread. A channel's N = kStates * kSlices states live in kSlices consecutive lanes, whose
-// partial y are summed by an xor butterfly of log2(kSlices) shuffles per step.
-// H200, B4 D5120 L4096 bf16 with z, D, bias, softplus (bench, mamba_ssm in the same run): N 16
-// 0.786 ms, 64 2.535, 128 5.218 against mamba_ssm's 1.437 / 4.863 / 9.460; timed against the warp
-// kernel on the same inputs (scripts/scan_forward_variants.py, host time included): N 16 1.03 ms,
-// 32 1.62, 64 2.79, 128 5.54 against 2.04 / 3.23 / 6.12 / 11.22.
+// MUFU op: 16 per clock per SM, the floor of the step loop), h = a h + dt u B, y += C h, with
+// kStates independent chains per thread.
 //
-// Block = 32 channels of one sequence (32 kSlices threads) walking the sequence in tiles of kSteps =
-// 32 steps. Per tile, staged in shared memory by the whole block:
+// Layout. A block takes kChannels = 32 channels of one sequence; lane = channel, and warp = slice:
+// the kSlices = N / kStates warps of a block hold states [kStates slice, kStates (slice + 1)) of all
+// 32 channels. So a step's B and C values are broadcast reads (one address per warp), and a
+// slice's partial y of 4 steps is one 16-byte shared store; the slices' parts are added after the
+// tile, per (channel, 8 steps). The layout it replaced put a channel's slices on consecutive lanes
+// and summed their y by an xor butterfly per step (2-4 shuffles and adds per step, with a serial
+// tail): H200, B4 D5120 L4096 bf16 (scripts/scan_forward_variants.py, host time included), lane =
+// channel against that: N 16 0.805 / 0.868 ms, 32 1.205 / 1.448, 64 2.219 / 2.606, 128 4.453 / 5.310.
+// The bench, mamba_ssm in the same run: N 16 0.716 ms against mamba_ssm's 1.444.
+//
+// Time. The block walks the sequence in tiles of kSteps = 32 steps. Per tile, staged in shared
+// memory by the whole block:
 //   - dt = softplus(delta + bias) and dt u of each (channel, step), computed once (not per state),
-//     and y = D u, onto which the lanes add their sums;
+//     and D u, to which the slices' parts are added;
 //   - B and C of the tile's steps as float, transposed to [step][n], so a thread reads its states'
 //     values of one step with one or two 16-byte loads, and the 32 channels share one conversion.
-//     The columns interleave the slices' float4 groups (bc_column): a 16-byte shared load is served
-//     per quarter-warp, and with a thread's 8 states side by side 8 slices hit 4 bank groups twice
-//     (N 64: 4.42 -> 2.79 ms with the interleave).
 // The next tile's u, delta, B, C (and this tile's z) are loaded into registers before this tile's
 // steps run, so their latency hides behind the compute; two barriers per tile.
-// At N 16 it is latency-bound (Nsight Compute, 8 states: 8.7 warps per SM, 0.54 issued per scheduler
-// cycle; 4 states: 18.3 and 0.60, 43% of the stalls waiting on shared-memory results): b d N / kStates
-// threads is all the parallel work there is, hence 4 states per thread there.
+// b d N / kStates threads is all the parallel work there is (B4 D5120 N 16: 19 warps per SM with 4
+// states), hence 4 states per thread at N 16, where 8 would halve the warps.
 // B and C must be input-dependent with whole blocks per group (32 | channels per group), of u's
-// dtype, and N in {16, 32, 64, 128}: tiled_forward_tiling says which calls qualify; the others take
+// dtype, and N in {16, 32, 64, 128}: tiled_forward_states says which calls qualify; the others take
 // the warp-per-channel kernel. Checkpoints (the state entering every kChunk steps) and last_state
 // are written exactly as that kernel writes them, so the backward is the same for both.
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "selective_scan/tiled_common.cuh"
 
@@ -41,13 +41,10 @@ namespace ssmk {
 namespace scan {
 namespace tiled {
 
-// kStates states per thread (4 or 8), kSlices threads (slices) per channel: N = kStates * kSlices.
-// kLaneIsChannel: a warp's lanes are 32 channels and the slices are warps; otherwise a channel's
-// slices are kSlices consecutive lanes (see the header comment for what each costs).
-template <int kStates_, int kSlices_, bool kLaneIsChannel_>
+// kStates states per thread (4 or 8), kSlices warps (slices of every channel's states): N = kStates * kSlices.
+template <int kStates_, int kSlices_>
 struct Shape {
   static constexpr int kStates = kStates_, kSlices = kSlices_;
-  static constexpr bool kLaneIsChannel = kLaneIsChannel_;
   static_assert(kStates == 4 || kStates == 8, "a thread's states are read as one or two float4");
   static constexpr int kThreads = kChannels * kSlices;
   static_assert(kThreads <= 512, "at most 512 threads per block (registers)");
@@ -57,66 +54,38 @@ struct Shape {
   static constexpr int kXPerThread = (kXItems + kThreads - 1) / kThreads;
   static constexpr int kBCItems = kN * kItemsPerRow;
   static constexpr int kBCPerThread = (kBCItems + kThreads - 1) / kThreads;
-  // Shared memory (floats): dt, dt u, y [kChannels][kRow]; B, C [kSteps][kBCRow]; with lane =
-  // channel, the slices' partial y [kSlices][kChannels][kRow].
-  static constexpr int kPartFloats = kLaneIsChannel ? kSlices * kChannels * kRow : 0;
-  static constexpr int kSmemFloats = 3 * kChannels * kRow + 2 * kSteps * kBCRow + kPartFloats;
+  // Shared memory (floats): dt, dt u, D u [kChannels][kRow]; B, C [kSteps][kBCRow]; the slices'
+  // partial y [kSlices][kChannels][kRow].
+  static constexpr int kSmemFloats = (3 + kSlices) * kChannels * kRow + 2 * kSteps * kBCRow;
 };
 
-// A call's tiled-forward instance: states per thread (4 or 8; 0: the call takes the warp kernel)
-// and whether lane = channel.
-struct ForwardTiling {
-  int states = 0;
-  bool lane_is_channel = false;
-};
-
-// Which calls the tiled kernel serves, and with which instance. kSlices = N / states.
-inline ForwardTiling tiled_forward_tiling(const Params& p) {
-  if (warp_kernel_forced("SSMKERNELS_SCAN_FORWARD_KERNEL")) return {};
-  if (!tiled_blocks_fit(p, kChannels)) return {};
-  if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64 && p.dstate != 128) return {};
-  // H200, B4 D5120 L4096 bf16 (scripts/scan_forward_variants.py, one run): N 16: 4 states 1.033 ms,
-  // 8 states 1.099 (4 doubles the warps: 18.3 against 8.7 per SM); N 32: 1.834 / 1.620; N 64: 3.586 /
-  // 2.787 (4 states: more shuffles and dt loads per state for no more occupancy).
+// Which calls the tiled kernel serves, as its states per thread (kStates, 4 or 8); 0: the warp
+// kernel's. kSlices = N / kStates.
+inline int tiled_forward_states(const Params& p) {
+  if (warp_kernel_forced("SSMKERNELS_SCAN_FORWARD_KERNEL")) return 0;
+  if (!tiled_blocks_fit(p, kChannels)) return 0;
+  if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64 && p.dstate != 128) return 0;
+  // H200, B4 D5120 L4096 bf16 (scripts/scan_forward_variants.py, one run): 4 states against 8: N 16
+  // 0.805 / 0.925 ms (8 halves the warps), N 32 1.431 / 1.205, N 64 2.219 / 2.226, N 128 4.475 / 4.453.
   int states = p.dstate == 16 ? 4 : 8;
   if (const char* force = std::getenv("SSMKERNELS_SCAN_TILED_STATES")) states = std::atoi(force) == 4 ? 4 : 8;
-  if (p.dstate > 32) states = 8;  // 4 states are built for N 16 and 32 only
-  bool lane_is_channel = p.dstate <= 32;
-  if (const char* layout = std::getenv("SSMKERNELS_SCAN_TILED_LAYOUT")) {
-    if (std::strcmp(layout, "channel") == 0) lane_is_channel = true;
-    if (std::strcmp(layout, "state") == 0) lane_is_channel = false;
-  }
-  return {states, lane_is_channel};
+  return p.dstate <= 32 ? states : 8;  // 4 states are built for N 16 and 32 only
 }
 
-// Calls visit(Shape<kStates, kSlices, kLaneIsChannel>{}) with the instance built for the call's N
-// and `tiling` (tiled_forward_tiling(p), states not 0): the one table of instances, for the launcher
-// and the host emulation alike.
+// Calls visit(Shape<kStates, kSlices>{}) with the instance built for the call's N and `states` per
+// thread (tiled_forward_states(p), not 0): the one table of instances, for the launcher and the
+// host emulation alike.
 template <typename Visit>
-void visit_tiled_shape(const Params& p, ForwardTiling tiling, Visit&& visit) {
-  auto with_layout = [&](auto states, auto slices) {
-    if (tiling.lane_is_channel) return visit(Shape<decltype(states)::value, decltype(slices)::value, true>{});
-    return visit(Shape<decltype(states)::value, decltype(slices)::value, false>{});
-  };
-  using I4 = std::integral_constant<int, 4>;
-  using I8 = std::integral_constant<int, 8>;
-  switch (tiling.states * 1000 + static_cast<int>(p.dstate)) {
-    case 4016: return with_layout(I4{}, I4{});
-    case 4032: return with_layout(I4{}, I8{});
-    case 8016: return with_layout(I8{}, std::integral_constant<int, 2>{});
-    case 8032: return with_layout(I8{}, I4{});
-    case 8064: return with_layout(I8{}, I8{});
-    case 8128: return with_layout(I8{}, std::integral_constant<int, 16>{});
+void visit_tiled_shape(const Params& p, int states, Visit&& visit) {
+  switch (states * 1000 + static_cast<int>(p.dstate)) {
+    case 4016: return visit(Shape<4, 4>{});
+    case 4032: return visit(Shape<4, 8>{});
+    case 8016: return visit(Shape<8, 2>{});
+    case 8032: return visit(Shape<8, 4>{});
+    case 8064: return visit(Shape<8, 8>{});
+    case 8128: return visit(Shape<8, 16>{});
     default: throw std::logic_error("selective_scan tiled forward: no instance for this call");
   }
-}
-
-// Where state k of a thread's slice sits in a [step] row of B_s / C_s: float4 group g = k / 4 of
-// every slice side by side (g * 4 kSlices + slice * 4 + k % 4), so that the 8 lanes of a quarter-warp
-// (which a 16-byte shared load serves together) read 8 different 16-byte bank groups.
-template <int kSlices>
-__device__ __forceinline__ int bc_column(int slice, int k) {
-  return (k / 4) * 4 * kSlices + slice * 4 + k % 4;
 }
 
 template <typename T, typename S>
@@ -125,15 +94,13 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
   extern __shared__ float smem[];
   float* dt_s = smem;                           // [kChannels][kRow]
   float* dtu_s = dt_s + kChannels * kRow;       // [kChannels][kRow]
-  float* y_s = dtu_s + kChannels * kRow;        // [kChannels][kRow]
-  float* B_s = y_s + kChannels * kRow;          // [kSteps][kBCRow]
+  float* Du_s = dtu_s + kChannels * kRow;       // [kChannels][kRow]
+  float* B_s = Du_s + kChannels * kRow;          // [kSteps][kBCRow]
   float* C_s = B_s + kSteps * S::kBCRow;        // [kSteps][kBCRow]
-  float* part_s = C_s + kSteps * S::kBCRow;     // [kSlices][kChannels][kRow] (lane = channel only)
+  float* part_s = C_s + kSteps * S::kBCRow;     // [kSlices][kChannels][kRow]
 
   const int tid = threadIdx.x;
-  // This thread's channel and its slice of kStates states.
-  const int channel = S::kLaneIsChannel ? tid % kChannels : tid / kSlices;
-  const int slice = S::kLaneIsChannel ? tid / kChannels : tid % kSlices;
+  const int channel = tid % kChannels, slice = tid / kChannels;  // this thread's channel and its kStates states
   const int64_t channel0 = static_cast<int64_t>(blockIdx.x) * kChannels;
   const int64_t seq = blockIdx.y;
   const Span span = sequence_span(p, seq);
@@ -144,7 +111,7 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
   const T* delta = as_ptr<const T>(p.delta) + span.row * p.x_batch_stride + channel0 * p.x_d_stride;
   const T* z = p.z ? as_ptr<const T>(p.z) + span.row * p.x_batch_stride + channel0 * p.x_d_stride : nullptr;
   T* out = as_ptr<T>(p.out) + span.row * p.x_batch_stride + channel0 * p.x_d_stride;
-  // The block's channels share one B group and one C group (tiled_forward_tiling).
+  // The block's channels share one B group and one C group (tiled_forward_states).
   const T* B = as_ptr<const T>(p.B) + span.row * p.B_batch_stride + (channel0 / p.channels_per_b_group) * p.B_group_stride;
   const T* C = as_ptr<const T>(p.C) + span.row * p.C_batch_stride + (channel0 / p.channels_per_c_group) * p.C_group_stride;
   const float* bias = p.delta_bias ? as_ptr<const float>(p.delta_bias) + channel0 : nullptr;
@@ -212,17 +179,16 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
       }
       store_floats(dt_s + c * kRow + t, dt);
       store_floats(dtu_s + c * kRow + t, dtu);
-      store_floats(y_s + c * kRow + t, Du);
+      store_floats(Du_s + c * kRow + t, Du);
     }
 #pragma unroll
     for (int k = 0; k < S::kBCPerThread; ++k) {
       const int i = tid + k * S::kThreads, n = i / kItemsPerRow, t = (i % kItemsPerRow) * kItem;
       if (i >= S::kBCItems) break;
-      const int column = bc_column<kSlices>(n / kStates, n % kStates);
 #pragma unroll
       for (int j = 0; j < kItem; ++j) {
-        B_s[(t + j) * S::kBCRow + column] = to_float(B_next[k].v[j]);
-        C_s[(t + j) * S::kBCRow + column] = to_float(C_next[k].v[j]);
+        B_s[(t + j) * S::kBCRow + n] = to_float(B_next[k].v[j]);
+        C_s[(t + j) * S::kBCRow + n] = to_float(C_next[k].v[j]);
       }
     }
   };
@@ -235,7 +201,6 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
   float* checkpoints = as_ptr<float>(p.checkpoints);
   const float* dt_row = dt_s + channel * kRow;
   const float* dtu_row = dtu_s + channel * kRow;
-  float* y_row = y_s + channel * kRow;
   float* part_row = part_s + (slice * kChannels + channel) * kRow;
   for (int64_t tile = 0; tile < num_tiles; ++tile) {
     const bool has_next = tile + 1 < num_tiles;
@@ -270,8 +235,8 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
         float Bv[kStates], Cv[kStates];
 #pragma unroll
         for (int g = 0; g < kStates / 4; ++g) {
-          const float4 b4 = *reinterpret_cast<const float4*>(Bt + bc_column<kSlices>(slice, 4 * g));
-          const float4 c4 = *reinterpret_cast<const float4*>(Ct + bc_column<kSlices>(slice, 4 * g));
+          const float4 b4 = *reinterpret_cast<const float4*>(Bt + slice * kStates + 4 * g);
+          const float4 c4 = *reinterpret_cast<const float4*>(Ct + slice * kStates + 4 * g);
           Bv[4 * g] = b4.x, Bv[4 * g + 1] = b4.y, Bv[4 * g + 2] = b4.z, Bv[4 * g + 3] = b4.w;
           Cv[4 * g] = c4.x, Cv[4 * g + 1] = c4.y, Cv[4 * g + 2] = c4.z, Cv[4 * g + 3] = c4.w;
         }
@@ -284,26 +249,10 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
         }
         ys[q] = acc;
       }
-      if constexpr (S::kLaneIsChannel) {
-        // The slice's partial sums, added to y after the tile (the slices are other warps).
-        *reinterpret_cast<float4*>(part_row + t4) = make_float4(ys[0], ys[1], ys[2], ys[3]);
-      } else {
-#pragma unroll
-        for (int offset = 1; offset < kSlices; offset *= 2) {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) ys[q] += __shfl_xor_sync(0xffffffffu, ys[q], offset);
-        }
-        if (slice == 0) {
-          float4 y4 = *reinterpret_cast<float4*>(y_row + t4);
-          y4.x += ys[0];
-          y4.y += ys[1];
-          y4.z += ys[2];
-          y4.w += ys[3];
-          *reinterpret_cast<float4*>(y_row + t4) = y4;
-        }
-      }
+      // The slice's partial sums, added to y after the tile.
+      *reinterpret_cast<float4*>(part_row + t4) = make_float4(ys[0], ys[1], ys[2], ys[3]);
     }
-    __syncthreads();  // y (or its parts) complete; dt, dt u, B, C read
+    __syncthreads();  // the parts complete; dt, dt u, B, C read
 
     const int64_t t0 = span.start + tile * kSteps;
 #pragma unroll
@@ -313,13 +262,11 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
       if (valid <= 0) continue;
       float y[kItem];
 #pragma unroll
-      for (int j = 0; j < kItem; ++j) y[j] = y_s[c * kRow + t + j];
-      if constexpr (S::kLaneIsChannel) {
+      for (int j = 0; j < kItem; ++j) y[j] = Du_s[c * kRow + t + j];
 #pragma unroll
-        for (int s = 0; s < kSlices; ++s) {
+      for (int s = 0; s < kSlices; ++s) {
 #pragma unroll
-          for (int j = 0; j < kItem; ++j) y[j] += part_s[(s * kChannels + c) * kRow + t + j];
-        }
+        for (int j = 0; j < kItem; ++j) y[j] += part_s[(s * kChannels + c) * kRow + t + j];
       }
       if (z) {
 #pragma unroll
@@ -327,7 +274,7 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
       }
       store_items(out + c * p.x_d_stride + t0 + t, valid, y);
     }
-    if (has_next) stage_tile(tile + 1);  // the same items this thread just read from y_s
+    if (has_next) stage_tile(tile + 1);  // the same items this thread just read from Du_s
     __syncthreads();
   }
 
@@ -356,10 +303,10 @@ void launch(const Params& p) {
 
 #ifndef SSMK_SCAN_EMULATION
 bool forward_tiled(const Params& p) {
-  const tiled::ForwardTiling tiling = tiled::tiled_forward_tiling(p);
-  if (tiling.states == 0) return false;
+  const int states = tiled::tiled_forward_states(p);
+  if (states == 0) return false;
   SSMK_DISPATCH_FLOAT(p.dtype, "selective_scan u", [&] {
-    tiled::visit_tiled_shape(p, tiling, [&](auto shape) { tiled::launch<scalar_t, decltype(shape)>(p); });
+    tiled::visit_tiled_shape(p, states, [&](auto shape) { tiled::launch<scalar_t, decltype(shape)>(p); });
   });
   return true;
 }
