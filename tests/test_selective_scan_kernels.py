@@ -415,7 +415,7 @@ def test_cuda_tiled_backward_16bit_in_host_emulation(case_name, dtype, emulated_
 @pytest.mark.skipif(ON_GPU, reason="host emulation of the launcher's choice")
 def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
     """Which backward the launcher takes, seen through the workspace it asks for: the tiled kernel's
-    (blocks x 64 tiles x channels per block x N floats, on the emulation's 2 resident blocks; 16
+    (blocks x 256 sub-tiles x channels per block x N floats, on the emulation's 2 resident blocks; 16
     channels per block at N = 16, else 32) or none (the warp-per-channel kernel)."""
     from ssmkernels.ops.selective_scan import cuda as scan_cuda
 
@@ -429,18 +429,18 @@ def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
         p.bc_grad_per_channel = deterministic
         return emulated_scan_cuda.selective_scan_bwd_workspace(p)
 
-    assert workspace(n=16) == 2 * 64 * 16 * 16
+    assert workspace(n=16) == 2 * 256 * 16 * 16
     for n in (32, 64):
-        assert workspace(n=n) == 2 * 64 * 32 * n, n
-    assert workspace(dtype=torch.bfloat16, B="grouped", C="grouped", g=2) == 2 * 64 * 16 * 16
-    assert workspace(b=1, d=16) == 64 * 16 * 16  # one item: one block
-    assert workspace(d=48) == workspace(B="grouped", C="grouped", g=4) == 2 * 64 * 16 * 16  # 16-channel blocks
+        assert workspace(n=n) == 2 * 256 * 32 * n, n
+    assert workspace(dtype=torch.bfloat16, B="grouped", C="grouped", g=2) == 2 * 256 * 16 * 16
+    assert workspace(b=1, d=16) == 256 * 16 * 16  # one item: one block
+    assert workspace(d=48) == workspace(B="grouped", C="grouped", g=4) == 2 * 256 * 16 * 16  # 16-channel blocks
     for changes in (dict(n=128), dict(n=8), dict(d=40), dict(d=48, n=32), dict(B="fixed"), dict(C="fixed"),
                     dict(B="grouped", C="grouped", g=4, n=32),  # 16 channels per group
                     dict(deterministic=True)):
         assert workspace(**changes) == 0, changes
     monkeypatch.setenv("SSMKERNELS_SCAN_BWD_CHANNELS", "32")
-    assert workspace() == 2 * 64 * 32 * 16
+    assert workspace() == 2 * 256 * 32 * 16
     monkeypatch.setenv("SSMKERNELS_SCAN_BACKWARD_KERNEL", "warp")
     assert workspace() == 0
 

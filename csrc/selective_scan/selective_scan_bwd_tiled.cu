@@ -23,15 +23,18 @@
 //     slices: each leaves its partial sums in shared memory and the block adds them, per sub-tile.
 // Time. The forward keeps the state entering every 2048-step chunk (checkpoints). Per chunk, walked
 // backwards:
-//   1. a forward pass from the checkpoint leaves the state entering each 32-step tile in the global
-//      workspace (p.tile_states, a region per block: 64 tiles x kC channels x N floats; resident
-//      blocks only, as blocks loop over their (sequence, channel block) items);
+//   1. a forward pass from the checkpoint leaves the state entering each 8-step sub-tile in the
+//      global workspace (p.tile_states, a region per block: 256 sub-tiles x kC channels x N floats;
+//      resident blocks only, as blocks loop over their (sequence, channel block) items);
 //   2. the tiles in reverse: the tile's inputs staged in shared memory as float (dt = softplus(delta
-//      + bias), dt u, dy = dout silu(z), u, softplus' and the z factor of dz); a forward pass over
-//      the tile leaves the states entering its 8-step sub-tiles in shared memory (per thread); per
-//      sub-tile in reverse, the 9 states of its steps are recomputed into registers (and, at N 16,
-//      their decays) and the adjoint G = a g, g = C dy + G runs back over them.
-//   The next tile's loads (cp.async into raw rows: no registers held) are in flight while a tile runs.
+//      + bias), dt u, dy = dout silu(z), u, softplus' and the z factor of dz); per sub-tile in
+//      reverse, the 9 states of its steps are recomputed into registers from its entry state (and,
+//      at N 16, their decays) and the adjoint G = a g, g = C dy + G runs back over them.
+//   The next tile's loads (cp.async into raw rows: no registers held) and its sub-tile entries
+//   (cp.async into per-thread slots) are in flight while a tile runs. Storing every sub-tile's entry
+//   in pass 1 (the ninth session stored only the tiles' and ran a second forward pass over each
+//   tile for the sub-tiles') saves 3/4 of a forward step per (step, state) for 4x the workspace:
+//   B4 D5120 N 16, 173 MB, written and read once per backward (1.3 GB of traffic in ~3.5 ms).
 // Blocks per SM: shared memory and registers allow 5 x 64 threads at N 16 (16 channels; 32 would
 // give 3 x 128, and B4 D5120's 640 items on 396 blocks take two rounds where 1.6 would do), 2 x 256
 // at N 32, 1 x 512 at N 64. Nsight Compute, N 16, 32 channels: 10 warps per SM, 1.9 issued per SM
@@ -80,8 +83,9 @@ struct BwdShape {
   static_assert(kThreads >= kXItems && kThreads >= kBCItems, "at most one load item of each kind per thread");
   // Shared memory, in floats: 6 [kC][kRow] arrays (dt, dt u, dy, u, softplus', z factor), B and C
   // [kSteps][kBCRow], the dB/dC block sums [2N][kRedRow], the slices' partial sums
-  // [kSlices][3][kC][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4, the warps'
-  // exchange rows [warp][lane][kExchangeRow]; then the raw loads of the next tile in the inputs'
+  // [kSlices][3][kC][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4 (sub-tiles
+  // 1 .. kSubs - 1; sub-tile 0's is held in registers), the warps' exchange rows
+  // [warp][lane][kExchangeRow]; then the raw loads of the next tile in the inputs'
   // dtype: u, delta, dout, z [kC][kSteps] and the B, C items.
   static constexpr int kChannelArrays = 6;
   static constexpr int kOffBC = kChannelArrays * kC * kRow;
@@ -196,9 +200,10 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int c = lane % kC, slice = warp * S::kSlicesPerWarp + lane / kC;  // this thread's channel, states
   const int64_t blocks_per_row = p.dim / kC;
-  // This block's region of the workspace: the state entering each tile of the current chunk.
+  // This block's region of the workspace: the state entering each sub-tile of the current chunk,
+  // [tile][sub-tile][thread].
   float4* const tile_states =
-      as_ptr<float4>(p.tile_states) + static_cast<int64_t>(blockIdx.x) * kTilesPerChunk * S::kThreads + tid;
+      as_ptr<float4>(p.tile_states) + static_cast<int64_t>(blockIdx.x) * kTilesPerChunk * kSubs * S::kThreads + tid;
   // Load items: x item tid (tid < 4 kC) is channel tid / 4, steps (tid % 4) * 8 ..; B/C item tid is
   // state tid % N, steps (tid / N) * 8 .. (consecutive lanes, consecutive states: the staging's
   // column writes hit different banks). Each thread stages the items it loaded itself, so the raw
@@ -347,29 +352,43 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
     };
 
     const float* checkpoints = as_ptr<const float>(p.checkpoints);
+    int64_t tile_begin = 0;  // of the current chunk
+    // This thread's workspace slot of sub-tile s of the chunk's tile `tile`.
+    const auto entry_slot = [&](int64_t tile, int s) {
+      return tile_states + ((tile - tile_begin) * kSubs + s) * S::kThreads;
+    };
     const int64_t num_chunks = ceil_div(num_tiles, kTilesPerChunk);
     for (int64_t chunk = num_chunks - 1; chunk >= 0; --chunk) {
-      const int64_t tile_begin = chunk * kTilesPerChunk;
+      tile_begin = chunk * kTilesPerChunk;
       const int64_t tile_end = num_tiles < tile_begin + kTilesPerChunk ? num_tiles : tile_begin + kTilesPerChunk;
 
-      // 1. The state entering each tile of the chunk, from its checkpoint.
+      // 1. The state entering each sub-tile of the chunk, from its checkpoint.
       {
         float h[kBwdStates];
         const float4 c4 = load4(checkpoints + ((span.slot0 + chunk) * p.dim + channel0 + c) * kN + slice * kBwdStates);
         h[0] = c4.x, h[1] = c4.y, h[2] = c4.z, h[3] = c4.w;
-        if (tile_begin + 1 < tile_end) load_tile(tile_begin, false);
-        for (int64_t tile = tile_begin; tile + 1 < tile_end; ++tile) {
+        load_tile(tile_begin, false);
+        for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
           __syncthreads();  // the previous tile's shared memory is read
           stage_tile(tile, false);
-          if (tile + 2 < tile_end) load_tile(tile + 1, false);
+          if (tile + 1 < tile_end) load_tile(tile + 1, false);
           __syncthreads();
-          tile_states[(tile - tile_begin) * S::kThreads] = make_float4(h[0], h[1], h[2], h[3]);
-          advance(h, 0, kSteps);
+#pragma unroll 1
+          for (int s = 0; s < kSubs; ++s) {
+            *entry_slot(tile, s) = make_float4(h[0], h[1], h[2], h[3]);
+            if (tile + 1 < tile_end || s + 1 < kSubs) advance(h, s * kSub, kSub);  // not past the chunk's last
+          }
         }
-        tile_states[(tile_end - 1 - tile_begin) * S::kThreads] = make_float4(h[0], h[1], h[2], h[3]);
       }
 
-      // 2. The tiles in reverse.
+      // 2. The tiles in reverse. The entries of a tile's sub-tiles 1 .. kSubs - 1 come into entry_s by
+      // cp.async: the next tile's into each slot as soon as this tile's has been read (the thread's own
+      // slots: no barrier); sub-tile 0's (the tile's) is loaded into registers as the tile begins.
+      const auto prefetch_entry = [&](int64_t tile, int s) {
+        async_copy16(entry_s + (s - 1) * S::kThreads + tid, entry_slot(tile, s), true);
+        async_commit();
+      };
+      for (int s = 1; s < kSubs; ++s) prefetch_entry(tile_end - 1, s);
       load_tile(tile_end - 1, true);
       for (int64_t tile = tile_end - 1; tile >= tile_begin; --tile) {
         const int64_t t0 = span.start + tile * kSteps;
@@ -377,14 +396,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
         stage_tile(tile, true);
         if (tile > tile_begin) load_tile(tile - 1, true);
         __syncthreads();
-        const float4 h0 = tile_states[(tile - tile_begin) * S::kThreads];
-        {  // the states entering sub-tiles 1 .. kSubs - 1 (this thread's own slots: no barrier)
-          float h[kBwdStates] = {h0.x, h0.y, h0.z, h0.w};
-          for (int s = 0; s + 1 < kSubs; ++s) {
-            advance(h, s * kSub, kSub);
-            entry_s[s * S::kThreads + tid] = make_float4(h[0], h[1], h[2], h[3]);
-          }
-        }
+        const float4 h0 = *entry_slot(tile, 0);  // needed by the last sub-tile of the walk
 #pragma unroll 1
         for (int s = kSubs - 1; s >= 0; --s) {
           const int t_sub = s * kSub;
@@ -394,6 +406,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
           {
             const float4 e = s == 0 ? h0 : entry_s[(s - 1) * S::kThreads + tid];
             hs[0][0] = e.x, hs[0][1] = e.y, hs[0][2] = e.z, hs[0][3] = e.w;
+            if (s > 0 && tile > tile_begin) prefetch_entry(tile - 1, s);
           }
 #pragma unroll
           for (int j4 = 0; j4 < kSub; j4 += 4) {
@@ -608,7 +621,7 @@ int64_t backward_workspace_floats(const Params& p) {
   int64_t floats = 0;
   tiled::visit_backward_instance(p, instance, [&](auto type, auto shape) {
     using S = decltype(shape);
-    floats = tiled::backward_grid<decltype(type), S>(p) * tiled::kTilesPerChunk * S::kThreads * 4;
+    floats = tiled::backward_grid<decltype(type), S>(p) * tiled::kTilesPerChunk * tiled::kSubs * S::kThreads * 4;
   });
   return floats;
 }

@@ -4,7 +4,7 @@ Where they apply (input-dependent B/C of u's dtype, whole 32- or 16-channel bloc
 d_state 16-128 forward and 16-64 backward), state-parallel kernels run the recurrence of a few
 states per thread step by step; elsewhere the warp-per-channel kernels scan one channel per warp.
 Both keep the state entering every ``CHUNK`` (= 2048) steps as the backward's checkpoint; the
-state-parallel backward also takes a workspace (the state entering each 32-step tile of the chunk
+state-parallel backward also takes a workspace (the state entering each 8-step sub-tile of the chunk
 its resident blocks work on), sized by the extension. A, D and delta_bias go to the kernels as
 float32; delta and z in u's dtype; B and C in u's dtype or float32 (anything else is converted
 here). Gradients of input-dependent B and C sum over channels with float atomics (one per block and
@@ -170,7 +170,7 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
         for name, value in zip(("batch", "group", "n"), strides):
             setattr(p, f"{prefix}_{name}_stride", value)
     p.checkpoints = native.address(checkpoints)
-    # The state-parallel backward's workspace (the state entering each 32-step tile of the chunk its
+    # The state-parallel backward's workspace (the state entering each 8-step sub-tile of the chunk its
     # resident blocks work on); 0 values: the call takes the warp-per-channel kernel.
     workspace = None
     if not per_channel and hasattr(ext.module(), "selective_scan_bwd_workspace"):
