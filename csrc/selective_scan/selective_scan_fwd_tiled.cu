@@ -42,15 +42,11 @@ namespace scan {
 namespace tiled {
 
 // kStates states per thread (4 or 8), kSlices warps (slices of every channel's states): N = kStates * kSlices.
-template <int kStates_, int kSlices_, int kUnroll_ = 1, bool kAhead_ = false>
+template <int kStates_, int kSlices_, int kUnroll_ = 1>
 struct Shape {
   static constexpr int kStates = kStates_, kSlices = kSlices_, kUnroll = kUnroll_;
-  static constexpr bool kAhead = kAhead_;
   static_assert(kStates == 4 || kStates == 8, "a thread's states are read as one or two float4");
   static constexpr int kThreads = kChannels * kSlices;
-  // Blocks per SM the registers are set for: 5 of 128 threads (N 16; B4 D5120's 640 blocks in one
-  // round, registers <= 96), else 128 registers per thread.
-  static constexpr int kMinBlocks = kThreads == 128 ? 5 : 65536 / (128 * kThreads);
   static_assert(kThreads <= 512, "at most 512 threads per block (registers)");
   static constexpr int kN = kStates * kSlices;
   static constexpr int kBCRow = kN + 4;  // [step][n] rows of B and C
@@ -86,7 +82,6 @@ void visit_tiled_shape(const Params& p, int states, Visit&& visit) {
       if (const char* u = std::getenv("SSMKERNELS_SCAN_FWD_UNROLL")) {  // EXPERIMENT
         if (std::atoi(u) == 2) return visit(Shape<4, 4, 2>{});
         if (std::atoi(u) == 4) return visit(Shape<4, 4, 4>{});
-        if (std::atoi(u) == 8) return visit(Shape<4, 4, 1, true>{});
       }
       return visit(Shape<4, 4>{});
     case 4032: return visit(Shape<4, 8>{});
@@ -95,7 +90,6 @@ void visit_tiled_shape(const Params& p, int states, Visit&& visit) {
     case 8064:
       if (const char* u = std::getenv("SSMKERNELS_SCAN_FWD_UNROLL")) {  // EXPERIMENT
         if (std::atoi(u) == 2) return visit(Shape<8, 8, 2>{});
-        if (std::atoi(u) == 8) return visit(Shape<8, 8, 1, true>{});
       }
       return visit(Shape<8, 8>{});
     case 8128: return visit(Shape<8, 16>{});
@@ -104,7 +98,7 @@ void visit_tiled_shape(const Params& p, int states, Visit&& visit) {
 }
 
 template <typename T, typename S>
-__global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void forward_tiled_kernel(const Params p) {
+__global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params p) {
   constexpr int kStates = S::kStates, kSlices = S::kSlices, kUnroll = S::kUnroll;
   extern __shared__ float smem[];
   float* dt_s = smem;                           // [kChannels][kRow]
@@ -236,20 +230,12 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void forward_tiled_kern
       for (int k = 0; k < kStates; ++k) dst[k] = h[k];
     }
 
-    // The tile's steps, four at a time (one float4 of dt and of dt u): the decays of 4 steps, then
-    // the state updates on them.
-    const auto decays4 = [&](int t4, float (&a)[4][kStates]) {
+    // The tile's steps, four at a time (one float4 of dt and of dt u).
+#pragma unroll kUnroll
+    for (int t4 = 0; t4 < kSteps; t4 += 4) {
       const float4 dt4 = *reinterpret_cast<const float4*>(dt_row + t4);
-      const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-#pragma unroll
-        for (int k = 0; k < kStates; ++k) a[q][k] = exp2_approx(dts[q] * A2[k]);
-      }
-    };
-    const auto steps4 = [&](int t4, const float (&a)[4][kStates]) {
       const float4 dtu4 = *reinterpret_cast<const float4*>(dtu_row + t4);
-      const float dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
+      const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
       float ys[4];
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -266,33 +252,14 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void forward_tiled_kern
         float acc = 0.f;
 #pragma unroll
         for (int k = 0; k < kStates; ++k) {
-          h[k] = fmaf(a[q][k], h[k], dtus[q] * Bv[k]);
+          const float a = exp2_approx(dts[q] * A2[k]);
+          h[k] = fmaf(a, h[k], dtus[q] * Bv[k]);
           acc = fmaf(Cv[k], h[k], acc);
         }
         ys[q] = acc;
       }
       // The slice's partial sums, added to y after the tile.
       *reinterpret_cast<float4*>(part_row + t4) = make_float4(ys[0], ys[1], ys[2], ys[3]);
-    };
-    if constexpr (S::kAhead) {
-      // The next 4 steps' decays (MUFU) are computed while this 4's updates (FMA) run: the two are
-      // independent, so the MUFU latency hides behind the updates.
-      float a0[4][kStates], a1[4][kStates];
-      decays4(0, a0);
-#pragma unroll 1
-      for (int t4 = 0; t4 < kSteps; t4 += 8) {
-        decays4(t4 + 4, a1);
-        steps4(t4, a0);
-        decays4(t4 + 8, a0);  // past the tile at the last pair: the rows' padding (kRow = kSteps + 4), unused
-        steps4(t4 + 4, a1);
-      }
-    } else {
-#pragma unroll kUnroll
-      for (int t4 = 0; t4 < kSteps; t4 += 4) {
-        float a[4][kStates];
-        decays4(t4, a);
-        steps4(t4, a);
-      }
     }
     __syncthreads();  // the parts complete; dt, dt u, B, C read
 
