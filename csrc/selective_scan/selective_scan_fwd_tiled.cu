@@ -42,9 +42,9 @@ namespace scan {
 namespace tiled {
 
 // kStates states per thread (4 or 8), kSlices warps (slices of every channel's states): N = kStates * kSlices.
-template <int kStates_, int kSlices_, int kUnroll_ = 1>
+template <int kStates_, int kSlices_>
 struct Shape {
-  static constexpr int kStates = kStates_, kSlices = kSlices_, kUnroll = kUnroll_;
+  static constexpr int kStates = kStates_, kSlices = kSlices_;
   static_assert(kStates == 4 || kStates == 8, "a thread's states are read as one or two float4");
   static constexpr int kThreads = kChannels * kSlices;
   static_assert(kThreads <= 512, "at most 512 threads per block (registers)");
@@ -78,20 +78,11 @@ inline int tiled_forward_states(const Params& p) {
 template <typename Visit>
 void visit_tiled_shape(const Params& p, int states, Visit&& visit) {
   switch (states * 1000 + static_cast<int>(p.dstate)) {
-    case 4016:
-      if (const char* u = std::getenv("SSMKERNELS_SCAN_FWD_UNROLL")) {  // EXPERIMENT
-        if (std::atoi(u) == 2) return visit(Shape<4, 4, 2>{});
-        if (std::atoi(u) == 4) return visit(Shape<4, 4, 4>{});
-      }
-      return visit(Shape<4, 4>{});
+    case 4016: return visit(Shape<4, 4>{});
     case 4032: return visit(Shape<4, 8>{});
     case 8016: return visit(Shape<8, 2>{});
     case 8032: return visit(Shape<8, 4>{});
-    case 8064:
-      if (const char* u = std::getenv("SSMKERNELS_SCAN_FWD_UNROLL")) {  // EXPERIMENT
-        if (std::atoi(u) == 2) return visit(Shape<8, 8, 2>{});
-      }
-      return visit(Shape<8, 8>{});
+    case 8064: return visit(Shape<8, 8>{});
     case 8128: return visit(Shape<8, 16>{});
     default: throw std::logic_error("selective_scan tiled forward: no instance for this call");
   }
@@ -99,7 +90,7 @@ void visit_tiled_shape(const Params& p, int states, Visit&& visit) {
 
 template <typename T, typename S>
 __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params p) {
-  constexpr int kStates = S::kStates, kSlices = S::kSlices, kUnroll = S::kUnroll;
+  constexpr int kStates = S::kStates, kSlices = S::kSlices;
   extern __shared__ float smem[];
   float* dt_s = smem;                           // [kChannels][kRow]
   float* dtu_s = dt_s + kChannels * kRow;       // [kChannels][kRow]
@@ -231,7 +222,7 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
     }
 
     // The tile's steps, four at a time (one float4 of dt and of dt u).
-#pragma unroll kUnroll
+#pragma unroll 1
     for (int t4 = 0; t4 < kSteps; t4 += 4) {
       const float4 dt4 = *reinterpret_cast<const float4*>(dt_row + t4);
       const float4 dtu4 = *reinterpret_cast<const float4*>(dtu_row + t4);
