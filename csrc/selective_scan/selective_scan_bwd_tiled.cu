@@ -33,12 +33,16 @@
 //   The next tile's loads (cp.async into raw rows: no registers held) and its sub-tile entries
 //   (cp.async into per-thread slots) are in flight while a tile runs. Storing every sub-tile's entry
 //   in pass 1 (the ninth session stored only the tiles' and ran a second forward pass over each
-//   tile for the sub-tiles') saves 3/4 of a forward step per (step, state) for 4x the workspace:
-//   B4 D5120 N 16, 173 MB, written and read once per backward (1.3 GB of traffic in ~3.5 ms).
+//   tile for the sub-tiles') saves 3/4 of a forward step per (step, state) for 4x the workspace.
+//   The workspace is sized by the resident blocks, not the batch: on the H200 173 MB at N 16, 277 MB
+//   at N 64, written and read once per backward (B4 D5120 N 16: 1.3 GB of traffic in ~3.5 ms).
+//   H200, B4 D5120 L4096 bf16, backward alone: N 16 4.50 -> 4.21 ms, N 32 8.02 -> 7.57, N 64 13.02
+//   -> 13.26 (its 512-thread blocks spill a little more).
 // Blocks per SM: shared memory and registers allow 5 x 64 threads at N 16 (16 channels; 32 would
 // give 3 x 128, and B4 D5120's 640 items on 396 blocks take two rounds where 1.6 would do), 2 x 256
-// at N 32, 1 x 512 at N 64. Nsight Compute, N 16, 32 channels: 10 warps per SM, 1.9 issued per SM
-// cycle (of 4), stalls on shared-memory / MUFU results 25%, on fixed latencies 20%, on barriers 10%.
+// at N 32, 1 x 512 at N 64. Nsight Compute (the ninth session's form), N 16, 32 channels: 10 warps
+// per SM, 1.9 issued per SM cycle (of 4), stalls on shared-memory / MUFU results 25%, on fixed
+// latencies 20%, on barriers 10%.
 // Serves input-dependent B/C of u's dtype with whole blocks per group (kC | channels per group) and
 // N in {16, 32, 64}, outside deterministic mode; the warp-per-channel backward serves the rest.
 #include <atomic>

@@ -5,8 +5,7 @@
 // and joins them with a shuffle scan per state: per (step, state) it folds, scans and replays, ~14
 // instructions, and its serial fold/scan/replay chains leave the schedulers idle (0.31 issued per
 // cycle on the H200 at B4 D5120 L4096 N16). Here a (step, state) costs ~6: a = 2^(dt A log2e) (one
-// MUFU op: 16 per clock per SM, the floor of the step loop), h = a h + dt u B, y += C h, with
-// kStates independent chains per thread.
+// MUFU op), h = a h + dt u B, y += C h, with kStates independent chains per thread.
 //
 // Layout. A block takes kChannels = 32 channels of one sequence; lane = channel, and warp = slice:
 // the kSlices = N / kStates warps of a block hold states [kStates slice, kStates (slice + 1)) of all
@@ -16,7 +15,8 @@
 // and summed their y by an xor butterfly per step (2-4 shuffles and adds per step, with a serial
 // tail): H200, B4 D5120 L4096 bf16 (scripts/scan_forward_variants.py, host time included), lane =
 // channel against that: N 16 0.805 / 0.868 ms, 32 1.205 / 1.448, 64 2.219 / 2.606, 128 4.453 / 5.310.
-// The bench, mamba_ssm in the same run: N 16 0.716 ms against mamba_ssm's 1.444.
+// The bench, mamba_ssm in the same run: N 16 0.711 ms, 64 1.982, 128 4.140 against mamba_ssm's
+// 1.441 / 4.860 / 9.449.
 //
 // Time. The block walks the sequence in tiles of kSteps = 32 steps. Per tile, staged in shared
 // memory by the whole block:
@@ -27,7 +27,9 @@
 // The next tile's u, delta, B, C (and this tile's z) are loaded into registers before this tile's
 // steps run, so their latency hides behind the compute; two barriers per tile.
 // b d N / kStates threads is all the parallel work there is (B4 D5120 N 16: 19 warps per SM with 4
-// states), hence 4 states per thread at N 16, where 8 would halve the warps.
+// states), hence 4 states per thread at N 16, where 8 would halve the warps. It is latency-bound
+// there (Nsight Compute: 4.2 active warps per scheduler, 2.44 issued per SM cycle of 4, stalls on
+// MUFU / shared-memory results 29% and on fixed latencies 21%; FMA the busiest pipe at 35%).
 // B and C must be input-dependent with whole blocks per group (32 | channels per group), of u's
 // dtype, and N in {16, 32, 64, 128}: tiled_forward_states says which calls qualify; the others take
 // the warp-per-channel kernel. Checkpoints (the state entering every kChunk steps) and last_state
@@ -95,7 +97,7 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
   float* dt_s = smem;                           // [kChannels][kRow]
   float* dtu_s = dt_s + kChannels * kRow;       // [kChannels][kRow]
   float* Du_s = dtu_s + kChannels * kRow;       // [kChannels][kRow]
-  float* B_s = Du_s + kChannels * kRow;          // [kSteps][kBCRow]
+  float* B_s = Du_s + kChannels * kRow;         // [kSteps][kBCRow]
   float* C_s = B_s + kSteps * S::kBCRow;        // [kSteps][kBCRow]
   float* part_s = C_s + kSteps * S::kBCRow;     // [kSlices][kChannels][kRow]
 
