@@ -404,7 +404,7 @@ def test_cuda_kernels_in_host_emulation(case_name, emulated_scan_cuda):
                                              ("tiled_backward_n32_varlen_grouped", torch.float16)],
                          ids=["n16_bf16", "n32_varlen_f16"])
 def test_cuda_tiled_backward_16bit_in_host_emulation(case_name, dtype, emulated_scan_cuda):
-    """The tiled backward's 16-bit paths: fast softplus and sigmoids, 8-byte stores and their
+    """The tiled backward's 16-bit paths: fast softplus and sigmoids, packed 4-byte stores of 2 steps and their
     element-wise fallback at unaligned sequence starts."""
     case = {**BASE, **EMULATED_CASES[case_name]}
     inputs = _scan_inputs(case, dtype)

@@ -69,6 +69,9 @@ constexpr int kRedRow = kSteps + 4;              // [2N][step] rows of a tile's 
 constexpr int kExchangeRow = 16 + 4;             // a lane's dB/dC terms of 2 steps (+4: float4 stores spread over banks)
 constexpr unsigned kAllLanes = 0xffffffffu;
 static_assert(kSteps % kSub == 0 && kSub % 4 == 0, "sub-tiles tile a tile in float4 groups");
+// Steps per output item of a sub-tile (du, ddelta, dz of one channel): 2, so that the kC * kSub / 2
+// items take every thread of the N 16 block (64 threads) rather than one warp of two.
+constexpr int kOutSteps = 2;
 
 // A block: kC channels (16 or 32) of one sequence, N = 4 kSlices states; thread = (channel c, slice
 // of 4 states), lane = c + kC (slice % (32 / kC)): a warp holds one slice of 32 channels or two of
@@ -83,8 +86,9 @@ struct BwdShape {
   static constexpr int kBCRow = kN + 4;                      // [step][n] rows of B and C
   static constexpr int kXItems = kC * kItemsPerRow;
   static constexpr int kBCItems = kN * kItemsPerRow;
-  static constexpr int kOutItems = kC * (kSub / 4);          // (channel, 4 steps) of a sub-tile's outputs
-  static_assert(kThreads >= kXItems && kThreads >= kBCItems, "at most one load item of each kind per thread");
+  static constexpr int kOutItems = kC * (kSub / kOutSteps);  // (channel, kOutSteps steps) of a sub-tile's outputs
+  static_assert(kThreads >= kXItems && kThreads >= kBCItems && kThreads >= kOutItems,
+                "at most one load or output item of each kind per thread");
   // Shared memory, in floats: 6 [kC][kRow] arrays (dt, dt u, dy, u, softplus', z factor), B and C
   // [kSteps][kBCRow], the dB/dC block sums [2N][kRedRow], the slices' partial sums
   // [kSlices][3][kC][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4 (sub-tiles
@@ -123,25 +127,25 @@ __device__ __forceinline__ void load_item_async(const T* src, int valid, T* dst)
   }
 }
 
-// 4 floats to 4 consecutive elements (8 or 16 bytes at once when whole and aligned).
+// kOutSteps floats to consecutive elements (one 4- or 8-byte store when whole and aligned).
 template <typename T>
-__device__ __forceinline__ void store_4(T* dst, int valid, float a, float b, float c, float d) {
-  if (valid >= 4 && reinterpret_cast<std::uintptr_t>(dst) % (4 * sizeof(T)) == 0) {
+__device__ __forceinline__ void store_steps(T* dst, int valid, const float (&v)[kOutSteps]) {
+  static_assert(kOutSteps == 2, "one float2 or one packed pair of 16-bit values");
+  if (valid >= kOutSteps && reinterpret_cast<std::uintptr_t>(dst) % (kOutSteps * sizeof(T)) == 0) {
     if constexpr (sizeof(T) == 4) {
-      *reinterpret_cast<float4*>(dst) = make_float4(a, b, c, d);
-    } else {  // one 8-byte store of the packed bits
+      *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+    } else {
       const auto bits = [](float value) {
-        const T v = from_float<T>(value);
+        const T t = from_float<T>(value);
         std::uint16_t raw;
-        std::memcpy(&raw, &v, sizeof raw);
+        std::memcpy(&raw, &t, sizeof raw);
         return static_cast<std::uint32_t>(raw);
       };
-      *reinterpret_cast<uint2*>(dst) = make_uint2(bits(a) | bits(b) << 16, bits(c) | bits(d) << 16);
+      *reinterpret_cast<std::uint32_t*>(dst) = bits(v[0]) | bits(v[1]) << 16;
     }
   } else {
-    const float v[4] = {a, b, c, d};
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < kOutSteps; ++j)
       if (j < valid) dst[j] = from_float<T>(v[j]);
   }
 }
@@ -221,7 +225,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   T* const raw_bc = raw_s + 4 * kC * kSteps + tid * kItem;  // + kind * kN * kSteps (B, C)
   // Output items: (channel tid / 2, steps (tid % 2) * 4 .. + 3) of each sub-tile.
   const bool has_out = tid < S::kOutItems;
-  const int out_c = tid / (kSub / 4), out_t = (tid % (kSub / 4)) * 4;
+  const int out_c = tid / (kSub / kOutSteps), out_t = (tid % (kSub / kOutSteps)) * kOutSteps;
 
   for (int64_t work = blockIdx.x; work < backward_items<S>(p); work += gridDim.x) {
     const int64_t seq = work / blocks_per_row;
@@ -488,43 +492,43 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
             store4(part + 2 * kC * kPartRow, sum_y[0], sum_y[1], sum_y[2], sum_y[3]);
           }
           __syncthreads();  // the slices' partial sums are in
-          // du, ddelta, dz of 4 steps of one channel from the slices' sums; dD and ddelta_bias sums.
+          // du, ddelta, dz of 2 steps of one channel from the slices' sums; dD and ddelta_bias sums.
           if (has_out) {
-            float4 sum[3];
+            const auto load2 = [](const float* from) { return *reinterpret_cast<const float2*>(from); };
+            // The item's float2 in its channel's part row (part_column swaps float4 halves).
+            const int part_at = part_column(out_c, out_t & ~3) + (out_t & 3);
+            float2 sum[3];
 #pragma unroll
             for (int what = 0; what < 3; ++what) {
-              sum[what] = make_float4(0.f, 0.f, 0.f, 0.f);
+              sum[what] = make_float2(0.f, 0.f);
 #pragma unroll
               for (int w = 0; w < S::kSlices; ++w) {
-                const float4 v = load4(part_s + ((w * 3 + what) * kC + out_c) * kPartRow + part_column(out_c, out_t));
-                sum[what].x += v.x, sum[what].y += v.y, sum[what].z += v.z, sum[what].w += v.w;
+                const float2 v = load2(part_s + ((w * 3 + what) * kC + out_c) * kPartRow + part_at);
+                sum[what].x += v.x, sum[what].y += v.y;
               }
             }
             const int at = out_c * kRow + t_sub + out_t;
-            const float4 dt4 = load4(dt_s + at), dy4 = load4(dy_s + at), u4 = load4(u_s + at);
-            const float4 dsp4 = load4(dsp_s + at), dzf4 = load4(dzf_s + at);
-            const float gBs[4] = {sum[0].x, sum[0].y, sum[0].z, sum[0].w};
-            const float gAhs[4] = {sum[1].x, sum[1].y, sum[1].z, sum[1].w};
-            const float ys[4] = {sum[2].x, sum[2].y, sum[2].z, sum[2].w};
-            const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dys[4] = {dy4.x, dy4.y, dy4.z, dy4.w};
-            const float us[4] = {u4.x, u4.y, u4.z, u4.w}, dsps[4] = {dsp4.x, dsp4.y, dsp4.z, dsp4.w};
-            const float dzfs[4] = {dzf4.x, dzf4.y, dzf4.z, dzf4.w};
+            const float2 dt2 = load2(dt_s + at), dy2 = load2(dy_s + at), u2 = load2(u_s + at);
+            const float2 dsp2 = load2(dsp_s + at), dzf2 = load2(dzf_s + at);
+            const float gBs[2] = {sum[0].x, sum[0].y}, gAhs[2] = {sum[1].x, sum[1].y}, ys[2] = {sum[2].x, sum[2].y};
+            const float dts[2] = {dt2.x, dt2.y}, dys[2] = {dy2.x, dy2.y}, us[2] = {u2.x, u2.y};
+            const float dsps[2] = {dsp2.x, dsp2.y}, dzfs[2] = {dzf2.x, dzf2.y};
             const float D = Dvec ? Dvec[out_c] : 0.f;
-            float du_v[4], ddt_v[4], dz_v[4];
+            float du_v[kOutSteps], ddt_v[kOutSteps], dz_v[kOutSteps];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < kOutSteps; ++j) {
               du_v[j] = fmaf(D, dys[j], dts[j] * gBs[j]);
               ddt_v[j] = dsps[j] * fmaf(us[j], gBs[j], gAhs[j] * kLn2);
               dz_v[j] = fmaf(D, us[j], ys[j]) * dzfs[j];
               dD_sum = fmaf(dys[j], us[j], dD_sum);  // 0 past the end (dy = 0)
               dbias_sum += ddt_v[j];                 // 0 past the end (softplus' = 0)
             }
-            const int valid = items_in_range<4>(t0 + t_sub + out_t, span.end);
+            const int valid = items_in_range<kOutSteps>(t0 + t_sub + out_t, span.end);
             if (valid > 0) {
               const int64_t at_x = x0 + out_c * p.x_d_stride + t0 + t_sub + out_t;
-              store_4(as_ptr<T>(p.du) + at_x, valid, du_v[0], du_v[1], du_v[2], du_v[3]);
-              store_4(as_ptr<T>(p.ddelta) + at_x, valid, ddt_v[0], ddt_v[1], ddt_v[2], ddt_v[3]);
-              if (p.z) store_4(as_ptr<T>(p.dz) + at_x, valid, dz_v[0], dz_v[1], dz_v[2], dz_v[3]);
+              store_steps(as_ptr<T>(p.du) + at_x, valid, du_v);
+              store_steps(as_ptr<T>(p.ddelta) + at_x, valid, ddt_v);
+              if (p.z) store_steps(as_ptr<T>(p.dz) + at_x, valid, dz_v);
             }
           }
           __syncthreads();  // part_s is read (the next sub-tile rewrites it); after the last, red_s is in
@@ -550,7 +554,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
     store4(as_ptr<float>(p.dA_part) + state_offset, dA[0], dA[1], dA[2], dA[3]);
     // A channel's output items are consecutive lanes.
 #pragma unroll
-    for (int offset = 1; offset < kSub / 4; offset *= 2) {
+    for (int offset = 1; offset < kSub / kOutSteps; offset *= 2) {
       dD_sum += __shfl_xor_sync(kAllLanes, dD_sum, offset);
       dbias_sum += __shfl_xor_sync(kAllLanes, dbias_sum, offset);
     }
