@@ -48,7 +48,7 @@ struct Params {
   int64_t channel_begin = 0, channel_count = 0;
   bool bc_grad_per_channel = false;
   // Workspace of the state-parallel backward (backward_workspace_floats() float32 values, 0 when it
-  // takes none): the state entering every 32-step tile of the chunk it is working on, per block.
+  // takes none): the state entering every 8-step sub-tile of the chunk it is working on, per block.
   std::uintptr_t tile_states = 0;
 
   std::uintptr_t stream = 0;

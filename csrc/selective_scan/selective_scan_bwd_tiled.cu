@@ -183,6 +183,7 @@ template <typename S>
 __host__ __device__ inline int64_t backward_items(const Params& p) { return p.num_seqs * (p.dim / S::kC); }
 
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
   *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
 }
@@ -224,7 +225,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   // B/C raw items side by side in the thread order ([item][8], not [n][step]): 16-byte accesses of
   // consecutive lanes are consecutive.
   T* const raw_bc = raw_s + 4 * kC * kSteps + tid * kItem;  // + kind * kN * kSteps (B, C)
-  // Output items: (channel tid / 2, steps (tid % 2) * 4 .. + 3) of each sub-tile.
+  // Output items: (channel tid / 4, steps (tid % 4) * 2 .. + 1) of each sub-tile.
   const bool has_out = tid < S::kOutItems;
   const int out_c = tid / (kSub / kOutSteps), out_t = (tid % (kSub / kOutSteps)) * kOutSteps;
 
@@ -495,7 +496,6 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
           __syncthreads();  // the slices' partial sums are in
           // du, ddelta, dz of 2 steps of one channel from the slices' sums; dD and ddelta_bias sums.
           if (has_out) {
-            const auto load2 = [](const float* from) { return *reinterpret_cast<const float2*>(from); };
             // The item's float2 in its channel's part row (part_column swaps float4 halves).
             const int part_at = part_column(out_c, out_t & ~3) + (out_t & 3);
             float2 sum[3];
