@@ -128,11 +128,13 @@ __device__ __forceinline__ void load_item_async(const T* src, int valid, T* dst)
   }
 }
 
-// kOutSteps floats to consecutive elements (one 4- or 8-byte store when whole and aligned).
+// kOutSteps floats to consecutive elements: one 4- or 8-byte store when `whole` (all valid, the
+// destination aligned to the pair; the caller decides once for the item's three outputs), else
+// element by element up to `valid`.
 template <typename T>
-__device__ __forceinline__ void store_steps(T* dst, int valid, const float (&v)[kOutSteps]) {
+__device__ __forceinline__ void store_steps(T* dst, bool whole, int valid, const float (&v)[kOutSteps]) {
   static_assert(kOutSteps == 2, "one float2 or one packed pair of 16-bit values");
-  if (valid >= kOutSteps && reinterpret_cast<std::uintptr_t>(dst) % (kOutSteps * sizeof(T)) == 0) {
+  if (whole) {
     if constexpr (sizeof(T) == 4) {
       *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
     } else {
@@ -228,6 +230,11 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   // Output items: (channel tid / 4, steps (tid % 4) * 2 .. + 1) of each sub-tile.
   const bool has_out = tid < S::kOutItems;
   const int out_c = tid / (kSub / kOutSteps), out_t = (tid % (kSub / kOutSteps)) * kOutSteps;
+  // dB/dC atomics of a tile: the block's threads cover kRedRowsPerPass rows of kSteps per pass.
+  constexpr int kRedRowsPerPass = S::kThreads / kSteps, kRedPasses = kN / kRedRowsPerPass;
+  static_assert(S::kThreads % kSteps == 0 && kN % kRedRowsPerPass == 0, "whole rows per pass, whole passes per B/C");
+  const int red_t = tid % kSteps, red_row0 = tid / kSteps;
+  const bool out_bases_aligned = ((p.du | p.ddelta | (p.z ? p.dz : 0)) % (kOutSteps * sizeof(T))) == 0;
 
   for (int64_t work = blockIdx.x; work < backward_items<S>(p); work += gridDim.x) {
     const int64_t seq = work / blocks_per_row;
@@ -235,9 +242,19 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
     const Span span = sequence_span(p, seq);
     const int64_t num_tiles = ceil_div(span.end - span.start, kSteps);
     const int64_t x0 = span.row * p.x_batch_stride + channel0 * p.x_d_stride;
+    // The output item's row (du, ddelta, dz share u's strides), and whether its pairs of steps are
+    // aligned vectors: the tiles start span.start plus multiples of kSteps, the items at even steps.
+    const int64_t out_row = x0 + out_c * p.x_d_stride;
+    const bool out_pairs_aligned = out_bases_aligned && (out_row + span.start) % kOutSteps == 0;
     // The block's channels share one B group and one C group (tiled_backward_instance).
     const int64_t group_b = channel0 / p.channels_per_b_group, group_c = channel0 / p.channels_per_c_group;
     const float* bias = p.delta_bias ? as_ptr<const float>(p.delta_bias) + channel0 : nullptr;
+    // This thread's dB / dC atomics at the sequence's step red_t (add the tile's first step).
+    float* const dB_thread = as_ptr<float>(p.dB) + span.row * p.dB_batch_stride + group_b * p.dB_group_stride +
+                             red_row0 * p.dB_n_stride + span.start + red_t;
+    float* const dC_thread = as_ptr<float>(p.dC) + span.row * p.dC_batch_stride + group_c * p.dC_group_stride +
+                             red_row0 * p.dC_n_stride + span.start + red_t;
+    const int64_t dB_pass_stride = kRedRowsPerPass * p.dB_n_stride, dC_pass_stride = kRedRowsPerPass * p.dC_n_stride;
     const float* Dvec = p.D ? as_ptr<const float>(p.D) + channel0 : nullptr;
 
     // The thread's states: channel channel0 + c, n = 4 slice .. 4 slice + 3.
@@ -299,8 +316,12 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
           const float raw = (in ? to_float(delta_item.v[j]) : 0.f) + b;
           float step = raw, slope = 1.f;
           if (p.softplus) {
-            step = sizeof(T) < 4 ? softplus_fast(raw) : softplus(raw);
-            if (full) slope = sizeof(T) < 4 ? sigmoid_fast(raw) : sigmoid(raw);
+            if constexpr (sizeof(T) < 4) {
+              step = full ? softplus_fast_with_slope(raw, slope) : softplus_fast(raw);
+            } else {
+              step = softplus(raw);
+              if (full) slope = sigmoid(raw);
+            }
           }
           dt[j] = in ? step : 0.f;
           dtu[j] = dt[j] * uj;
@@ -364,8 +385,8 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
     const float* checkpoints = as_ptr<const float>(p.checkpoints);
     int64_t tile_begin = 0;  // of the current chunk
     // This thread's workspace slot of sub-tile s of the chunk's tile `tile`.
-    const auto entry_slot = [&](int64_t tile, int s) {
-      return tile_states + ((tile - tile_begin) * kSubs + s) * S::kThreads;
+    const auto entry_slot = [&](int64_t tile, int s) {  // (32-bit offsets: a chunk's tiles)
+      return tile_states + (static_cast<int>(tile - tile_begin) * kSubs + s) * S::kThreads;
     };
     const int64_t num_chunks = ceil_div(num_tiles, kTilesPerChunk);
     for (int64_t chunk = num_chunks - 1; chunk >= 0; --chunk) {
@@ -526,25 +547,28 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
             }
             const int valid = items_in_range<kOutSteps>(t0 + t_sub + out_t, span.end);
             if (valid > 0) {
-              const int64_t at_x = x0 + out_c * p.x_d_stride + t0 + t_sub + out_t;
-              store_steps(as_ptr<T>(p.du) + at_x, valid, du_v);
-              store_steps(as_ptr<T>(p.ddelta) + at_x, valid, ddt_v);
-              if (p.z) store_steps(as_ptr<T>(p.dz) + at_x, valid, dz_v);
+              const int64_t at_x = out_row + t0 + t_sub + out_t;
+              const bool whole = valid == kOutSteps && out_pairs_aligned;
+              store_steps(as_ptr<T>(p.du) + at_x, whole, valid, du_v);
+              store_steps(as_ptr<T>(p.ddelta) + at_x, whole, valid, ddt_v);
+              if (p.z) store_steps(as_ptr<T>(p.dz) + at_x, whole, valid, dz_v);
             }
           }
           __syncthreads();  // part_s is read (the next sub-tile rewrites it); after the last, red_s is in
         }
 
-        // dB, dC: one atomic per (n, step) of the block.
-        const int64_t left = span.end - t0;
-        float* dB = as_ptr<float>(p.dB) + span.row * p.dB_batch_stride + group_b * p.dB_group_stride + t0;
-        float* dC = as_ptr<float>(p.dC) + span.row * p.dC_batch_stride + group_c * p.dC_group_stride + t0;
-        for (int i = tid; i < 2 * kN * kSteps; i += S::kThreads) {
-          const int row = i / kSteps, t = i % kSteps;
-          if (t < left) {
-            const float v = red_s[row * kRedRow + t];
-            if (row < kN) atomicAdd(dB + row * p.dB_n_stride + t, v);
-            else atomicAdd(dC + (row - kN) * p.dC_n_stride + t, v);
+        // dB, dC: one atomic per (n, step) of the block; the thread's step red_t of rows red_row0 +
+        // kRedRowsPerPass k.
+        if (red_t < span.end - t0) {
+          float* dB = dB_thread + tile * kSteps;
+          float* dC = dC_thread + tile * kSteps;
+#pragma unroll
+          for (int k = 0; k < kRedPasses; ++k, dB += dB_pass_stride) {
+            atomicAdd(dB, red_s[(red_row0 + k * kRedRowsPerPass) * kRedRow + red_t]);
+          }
+#pragma unroll
+          for (int k = 0; k < kRedPasses; ++k, dC += dC_pass_stride) {
+            atomicAdd(dC, red_s[(kN + red_row0 + k * kRedRowsPerPass) * kRedRow + red_t]);
           }
         }
       }
