@@ -92,8 +92,8 @@ struct BwdShape {
                 "at most one load or output item of each kind per thread");
   // Shared memory, in floats: 6 [kC][kRow] arrays (dt, dt u, dy, u, softplus', z factor), B and C
   // [kSteps][kBCRow], the dB/dC block sums [2N][kRedRow], the slices' partial sums
-  // [kSlices][3][kC][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4 (sub-tiles
-  // 1 .. kSubs - 1; sub-tile 0's is held in registers), the warps' exchange rows
+  // [kSlices][3][kC][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4 (slot s - 1:
+  // sub-tile s's; slot 0 also sub-tile 0's, see pass 2), the warps' exchange rows
   // [warp][lane][kExchangeRow]; then the raw loads of the next tile in the inputs'
   // dtype: u, delta, dout, z [kC][kSteps] and the B, C items.
   static constexpr int kChannelArrays = 6;
@@ -204,7 +204,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   float* const C_s = B_s + kSteps * S::kBCRow;
   float* const red_s = smem + S::kOffRed;        // [2N][kRedRow]: dB rows, then dC rows
   float* const part_s = smem + S::kOffPart;      // [slice][sum g B, sum g A log2(e) a h, sum C h][channel][step]
-  float4* const entry_s = reinterpret_cast<float4*>(smem + S::kOffEntry);  // [sub-tile - 1][thread]
+  float4* const entry_s = reinterpret_cast<float4*>(smem + S::kOffEntry);  // [slot][thread]
   // [lane][2 steps x (dB, dC) x 4 states] of this warp: its dB/dC terms before the sums over channels.
   float* const exchange = smem + S::kOffExchange + (threadIdx.x / 32) * 32 * kExchangeRow;
   T* const raw_s = reinterpret_cast<T*>(smem + S::kOffRaw);  // u, delta, dout, z, then B, C rows
@@ -249,6 +249,9 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
     // The block's channels share one B group and one C group (tiled_backward_instance).
     const int64_t group_b = channel0 / p.channels_per_b_group, group_c = channel0 / p.channels_per_c_group;
     const float* bias = p.delta_bias ? as_ptr<const float>(p.delta_bias) + channel0 : nullptr;
+    // Per-channel constants read once per item (read per tile / sub-tile, their loads stalled the
+    // first use: 2% of the stall samples).
+    const float item_bias = has_x && bias ? bias[item_row] : 0.f;  // of the x item's channel
     // This thread's dB / dC atomics at the sequence's step red_t (add the tile's first step).
     float* const dB_thread = as_ptr<float>(p.dB) + span.row * p.dB_batch_stride + group_b * p.dB_group_stride +
                              red_row0 * p.dB_n_stride + span.start + red_t;
@@ -256,6 +259,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
                              red_row0 * p.dC_n_stride + span.start + red_t;
     const int64_t dB_pass_stride = kRedRowsPerPass * p.dB_n_stride, dC_pass_stride = kRedRowsPerPass * p.dC_n_stride;
     const float* Dvec = p.D ? as_ptr<const float>(p.D) + channel0 : nullptr;
+    const float item_D = has_out && Dvec ? Dvec[out_c] : 0.f; // of the output item's channel
 
     // The thread's states: channel channel0 + c, n = 4 slice .. 4 slice + 3.
     const int64_t state_offset = (seq * p.dim + channel0 + c) * kN + slice * kBwdStates;
@@ -303,7 +307,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
       const int64_t t0 = span.start + tile * kSteps;
       const int valid = items_in_range<kItem>(t0 + item_t, span.end);
       if (has_x) {
-        const float b = bias ? bias[item_row] : 0.f;
+        const float b = item_bias;
         // The raw items as 16-byte shared loads (zeros where the fill wrote them; unread past `valid`).
         const auto raw_item = [&](int kind) { return *reinterpret_cast<const Item<T>*>(raw_x + kind * kC * kSteps); };
         const Item<T> u_item = raw_item(0), delta_item = raw_item(1);
@@ -366,10 +370,11 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
     const float* dy_row = dy_s + c * kRow;
     const float* B_col = B_s + slice * kBwdStates;
     const float* C_col = C_s + slice * kBwdStates;
-    // h through the staged tile's steps [t_begin, t_begin + count), count a multiple of 4.
-    auto advance = [&](float (&h)[kBwdStates], int t_begin, int count) {
-#pragma unroll 1
-      for (int t4 = t_begin; t4 < t_begin + count; t4 += 4) {
+    // h through the kSub steps of the staged tile's sub-tile at t_begin (unrolled: its second half's
+    // loads go out with the first's; a loop of 4-step groups stalled on each group's loads).
+    auto advance_sub_tile = [&](float (&h)[kBwdStates], int t_begin) {
+#pragma unroll
+      for (int t4 = t_begin; t4 < t_begin + kSub; t4 += 4) {
         const float4 dt4 = load4(dt_row + t4), dtu4 = load4(dtu_row + t4);
         const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
 #pragma unroll
@@ -407,19 +412,21 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
 #pragma unroll 1
           for (int s = 0; s < kSubs; ++s) {
             *entry_slot(tile, s) = make_float4(h[0], h[1], h[2], h[3]);
-            if (tile + 1 < tile_end || s + 1 < kSubs) advance(h, s * kSub, kSub);  // not past the chunk's last
+            if (tile + 1 < tile_end || s + 1 < kSubs) advance_sub_tile(h, s * kSub);  // not past the chunk's last
           }
         }
       }
 
-      // 2. The tiles in reverse. The entries of a tile's sub-tiles 1 .. kSubs - 1 come into entry_s by
-      // cp.async: the next tile's into each slot as soon as this tile's has been read (the thread's own
-      // slots: no barrier); sub-tile 0's (the tile's) is loaded into registers as the tile begins.
-      const auto prefetch_entry = [&](int64_t tile, int s) {
-        async_copy16(entry_s + (s - 1) * S::kThreads + tid, entry_slot(tile, s), true);
+      // 2. The tiles in reverse. Sub-tile entries come into the thread's own entry_s slots by cp.async
+      // (no barrier): slot s - 1 holds sub-tile s's (s >= 1) and is refilled with the next tile's as
+      // soon as it has been read; slot 0 in between holds sub-tile 0's, fetched as sub-tile 1 begins
+      // (one sub-tile ahead: a load of it as the tile began stalled on its first use, 3.4% of the
+      // stall samples, Nsight Compute, N 16).
+      const auto fetch_entry = [&](int64_t tile, int s, int slot) {
+        async_copy16(entry_s + slot * S::kThreads + tid, entry_slot(tile, s), true);
         async_commit();
       };
-      for (int s = 1; s < kSubs; ++s) prefetch_entry(tile_end - 1, s);
+      for (int s = 1; s < kSubs; ++s) fetch_entry(tile_end - 1, s, s - 1);
       load_tile(tile_end - 1, true);
       for (int64_t tile = tile_end - 1; tile >= tile_begin; --tile) {
         const int64_t t0 = span.start + tile * kSteps;
@@ -427,7 +434,6 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
         stage_tile(tile, true);
         if (tile > tile_begin) load_tile(tile - 1, true);
         __syncthreads();
-        const float4 h0 = *entry_slot(tile, 0);  // needed by the last sub-tile of the walk
 #pragma unroll 1
         for (int s = kSubs - 1; s >= 0; --s) {
           const int t_sub = s * kSub;
@@ -435,9 +441,15 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
           float hs[kSub + 1][kBwdStates];
           float decay[S::kKeepDecays ? kSub : 1][kBwdStates];  // a of each step, when kept
           {
-            const float4 e = s == 0 ? h0 : entry_s[(s - 1) * S::kThreads + tid];
+            if (s == 0) async_wait<0>();  // sub-tile 0's entry (and what was issued before it)
+            const int slot = s == 0 ? 0 : s - 1;
+            const float4 e = entry_s[slot * S::kThreads + tid];
             hs[0][0] = e.x, hs[0][1] = e.y, hs[0][2] = e.z, hs[0][3] = e.w;
-            if (s > 0 && tile > tile_begin) prefetch_entry(tile - 1, s);
+            if (s == 1) {
+              fetch_entry(tile, 0, 0);
+            } else if (tile > tile_begin) {
+              fetch_entry(tile - 1, s == 0 ? 1 : s, slot);
+            }
           }
 #pragma unroll
           for (int j4 = 0; j4 < kSub; j4 += 4) {
@@ -535,7 +547,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
             const float gBs[2] = {sum[0].x, sum[0].y}, gAhs[2] = {sum[1].x, sum[1].y}, ys[2] = {sum[2].x, sum[2].y};
             const float dts[2] = {dt2.x, dt2.y}, dys[2] = {dy2.x, dy2.y}, us[2] = {u2.x, u2.y};
             const float dsps[2] = {dsp2.x, dsp2.y}, dzfs[2] = {dzf2.x, dzf2.y};
-            const float D = Dvec ? Dvec[out_c] : 0.f;
+            const float D = item_D;
             float du_v[kOutSteps], ddt_v[kOutSteps], dz_v[kOutSteps];
 #pragma unroll
             for (int j = 0; j < kOutSteps; ++j) {
