@@ -49,6 +49,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "selective_scan/tiled_common.cuh"
 
@@ -306,7 +307,9 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
       async_wait<0>();
       const int64_t t0 = span.start + tile * kSteps;
       const int valid = items_in_range<kItem>(t0 + item_t, span.end);
-      if (has_x) {
+      // The x item, in two forms: whole (the common case: no per-element range selects) and partial.
+      const auto stage_x = [&](auto whole_tag) {
+        constexpr bool kWhole = decltype(whole_tag)::value;
         const float b = item_bias;
         // The raw items as 16-byte shared loads (zeros where the fill wrote them; unread past `valid`).
         const auto raw_item = [&](int kind) { return *reinterpret_cast<const Item<T>*>(raw_x + kind * kC * kSteps); };
@@ -315,7 +318,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
         float dt[kItem], dtu[kItem], dy[kItem], uu[kItem], dsp[kItem], dzf[kItem];
 #pragma unroll
         for (int j = 0; j < kItem; ++j) {
-          const bool in = j < valid;
+          const bool in = kWhole || j < valid;
           const float uj = in ? to_float(u_item.v[j]) : 0.f;
           const float raw = (in ? to_float(delta_item.v[j]) : 0.f) + b;
           float step = raw, slope = 1.f;
@@ -353,6 +356,10 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
           store_floats(dsp_s + at, dsp);
           store_floats(dzf_s + at, dzf);
         }
+      };
+      if (has_x) {
+        if (valid >= kItem) stage_x(std::true_type{});
+        else stage_x(std::false_type{});
       }
       if (has_bc) {
         const Item<T> B_item = *reinterpret_cast<const Item<T>*>(raw_bc);
