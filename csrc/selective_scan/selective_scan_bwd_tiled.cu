@@ -38,7 +38,12 @@
 //   at N 64, written and read once per backward (B4 D5120 N 16: 1.3 GB of traffic in ~3.5 ms).
 //   H200, B4 D5120 L4096 bf16, backward alone: N 16 4.50 -> 4.21 ms, N 32 8.02 -> 7.57, N 64 13.02
 //   -> 13.26; then with 2-step output items (kOutSteps): 4.11, 7.17, 12.09 (bench: fwd+bwd N 16
-//   4.199 ms against mamba_ssm's 7.205, N 64 13.36 against 27.18).
+//   4.199 ms against mamba_ssm's 7.205, N 64 13.36 against 27.18). Eleventh session (Nsight Compute
+//   stall samples pointed at per-element overheads, not the math): the atomics from per-thread
+//   pointers, sub-tile 0's entry by cp.async, bias/D read once per item, the chunk pass's advance
+//   unrolled, whole-item staging: N 16 4.04 -> 3.59 ms, N 64 12.00 -> 11.30 (bench: fwd+bwd N 16
+//   3.822 ms against mamba_ssm's 7.158, N 64 12.95 against 26.84;
+//   benchmarks/results/scan_backward_h200_eleventh_session.txt).
 // Blocks per SM: shared memory and registers allow 5 x 64 threads at N 16 (16 channels; 32 would
 // give 3 x 128, and B4 D5120's 640 items on 396 blocks take two rounds where 1.6 would do), 2 x 256
 // at N 32, 1 x 512 at N 64. Nsight Compute (the ninth session's form), N 16, 32 channels: 10 warps
