@@ -461,12 +461,16 @@ def _transformers_logits(hf_model, checkpoint, ids) -> torch.Tensor:
     return torch.load(logits_path)
 
 
-def _compare_with_transformers(hf_model, tmp_path, ids):
+def _compare_with_transformers(hf_model, tmp_path, ids, dt_limit=None):
+    """`dt_limit`: the time-step clamp the installed transformers applies, where it differs from the
+    one the checkpoint's config gives (which is what HybridLM loads)."""
     hf_model = hf_model.eval()
     _perturb(hf_model)
     hf_model.save_pretrained(tmp_path)
     ours64 = HybridLM.from_pretrained(tmp_path, dtype=F64, backend="reference").eval()
     ours32 = HybridLM.from_pretrained(tmp_path, dtype=torch.float32, backend="reference").eval()
+    if dt_limit is not None:
+        ours64.cfg.dt_limit = ours32.cfg.dt_limit = tuple(dt_limit)
     theirs32 = _transformers_logits(hf_model, tmp_path, ids)
     with torch.no_grad():
         mine64, mine32 = ours64(ids), ours32(ids)
@@ -486,9 +490,13 @@ def test_from_pretrained_nemotron_h(tmp_path):
         num_attention_heads=4, num_key_value_heads=2, head_dim=12, intermediate_size=48, ssm_state_size=8,
         mamba_num_heads=6, mamba_head_dim=8, n_groups=2, conv_kernel=4, chunk_size=16, use_conv_bias=True)
     ids = torch.randint(0, 67, (2, 19))
-    ours = _compare_with_transformers(transformers.NemotronHForCausalLM(hf_cfg), tmp_path, ids)
+    hf_model = transformers.NemotronHForCausalLM(hf_cfg)
+    # The clamp this transformers applies: (time_step_min, inf) up to 5.24, the config's
+    # time_step_limit from 5.25 (the one HybridLM loads).
+    applied = tuple(float(v) for v in hf_model.model.layers[0].mixer.time_step_limit)
+    ours = _compare_with_transformers(hf_model, tmp_path, ids, dt_limit=applied)
     assert ours.cfg.pattern == "M-*M-*" and ours.cfg.d_inner == 48 and ours.cfg.attn_head_dim == 12
-    assert ours.cfg.dt_limit == (hf_cfg.time_step_min, math.inf)
+    assert HybridLM.from_pretrained(tmp_path).cfg.dt_limit == tuple(float(v) for v in hf_cfg.time_step_limit)
     with torch.no_grad():  # and our decode path reproduces the loaded model's full forward
         full = ours(ids)
         cache = ours.new_cache(2, 19)
@@ -508,7 +516,9 @@ def test_from_pretrained_mamba2(tmp_path, tied):
     # Older transformers (5.17 on the GPU machine, for one) normalise Mamba2's gated RMSNorm over all
     # groups at once; mamba_ssm, later transformers and ssmkernels normalise per group. The two agree
     # for one group, so such versions are checked with n_groups = 1.
-    grouped_norm = "group_size" in inspect.signature(modeling_mamba2.MambaRMSNormGated.__init__).parameters
+    # (transformers 5.25 renamed the class Mamba2RMSNormGated.)
+    gated_norm = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
+    grouped_norm = "group_size" in inspect.signature(gated_norm.__init__).parameters
     torch.manual_seed(0)
     hf_cfg = transformers.Mamba2Config(vocab_size=67, hidden_size=32, num_heads=8, head_dim=8, state_size=8,
                                        n_groups=2 if grouped_norm else 1, num_hidden_layers=3, chunk_size=16,

@@ -10,9 +10,11 @@ mamba_ssm's own format (``MambaLMHeadModel.save_pretrained``: a ``config.json`` 
 inner MLP (the ``state-spaces/mamba2-*`` models).
 
 Config choices that follow transformers' forward (so the logits match it):
-- NemotronH clamps the processed time step at ``time_step_min`` from below in its scan
-  (``time_step_limit = (time_step_min, inf)``): loaded as ``dt_limit``, applied in prefill and decode.
-- Mamba2 uses ``time_step_limit`` as given.
+- Mamba2 and NemotronH clamp the processed time step to ``time_step_limit`` as given (loaded as
+  ``dt_limit``, applied in prefill and decode; ``(0, inf)`` when the config has none). transformers
+  up to 5.24 clamped NemotronH's at ``(time_step_min, inf)`` instead, whatever the config said; 5.25
+  follows the config. To reproduce the older forward, set ``model.cfg.dt_limit = (time_step_min,
+  math.inf)`` after loading.
 MoE layers (``E``) of NemotronH-MoE checkpoints are not supported and raise ``ValueError``.
 """
 from __future__ import annotations
@@ -108,7 +110,7 @@ def config_from_hf(raw: dict, backend: Optional[str] = None) -> HybridConfig:
         act = raw.get("mlp_hidden_act", "relu2")
         if act not in _ACTIVATIONS:
             raise ValueError(f"NemotronH mlp_hidden_act={act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
-        dt_min = _float(_first(raw, "time_step_min", "mamba_dt_min", default=0.001))
+        limit = raw.get("time_step_limit", (0.0, math.inf))
         return HybridConfig(
             pattern=pattern, vocab_size=raw["vocab_size"], d_model=d_model, n_heads=n_heads,
             n_kv_heads=_first(raw, "num_key_value_heads", default=n_heads),
@@ -119,7 +121,8 @@ def config_from_hf(raw: dict, backend: Optional[str] = None) -> HybridConfig:
             chunk_size=_chunk_size(_first(raw, "chunk_size", "mamba_chunk_size", default=256)),
             d_inner=d_inner, mlp_hidden=raw.get("intermediate_size", 4 * d_model),
             mlp_activation=_ACTIVATIONS[act], norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=bool(raw.get("tie_word_embeddings", False)), dt_limit=(dt_min, math.inf),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            dt_limit=(_float(limit[0]), _float(limit[1])),
             mamba_bias=bool(raw.get("use_bias", False)),
             conv_bias=bool(_first(raw, "use_conv_bias", "mamba_conv_bias", default=True)),
             attn_bias=bool(raw.get("attention_bias", False)), mlp_bias=bool(raw.get("mlp_bias", False)),
