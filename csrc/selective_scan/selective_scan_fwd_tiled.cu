@@ -16,7 +16,8 @@
 // tail): H200, B4 D5120 L4096 bf16 (scripts/scan_forward_variants.py, host time included), lane =
 // channel against that: N 16 0.805 / 0.868 ms, 32 1.205 / 1.448, 64 2.219 / 2.606, 128 4.453 / 5.310.
 // The bench, mamba_ssm in the same run: N 16 0.711 ms, 64 1.982, 128 4.140 against mamba_ssm's
-// 1.441 / 4.860 / 9.449.
+// 1.441 / 4.860 / 9.449. With delta_bias and D read once per thread instead of per tile (the
+// staging waited on those loads): N 16 0.695 ms against mamba_ssm's 1.441 (2026-12-04).
 //
 // Time. The block walks the sequence in tiles of kSteps = 32 steps. Per tile, staged in shared
 // memory by the whole block:
