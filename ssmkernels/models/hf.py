@@ -53,6 +53,12 @@ def _float(value) -> float:
     return float(value)
 
 
+def _dt_limit(cfg: dict, key: str) -> tuple[float, float]:
+    """The (low, high) time-step clamp under `key` of a config dict; (0, inf) when it has none."""
+    low, high = cfg.get(key, (0.0, math.inf))
+    return _float(low), _float(high)
+
+
 def _first(raw: dict, *names, default=None):
     for name in names:
         if name in raw and raw[name] is not None:
@@ -77,14 +83,13 @@ def config_from_hf(raw: dict, backend: Optional[str] = None) -> HybridConfig:
         d_model = raw["hidden_size"]
         headdim = raw.get("head_dim", 64)
         d_inner = raw.get("num_heads", raw.get("expand", 2) * d_model // headdim) * headdim
-        limit = raw.get("time_step_limit", (0.0, math.inf))
         return HybridConfig(
             pattern="M" * raw["num_hidden_layers"], vocab_size=raw["vocab_size"], d_model=d_model,
             d_state=raw.get("state_size", 128), headdim=headdim, ngroups=raw.get("n_groups", 1),
             expand=raw.get("expand", 2), d_conv=raw.get("conv_kernel", 4),
             chunk_size=_chunk_size(raw.get("chunk_size")), d_inner=d_inner,
             norm_eps=raw.get("layer_norm_epsilon", 1e-5), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            dt_limit=(_float(limit[0]), _float(limit[1])), mamba_bias=bool(raw.get("use_bias", False)),
+            dt_limit=_dt_limit(raw, "time_step_limit"), mamba_bias=bool(raw.get("use_bias", False)),
             conv_bias=bool(raw.get("use_conv_bias", True)), backend=backend,
             extra={"source": "transformers Mamba2"})
     if model_type == "nemotron_h":
@@ -110,7 +115,6 @@ def config_from_hf(raw: dict, backend: Optional[str] = None) -> HybridConfig:
         act = raw.get("mlp_hidden_act", "relu2")
         if act not in _ACTIVATIONS:
             raise ValueError(f"NemotronH mlp_hidden_act={act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
-        limit = raw.get("time_step_limit", (0.0, math.inf))
         return HybridConfig(
             pattern=pattern, vocab_size=raw["vocab_size"], d_model=d_model, n_heads=n_heads,
             n_kv_heads=_first(raw, "num_key_value_heads", default=n_heads),
@@ -121,8 +125,7 @@ def config_from_hf(raw: dict, backend: Optional[str] = None) -> HybridConfig:
             chunk_size=_chunk_size(_first(raw, "chunk_size", "mamba_chunk_size", default=256)),
             d_inner=d_inner, mlp_hidden=raw.get("intermediate_size", 4 * d_model),
             mlp_activation=_ACTIVATIONS[act], norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            dt_limit=(_float(limit[0]), _float(limit[1])),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)), dt_limit=_dt_limit(raw, "time_step_limit"),
             mamba_bias=bool(raw.get("use_bias", False)),
             conv_bias=bool(_first(raw, "use_conv_bias", "mamba_conv_bias", default=True)),
             attn_bias=bool(raw.get("attention_bias", False)), mlp_bias=bool(raw.get("mlp_bias", False)),
@@ -155,12 +158,11 @@ def _config_from_mamba_ssm(raw: dict, backend: Optional[str]) -> HybridConfig:
     vocab, multiple = raw.get("vocab_size", 50277), raw.get("pad_vocab_size_multiple", 8)
     if vocab % multiple:
         vocab += multiple - vocab % multiple
-    limit = ssm.get("dt_limit", (0.0, math.inf))
     return HybridConfig(
         pattern="M" * raw["n_layer"], vocab_size=vocab, d_model=d_model, d_state=ssm.get("d_state", 128),
         headdim=headdim, ngroups=ssm.get("ngroups", 1), expand=expand, d_conv=ssm.get("d_conv", 4),
         chunk_size=_chunk_size(ssm.get("chunk_size", 256)), d_inner=d_inner, norm_eps=raw.get("norm_epsilon", 1e-5),
-        tie_embeddings=bool(raw.get("tie_embeddings", True)), dt_limit=(_float(limit[0]), _float(limit[1])),
+        tie_embeddings=bool(raw.get("tie_embeddings", True)), dt_limit=_dt_limit(ssm, "dt_limit"),
         mamba_bias=bool(ssm.get("bias", False)), conv_bias=bool(ssm.get("conv_bias", True)), backend=backend,
         extra={"source": "mamba_ssm MambaLMHeadModel"})
 
