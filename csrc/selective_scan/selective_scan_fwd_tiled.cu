@@ -164,7 +164,8 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
   float item_bias[S::kXPerThread], item_D[S::kXPerThread];
 #pragma unroll
   for (int k = 0; k < S::kXPerThread; ++k) {
-    const int c = (tid + k * S::kThreads) / kItemsPerRow;
+    int c, t, valid;
+    x_item(k, 0, c, t, valid);  // (the item's channel; t and valid unused)
     item_bias[k] = bias && c < kChannels ? bias[c] : 0.f;
     item_D[k] = Dvec && c < kChannels ? Dvec[c] : 0.f;
   }
