@@ -34,7 +34,7 @@ class EmulatedParams(ctypes.Structure):
                 + [(f, _BOOL) for f in "b_fixed c_fixed softplus".split()]
                 + [(f, _I64) for f in "channels_per_b_group channels_per_c_group".split()]
                 + [(f, _P) for f in ("u delta z out A B C D delta_bias initial_state last_state checkpoints "
-                                     "cu_seqlens").split()]
+                                     "cu_seqlens out_pre").split()]
                 + [(f, _I64) for f in ("x_batch_stride x_d_stride B_batch_stride B_group_stride B_n_stride "
                                        "C_batch_stride C_group_stride C_n_stride").split()]
                 + [(f, _P) for f in "dout dlast_state du ddelta dz dinitial_state dA_part dD_part dbias_part dB dC".split()]

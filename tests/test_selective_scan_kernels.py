@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ssmkernels
+from ssmkernels._core import native
 from ssmkernels._core.dispatch import BackendUnavailable
 from ssmkernels.ops.selective_scan import reference
 from tests.helpers import DEVICE, KERNEL_BACKENDS, KERNEL_DTYPES, ON_GPU, compare_with_reference, run_opcheck
@@ -264,7 +265,7 @@ def _op_args(case: dict, backend: str):
     inputs = _scan_inputs(case, torch.float32)
     state = inputs.get("initial_state")
     return (inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs.get("D"), inputs.get("z"),
-            inputs.get("delta_bias"), state, inputs.get("cu_seqlens"), case["softplus"], backend)
+            inputs.get("delta_bias"), state, inputs.get("cu_seqlens"), case["softplus"], True, backend)
 
 
 @pytest.mark.parametrize("case_name", ["base", "varlen"])
@@ -281,9 +282,9 @@ def test_opcheck_selective_scan_fwd(backend, case_name):
 def test_opcheck_selective_scan_bwd(backend):
     case = {**BASE, "init": True}
     args = _op_args(case, backend)
-    _, last_state, checkpoints = torch.ops.ssmkernels.selective_scan_fwd.default(*args)
+    _, last_state, checkpoints, pregate = torch.ops.ssmkernels.selective_scan_fwd.default(*args)
     u = args[0]
-    bwd_args = (*args[:-1], checkpoints, torch.randn_like(u), torch.randn_like(last_state), backend)
+    bwd_args = (*args[:-2], checkpoints, pregate, torch.randn_like(u), torch.randn_like(last_state), backend)
     results = torch.library.opcheck(torch.ops.ssmkernels.selective_scan_bwd.default, bwd_args,
                                     test_utils=("test_schema", "test_faketensor"))
     assert all(r == "SUCCESS" for r in results.values()), results
@@ -419,7 +420,7 @@ def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
     channels per block at N = 16, else 32) or none (the warp-per-channel kernel)."""
     from ssmkernels.ops.selective_scan import cuda as scan_cuda
 
-    def workspace(dtype=torch.float32, deterministic=False, **changes):
+    def workspace(dtype=torch.float32, deterministic=False, pregate=True, **changes):
         case = {**BASE, "b": 2, "d": 64, "n": 16, "l": 40, **changes}
         x = _scan_inputs(case, dtype)
         count = len(case["cu"]) - 1 if case["cu"] else case["b"]
@@ -427,6 +428,8 @@ def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
                                                         x.get("z"), x.get("delta_bias"))
         p = scan_cuda._params(x["u"], delta, A, B, C, D, z, bias, x.get("cu_seqlens"), True, count)
         p.bc_grad_per_channel = deterministic
+        if pregate:  # the forward's output before the gate (only its presence matters here)
+            p.out_pre = native.address(torch.empty_like(x["u"]))
         return emulated_scan_cuda.selective_scan_bwd_workspace(p)
 
     assert workspace(n=16) == 2 * 256 * 16 * 16
@@ -434,6 +437,9 @@ def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
         assert workspace(n=n) == 2 * 256 * 32 * n, n
     assert workspace(dtype=torch.bfloat16, B="grouped", C="grouped", g=2) == 2 * 256 * 16 * 16
     assert workspace(b=1, d=16) == 256 * 16 * 16  # one item: one block
+    # z without the forward's pregate (the backward's dz needs it): the warp kernel; without z none is needed
+    assert workspace(pregate=False) == 0
+    assert workspace(pregate=False, z=False) == 2 * 256 * 16 * 16
     assert workspace(d=48) == workspace(B="grouped", C="grouped", g=4) == 2 * 256 * 16 * 16  # 16-channel blocks
     for changes in (dict(n=128), dict(n=8), dict(d=40), dict(d=48, n=32), dict(B="fixed"), dict(C="fixed"),
                     dict(B="grouped", C="grouped", g=4, n=32),  # 16 channels per group

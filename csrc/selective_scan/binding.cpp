@@ -17,7 +17,7 @@ void bind_selective_scan(py::module_& m) {
       SSMK_SCAN_FIELD(num_seqs) SSMK_SCAN_FIELD(chunks_per_row) SSMK_SCAN_FIELD(dtype) SSMK_SCAN_FIELD(bc_dtype)
       SSMK_SCAN_FIELD(b_fixed) SSMK_SCAN_FIELD(c_fixed) SSMK_SCAN_FIELD(softplus)
       SSMK_SCAN_FIELD(channels_per_b_group) SSMK_SCAN_FIELD(channels_per_c_group)
-      SSMK_SCAN_FIELD(u) SSMK_SCAN_FIELD(delta) SSMK_SCAN_FIELD(z) SSMK_SCAN_FIELD(out)
+      SSMK_SCAN_FIELD(u) SSMK_SCAN_FIELD(delta) SSMK_SCAN_FIELD(z) SSMK_SCAN_FIELD(out) SSMK_SCAN_FIELD(out_pre)
       SSMK_SCAN_FIELD(A) SSMK_SCAN_FIELD(B) SSMK_SCAN_FIELD(C) SSMK_SCAN_FIELD(D) SSMK_SCAN_FIELD(delta_bias)
       SSMK_SCAN_FIELD(initial_state) SSMK_SCAN_FIELD(last_state) SSMK_SCAN_FIELD(checkpoints)
       SSMK_SCAN_FIELD(cu_seqlens) SSMK_SCAN_FIELD(x_batch_stride) SSMK_SCAN_FIELD(x_d_stride)

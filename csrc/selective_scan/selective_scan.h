@@ -29,6 +29,10 @@ struct Params {
   std::uintptr_t A = 0, B = 0, C = 0, D = 0, delta_bias = 0;
   std::uintptr_t initial_state = 0, last_state = 0, checkpoints = 0;
   std::uintptr_t cu_seqlens = 0;                          // int32 (s + 1,) or 0
+  // (b, d, l) in u's dtype, or 0: the output before the z gate (y + D u), written by the forward
+  // when asked (z given, a backward to come) and read by the state-parallel backward, whose dz
+  // (= pregate dout silu'(z)) then needs no sum over the states of y (see selective_scan_bwd_tiled.cu).
+  std::uintptr_t out_pre = 0;
   int64_t x_batch_stride = 0, x_d_stride = 0;             // shared by u, delta, z, out (contiguous)
   // B and C: fixed -> (d_stride in group_stride, n_stride); varying -> (batch, group, n).
   int64_t B_batch_stride = 0, B_group_stride = 0, B_n_stride = 0;

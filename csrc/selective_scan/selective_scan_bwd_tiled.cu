@@ -19,15 +19,18 @@
 //     channel. (A shuffle reduce-scatter instead, 16 values per 16 shuffles and 30 selects, took
 //     5.38 ms against 4.94 for the exchange.)
 //   - B_t and C_t are broadcast reads (all lanes of a slice read the same float4);
-//   - the per-step sums over n (sum g B for du, sum g A a h for ddelta, y = sum C h for dz) cross the
-//     slices: each leaves its partial sums in shared memory and the block adds them, per sub-tile.
+//   - the per-step sums over n (sum g B for du, sum g A a h for ddelta) cross the slices: each leaves
+//     its partial sums in shared memory and the block adds them, per sub-tile;
+//   - dz = (y + D u) dout silu'(z) takes y + D u from the forward (Params::out_pre, as mamba_ssm
+//     keeps its out), so y = sum C h, a third sum over n, is not recomputed: it is computed in
+//     the staging, 8 steps at a time, and the adjoint does one FMA less per (step, state).
 // Time. The forward keeps the state entering every 2048-step chunk (checkpoints). Per chunk, walked
 // backwards:
 //   1. a forward pass from the checkpoint leaves the state entering each 8-step sub-tile in the
 //      global workspace (p.tile_states, a region per block: 256 sub-tiles x kC channels x N floats;
 //      resident blocks only, as blocks loop over their (sequence, channel block) items);
 //   2. the tiles in reverse: the tile's inputs staged in shared memory as float (dt = softplus(delta
-//      + bias), dt u, dy = dout silu(z), u, softplus' and the z factor of dz); per sub-tile in
+//      + bias), dt u, dy = dout silu(z), u, softplus'; dz goes out from there); per sub-tile in
 //      reverse, the 9 states of its steps are recomputed into registers from its entry state (and,
 //      at N 16, their decays) and the adjoint G = a g, g = C dy + G runs back over them.
 //   The next tile's loads (cp.async into raw rows: no registers held) and its sub-tile entries
@@ -96,20 +99,22 @@ struct BwdShape {
   static constexpr int kOutItems = kC * (kSub / kOutSteps);  // (channel, kOutSteps steps) of a sub-tile's outputs
   static_assert(kThreads >= kXItems && kThreads >= kBCItems && kThreads >= kOutItems,
                 "at most one load or output item of each kind per thread");
-  // Shared memory, in floats: 6 [kC][kRow] arrays (dt, dt u, dy, u, softplus', z factor), B and C
+  // Shared memory, in floats: 5 [kC][kRow] arrays (dt, dt u, dy, u, softplus'), B and C
   // [kSteps][kBCRow], the dB/dC block sums [2N][kRedRow], the slices' partial sums
-  // [kSlices][3][kC][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4 (slot s - 1:
-  // sub-tile s's; slot 0 also sub-tile 0's, see pass 2), the warps' exchange rows
-  // [warp][lane][kExchangeRow]; then the raw loads of the next tile in the inputs'
-  // dtype: u, delta, dout, z [kC][kSteps] and the B, C items.
-  static constexpr int kChannelArrays = 6;
+  // [kSlices][kPartSums][kC][kPartRow], the sub-tile entry states [kSubs - 1][kThreads] float4 (slot
+  // s - 1: sub-tile s's; slot 0 also sub-tile 0's, see pass 2), the warps' exchange rows
+  // [warp][lane][kExchangeRow]; then the raw loads of the next tile in the inputs' dtype: u, delta,
+  // dout, z, out_pre [kC][kSteps] and the B, C items.
+  static constexpr int kChannelArrays = 5;
+  static constexpr int kPartSums = 2;   // sum g B, sum g A log2(e) a h
+  static constexpr int kRawKinds = 5;   // u, delta, dout, z, out_pre
   static constexpr int kOffBC = kChannelArrays * kC * kRow;
   static constexpr int kOffRed = kOffBC + 2 * kSteps * kBCRow;
   static constexpr int kOffPart = kOffRed + 2 * kN * kRedRow;
-  static constexpr int kOffEntry = kOffPart + kSlices * 3 * kC * kPartRow;
+  static constexpr int kOffEntry = kOffPart + kSlices * kPartSums * kC * kPartRow;
   static constexpr int kOffExchange = kOffEntry + (kSubs - 1) * kThreads * 4;
   static constexpr int kOffRaw = kOffExchange + kThreads * kExchangeRow;
-  static constexpr int kRawElements = (4 * kC + 2 * kN) * kSteps;
+  static constexpr int kRawElements = (kRawKinds * kC + 2 * kN) * kSteps;
   template <typename T>
   static constexpr size_t smem_bytes() { return kOffRaw * sizeof(float) + kRawElements * sizeof(T); }
   // Keep the sub-tile's decays a_t from the recompute for the adjoint (32 registers, one MUFU op
@@ -167,6 +172,7 @@ inline int tiled_backward_instance(const Params& p) {
   if (warp_kernel_forced("SSMKERNELS_SCAN_BACKWARD_KERNEL")) return 0;
   if (p.bc_grad_per_channel || p.channel_count != 0) return 0;  // deterministic slices
   if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64) return 0;
+  if (p.z && !p.out_pre) return 0;  // dz takes the forward's y + D u
   int channels = p.dstate == 16 ? 16 : 32;
   if (const char* force = std::getenv("SSMKERNELS_SCAN_BWD_CHANNELS")) {  // A/B timing at N 16
     if (p.dstate == 16) channels = std::atoi(force) == 32 ? 32 : 16;
@@ -205,15 +211,14 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   float* const dy_s = dtu_s + kC * kRow;   // dout silu(z) (dout without z)
   float* const u_s = dy_s + kC * kRow;
   float* const dsp_s = u_s + kC * kRow;    // softplus'(delta + bias) (1 without softplus)
-  float* const dzf_s = dsp_s + kC * kRow;  // dout silu'(z): dz = (sum_n C h + D u) dzf
   float* const B_s = smem + S::kOffBC;           // [kSteps][kBCRow]
   float* const C_s = B_s + kSteps * S::kBCRow;
   float* const red_s = smem + S::kOffRed;        // [2N][kRedRow]: dB rows, then dC rows
-  float* const part_s = smem + S::kOffPart;      // [slice][sum g B, sum g A log2(e) a h, sum C h][channel][step]
+  float* const part_s = smem + S::kOffPart;      // [slice][sum g B, sum g A log2(e) a h][channel][step]
   float4* const entry_s = reinterpret_cast<float4*>(smem + S::kOffEntry);  // [slot][thread]
   // [lane][2 steps x (dB, dC) x 4 states] of this warp: its dB/dC terms before the sums over channels.
   float* const exchange = smem + S::kOffExchange + (threadIdx.x / 32) * 32 * kExchangeRow;
-  T* const raw_s = reinterpret_cast<T*>(smem + S::kOffRaw);  // u, delta, dout, z, then B, C rows
+  T* const raw_s = reinterpret_cast<T*>(smem + S::kOffRaw);  // u, delta, dout, z, out_pre, then B, C rows
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int c = lane % kC, slice = warp * S::kSlicesPerWarp + lane / kC;  // this thread's channel, states
@@ -229,10 +234,10 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   const bool has_x = tid < S::kXItems, has_bc = tid < S::kBCItems;
   const int item_row = tid / kItemsPerRow, item_t = (tid % kItemsPerRow) * kItem;
   const int bc_n = tid % kN, bc_t = (tid / kN) * kItem;
-  T* const raw_x = raw_s + item_row * kSteps + item_t;   // + kind * kC * kSteps (u, delta, dout, z)
+  T* const raw_x = raw_s + item_row * kSteps + item_t;   // + kind * kC * kSteps (u, delta, dout, z, out_pre)
   // B/C raw items side by side in the thread order ([item][8], not [n][step]): 16-byte accesses of
   // consecutive lanes are consecutive.
-  T* const raw_bc = raw_s + 4 * kC * kSteps + tid * kItem;  // + kind * kN * kSteps (B, C)
+  T* const raw_bc = raw_s + S::kRawKinds * kC * kSteps + tid * kItem;  // + kind * kN * kSteps (B, C)
   // Output items: (channel tid / 4, steps (tid % 4) * 2 .. + 1) of each sub-tile.
   const bool has_out = tid < S::kOutItems;
   const int out_c = tid / (kSub / kOutSteps), out_t = (tid % (kSub / kOutSteps)) * kOutSteps;
@@ -240,7 +245,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
   constexpr int kRedRowsPerPass = S::kThreads / kSteps, kRedPasses = kN / kRedRowsPerPass;
   static_assert(S::kThreads % kSteps == 0 && kN % kRedRowsPerPass == 0, "whole rows per pass, whole passes per B/C");
   const int red_t = tid % kSteps, red_row0 = tid / kSteps;
-  const bool out_bases_aligned = ((p.du | p.ddelta | (p.z ? p.dz : 0)) % (kOutSteps * sizeof(T))) == 0;
+  const bool out_bases_aligned = ((p.du | p.ddelta) % (kOutSteps * sizeof(T))) == 0;
 
   for (int64_t work = blockIdx.x; work < backward_items<S>(p); work += gridDim.x) {
     const int64_t seq = work / blocks_per_row;
@@ -293,7 +298,10 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
         load_item_async(as_ptr<const T>(p.delta) + at, valid, raw_x + kC * kSteps);
         if (full) {
           load_item_async(as_ptr<const T>(p.dout) + at, valid, raw_x + 2 * kC * kSteps);
-          if (p.z) load_item_async(as_ptr<const T>(p.z) + at, valid, raw_x + 3 * kC * kSteps);
+          if (p.z) {
+            load_item_async(as_ptr<const T>(p.z) + at, valid, raw_x + 3 * kC * kSteps);
+            load_item_async(as_ptr<const T>(p.out_pre) + at, valid, raw_x + 4 * kC * kSteps);
+          }
         }
       }
       if (has_bc) {  // zeros past the end
@@ -307,7 +315,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
       async_commit();
     };
     // The loaded tile (this thread's items) into shared memory as float; every per-step value is 0
-    // past the end (identity steps that add nothing).
+    // past the end (identity steps that add nothing). With z, the x item's dz goes out from here.
     auto stage_tile = [&](int64_t tile, bool full) {
       async_wait<0>();
       const int64_t t0 = span.start + tile * kSteps;
@@ -320,7 +328,8 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
         const auto raw_item = [&](int kind) { return *reinterpret_cast<const Item<T>*>(raw_x + kind * kC * kSteps); };
         const Item<T> u_item = raw_item(0), delta_item = raw_item(1);
         const Item<T> dout_item = full ? raw_item(2) : u_item, z_item = full && p.z ? raw_item(3) : u_item;
-        float dt[kItem], dtu[kItem], dy[kItem], uu[kItem], dsp[kItem], dzf[kItem];
+        const Item<T> pre_item = full && p.z ? raw_item(4) : u_item;
+        float dt[kItem], dtu[kItem], dy[kItem], uu[kItem], dsp[kItem], dz[kItem];
 #pragma unroll
         for (int j = 0; j < kItem; ++j) {
           const bool in = kWhole || j < valid;
@@ -345,10 +354,9 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
               const float zj = in ? to_float(z_item.v[j]) : 0.f;
               const float sig = sizeof(T) < 4 ? sigmoid_fast(zj) : sigmoid(zj);
               dy[j] = go * zj * sig;
-              dzf[j] = go * sig * fmaf(zj, 1.f - sig, 1.f);
+              dz[j] = to_float(pre_item.v[j]) * go * sig * fmaf(zj, 1.f - sig, 1.f);  // (unstored past valid)
             } else {
               dy[j] = go;
-              dzf[j] = 0.f;
             }
           }
         }
@@ -359,7 +367,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
           store_floats(dy_s + at, dy);
           store_floats(u_s + at, uu);
           store_floats(dsp_s + at, dsp);
-          store_floats(dzf_s + at, dzf);
+          if (p.z) store_items(as_ptr<T>(p.dz) + x0 + item_row * p.x_d_stride + t0 + item_t, kWhole ? kItem : valid, dz);
         }
       };
       if (has_x) {
@@ -487,14 +495,14 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
             const float4 dy4 = load4(dy_row + t_sub + j4);
             const float dts[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, dtus[4] = {dtu4.x, dtu4.y, dtu4.z, dtu4.w};
             const float dys[4] = {dy4.x, dy4.y, dy4.z, dy4.w};
-            float sum_gB[4], sum_gAh[4], sum_y[4];
+            float sum_gB[4], sum_gAh[4];
 #pragma unroll
             for (int q = 3; q >= 0; --q) {
               const int j = j4 + q;
               const float4 b4 = load4(B_col + (t_sub + j) * S::kBCRow);
               const float4 c4 = load4(C_col + (t_sub + j) * S::kBCRow);
               const float Bv[4] = {b4.x, b4.y, b4.z, b4.w}, Cv[4] = {c4.x, c4.y, c4.z, c4.w};
-              float gB = 0.f, gAh = 0.f, y = 0.f, terms_B[kBwdStates], terms_C[kBwdStates];
+              float gB = 0.f, gAh = 0.f, terms_B[kBwdStates], terms_C[kBwdStates];
 #pragma unroll
               for (int k = 0; k < kBwdStates; ++k) {
                 const float a = S::kKeepDecays ? decay[S::kKeepDecays ? j : 0][k] : exp2_approx(dts[q] * A2[k]);
@@ -504,14 +512,13 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
                 gAh = fmaf(decayed, A2[k], gAh);
                 dA[k] = fmaf(decayed, dts[q], dA[k]);
                 gB = fmaf(g, Bv[k], gB);
-                y = fmaf(Cv[k], hs[j + 1][k], y);
                 terms_B[k] = g * dtus[q];
                 terms_C[k] = dys[q] * hs[j + 1][k];
               }
               float* const my_row = exchange + lane * kExchangeRow + (q % 2) * 8;
               store4(my_row, terms_B[0], terms_B[1], terms_B[2], terms_B[3]);
               store4(my_row + 4, terms_C[0], terms_C[1], terms_C[2], terms_C[3]);
-              sum_gB[q] = gB, sum_gAh[q] = gAh, sum_y[q] = y;
+              sum_gB[q] = gB, sum_gAh[q] = gAh;
               if (q % 2 == 0) {
                 // Lane L sums value v = L % 16 (step j + v / 8, dB or dC by (v / 4) % 2, state v % 4)
                 // over the 16 rows (lanes) 16 (L / 16) .. + 15: 16 channels of one slice, or (32
@@ -533,39 +540,37 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
                 __syncwarp();  // the rows are read (the next steps rewrite them)
               }
             }
-            float* part = part_s + (slice * 3 * kC + c) * kPartRow + part_column(c, j4);
+            float* part = part_s + (slice * S::kPartSums * kC + c) * kPartRow + part_column(c, j4);
             store4(part, sum_gB[0], sum_gB[1], sum_gB[2], sum_gB[3]);
             store4(part + kC * kPartRow, sum_gAh[0], sum_gAh[1], sum_gAh[2], sum_gAh[3]);
-            store4(part + 2 * kC * kPartRow, sum_y[0], sum_y[1], sum_y[2], sum_y[3]);
           }
           __syncthreads();  // the slices' partial sums are in
-          // du, ddelta, dz of 2 steps of one channel from the slices' sums; dD and ddelta_bias sums.
+          // du, ddelta of 2 steps of one channel from the slices' sums; dD and ddelta_bias sums.
           if (has_out) {
             // The item's float2 in its channel's part row (part_column swaps float4 halves).
             const int part_at = part_column(out_c, out_t & ~3) + (out_t & 3);
-            float2 sum[3];
+            float2 sum[S::kPartSums];
 #pragma unroll
-            for (int what = 0; what < 3; ++what) {
+            for (int what = 0; what < S::kPartSums; ++what) {
               sum[what] = make_float2(0.f, 0.f);
 #pragma unroll
               for (int w = 0; w < S::kSlices; ++w) {
-                const float2 v = load2(part_s + ((w * 3 + what) * kC + out_c) * kPartRow + part_at);
+                const float2 v = load2(part_s + ((w * S::kPartSums + what) * kC + out_c) * kPartRow + part_at);
                 sum[what].x += v.x, sum[what].y += v.y;
               }
             }
             const int at = out_c * kRow + t_sub + out_t;
             const float2 dt2 = load2(dt_s + at), dy2 = load2(dy_s + at), u2 = load2(u_s + at);
-            const float2 dsp2 = load2(dsp_s + at), dzf2 = load2(dzf_s + at);
-            const float gBs[2] = {sum[0].x, sum[0].y}, gAhs[2] = {sum[1].x, sum[1].y}, ys[2] = {sum[2].x, sum[2].y};
+            const float2 dsp2 = load2(dsp_s + at);
+            const float gBs[2] = {sum[0].x, sum[0].y}, gAhs[2] = {sum[1].x, sum[1].y};
             const float dts[2] = {dt2.x, dt2.y}, dys[2] = {dy2.x, dy2.y}, us[2] = {u2.x, u2.y};
-            const float dsps[2] = {dsp2.x, dsp2.y}, dzfs[2] = {dzf2.x, dzf2.y};
+            const float dsps[2] = {dsp2.x, dsp2.y};
             const float D = item_D;
-            float du_v[kOutSteps], ddt_v[kOutSteps], dz_v[kOutSteps];
+            float du_v[kOutSteps], ddt_v[kOutSteps];
 #pragma unroll
             for (int j = 0; j < kOutSteps; ++j) {
               du_v[j] = fmaf(D, dys[j], dts[j] * gBs[j]);
               ddt_v[j] = dsps[j] * fmaf(us[j], gBs[j], gAhs[j] * kLn2);
-              dz_v[j] = fmaf(D, us[j], ys[j]) * dzfs[j];
               dD_sum = fmaf(dys[j], us[j], dD_sum);  // 0 past the end (dy = 0)
               dbias_sum += ddt_v[j];                 // 0 past the end (softplus' = 0)
             }
@@ -575,7 +580,6 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
               const bool whole = valid == kOutSteps && out_pairs_aligned;
               store_steps(as_ptr<T>(p.du) + at_x, whole, valid, du_v);
               store_steps(as_ptr<T>(p.ddelta) + at_x, whole, valid, ddt_v);
-              if (p.z) store_steps(as_ptr<T>(p.dz) + at_x, whole, valid, dz_v);
             }
           }
           __syncthreads();  // part_s is read (the next sub-tile rewrites it); after the last, red_s is in

@@ -266,6 +266,7 @@ __global__ __launch_bounds__(kFwdThreads, kFwdMinBlocks) void forward_kernel(con
     }
 
     if (active && valid > 0) {
+      if (p.out_pre) store_items(as_ptr<input_t>(p.out_pre) + x_offset + t0, valid, y);  // before the gate
       if (p.z) {
         float z[kFwdItems];
         load_items(as_ptr<const input_t>(p.z) + x_offset + t0, valid, z);

@@ -114,6 +114,7 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
   const T* delta = as_ptr<const T>(p.delta) + span.row * p.x_batch_stride + channel0 * p.x_d_stride;
   const T* z = p.z ? as_ptr<const T>(p.z) + span.row * p.x_batch_stride + channel0 * p.x_d_stride : nullptr;
   T* out = as_ptr<T>(p.out) + span.row * p.x_batch_stride + channel0 * p.x_d_stride;
+  T* out_pre = p.out_pre ? as_ptr<T>(p.out_pre) + span.row * p.x_batch_stride + channel0 * p.x_d_stride : nullptr;
   // The block's channels share one B group and one C group (tiled_forward_states).
   const T* B = as_ptr<const T>(p.B) + span.row * p.B_batch_stride + (channel0 / p.channels_per_b_group) * p.B_group_stride;
   const T* C = as_ptr<const T>(p.C) + span.row * p.C_batch_stride + (channel0 / p.channels_per_c_group) * p.C_group_stride;
@@ -280,6 +281,7 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
 #pragma unroll
         for (int j = 0; j < kItem; ++j) y[j] += part_s[(s * kChannels + c) * kRow + t + j];
       }
+      if (out_pre) store_items(out_pre + c * p.x_d_stride + t0 + t, valid, y);  // before the gate
       if (z) {
 #pragma unroll
         for (int j = 0; j < kItem; ++j) y[j] *= silu_fast(to_float(z_now[k].v[j]));

@@ -22,6 +22,9 @@ from ..._core import config, ext, native
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK = 2048  # must equal ssmk::scan::kChunk (checked against the extension at first use)
+# With z and a backward to come, the forward also writes ``pregate`` (y + D u before the gate) for
+# the state-parallel backward's dz (op.py); without it that backward leaves z calls to the warp kernel.
+KEEPS_PREGATE = True
 
 
 def unsupported(features: dict) -> str | None:
@@ -29,6 +32,8 @@ def unsupported(features: dict) -> str | None:
         return "the ssmkernels CUDA extension has no selective_scan kernels (rebuild it)"
     if int(getattr(ext.module(), "selective_scan_chunk", CHUNK)) != CHUNK:
         return "the ssmkernels CUDA extension was built with another selective_scan chunk size (rebuild it)"
+    if not hasattr(ext.module().SelectiveScanParams(), "out_pre"):
+        return "the loaded ssmkernels._C predates selective_scan's pregate output (rebuild it: python -m ssmkernels build)"
     dtype = features.get("dtype")
     if dtype not in _FLOATS:
         return f"the cuda kernels take float32/float16/bfloat16 inputs, got {dtype}"
@@ -119,11 +124,13 @@ def _params(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, cou
 
 
 def forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
-            out, last_state, checkpoints) -> None:
-    """Writes ``out (b, d, l)``, ``last_state (s, d, n)`` and the chunk ``checkpoints``."""
+            out, last_state, checkpoints, pregate=None) -> None:
+    """Writes ``out (b, d, l)``, ``last_state (s, d, n)``, the chunk ``checkpoints`` and, when given,
+    ``pregate (b, d, l)`` (the output before the z gate, u's dtype)."""
     delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
     p = _params(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, last_state.shape[0])
     p.out = native.address(out)
+    p.out_pre = native.address(pregate)
     p.initial_state = native.address(initial_state)
     p.last_state = native.address(last_state)
     p.checkpoints = native.address(checkpoints)
@@ -132,13 +139,15 @@ def forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delt
 
 def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
              checkpoints, dout, dlast_state, du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
-             dinitial_state) -> None:
-    """Writes du, ddelta, dz, dinitial_state; adds into the zeroed float32 dA, dB, dC, dD, ddelta_bias."""
+             dinitial_state, pregate=None) -> None:
+    """Writes du, ddelta, dz, dinitial_state; adds into the zeroed float32 dA, dB, dC, dD, ddelta_bias.
+    ``pregate``: the forward's, when it kept one."""
     b, d, l = u.shape
     n = A.shape[1]
     count = checkpoints.shape[0] - b * -(-l // CHUNK)
     delta, A, B, C, D, z, delta_bias = _prepare(u, delta, A, B, C, D, z, delta_bias)
     p = _params(u, delta, A, B, C, D, z, delta_bias, cu_seqlens, delta_softplus, count)
+    p.out_pre = native.address(pregate)  # (before the workspace query: without it, z calls take the warp kernel)
     dev, f32 = u.device, torch.float32
     dout = dout if dout.dtype == u.dtype else dout.to(u.dtype)
     if dlast_state is not None:

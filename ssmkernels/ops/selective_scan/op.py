@@ -19,36 +19,48 @@ PRIMITIVE = "selective_scan"
 # ----------------------------------------------------------------------------- custom ops
 # The forward returns, besides out and the last state, an opaque float32 ``checkpoints`` tensor
 # whose shape the backend defines (``checkpoint_shape``): the states it keeps at chunk boundaries
-# so that the backward recomputes inside chunks instead of storing every step's state.
+# so that the backward recomputes inside chunks instead of storing every step's state. And
+# ``pregate``: with z, a backward to come (``keep_pregate``) and a backend that asks for it
+# (``KEEPS_PREGATE``), the output before the gate, ``y + D u`` in u's dtype, from which its backward
+# takes dz without recomputing y (as mamba_ssm keeps its ``out``); else an empty tensor.
+def _keeps_pregate(impl, z: Optional[Tensor], keep_pregate: bool) -> bool:
+    return keep_pregate and z is not None and getattr(impl, "KEEPS_PREGATE", False)
+
+
 @torch.library.custom_op(qualified("selective_scan_fwd"), mutates_args=())
 def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
               z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-              cu_seqlens: Optional[Tensor], delta_softplus: bool, backend: str
-              ) -> tuple[Tensor, Tensor, Tensor]:
+              cu_seqlens: Optional[Tensor], delta_softplus: bool, keep_pregate: bool, backend: str
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = kernels(PRIMITIVE, backend)
     count = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     out = empty_like(u)
     last_state = new_empty(u, (count, u.shape[1], A.shape[1]), accumulation_dtype(u.dtype))
     checkpoints = new_empty(u, impl.checkpoint_shape(u.shape, A.shape[1], count), accumulation_dtype(u.dtype))
+    keeps = _keeps_pregate(impl, z, keep_pregate)
+    pregate = empty_like(u) if keeps else new_empty(u, (0,), u.dtype)
+    extra = {"pregate": pregate} if keeps else {}
     with on_device_of(u):
         impl.forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
-                     out, last_state, checkpoints)
-    return out, last_state, checkpoints
+                     out, last_state, checkpoints, **extra)
+    return out, last_state, checkpoints, pregate
 
 
 @_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, backend):
+def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, keep_pregate, backend):
+    impl = kernels(PRIMITIVE, backend)
     count = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    shape = kernels(PRIMITIVE, backend).checkpoint_shape(u.shape, A.shape[1], count)
+    shape = impl.checkpoint_shape(u.shape, A.shape[1], count)
+    pregate = torch.empty_like(u) if _keeps_pregate(impl, z, keep_pregate) else u.new_empty(0)
     return (torch.empty_like(u), u.new_empty(count, u.shape[1], A.shape[1], dtype=accumulation_dtype(u.dtype)),
-            u.new_empty(shape, dtype=accumulation_dtype(u.dtype)))
+            u.new_empty(shape, dtype=accumulation_dtype(u.dtype)), pregate)
 
 
 @torch.library.custom_op(qualified("selective_scan_bwd"), mutates_args=())
 def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
               z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
-              cu_seqlens: Optional[Tensor], delta_softplus: bool, checkpoints: Tensor, dout: Tensor,
-              dlast_state: Optional[Tensor], backend: str) -> list[Tensor]:
+              cu_seqlens: Optional[Tensor], delta_softplus: bool, checkpoints: Tensor, pregate: Tensor,
+              dout: Tensor, dlast_state: Optional[Tensor], backend: str) -> list[Tensor]:
     grads = [empty_like(u), empty_like(delta),
              torch.zeros_like(A, dtype=torch.float32), torch.zeros_like(B, dtype=torch.float32),
              torch.zeros_like(C, dtype=torch.float32),
@@ -56,31 +68,33 @@ def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
              None if z is None else empty_like(z),
              None if delta_bias is None else torch.zeros_like(delta_bias, dtype=torch.float32),
              None if initial_state is None else empty_like(initial_state)]
+    extra = {"pregate": pregate} if pregate.numel() else {}
     with on_device_of(u):
         kernels(PRIMITIVE, backend).backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
-                                             delta_softplus, checkpoints, dout, dlast_state, *grads)
+                                             delta_softplus, checkpoints, dout, dlast_state, *grads, **extra)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     return [placeholder(u) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
 
 
 @_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, checkpoints,
-      dout, dlast_state, backend):
+      pregate, dout, dlast_state, backend):
     return [placeholder(u) if t is None else torch.empty_like(t)
             for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)]
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, delta_softplus, backend = inputs
-    ctx.save_for_backward(*tensors, output[2])
+    *tensors, delta_softplus, _keep_pregate, backend = inputs
+    ctx.save_for_backward(*tensors, output[2], output[3])
     ctx.delta_softplus, ctx.backend = delta_softplus, backend
 
 
-def _backward(ctx, dout, dlast_state, _dcheckpoints):
-    *tensors, checkpoints = ctx.saved_tensors
-    grads = call_op(_scan_bwd, *tensors, ctx.delta_softplus, checkpoints, dout.contiguous(), dlast_state, ctx.backend)
+def _backward(ctx, dout, dlast_state, _dcheckpoints, _dpregate):
+    *tensors, checkpoints, pregate = ctx.saved_tensors
+    grads = call_op(_scan_bwd, *tensors, ctx.delta_softplus, checkpoints, pregate, dout.contiguous(), dlast_state,
+                    ctx.backend)
     grads = [None if absent(g) else g for g in grads]
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -159,10 +173,10 @@ def selective_scan(
         return reference.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                         return_last_state, initial_state, cu_seqlens)
     state_dtype = accumulation_dtype(u.dtype)
-    out, last_state, _ = _scan_fwd_autograd(
+    out, last_state, _, _ = _scan_fwd_autograd(
         u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
         None if D is None else D.contiguous(), None if z is None else z.contiguous(),
         None if delta_bias is None else delta_bias.contiguous(),
         None if initial_state is None else initial_state.to(state_dtype).contiguous(),
-        v.as_int32(cu_seqlens), bool(delta_softplus), chosen)
+        v.as_int32(cu_seqlens), bool(delta_softplus), features["needs_grad"], chosen)
     return (out, last_state) if return_last_state else out

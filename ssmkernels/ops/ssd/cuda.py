@@ -134,15 +134,17 @@ def _scan_inputs(lay: _Layout, x, dt, A, B, C, D, z, dt_bias, initial_states, dt
                 initial_state=lay.initial(initial_states))
 
 
-def _run_scan(lay: _Layout, i: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, per-sequence final states, checkpoints) of the forward scan."""
+def _run_scan(lay: _Layout, i: dict, for_backward: bool = False):
+    """(out, per-sequence final states, checkpoints, pregate) of the forward scan; pregate (the
+    output before the z gate, which the scan's backward takes for dz) only for_backward with z."""
     u = i["u"]
     out = torch.empty_like(u)
     last = u.new_empty(lay.count, lay.d, lay.n)
     checkpoints = u.new_empty(scan_cuda.checkpoint_shape(u.shape, lay.n, lay.count))
+    pregate = torch.empty_like(u) if for_backward and i["z"] is not None else None
     scan_cuda.forward(u, i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], None, i["initial_state"], lay.cu,
-                      False, out, last, checkpoints)
-    return out, last, checkpoints
+                      False, out, last, checkpoints, pregate=pregate)
+    return out, last, checkpoints, pregate
 
 
 def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size, dt_softplus,
@@ -158,7 +160,7 @@ def forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, 
         return
     lay = _layout(x, B, seq_idx, cu_seqlens)
     i = _scan_inputs(lay, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max)
-    scan_out, last, _ = _run_scan(lay, i)
+    scan_out, last, _, _ = _run_scan(lay, i)
     out.copy_(lay.from_scan(scan_out))
     final_states.copy_(last[lay.final_rows].view(final_states.shape))
     if cu_seqlens is not None:
@@ -197,7 +199,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
         return
     lay = _layout(x, B, seq_idx, cu_seqlens)
     i = _scan_inputs(lay, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_min, dt_max)
-    _, _, scan_checkpoints = _run_scan(lay, i)
+    _, _, scan_checkpoints, scan_pregate = _run_scan(lay, i, for_backward=True)
 
     dlast = None
     if dfinal_states is not None or dvarlen_states is not None:
@@ -215,7 +217,7 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     dinit_scan = None if initial_states is None else u.new_empty(lay.count, lay.d, lay.n)
     scan_cuda.backward(u, i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], None, i["initial_state"], lay.cu,
                        False, scan_checkpoints, lay.to_scan(dout), dlast, du, ddelta, dA_scan, dB_scan, dC_scan,
-                       dD_scan, dz_scan, None, dinit_scan)
+                       dD_scan, dz_scan, None, dinit_scan, pregate=scan_pregate)
 
     h, p, n = lay.h, lay.p, lay.n
     dx.copy_(lay.from_scan(du))
