@@ -330,33 +330,44 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
         const Item<T> dout_item = full ? raw_item(2) : u_item, z_item = full && p.z ? raw_item(3) : u_item;
         const Item<T> pre_item = full && p.z ? raw_item(4) : u_item;
         float dt[kItem], dtu[kItem], dy[kItem], uu[kItem], dsp[kItem], dz[kItem];
+        // In phases, each a loop over the 8 elements with no branch inside, so that their MUFU
+        // chains interleave: one loop with per-element branches on the uniform p.softplus and p.z
+        // ran the elements one after another (Nsight Compute, N 16: the staging took 12% of the
+        // stall samples for 8% of the instructions, most waiting on MUFU results).
+        const auto in = [&](int j) { return kWhole || j < valid; };
 #pragma unroll
         for (int j = 0; j < kItem; ++j) {
-          const bool in = kWhole || j < valid;
-          const float uj = in ? to_float(u_item.v[j]) : 0.f;
-          const float raw = (in ? to_float(delta_item.v[j]) : 0.f) + b;
-          float step = raw, slope = 1.f;
-          if (p.softplus) {
+          uu[j] = in(j) ? to_float(u_item.v[j]) : 0.f;
+          dt[j] = (in(j) ? to_float(delta_item.v[j]) : 0.f) + b;
+          dsp[j] = 1.f;
+        }
+        if (p.softplus) {
+#pragma unroll
+          for (int j = 0; j < kItem; ++j) {
+            const float raw = dt[j];
             if constexpr (sizeof(T) < 4) {
-              step = full ? softplus_fast_with_slope(raw, slope) : softplus_fast(raw);
+              dt[j] = full ? softplus_fast_with_slope(raw, dsp[j]) : softplus_fast(raw);
             } else {
-              step = softplus(raw);
-              if (full) slope = sigmoid(raw);
+              dt[j] = softplus(raw);
+              if (full) dsp[j] = sigmoid(raw);
             }
           }
-          dt[j] = in ? step : 0.f;
-          dtu[j] = dt[j] * uj;
-          if (full) {
-            const float go = in ? to_float(dout_item.v[j]) : 0.f;
-            uu[j] = uj;
-            dsp[j] = in ? slope : 0.f;
-            if (p.z) {
-              const float zj = in ? to_float(z_item.v[j]) : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < kItem; ++j) {
+          if (!in(j)) dt[j] = 0.f, dsp[j] = 0.f;  // identity steps past the end
+          dtu[j] = dt[j] * uu[j];
+        }
+        if (full) {
+#pragma unroll
+          for (int j = 0; j < kItem; ++j) dy[j] = in(j) ? to_float(dout_item.v[j]) : 0.f;
+          if (p.z) {
+#pragma unroll
+            for (int j = 0; j < kItem; ++j) {
+              const float zj = in(j) ? to_float(z_item.v[j]) : 0.f, go = dy[j];
               const float sig = sizeof(T) < 4 ? sigmoid_fast(zj) : sigmoid(zj);
               dy[j] = go * zj * sig;
               dz[j] = to_float(pre_item.v[j]) * go * sig * fmaf(zj, 1.f - sig, 1.f);  // (unstored past valid)
-            } else {
-              dy[j] = go;
             }
           }
         }

@@ -180,15 +180,23 @@ __global__ __launch_bounds__(S::kThreads) void forward_tiled_kernel(const Params
       x_item(k, tile, c, t, valid);
       if (c >= kChannels) continue;
       const float b = item_bias[k], D = item_D[k];
-      float dt[kItem], dtu[kItem], Du[kItem];
+      float dt[kItem], dtu[kItem], Du[kItem], uu[kItem];
+      // In phases, with no branch inside a loop over the elements, so that their MUFU chains
+      // interleave (as in the backward's staging).
 #pragma unroll
       for (int j = 0; j < kItem; ++j) {
-        const float uj = j < valid ? to_float(u_next[k].v[j]) : 0.f;
-        const float raw = (j < valid ? to_float(delta_next[k].v[j]) : 0.f) + b;
-        const float step = p.softplus ? (sizeof(T) < 4 ? softplus_fast(raw) : softplus(raw)) : raw;
-        dt[j] = j < valid ? step : 0.f;
-        dtu[j] = dt[j] * uj;
-        Du[j] = D * uj;
+        uu[j] = j < valid ? to_float(u_next[k].v[j]) : 0.f;
+        dt[j] = (j < valid ? to_float(delta_next[k].v[j]) : 0.f) + b;
+      }
+      if (p.softplus) {
+#pragma unroll
+        for (int j = 0; j < kItem; ++j) dt[j] = sizeof(T) < 4 ? softplus_fast(dt[j]) : softplus(dt[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < kItem; ++j) {
+        if (j >= valid) dt[j] = 0.f;
+        dtu[j] = dt[j] * uu[j];
+        Du[j] = D * uu[j];
       }
       store_floats(dt_s + c * kRow + t, dt);
       store_floats(dtu_s + c * kRow + t, dtu);
