@@ -25,6 +25,8 @@ CHUNK = 2048  # must equal ssmk::scan::kChunk (checked against the extension at 
 # With z and a backward to come, the forward also writes ``pregate`` (y + D u before the gate) for
 # the state-parallel backward's dz (op.py); without it that backward leaves z calls to the warp kernel.
 KEEPS_PREGATE = True
+# backward() writes dA, dD and ddelta_bias whole (sums of per-sequence parts), so the op need not zero them.
+WRITES_PARAM_GRADS = True
 
 
 def unsupported(features: dict) -> str | None:
@@ -140,8 +142,8 @@ def forward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delt
 def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus,
              checkpoints, dout, dlast_state, du, ddelta, dA, dB, dC, dD, dz, ddelta_bias,
              dinitial_state, pregate=None) -> None:
-    """Writes du, ddelta, dz, dinitial_state; adds into the zeroed float32 dA, dB, dC, dD, ddelta_bias.
-    ``pregate``: the forward's, when it kept one."""
+    """Writes du, ddelta, dz, dinitial_state and the float32 dA, dD, ddelta_bias; adds into the zeroed
+    float32 dB, dC. ``pregate``: the forward's, when it kept one."""
     b, d, l = u.shape
     n = A.shape[1]
     count = checkpoints.shape[0] - b * -(-l // CHUNK)
@@ -208,11 +210,11 @@ def backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, del
     for name, g in (("ddelta", ddelta), ("dz", dz)):
         if g is not None and staged[name] is not g:
             g.copy_(staged[name])
-    dA += dA_part.sum(0)
+    torch.sum(dA_part, 0, out=dA)  # written whole (WRITES_PARAM_GRADS)
     if dD is not None:
-        dD += dD_part.sum(0)
+        torch.sum(dD_part, 0, out=dD)
     if ddelta_bias is not None:
-        ddelta_bias += dbias_part.sum(0)
+        torch.sum(dbias_part, 0, out=ddelta_bias)
     for M, dM, buf in ((B, dB, grad_bufs[0]), (C, dC, grad_bufs[1])):
         if M.dim() == 2:
             dM += buf.sum(0).view_as(dM)

@@ -61,17 +61,21 @@ def _scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
               z: Optional[Tensor], delta_bias: Optional[Tensor], initial_state: Optional[Tensor],
               cu_seqlens: Optional[Tensor], delta_softplus: bool, checkpoints: Tensor, pregate: Tensor,
               dout: Tensor, dlast_state: Optional[Tensor], backend: str) -> list[Tensor]:
+    impl = kernels(PRIMITIVE, backend)
+    # dA, dD, ddelta_bias: zeros to add into, or unfilled where the backend writes them whole
+    # (WRITES_PARAM_GRADS: two small kernels less each, a fill and an add).
+    param_grad = empty_like if getattr(impl, "WRITES_PARAM_GRADS", False) else torch.zeros_like
+    f32 = torch.float32
     grads = [empty_like(u), empty_like(delta),
-             torch.zeros_like(A, dtype=torch.float32), torch.zeros_like(B, dtype=torch.float32),
-             torch.zeros_like(C, dtype=torch.float32),
-             None if D is None else torch.zeros_like(D, dtype=torch.float32),
+             param_grad(A, dtype=f32), torch.zeros_like(B, dtype=f32), torch.zeros_like(C, dtype=f32),
+             None if D is None else param_grad(D, dtype=f32),
              None if z is None else empty_like(z),
-             None if delta_bias is None else torch.zeros_like(delta_bias, dtype=torch.float32),
+             None if delta_bias is None else param_grad(delta_bias, dtype=f32),
              None if initial_state is None else empty_like(initial_state)]
     extra = {"pregate": pregate} if pregate.numel() else {}
     with on_device_of(u):
-        kernels(PRIMITIVE, backend).backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens,
-                                             delta_softplus, checkpoints, dout, dlast_state, *grads, **extra)
+        impl.backward(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, checkpoints,
+                      dout, dlast_state, *grads, **extra)
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     return [placeholder(u) if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
 

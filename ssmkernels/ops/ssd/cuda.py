@@ -211,9 +211,9 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     u = i["u"]
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
     dz_scan = None if z is None else torch.empty_like(u)
-    dA_scan = torch.zeros_like(i["A"])
+    dA_scan = torch.empty_like(i["A"])  # (written whole by the scan backward, as dD_scan)
     dB_scan, dC_scan = torch.zeros_like(i["B"]), torch.zeros_like(i["C"])
-    dD_scan = None if D is None else torch.zeros_like(i["D"])
+    dD_scan = None if D is None else torch.empty_like(i["D"])
     dinit_scan = None if initial_states is None else u.new_empty(lay.count, lay.d, lay.n)
     scan_cuda.backward(u, i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], None, i["initial_state"], lay.cu,
                        False, scan_checkpoints, lay.to_scan(dout), dlast, du, ddelta, dA_scan, dB_scan, dC_scan,
