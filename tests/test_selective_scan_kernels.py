@@ -344,6 +344,8 @@ EMULATED_CASES = {
                                               C="grouped", g=2, init=True),
     # n = 64 (16 warps), no z and no D, l shorter than a tile.
     "tiled_backward_n64_plain": dict(b=1, d=32, n=64, l=21, z=False, D=False, init=True),
+    # n = 128 (16-channel blocks of 16 warps), a partial second tile.
+    "tiled_backward_n128": dict(b=1, d=16, n=128, l=45, init=True),
 }
 # Forward only (the backward's emulation is slower): the forward's warp-per-channel paths. Each
 # warp walks 512-step warp chunks; blocks of 4 channels with idle warps when d % 4 != 0; carries of
@@ -402,8 +404,9 @@ def test_cuda_kernels_in_host_emulation(case_name, emulated_scan_cuda):
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the real CUDA kernels run in the tests above")
 @pytest.mark.parametrize("case_name,dtype", [("tiled_backward_n16_two_rows", torch.bfloat16),
-                                             ("tiled_backward_n32_varlen_grouped", torch.float16)],
-                         ids=["n16_bf16", "n32_varlen_f16"])
+                                             ("tiled_backward_n32_varlen_grouped", torch.float16),
+                                             ("tiled_backward_n128", torch.bfloat16)],
+                         ids=["n16_bf16", "n32_varlen_f16", "n128_bf16"])
 def test_cuda_tiled_backward_16bit_in_host_emulation(case_name, dtype, emulated_scan_cuda):
     """The tiled backward's 16-bit paths: fast softplus and sigmoids, packed 4-byte stores of 2 steps and their
     element-wise fallback at unaligned sequence starts."""
@@ -435,13 +438,14 @@ def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
     assert workspace(n=16) == 2 * 256 * 16 * 16
     for n in (32, 64):
         assert workspace(n=n) == 2 * 256 * 32 * n, n
+    assert workspace(n=128) == 2 * 256 * 16 * 128  # 16-channel blocks of 512 threads
     assert workspace(dtype=torch.bfloat16, B="grouped", C="grouped", g=2) == 2 * 256 * 16 * 16
     assert workspace(b=1, d=16) == 256 * 16 * 16  # one item: one block
     # z without the forward's pregate (the backward's dz needs it): the warp kernel; without z none is needed
     assert workspace(pregate=False) == 0
     assert workspace(pregate=False, z=False) == 2 * 256 * 16 * 16
     assert workspace(d=48) == workspace(B="grouped", C="grouped", g=4) == 2 * 256 * 16 * 16  # 16-channel blocks
-    for changes in (dict(n=128), dict(n=8), dict(d=40), dict(d=48, n=32), dict(B="fixed"), dict(C="fixed"),
+    for changes in (dict(n=256), dict(n=8), dict(d=40), dict(d=48, n=32), dict(B="fixed"), dict(C="fixed"),
                     dict(B="grouped", C="grouped", g=4, n=32),  # 16 channels per group
                     dict(deterministic=True)):
         assert workspace(**changes) == 0, changes

@@ -171,9 +171,10 @@ __device__ __forceinline__ void store_steps(T* dst, bool whole, int valid, const
 inline int tiled_backward_instance(const Params& p) {
   if (warp_kernel_forced("SSMKERNELS_SCAN_BACKWARD_KERNEL")) return 0;
   if (p.bc_grad_per_channel || p.channel_count != 0) return 0;  // deterministic slices
-  if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64) return 0;
+  if (p.dstate != 16 && p.dstate != 32 && p.dstate != 64 && p.dstate != 128) return 0;
   if (p.z && !p.out_pre) return 0;  // dz takes the forward's y + D u
-  int channels = p.dstate == 16 ? 16 : 32;
+  // N 128: 16 channels (512 threads, ~200 KB of shared memory); 32 would need twice that.
+  int channels = p.dstate == 16 || p.dstate == 128 ? 16 : 32;
   if (const char* force = std::getenv("SSMKERNELS_SCAN_BWD_CHANNELS")) {  // A/B timing at N 16
     if (p.dstate == 16) channels = std::atoi(force) == 32 ? 32 : 16;
   }
@@ -188,6 +189,7 @@ void visit_backward_shape(int instance, Visit&& visit) {
     case 1632: return visit(BwdShape<16, 32>{});
     case 3232: return visit(BwdShape<32, 32>{});
     case 6432: return visit(BwdShape<64, 32>{});
+    case 12816: return visit(BwdShape<128, 16>{});
     default: throw std::logic_error("selective_scan tiled backward: no instance for this call");
   }
 }

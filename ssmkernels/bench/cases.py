@@ -131,7 +131,7 @@ def _conv_cases() -> list[BenchCase]:
 def _scan_cases() -> list[BenchCase]:
     b, d, l = 4, 5120, 4096
     cases = []
-    for n, modes in ((16, ("fwd", "fwd+bwd")), (64, ("fwd", "fwd+bwd")), (128, ("fwd",))):
+    for n, modes in ((16, ("fwd", "fwd+bwd")), (64, ("fwd", "fwd+bwd")), (128, ("fwd", "fwd+bwd"))):
         def make(device, n=n):
             return {"u": torch.randn(b, d, l, device=device, dtype=BF16),
                     "delta": torch.rand(b, d, l, device=device, dtype=BF16) * 3 - 4,
