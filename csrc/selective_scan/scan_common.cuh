@@ -105,7 +105,8 @@ __device__ __forceinline__ float log2_approx(float x) {
 // down to x ~ -11 (dt ~ 2e-5) it stays below what the rounding of the 16-bit delta itself moves dt
 // (e |x| 2^-9), and past that the step's whole input dt u B is under 2e-5 |u B|.
 // The 5-term log1p series it replaced below e = 1/32 (relative error 5e-6 everywhere) took 7
-// instructions more per element, paid in the staging of every tile: MEASURED_SOFTPLUS
+// instructions more per element, paid in the staging of every tile (H200, B4 D5120 L4096 N 16 bf16:
+// backward alone 3.41 -> 3.38 ms, fwd+bwd 3.707 -> 3.665 ms).
 __device__ __forceinline__ float softplus_of_decay(float x, float e) {  // e = exp(-|x|)
   return fmaxf(x, 0.f) + log2_approx(1.f + e) * kLn2;
 }

@@ -46,14 +46,18 @@
 //   pointers, sub-tile 0's entry by cp.async, bias/D read once per item, the chunk pass's advance
 //   unrolled, whole-item staging: N 16 4.04 -> 3.59 ms, N 64 12.00 -> 11.30 (bench: fwd+bwd N 16
 //   3.822 ms against mamba_ssm's 7.158, N 64 12.95 against 26.84;
-//   benchmarks/results/scan_backward_h200_eleventh_session.txt).
+//   benchmarks/results/scan_backward_h200_eleventh_session.txt). Twelfth session: dz from the
+//   forward's pregate (N 16 3.59 -> 3.41 ms, N 64 11.30 -> 11.01), the 6-instruction softplus, the
+//   staging in branch-free phases (bench: fwd+bwd N 16 3.549 ms against mamba_ssm's 7.150, N 64
+//   12.24 against 26.84; N 128, new here, 24.98 against 54.20, where the warp kernel took 56.65).
 // Blocks per SM: shared memory and registers allow 5 x 64 threads at N 16 (16 channels; 32 would
 // give 3 x 128, and B4 D5120's 640 items on 396 blocks take two rounds where 1.6 would do), 2 x 256
-// at N 32, 1 x 512 at N 64. Nsight Compute (the ninth session's form), N 16, 32 channels: 10 warps
+// at N 32, 1 x 512 at N 64 and at N 128 (16 channels: ~197 KB of shared memory). Nsight Compute (the ninth session's form), N 16, 32 channels: 10 warps
 // per SM, 1.9 issued per SM cycle (of 4), stalls on shared-memory / MUFU results 25%, on fixed
 // latencies 20%, on barriers 10%.
 // Serves input-dependent B/C of u's dtype with whole blocks per group (kC | channels per group) and
-// N in {16, 32, 64}, outside deterministic mode; the warp-per-channel backward serves the rest.
+// N in {16, 32, 64, 128}, outside deterministic mode, with the forward's pregate when z is given;
+// the warp-per-channel backward serves the rest.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>

@@ -17,7 +17,9 @@
 // channel against that: N 16 0.805 / 0.868 ms, 32 1.205 / 1.448, 64 2.219 / 2.606, 128 4.453 / 5.310.
 // The bench, mamba_ssm in the same run: N 16 0.711 ms, 64 1.982, 128 4.140 against mamba_ssm's
 // 1.441 / 4.860 / 9.449. With delta_bias and D read once per thread instead of per tile (the
-// staging waited on those loads): N 16 0.695 ms against mamba_ssm's 1.441 (2026-12-04).
+// staging waited on those loads): N 16 0.695 ms against mamba_ssm's 1.441 (2026-12-04); with the
+// staging in branch-free phases and the 6-instruction softplus: 0.678 against 1.445 (twelfth session).
+// With z and a backward to come it also writes y + D u before the gate (Params::out_pre).
 //
 // Time. The block walks the sequence in tiles of kSteps = 32 steps. Per tile, staged in shared
 // memory by the whole block:

@@ -1,7 +1,7 @@
 """Cuda kernels of selective_scan (csrc/selective_scan): thin calls into the torch-free extension.
 
 Where they apply (input-dependent B/C of u's dtype, whole 32- or 16-channel blocks per B/C group,
-d_state 16-128 forward and 16-64 backward), state-parallel kernels run the recurrence of a few
+d_state 16-128, forward and backward), state-parallel kernels run the recurrence of a few
 states per thread step by step; elsewhere the warp-per-channel kernels scan one channel per warp.
 Both keep the state entering every ``CHUNK`` (= 2048) steps as the backward's checkpoint; the
 state-parallel backward also takes a workspace (the state entering each 8-step sub-tile of the chunk
