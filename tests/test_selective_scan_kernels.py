@@ -416,6 +416,32 @@ def test_cuda_tiled_backward_16bit_in_host_emulation(case_name, dtype, emulated_
                            label=f"emulated cuda {case_name} {dtype}")
 
 
+@pytest.mark.parametrize("d", [6, 32], ids=["warp_forward", "tiled_forward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cuda_forward_pregate(d, dtype, request):
+    """The forward's fourth output, which the tiled backward takes dz from: the output before the z gate
+    (y + D u, u's dtype) when a backward is to come, checked against the reference without z; else empty."""
+    if not ON_GPU:
+        request.getfixturevalue("emulated_scan_cuda")
+    from ssmkernels._core.tolerance import assert_spec_close
+
+    case = {**BASE, "b": 2, "d": d, "n": 16, "l": 45, "init": True}
+    x = _scan_inputs(case, dtype)
+    state = x["initial_state"].float()  # (the op takes float32 states; the public function converts them)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], state, None, True)
+    out, _, _, pregate = torch.ops.ssmkernels.selective_scan_fwd.default(*args, True, "cuda")
+    _, _, _, none_kept = torch.ops.ssmkernels.selective_scan_fwd.default(*args, False, "cuda")
+    assert none_kept.numel() == 0
+    assert pregate.shape == out.shape and pregate.dtype == dtype
+
+    def ungated(cast):
+        t = {k: (None if v is None else cast(v)) for k, v in x.items()}
+        return reference.selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], None, t["delta_bias"],
+                                        True, initial_state=t["initial_state"])
+
+    assert_spec_close("pregate", pregate, ungated(lambda v: v.double()), ungated(lambda v: v), dtype)
+
+
 @pytest.mark.skipif(ON_GPU, reason="host emulation of the launcher's choice")
 def test_cuda_backward_kernel_choice(emulated_scan_cuda, monkeypatch):
     """Which backward the launcher takes, seen through the workspace it asks for: the tiled kernel's
