@@ -141,6 +141,10 @@ def selective_scan(
 
     Returns:
         ``out (b, d, l)`` in u's dtype, or ``(out, last_state)``.
+
+    Memory kept for the backward: the inputs, float32 states every 2048 steps (``(d, n)`` per
+    chunk and sequence) and, on the CUDA backend with z, the output before the gate (``(b, d, l)``
+    in u's dtype, as mamba_ssm keeps its ``out``): linear in ``b d l``, never a state per step.
     """
     v.check_tensor("u", u)
     v.check_ndim("u", u, (3,))
