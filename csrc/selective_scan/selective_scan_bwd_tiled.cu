@@ -22,8 +22,8 @@
 //   - the per-step sums over n (sum g B for du, sum g A a h for ddelta) cross the slices: each leaves
 //     its partial sums in shared memory and the block adds them, per sub-tile;
 //   - dz = (y + D u) dout silu'(z) takes y + D u from the forward (Params::out_pre, as mamba_ssm
-//     keeps its out), so y = sum C h, a third sum over n, is not recomputed: it is computed in
-//     the staging, 8 steps at a time, and the adjoint does one FMA less per (step, state).
+//     keeps its out), so y = sum C h, a third sum over n, is not recomputed: dz is computed in the
+//     staging, 8 steps at a time, and the adjoint does one FMA less per (step, state).
 // Time. The forward keeps the state entering every 2048-step chunk (checkpoints). Per chunk, walked
 // backwards:
 //   1. a forward pass from the checkpoint leaves the state entering each 8-step sub-tile in the
@@ -52,9 +52,10 @@
 //   12.24 against 26.84; N 128, new here, 24.98 against 54.20, where the warp kernel took 56.65).
 // Blocks per SM: shared memory and registers allow 5 x 64 threads at N 16 (16 channels; 32 would
 // give 3 x 128, and B4 D5120's 640 items on 396 blocks take two rounds where 1.6 would do), 2 x 256
-// at N 32, 1 x 512 at N 64 and at N 128 (16 channels: ~197 KB of shared memory). Nsight Compute (the ninth session's form), N 16, 32 channels: 10 warps
-// per SM, 1.9 issued per SM cycle (of 4), stalls on shared-memory / MUFU results 25%, on fixed
-// latencies 20%, on barriers 10%.
+// at N 32, 1 x 512 at N 64 and at N 128 (16 channels: ~197 KB of shared memory). Nsight Compute,
+// N 16, twelfth session: 9 warps per SM, 2.17 issued per SM cycle (of 4), no eligible warp 41.5% of
+// cycles; stall samples in the sub-tile core 54%, the chunk pass 11%, the reverse staging 8%, the
+// dB/dC atomics 3% (benchmarks/results/scan_backward_h200_twelfth_session.txt).
 // Serves input-dependent B/C of u's dtype with whole blocks per group (kC | channels per group) and
 // N in {16, 32, 64, 128}, outside deterministic mode, with the forward's pregate when z is given;
 // the warp-per-channel backward serves the rest.
