@@ -416,6 +416,32 @@ def test_cuda_tiled_backward_16bit_in_host_emulation(case_name, dtype, emulated_
                            label=f"emulated cuda {case_name} {dtype}")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS if ON_GPU else ("triton", "emulated cuda"))
+def test_scan_gradient_of_a_loss_on_the_last_state_only(backend, request):
+    """out takes no part in the loss, so its gradient reaches the backward as None (the op does not
+    materialise zeros for outputs without a gradient)."""
+    from ssmkernels._core.tolerance import assert_spec_close
+
+    if backend == "emulated cuda":
+        request.getfixturevalue("emulated_scan_cuda")
+        backend = "cuda"
+
+    case = {**BASE, "l": 37, "init": True}
+    x = _scan_inputs(case, torch.float32)
+    names = ("u", "delta", "A", "B", "initial_state")  # (C and D act on out only)
+
+    def grads(be, cast):
+        t = {k: (None if v is None else cast(v).detach().requires_grad_(k in names)) for k, v in x.items()}
+        _, last = ssmkernels.selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
+                                            t["delta_bias"], True, True, initial_state=t["initial_state"],
+                                            backend=be)
+        return torch.autograd.grad(last.sum(), [t[k] for k in names])
+
+    ref64, ref32, got = grads("reference", torch.Tensor.double), grads("reference", lambda v: v), grads(backend, lambda v: v)
+    for name, g64, g32, g in zip(names, ref64, ref32, got):
+        assert_spec_close(f"{backend} grad {name}", g, g64, g32, torch.float32)
+
+
 @pytest.mark.parametrize("d", [6, 32], ids=["warp_forward", "tiled_forward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_cuda_forward_pregate(d, dtype, request):

@@ -91,12 +91,15 @@ def _setup_context(ctx, inputs, output):
     *tensors, delta_softplus, _keep_pregate, backend = inputs
     ctx.save_for_backward(*tensors, output[2], output[3])
     ctx.delta_softplus, ctx.backend = delta_softplus, backend
+    # Outputs without a gradient get None, not zeros: checkpoints and pregate never have one, and
+    # pregate's zeros would be a fill as large as u in every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlast_state, _dcheckpoints, _dpregate):
     *tensors, checkpoints, pregate = ctx.saved_tensors
-    grads = call_op(_scan_bwd, *tensors, ctx.delta_softplus, checkpoints, pregate, dout.contiguous(), dlast_state,
-                    ctx.backend)
+    dout = torch.zeros_like(tensors[0]) if dout is None else dout.contiguous()  # (a loss on last_state only)
+    grads = call_op(_scan_bwd, *tensors, ctx.delta_softplus, checkpoints, pregate, dout, dlast_state, ctx.backend)
     grads = [None if absent(g) else g for g in grads]
     return (*grads, None, None, None, None)
 
