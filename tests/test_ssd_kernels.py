@@ -133,6 +133,26 @@ def test_ssd_against_reference(backend, name, dtype):
 
 
 @pytest.mark.parametrize("backend", SSD_BACKENDS)
+def test_gradient_of_a_loss_on_the_final_states_only(backend):
+    """out takes no part in the loss, so its gradient reaches the backward as None (the op does not
+    materialise zeros for outputs without a gradient)."""
+    from ssmkernels._core.tolerance import assert_spec_close
+
+    inputs = make_inputs({**BASE, "init": True}, torch.float32)
+    names = ("x", "dt", "A", "B", "dt_bias", "initial_states")  # (C, D and z act on out only)
+
+    def grads(be, cast):
+        args = {k: (cast(v).detach().requires_grad_(k in names) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                    else v) for k, v in inputs.items()}
+        _, final = ssmkernels.ssd_chunk_scan(**args, backend=be)
+        return torch.autograd.grad(final.sum(), [args[k] for k in names])
+
+    ref64, ref32, got = grads("reference", torch.Tensor.double), grads("reference", lambda v: v), grads(backend, lambda v: v)
+    for name, g64, g32, g in zip(names, ref64, ref32, got):
+        assert_spec_close(f"{backend} grad {name}", g, g64, g32, torch.float32)
+
+
+@pytest.mark.parametrize("backend", SSD_BACKENDS)
 def test_chunk_size_invariance(backend):
     """SPEC law 1: chunk 16, 32 and 64 agree (forward and gradients) beyond rounding."""
     case = {**BASE, "l": 70, "init": True, "seq": [[0, 30], [10, 64]]}

@@ -86,14 +86,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*tensors, output[0], output[3])
     ctx.options = (chunk_size, dt_softplus, dt_min, dt_max)
     ctx.backend = backend
+    # Outputs without a gradient get None, not zeros (a fill as large as the chunk states for the
+    # checkpoints in every backward, and one per unused state output).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dfinal_states, dvarlen_states, _dcheckpoints):
     *tensors, out, checkpoints = ctx.saved_tensors
     if dvarlen_states is not None and dvarlen_states.numel() == 0:
         dvarlen_states = None
-    grads = call_op(_ssd_bwd, *tensors, *ctx.options, out, checkpoints, dout.contiguous(), dfinal_states,
-                     dvarlen_states, ctx.backend)
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()  # (a loss on the states only)
+    grads = call_op(_ssd_bwd, *tensors, *ctx.options, out, checkpoints, dout, dfinal_states, dvarlen_states,
+                    ctx.backend)
     grads = [None if absent(g) else g for g in grads]
     return (*grads, None, None, None, None, None, None, None)
 
