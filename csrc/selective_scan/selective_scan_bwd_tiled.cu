@@ -260,6 +260,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
     const Span span = sequence_span(p, seq);
     const int64_t num_tiles = ceil_div(span.end - span.start, kSteps);
     const int64_t x0 = span.row * p.x_batch_stride + channel0 * p.x_d_stride;
+    const int64_t x_item_row = x0 + item_row * p.x_d_stride;  // the x item's (u, delta, dout, z, out_pre, dz)
     // The output item's row (du, ddelta, dz share u's strides), and whether its pairs of steps are
     // aligned vectors: the tiles start span.start plus multiples of kSteps, the items at even steps.
     const int64_t out_row = x0 + out_c * p.x_d_stride;
@@ -300,7 +301,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
       const int valid = items_in_range<kItem>(t0 + item_t, span.end);
       const int valid_bc = items_in_range<kItem>(t0 + bc_t, span.end);
       if (has_x && valid > 0) {
-        const int64_t at = x0 + item_row * p.x_d_stride + t0 + item_t;
+        const int64_t at = x_item_row + t0 + item_t;
         load_item_async(as_ptr<const T>(p.u) + at, valid, raw_x);
         load_item_async(as_ptr<const T>(p.delta) + at, valid, raw_x + kC * kSteps);
         if (full) {
@@ -385,7 +386,7 @@ __global__ __launch_bounds__(S::kThreads, S::kMinBlocks) void backward_tiled_ker
           store_floats(dy_s + at, dy);
           store_floats(u_s + at, uu);
           store_floats(dsp_s + at, dsp);
-          if (p.z) store_items(as_ptr<T>(p.dz) + x0 + item_row * p.x_d_stride + t0 + item_t, kWhole ? kItem : valid, dz);
+          if (p.z) store_items(as_ptr<T>(p.dz) + x_item_row + t0 + item_t, kWhole ? kItem : valid, dz);
         }
       };
       if (has_x) {

@@ -146,7 +146,8 @@ def eager_autograd(op, setup_context: Callable, backward: Callable) -> Callable:
     """``call(*args)`` for a custom op registered with ``op.register_autograd(backward,
     setup_context=setup_context)``: in plain eager mode an autograd.Function that runs the op's
     implementation and the same two functions (as torch's generated Function does: zeros for the
-    outputs without a gradient unless setup_context turns that off), else the op itself. Arguments are positional, as the op's schema lists them."""
+    outputs without a gradient unless setup_context turns that off), else the op itself. Arguments
+    are positional, as the op's schema lists them."""
     impl = _implementation(op)
     if impl is None:
         return op
