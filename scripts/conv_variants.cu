@@ -125,6 +125,28 @@ int main() {
   }
   FIRST_BWD(16) FIRST_BWD(12) FIRST_BWD(8) FIRST_BWD(10)
 
+  // The warp-walk forms (each warp its own span of the block's segment, shuffles, no barriers).
+#define FIRST_FWD_WARP(MINB, ROUNDS)                                                                   \
+  {                                                                                                     \
+    const int64_t segment = 128 * 8 * ROUNDS;                                                          \
+    const dim3 grid(D, B, ceil_div(L, segment));                                                        \
+    report("cf fwd warp minblocks=" #MINB " rounds=" #ROUNDS,                                          \
+           time_us([&] { forward_first_warp_kernel<bf16, 4, MINB><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
+  }
+  FIRST_FWD_WARP(16, 4) FIRST_FWD_WARP(12, 4) FIRST_FWD_WARP(8, 4) FIRST_FWD_WARP(16, 2) FIRST_FWD_WARP(12, 2)
+  FIRST_FWD_WARP(16, 1)
+#define FIRST_BWD_WARP(MINB, AHEAD, ROUNDS)                                                            \
+  {                                                                                                     \
+    const int64_t segment = 128 * 8 * ROUNDS, segments = ceil_div(L, segment);                         \
+    const dim3 grid(D, B, segments);                                                                    \
+    report("cf bwd warp minblocks=" #MINB " ahead=" #AHEAD " rounds=" #ROUNDS,                        \
+           time_us([&] { backward_first_warp_kernel<bf16, 4, MINB, AHEAD><<<grid, 128>>>(first, segment, segments); }), \
+           bwd_bytes);                                                                                  \
+  }
+  FIRST_BWD_WARP(12, true, 4) FIRST_BWD_WARP(10, true, 4) FIRST_BWD_WARP(8, true, 4) FIRST_BWD_WARP(16, true, 4)
+  FIRST_BWD_WARP(12, false, 4) FIRST_BWD_WARP(16, false, 4) FIRST_BWD_WARP(10, true, 2) FIRST_BWD_WARP(8, true, 2)
+  FIRST_BWD_WARP(10, true, 1) FIRST_BWD_WARP(8, true, 8)
+
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \
     const int64_t groups = ceil_div(L, ROWS);                                                           \
@@ -132,8 +154,16 @@ int main() {
     report("cl fwd ch=" #CH " rows=" #ROWS,                                                             \
            time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl); }), fwd_bytes); \
   }
-  LAST_FWD(2, 32) LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 8) LAST_FWD(8, 4) LAST_FWD(8, 8)
-  LAST_FWD(8, 16) LAST_FWD(4, 32) LAST_FWD(2, 64)
+  LAST_FWD(2, 32) LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 8) LAST_FWD(4, 32)
+#define LAST_FWD_CHANNELS_FASTEST(CH, ROWS)                                                             \
+  {                                                                                                     \
+    const int64_t groups = ceil_div(L, ROWS);                                                           \
+    const dim3 grid(ceil_div(D / CH, kLastThreads), groups, B);                                         \
+    report("cl fwd channels fastest ch=" #CH " rows=" #ROWS,                                            \
+           time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS, true><<<grid, kLastThreads>>>(fl); }), fwd_bytes); \
+  }
+  LAST_FWD_CHANNELS_FASTEST(2, 32) LAST_FWD_CHANNELS_FASTEST(2, 16) LAST_FWD_CHANNELS_FASTEST(4, 16)
+  LAST_FWD_CHANNELS_FASTEST(4, 8) LAST_FWD_CHANNELS_FASTEST(2, 64)
 
   // Tiled channel-last kernels: TileShape<row bytes, threads, rows per tile, min blocks per SM>.
 #define LAST_FWD_TILED(SHAPE, SEGMENT)                                                                  \

@@ -544,7 +544,8 @@ _EMU_FIELDS = {
         "seq_idx cu_seqlens num_seqs x_batch_stride x_c_stride x_l_stride out_batch_stride out_c_stride "
         "out_l_stride weight_c_stride weight_width_stride bias_stride init_batch_stride init_c_stride "
         "init_l_stride final_batch_stride final_c_stride final_l_stride seq_batch_stride seq_l_stride stream "
-        "dout dx dfinal_states dinitial_states dweight_partial dbias_partial dout_batch_stride dout_c_stride "
+        "dout dx dfinal_states dinitial_states dweight_partial dbias_partial dweight dbias dweight_c_stride "
+        "dweight_width_stride dbias_stride dout_batch_stride dout_c_stride "
         "dout_l_stride dx_batch_stride dx_c_stride dx_l_stride dfinal_batch_stride dfinal_c_stride "
         "dfinal_l_stride dinit_batch_stride dinit_c_stride dinit_l_stride"
     ).split(),
@@ -566,14 +567,18 @@ _EMU_SHIM = r"""
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <algorithm>
 #include <barrier>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 namespace ssmk_emu {
 inline thread_local uint3 thread_idx, block_idx;
 inline dim3 block_dim, grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
+inline thread_local std::barrier<>* warp_barrier = nullptr;
 template <typename F>
 void launch(F body, dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) {
   grid_dim = grid; block_dim = block;
@@ -581,29 +586,39 @@ void launch(F body, dim3 grid, dim3 block, size_t = 0, cudaStream_t = nullptr) {
   for (unsigned bz = 0; bz < grid.z; ++bz) for (unsigned by = 0; by < grid.y; ++by) for (unsigned bx = 0; bx < grid.x; ++bx) {
     std::barrier<> bar(n);
     block_barrier = &bar;
+    // Shuffles synchronise only their warp (warps of a block may run different step counts).
+    std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
+    for (unsigned w = 0; w * 32 < n; ++w) warp_bars.emplace_back(new std::barrier<>(std::min(32u, n - w * 32)));
     std::vector<std::thread> threads;
     for (unsigned t = 0; t < n; ++t)
       threads.emplace_back([&, t] { thread_idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-                                    block_idx = {bx, by, bz}; body(); });
+                                    block_idx = {bx, by, bz}; warp_barrier = warp_bars[t / 32].get(); body();
+                                    // an exited thread no longer counts, as on the GPU
+                                    warp_barrier->arrive_and_drop(); block_barrier->arrive_and_drop(); });
     for (auto& th : threads) th.join();
   }
 }
-// Warp shuffles: every thread of the block posts its value, then reads its neighbour's (its own
-// when the neighbour is outside its 32-lane warp), between two barriers.
-inline float shuffle_slots[1024];
-inline float shuffle(float value, int delta) {
+// Warp shuffles of 4-byte values: every thread of the warp posts its value, then reads its source
+// lane's (its own when the source is outside the warp or the block), between two warp barriers.
+inline uint32_t shuffle_slots[1024];
+template <typename V>
+V shuffle_from(V value, int source_lane) {
+  static_assert(sizeof(V) == 4, "4-byte shuffles");
   const unsigned n = block_dim.x * block_dim.y * block_dim.z;
   const unsigned tid = thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z);
-  shuffle_slots[tid] = value;
-  block_barrier->arrive_and_wait();
-  const int source = static_cast<int>(tid % 32) + delta;
-  const float result = (source >= 0 && source < 32 && tid + delta < n) ? shuffle_slots[tid + delta] : value;
-  block_barrier->arrive_and_wait();
+  std::memcpy(&shuffle_slots[tid], &value, 4);
+  warp_barrier->arrive_and_wait();
+  const unsigned source = tid - tid % 32 + static_cast<unsigned>(source_lane);
+  V result = value;
+  if (source_lane >= 0 && source_lane < 32 && source < n) std::memcpy(&result, &shuffle_slots[source], 4);
+  warp_barrier->arrive_and_wait();
   return result;
 }
+inline int lane_id() { return static_cast<int>((thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z)) % 32); }
 }  // namespace ssmk_emu
-#define __shfl_up_sync(mask, value, delta) ssmk_emu::shuffle(value, -(delta))
-#define __shfl_down_sync(mask, value, delta) ssmk_emu::shuffle(value, (delta))
+#define __shfl_up_sync(mask, value, delta) ssmk_emu::shuffle_from(value, ssmk_emu::lane_id() - (delta))
+#define __shfl_down_sync(mask, value, delta) ssmk_emu::shuffle_from(value, ssmk_emu::lane_id() + (delta))
+#define __shfl_sync(mask, value, lane) ssmk_emu::shuffle_from(value, (lane) % 32)
 #undef __shared__
 #define __shared__ static
 #undef __launch_bounds__
@@ -625,7 +640,7 @@ def _emulation_sources(tmp):
     root = Path(__file__).resolve().parents[1]
     (tmp / "shim.h").write_text(_EMU_SHIM)
     sources = []
-    launch = re.compile(r"(\w+<[^<>;]*>)\s*<<<(.*?)>>>\((.*?)\);", re.S)
+    launch = re.compile(r"(\w+(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\((.*?)\);", re.S)
     for cu in sorted((root / "csrc" / "causal_conv1d").glob("*.cu")):
         text = launch.sub(lambda m: f"ssmk_emu::launch([&] {{ {m.group(1)}({m.group(3)}); }}, {m.group(2)});",
                           cu.read_text())

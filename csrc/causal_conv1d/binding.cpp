@@ -36,7 +36,10 @@ void bind_causal_conv1d(py::module_& m) {
       .def(py::init<>())
       SSMK_FIELD(BackwardParams, dout) SSMK_FIELD(BackwardParams, dx) SSMK_FIELD(BackwardParams, dfinal_states)
       SSMK_FIELD(BackwardParams, dinitial_states) SSMK_FIELD(BackwardParams, dweight_partial)
-      SSMK_FIELD(BackwardParams, dbias_partial) SSMK_FIELD(BackwardParams, dout_batch_stride)
+      SSMK_FIELD(BackwardParams, dbias_partial) SSMK_FIELD(BackwardParams, dweight)
+      SSMK_FIELD(BackwardParams, dbias) SSMK_FIELD(BackwardParams, dweight_c_stride)
+      SSMK_FIELD(BackwardParams, dweight_width_stride) SSMK_FIELD(BackwardParams, dbias_stride)
+      SSMK_FIELD(BackwardParams, dout_batch_stride)
       SSMK_FIELD(BackwardParams, dout_c_stride) SSMK_FIELD(BackwardParams, dout_l_stride)
       SSMK_FIELD(BackwardParams, dx_batch_stride) SSMK_FIELD(BackwardParams, dx_c_stride)
       SSMK_FIELD(BackwardParams, dx_l_stride) SSMK_FIELD(BackwardParams, dfinal_batch_stride)
@@ -72,7 +75,8 @@ void bind_causal_conv1d(py::module_& m) {
   m.def("causal_conv1d_bwd_partial_rows", &ssmk::conv::backward_partial_rows, py::arg("params"),
         "rows of the float32 dweight/dbias partial sums causal_conv1d_bwd writes for these params");
   m.def("causal_conv1d_bwd", &ssmk::conv::backward, py::arg("params"),
-        "causal_conv1d backward: dx, d(initial states), float32 partial sums of dweight and dbias");
+        "causal_conv1d backward: dx, d(initial states), float32 partial sums of dweight and dbias (and, when "
+        "dweight is set, their sums into dweight and dbias)");
   m.def("causal_conv1d_update", &ssmk::conv::update, py::arg("params"),
         "causal_conv1d decode step(s) on conv_state, in place");
   m.def("causal_conv1d_update_vector", &ssmk::conv::update_uses_vector_kernel, py::arg("params"),

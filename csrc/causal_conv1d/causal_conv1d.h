@@ -62,14 +62,18 @@ struct UpdateParams {
 };
 
 // Backward: the forward's fields plus gradients. dx/dout/dfinal/dinitial share x's element type;
-// the weight and bias gradients leave as float32 partial sums, one per (backward block, channel):
-// dweight_partial (backward_partial_rows(params), d, w), dbias_partial (same, d), summed after.
+// the weight and bias gradients leave the kernels as float32 partial sums, one per (backward block,
+// channel): dweight_partial (backward_partial_rows(params), d, w), dbias_partial (same, d). When
+// dweight (and dbias) are given, a last kernel sums the partials in row order into them, written
+// whole in weight_dtype (bias_dtype); else the caller sums them.
 // The general kernel's blocks span kBackwardTileL positions.
 constexpr int kBackwardTileL = 64;
 
 struct BackwardParams : ForwardParams {
   std::uintptr_t dout = 0, dx = 0, dfinal_states = 0, dinitial_states = 0;
   std::uintptr_t dweight_partial = 0, dbias_partial = 0;
+  std::uintptr_t dweight = 0, dbias = 0;  // (d, w) and (d,) or 0
+  int64_t dweight_c_stride = 0, dweight_width_stride = 0, dbias_stride = 0;
   int64_t dout_batch_stride = 0, dout_c_stride = 0, dout_l_stride = 0;
   int64_t dx_batch_stride = 0, dx_c_stride = 0, dx_l_stride = 0;
   int64_t dfinal_batch_stride = 0, dfinal_c_stride = 0, dfinal_l_stride = 0;

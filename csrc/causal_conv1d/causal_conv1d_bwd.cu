@@ -6,7 +6,8 @@
 //   dx[u]       = sum_j weight[w-1-j] * g[u+j]   over u+j in u's sequence  (+ dfinal where u is a final-state input)
 //   dweight[k] += sum_t g[t] * xx[t-(w-1)+k],   dbias += sum_t g[t]        (over its own positions t)
 // Weight and bias sums leave the block as one partial per (block, channel), summed in a fixed order
-// afterwards: no atomics, bitwise reproducible. A second small kernel computes d(initial states).
+// afterwards (sum_param_partials_kernel, when dweight is given): no atomics, bitwise reproducible.
+// A second small kernel computes d(initial states).
 //
 // Sequences: each position carries a key (its seq_idx, its cu_seqlens sequence, or 0); an input
 // reaches an output only with the same key. Inputs before a sequence's start come from the initial
@@ -260,11 +261,35 @@ __global__ void dinitial_kernel(BackwardParams p) {
   }
 }
 
-}  // namespace
+// The second stage of the weight/bias sums: dweight[c][k] and dbias[c] from the partial rows, added
+// in row order (bitwise reproducible), written whole in the parameters' own dtypes (no fill before,
+// no cast after). Zero rows (an empty batch or length) write zeros.
+__global__ void sum_param_partials_kernel(BackwardParams p, int64_t rows) {
+  const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;  // (channel, tap), dbias as tap w
+  const int64_t w = p.width;
+  if (i >= p.dim * (w + 1)) return;
+  const int64_t c = i / (w + 1), k = i % (w + 1);
+  if (k == w && !p.dbias) return;
+  const float* partial = reinterpret_cast<const float*>(k < w ? p.dweight_partial : p.dbias_partial);
+  const int64_t row_stride = k < w ? p.dim * w : p.dim, offset = k < w ? c * w + k : c;
+  float total = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) total += partial[r * row_stride + offset];
+  if (k < w)
+    store_from_float(p.dweight, p.weight_dtype, c * p.dweight_c_stride + k * p.dweight_width_stride, total);
+  else
+    store_from_float(p.dbias, p.bias_dtype, c * p.dbias_stride, total);
+}
 
-void backward(const BackwardParams& p) {
-  if (p.dim == 0) return;
-  if (backward_plain(p)) return;
+void sum_param_partials(const BackwardParams& p) {
+  constexpr int kThreads = 256;
+  const int64_t blocks = ceil_div(p.dim * (p.width + 1), int64_t{kThreads});
+  if (blocks > INT_MAX) throw std::invalid_argument("causal_conv1d_bwd: too many channels for the weight sums");
+  sum_param_partials_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, as_stream(p.stream)>>>(
+      p, backward_partial_rows(p));
+  check_launch("causal_conv1d_bwd (weight sums)");
+}
+
+void backward_general(const BackwardParams& p) {
   SSMK_DISPATCH_FLOAT(p.dtype, "causal_conv1d_bwd", [&] {
     SSMK_DISPATCH_WIDTH(static_cast<int>(p.width), "causal_conv1d_bwd", [&] {
       if (p.batch > 0 && p.seqlen > 0) {
@@ -292,6 +317,14 @@ void backward(const BackwardParams& p) {
       }
     });
   });
+}
+
+}  // namespace
+
+void backward(const BackwardParams& p) {
+  if (p.dim == 0) return;
+  if (!backward_plain(p)) backward_general(p);
+  if (p.dweight) sum_param_partials(p);
 }
 
 }  // namespace conv

@@ -13,6 +13,8 @@ from ..._core.native import DTYPE_CODES, address, dtype_code, raw_stream, stream
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _WIDTHS = (2, 3, 4)
+# backward() writes dweight / dbias whole, in the parameters' dtypes: op.py allocates them unfilled.
+WRITES_PARAM_GRADS = True
 _KERNELS = ("causal_conv1d_fwd_channel_first", "causal_conv1d_fwd_channel_last", "causal_conv1d_final_states",
             "causal_conv1d_bwd", "causal_conv1d_bwd_partial_rows", "causal_conv1d_update",
             "causal_conv1d_update_at")
@@ -78,10 +80,11 @@ def forward(x, weight, bias, seq_idx, initial_states, cu_seqlens, silu, out, fin
 
 def backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_states, silu,
              dx, dweight, dbias, dinitial):
-    """Writes dx and dinitial; adds the weight/bias gradients into the float32 buffers.
+    """Writes dx, dinitial, and dweight / dbias whole in weight's / bias's dtype (WRITES_PARAM_GRADS).
 
-    The kernel leaves one float32 partial sum per (block, channel); a fixed-order sum adds them, so
-    the gradients are bitwise reproducible (no atomics).
+    The kernel leaves one float32 partial sum per (block, channel); a last kernel adds them in a
+    fixed order into dweight and dbias, so the gradients are bitwise reproducible (no atomics) and
+    no fill, sum or cast kernels run around it.
     """
     native = ext.module()
     b, d, l = x.shape
@@ -97,16 +100,16 @@ def backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_
     if dinitial is not None and dinitial.numel() > 0:
         p.dinitial_states = address(dinitial)
         p.dinit_batch_stride, p.dinit_c_stride, p.dinit_l_stride = dinitial.stride()
+    p.dweight = address(dweight)
+    p.dweight_c_stride, p.dweight_width_stride = dweight.stride()
+    if dbias is not None:
+        p.dbias, p.dbias_stride = address(dbias), dbias.stride(0)
     # The kernel the params select decides how many blocks leave partial sums.
     blocks = native.causal_conv1d_bwd_partial_rows(p)
     dw_partial = torch.empty(blocks, d, w, device=x.device, dtype=torch.float32)
     db_partial = torch.empty(blocks, d, device=x.device, dtype=torch.float32)
     p.dweight_partial, p.dbias_partial = address(dw_partial), address(db_partial)
     native.causal_conv1d_bwd(p)
-    if blocks > 0:
-        dweight += dw_partial.sum(dim=0)
-        if dbias is not None:
-            dbias += db_partial.sum(dim=0)
 
 
 def prepare_update(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, out):

@@ -61,13 +61,19 @@ def _conv_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Option
               dfinal_states: Optional[Tensor], silu: bool, backend: str
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dx = empty_like(x)
-    # Weight and bias gradients are sums over batch and length: accumulated in float32.
-    dweight = torch.zeros_like(weight, dtype=torch.float32)
-    dbias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+    impl = kernels(PRIMITIVE, backend)
+    # Weight and bias gradients are sums over batch and length, accumulated in float32: into zeroed
+    # float32 buffers, or (WRITES_PARAM_GRADS) written whole by the backend in their own dtypes.
+    if getattr(impl, "WRITES_PARAM_GRADS", False):
+        dweight = empty_like(weight)
+        dbias = None if bias is None else empty_like(bias)
+    else:
+        dweight = torch.zeros_like(weight, dtype=torch.float32)
+        dbias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
     dinitial = None if initial_states is None else empty_like(initial_states)
     with on_device_of(x):
-        kernels(PRIMITIVE, backend).backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout,
-                                             dfinal_states, silu, dx, dweight, dbias, dinitial)
+        impl.backward(x, weight, bias, seq_idx, initial_states, cu_seqlens, dout, dfinal_states, silu,
+                      dx, dweight, dbias, dinitial)
     return (dx, dweight.to(weight.dtype),
             placeholder(x) if dbias is None else dbias.to(bias.dtype),
             placeholder(x) if dinitial is None else dinitial)
