@@ -125,27 +125,24 @@ int main() {
   }
   FIRST_BWD(16) FIRST_BWD(12) FIRST_BWD(8) FIRST_BWD(10)
 
-  // The warp-walk forms (each warp its own span of the block's segment, shuffles, no barriers).
-#define FIRST_FWD_WARP(MINB, ROUNDS)                                                                   \
+  // Positions inside a row as int instead of int64_t.
+#define FIRST_FWD_INT(MINB, ROUNDS)                                                                     \
   {                                                                                                     \
     const int64_t segment = 128 * 8 * ROUNDS;                                                          \
     const dim3 grid(D, B, ceil_div(L, segment));                                                        \
-    report("cf fwd warp minblocks=" #MINB " rounds=" #ROUNDS,                                          \
-           time_us([&] { forward_first_warp_kernel<bf16, 4, MINB><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
+    report("cf fwd stream int minblocks=" #MINB " rounds=" #ROUNDS,                                    \
+           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, 1, int><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
   }
-  FIRST_FWD_WARP(16, 4) FIRST_FWD_WARP(12, 4) FIRST_FWD_WARP(8, 4) FIRST_FWD_WARP(16, 2) FIRST_FWD_WARP(12, 2)
-  FIRST_FWD_WARP(16, 1)
-#define FIRST_BWD_WARP(MINB, AHEAD, ROUNDS)                                                            \
+  FIRST_FWD_INT(16, 4) FIRST_FWD_INT(12, 4) FIRST_FWD_INT(16, 8) FIRST_FWD_INT(16, 2)
+#define FIRST_BWD_INT(MINB, ROUNDS)                                                                     \
   {                                                                                                     \
     const int64_t segment = 128 * 8 * ROUNDS, segments = ceil_div(L, segment);                         \
     const dim3 grid(D, B, segments);                                                                    \
-    report("cf bwd warp minblocks=" #MINB " ahead=" #AHEAD " rounds=" #ROUNDS,                        \
-           time_us([&] { backward_first_warp_kernel<bf16, 4, MINB, AHEAD><<<grid, 128>>>(first, segment, segments); }), \
+    report("cf bwd int minblocks=" #MINB " rounds=" #ROUNDS,                                           \
+           time_us([&] { backward_first_kernel<bf16, 4, MINB, int><<<grid, 128>>>(first, segment, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  FIRST_BWD_WARP(12, true, 4) FIRST_BWD_WARP(10, true, 4) FIRST_BWD_WARP(8, true, 4) FIRST_BWD_WARP(16, true, 4)
-  FIRST_BWD_WARP(12, false, 4) FIRST_BWD_WARP(16, false, 4) FIRST_BWD_WARP(10, true, 2) FIRST_BWD_WARP(8, true, 2)
-  FIRST_BWD_WARP(10, true, 1) FIRST_BWD_WARP(8, true, 8)
+  FIRST_BWD_INT(16, 4) FIRST_BWD_INT(12, 4) FIRST_BWD_INT(10, 4) FIRST_BWD_INT(16, 2)
 
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \

@@ -38,16 +38,15 @@ namespace {
 // prefetched 359-953 us; each thread re-reading the neighbours' vectors 378-421 us; 2 rounds
 // 425-512 us). causal-conv1d's backward takes 265 us there. Moving the chunks through shared memory
 // by cp.async (2-4 stages ahead, no registers held) was slower in both directions: forward
-// 213-236 us against 175, backward 390-519 against 352 (2026-12-03).
+// 213-236 us against 175, backward 390-519 against 352 (2026-12-03). So were warp walks (each warp
+// its own contiguous span of the segment, neighbours by shuffles, no barrier or shared memory in
+// the walk): forward 188-200 us against 174.5, backward 351-380 us against 322 (2026-12-04): the
+// block-wide rounds read 2 KB of a row per round where a warp reads 512 bytes.
 constexpr int kFirstThreadsMax = 128;
 constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
 constexpr int kFirstBackwardMinBlocks = 16;
 constexpr int kFirstBackwardRounds = 4;
-// The warp-walk forms (each warp its own span, neighbours by shuffles, no barriers) instead of the
-// block-wide rounds; being measured (2026-12-04).
-constexpr bool kFirstWarpWalk = true;
-constexpr int kFirstWarpBackwardMinBlocks = 12;
 // Channel-last, where dim is not a multiple of 16 bytes (else the tiled kernels below serve).
 // Forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
 // kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 32
@@ -87,8 +86,8 @@ struct Taps {  // weights and bias of kChannels consecutive channels, as float
 
 // n consecutive values into positions pos.. of a row with unit stride: one vector when it lies
 // inside the row (pos + n <= len), else element by element up to the row's end.
-template <typename T, int kN>
-__device__ __forceinline__ void store_row(T* row, int64_t pos, int64_t len, const float* in) {
+template <typename T, int kN, typename Index>
+__device__ __forceinline__ void store_row(T* row, Index pos, Index len, const float* in) {
   if (pos + kN <= len) {
     store_floats<T, kN>(row + pos, in);
   } else {
@@ -127,8 +126,8 @@ __device__ __forceinline__ void sum_over_block(float (&values)[kValues]) {
 // t: vector t of the round, so a warp's load instruction reads 512 contiguous bytes), and loads the
 // next round's vector and halo (kept as raw 16-byte values) before it computes and stores the
 // current one, so that its loads stay in flight while it computes.
-template <typename T>
-__device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int64_t len) {
+template <typename T, typename Index>
+__device__ __forceinline__ uint4 load_raw_vector(const T* row, Index pos, Index len) {
   constexpr int kElts = Vec16<T>::kElts;
   if (pos + kElts <= len) return *reinterpret_cast<const uint4*>(row + pos);
   uint4 raw = make_uint4(0, 0, 0, 0);  // a vector reaching past the row's end (or lying past it): zeros there
@@ -140,28 +139,30 @@ __device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int6
 }
 
 // kAhead: rounds whose loads are in flight while a round is computed (a tuning knob for
-// scripts/conv_variants.cu).
-template <typename T, int kWidth, int kMinBlocks, int kAhead = 1>
+// scripts/conv_variants.cu). Index: the type of positions inside a row (int where the row's length
+// fits, first_index_fits; 64-bit arithmetic costs two instructions per operation).
+template <typename T, int kWidth, int kMinBlocks, int kAhead = 1, typename Index = int64_t>
 __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_stream_kernel(ForwardParams p, int64_t segment) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
   const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t seg_begin = blockIdx.z * segment;
-  const int64_t seg_end = seg_begin + segment < p.seqlen ? seg_begin + segment : p.seqlen;
+  const Index l = static_cast<Index>(p.seqlen);
+  const Index seg_begin = static_cast<Index>(blockIdx.z * segment);
+  const Index seg_end = seg_begin + static_cast<Index>(segment) < l ? seg_begin + static_cast<Index>(segment) : l;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
   T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
   const T* init = reinterpret_cast<const T*>(p.initial_states);
   const Taps<kWidth, 1> taps(p, c);
-  const int64_t step = int64_t{blockDim.x} * kElts;
-  int64_t pos = seg_begin + static_cast<int64_t>(threadIdx.x) * kElts;
+  const Index step = static_cast<Index>(blockDim.x) * kElts;
+  Index pos = seg_begin + static_cast<Index>(threadIdx.x) * kElts;
   // own[a] / before[a]: the vector of round `a` ahead of the current one and the vector before it.
   uint4 own[kAhead + 1], before[kAhead + 1];
-  auto fetch = [&](int64_t at, uint4& vector, uint4& previous) {
+  auto fetch = [&](Index at, uint4& vector, uint4& previous) {
     vector = previous = make_uint4(0, 0, 0, 0);
     if (at < seg_end) {
-      vector = load_raw_vector(x, at, p.seqlen);
-      if (at > 0) previous = load_raw_vector(x, at - kElts, p.seqlen);
+      vector = load_raw_vector(x, at, l);
+      if (at > 0) previous = load_raw_vector(x, at - kElts, l);
     }
   };
 #pragma unroll
@@ -185,7 +186,7 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
       for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[i + k];
       xf[kHist + i] = p.silu ? silu(acc) : acc;
     }
-    store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
+    store_row<T, kElts>(out, pos, l, xf + kHist);
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
       own[a] = own[a + 1];
@@ -204,7 +205,7 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
 // segment's end. Slots are double-buffered by chunk parity; two barriers per chunk. The weight and
 // bias sums stay in registers and are summed over the block once at the end (one partial per
 // segment).
-template <typename T, int kWidth, int kMinBlocks>
+template <typename T, int kWidth, int kMinBlocks, typename Index = int64_t>
 __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_kernel(BackwardParams p,
                                                                                                int64_t segment,
                                                                                                int64_t num_segments) {
@@ -215,24 +216,24 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_k
   __shared__ float g_slots[2][kFirstThreadsMax][kHist];  // thread t's first w-1 gradients
   const int tid = threadIdx.x, threads = blockDim.x;
   const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t l = p.seqlen;
-  const int64_t seg_begin = blockIdx.z * segment;
-  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
+  const Index l = static_cast<Index>(p.seqlen);
+  const Index seg_begin = static_cast<Index>(blockIdx.z * segment);
+  const Index seg_end = seg_begin + static_cast<Index>(segment) < l ? seg_begin + static_cast<Index>(segment) : l;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
   const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
   T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
   const Taps<kWidth, 1> taps(p, c);
   float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
-  const int64_t step = int64_t{threads} * kElts;
-  const int64_t chunks = ceil_div(seg_end - seg_begin, step);
+  const Index step = static_cast<Index>(threads) * kElts;
+  const Index chunks = (seg_end - seg_begin + step - 1) / step;
   // g after the segment's last chunk (the last thread's, for its first iteration): zero past the
   // row's end, else computed here from x and dout.
   float carry[kHist];
   if (tid + 1 == threads) {
-    const int64_t after = seg_begin + chunks * step;
+    const Index after = seg_begin + chunks * step;
 #pragma unroll
     for (int j = 0; j < kHist; ++j) {
-      const int64_t t = after + j;
+      const Index t = after + j;
       float g = 0.0f;
       if (t < l) {
         g = to_float(dout[t]);
@@ -247,8 +248,8 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_k
     }
   }
   int parity = 0;
-  for (int64_t k = chunks - 1; k >= 0; --k, parity ^= 1) {
-    const int64_t base = seg_begin + k * step, pos = base + static_cast<int64_t>(tid) * kElts;
+  for (Index k = chunks - 1; k >= 0; --k, parity ^= 1) {
+    const Index base = seg_begin + k * step, pos = base + static_cast<Index>(tid) * kElts;
     const uint4 own_x = load_raw_vector(x, pos, l), own_dout = load_raw_vector(dout, pos, l);  // zeros past the row
     x_slots[parity][tid + 1] = own_x;
     if (tid == 0) x_slots[parity][0] = base > 0 ? *reinterpret_cast<const uint4*>(x + base - kElts) : make_uint4(0, 0, 0, 0);
@@ -300,205 +301,6 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_k
   }
   sum_over_block(sums);  // every thread: shuffles and a barrier
   if (tid == 0) {
-    const int64_t partial_row = b * num_segments + blockIdx.z;
-    float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) dw[j] = sums[j];
-    reinterpret_cast<float*>(p.dbias_partial)[partial_row * p.dim + c] = sums[kWidth];
-  }
-}
-
-// ------------------------------------------------------------------- channel-first, warp walks
-// The warp-walk forms: a block's segment is cut into one contiguous span per warp, and each warp
-// walks its span alone, one 16-byte vector per lane and step (a warp instruction still reads 512
-// contiguous bytes), taking the neighbour values from its own lanes by shuffles. There is no barrier
-// and no shared memory inside the walk (the block-wide forms above synchronise twice per round).
-constexpr unsigned kAllLanes = 0xffffffffu;
-
-// A 16-byte vector of lane - 1 (lane 0 gets its own back).
-__device__ __forceinline__ uint4 vector_of_previous_lane(const uint4& v) {
-  return make_uint4(__shfl_up_sync(kAllLanes, v.x, 1), __shfl_up_sync(kAllLanes, v.y, 1),
-                    __shfl_up_sync(kAllLanes, v.z, 1), __shfl_up_sync(kAllLanes, v.w, 1));
-}
-__device__ __forceinline__ uint4 vector_of_lane(const uint4& v, int lane) {
-  return make_uint4(__shfl_sync(kAllLanes, v.x, lane), __shfl_sync(kAllLanes, v.y, lane),
-                    __shfl_sync(kAllLanes, v.z, lane), __shfl_sync(kAllLanes, v.w, lane));
-}
-
-// The span of warp `warp` of the block's segment: segment / warps positions, a multiple of the
-// warp's step (first_segment makes segments multiples of threads * elements).
-struct WarpSpan {
-  int64_t begin, end, steps;
-};
-__device__ __forceinline__ WarpSpan warp_span(int64_t segment, int64_t seqlen, int64_t step) {
-  const int64_t span = segment / (blockDim.x / 32);
-  const int64_t begin = int64_t{blockIdx.z} * segment + (threadIdx.x / 32) * span;
-  const int64_t end = begin + span < seqlen ? begin + span : seqlen;
-  return {begin, end, end > begin ? ceil_div(end - begin, step) : 0};
-}
-
-// Forward: lane 0 takes the vector before its own from lane 31's of the step before (before the
-// first step: a load of its own, or the initial states at the row's start). Only the vectors' last
-// w-1 elements are used, so only their words are exchanged.
-template <typename T, int kWidth, int kMinBlocks>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_warp_kernel(ForwardParams p, int64_t segment) {
-  constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kHist = kWidth - 1;
-  static_assert(kElts >= kHist, "the halo fits in one vector");
-  constexpr int64_t kStep = 32 * kElts;
-  const int lane = threadIdx.x % 32;
-  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t l = p.seqlen;
-  const WarpSpan span = warp_span(segment, l, kStep);
-  if (span.steps == 0) return;  // no barrier follows
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
-  const Taps<kWidth, 1> taps(p, c);
-  uint4 halo = make_uint4(0, 0, 0, 0);  // lane 0's vector before its own (its last w-1 elements)
-  if (span.begin > 0) {
-    if (lane == 0) halo = *reinterpret_cast<const uint4*>(x + span.begin - kElts);
-  } else if (p.initial_states) {
-    const T* init = reinterpret_cast<const T*>(p.initial_states) + b * p.init_batch_stride + c * p.init_c_stride;
-    T* halo_elts = reinterpret_cast<T*>(&halo);
-#pragma unroll
-    for (int k = 0; k < kHist; ++k) halo_elts[kElts - kHist + k] = init[k * p.init_l_stride];
-  }
-  int64_t pos = span.begin + lane * kElts;
-  const int64_t stop = span.begin + span.steps * kStep;
-  uint4 own = load_raw_vector(x, pos, l);
-  for (; pos < stop; pos += kStep) {
-    const uint4 next = pos + kStep < stop ? load_raw_vector(x, pos + kStep, l) : make_uint4(0, 0, 0, 0);
-    const uint4 from_previous_lane = vector_of_previous_lane(own);
-    const uint4 before = lane == 0 ? halo : from_previous_lane;
-    halo = vector_of_lane(own, 31);
-    float xf[kHist + kElts];
-    const T* own_elts = reinterpret_cast<const T*>(&own);
-    const T* before_elts = reinterpret_cast<const T*>(&before);
-#pragma unroll
-    for (int k = 0; k < kHist; ++k) xf[k] = to_float(before_elts[kElts - kHist + k]);
-#pragma unroll
-    for (int i = 0; i < kElts; ++i) xf[kHist + i] = to_float(own_elts[i]);
-#pragma unroll
-    for (int i = kElts - 1; i >= 0; --i) {
-      float acc = taps.bias[0];
-#pragma unroll
-      for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[i + k];
-      xf[kHist + i] = p.silu ? silu(acc) : acc;
-    }
-    store_row<T, kElts>(out, pos, l, xf + kHist);
-    own = next;
-  }
-}
-
-// Backward: walks its span from the end. Lane 0's x vector before its own is a load of its own
-// (lane 31's vector of the step to come); the pre-activation gradients g of the w-1 positions
-// after a lane's vector come from lane + 1, and lane 31's from lane 0 of the step before (past the
-// span's end: computed from x and dout, zero past the row). kAhead: the next step's x and dout are
-// loaded before the current step is computed.
-template <typename T, int kWidth, int kMinBlocks, bool kAhead = true>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_warp_kernel(BackwardParams p,
-                                                                                              int64_t segment,
-                                                                                              int64_t num_segments) {
-  constexpr int kElts = Vec16<T>::kElts;
-  constexpr int kHist = kWidth - 1;
-  static_assert(kElts >= kHist, "the halo fits in one vector");
-  constexpr int64_t kStep = 32 * kElts;
-  const int lane = threadIdx.x % 32;
-  const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const int64_t l = p.seqlen;
-  const WarpSpan span = warp_span(segment, l, kStep);
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
-  const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
-  T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
-  const Taps<kWidth, 1> taps(p, c);
-  float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
-  if (span.steps > 0) {
-    float carry[kHist];  // lane 31's g of the w-1 positions after its vector
-    {
-      const int64_t after = span.begin + span.steps * kStep;
-#pragma unroll
-      for (int j = 0; j < kHist; ++j) {  // the same values in every lane (broadcast loads)
-        const int64_t t = after + j;
-        float g = 0.0f;
-        if (t < l) {
-          g = to_float(dout[t]);
-          if (p.silu) {
-            float z = taps.bias[0];
-#pragma unroll
-            for (int k = 0; k < kWidth; ++k) z += taps.w[0][k] * to_float(x[t - kHist + k]);
-            g = dsilu(z, g);
-          }
-        }
-        carry[j] = g;
-      }
-    }
-    int64_t base = span.begin + (span.steps - 1) * kStep;
-    uint4 own_x = load_raw_vector(x, base + lane * kElts, l), own_dout = load_raw_vector(dout, base + lane * kElts, l);
-    for (int64_t s = span.steps - 1; s >= 0; --s, base -= kStep) {
-      const int64_t pos = base + lane * kElts;
-      uint4 next_x = make_uint4(0, 0, 0, 0), next_dout = make_uint4(0, 0, 0, 0);
-      if (kAhead && s > 0) {
-        next_x = *reinterpret_cast<const uint4*>(x + pos - kStep);  // inside the row
-        next_dout = *reinterpret_cast<const uint4*>(dout + pos - kStep);
-      }
-      uint4 lane0_before = make_uint4(0, 0, 0, 0);
-      if (lane == 0 && base > 0) lane0_before = *reinterpret_cast<const uint4*>(x + base - kElts);
-      uint4 before = vector_of_previous_lane(own_x);
-      if (lane == 0) before = lane0_before;
-      float xf[kHist + kElts], g[kElts + kHist];
-      const T* before_elts = reinterpret_cast<const T*>(&before);
-      const T* x_elts = reinterpret_cast<const T*>(&own_x);
-      const T* dout_elts = reinterpret_cast<const T*>(&own_dout);
-#pragma unroll
-      for (int j = 0; j < kHist; ++j) xf[j] = to_float(before_elts[kElts - kHist + j]);
-#pragma unroll
-      for (int i = 0; i < kElts; ++i) {
-        xf[kHist + i] = to_float(x_elts[i]);
-        g[i] = to_float(dout_elts[i]);  // zero past the row's end
-      }
-      if (p.silu) {
-#pragma unroll
-        for (int i = 0; i < kElts; ++i) {
-          float z = taps.bias[0];
-#pragma unroll
-          for (int j = 0; j < kWidth; ++j) z += taps.w[0][j] * xf[i + j];
-          g[i] = dsilu(z, g[i]);
-        }
-      }
-      // The weight and bias sums need only this lane's g (zero past the row), so x dies here,
-      // before the halo gradients arrive.
-#pragma unroll
-      for (int u = 0; u < kElts; ++u) {
-        sums[kWidth] += g[u];
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) sums[j] += g[u] * xf[u + j];
-      }
-#pragma unroll
-      for (int j = 0; j < kHist; ++j) {
-        const float from_next_lane = __shfl_down_sync(kAllLanes, g[j], 1);
-        g[kElts + j] = lane == 31 ? carry[j] : from_next_lane;
-        carry[j] = __shfl_sync(kAllLanes, g[j], 0);  // for the step before: this step's first gradients
-      }
-      float dxf[kElts];
-#pragma unroll
-      for (int u = 0; u < kElts; ++u) {
-        float acc = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kWidth; ++j) acc += taps.w[0][kHist - j] * g[u + j];
-        dxf[u] = acc;
-      }
-      store_row<T, kElts>(dx, pos, l, dxf);
-      if (kAhead) {
-        own_x = next_x;
-        own_dout = next_dout;
-      } else if (s > 0) {
-        own_x = *reinterpret_cast<const uint4*>(x + pos - kStep);
-        own_dout = *reinterpret_cast<const uint4*>(dout + pos - kStep);
-      }
-    }
-  }
-  sum_over_block(sums);  // every thread: shuffles and a barrier
-  if (threadIdx.x == 0) {
     const int64_t partial_row = b * num_segments + blockIdx.z;
     float* dw = reinterpret_cast<float*>(p.dweight_partial) + (partial_row * p.dim + c) * kWidth;
 #pragma unroll
@@ -1026,12 +828,8 @@ bool forward_plain(const ForwardParams& p) {
         const int threads = first_threads(p.seqlen, kElts);
         const int64_t segment = first_segment(p.seqlen, int64_t{threads} * kElts, kFirstForwardRounds);
         const dim3 grid = first_grid(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        if (kFirstWarpWalk)
-          forward_first_warp_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
-              <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
-        else
-          forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
-              <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
+        forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
+            <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
       } else if (path == Path::kLastTiled) {
         const int64_t segment = last_tiled_segment(p.seqlen, kTiledForwardSegment);
         const dim3 grid = last_tiled_grid<scalar_t, ForwardTile>(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
@@ -1069,12 +867,8 @@ bool backward_plain(const BackwardParams& p) {
         const FirstBackwardShape shape = first_backward_shape<scalar_t>(p.seqlen);
         const int64_t segments = ceil_div(p.seqlen, shape.segment);
         const dim3 grid = first_grid(p, segments, "causal_conv1d_bwd");
-        if (kFirstWarpWalk)
-          backward_first_warp_kernel<scalar_t, kWidth, kFirstWarpBackwardMinBlocks>
-              <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
-        else
-          backward_first_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
-              <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
+        backward_first_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
+            <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
       } else if (path == Path::kLastTiled) {
         const int64_t segment = last_tiled_segment(p.seqlen, kTiledBackwardSegment);
         const int64_t segments = ceil_div(p.seqlen, segment);
