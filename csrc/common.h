@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -32,6 +33,21 @@ template <typename T>
 __host__ __device__ inline T* as_ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x by the MUFU alone (ex2.approx.ftz: ~2 ulp, flushes subnormal results to 0, harmless for a
+// decay factor or a sigmoid's exp); exp2f and __expf (no ftz) add range fix-ups around it, three
+// instructions. Host emulation: exp2f.
+__device__ __forceinline__ float exp2_approx(float x) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return exp2f(x);
+#endif
+}
 
 template <typename T> __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }

@@ -124,25 +124,26 @@ int main() {
            bwd_bytes);                                                                                  \
   }
   FIRST_BWD(16) FIRST_BWD(12) FIRST_BWD(8) FIRST_BWD(10)
-
-  // Positions inside a row as int instead of int64_t.
-#define FIRST_FWD_INT(MINB, ROUNDS)                                                                     \
+  // Smaller blocks walking more rounds: the per-block setup and final sum spread over more positions.
+#define FIRST_BWD_THREADS(THREADS, MINB, ROUNDS)                                                        \
   {                                                                                                     \
-    const int64_t segment = 128 * 8 * ROUNDS;                                                          \
-    const dim3 grid(D, B, ceil_div(L, segment));                                                        \
-    report("cf fwd stream int minblocks=" #MINB " rounds=" #ROUNDS,                                    \
-           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, 1, int><<<grid, 128>>>(ff, segment); }), fwd_bytes); \
-  }
-  FIRST_FWD_INT(16, 4) FIRST_FWD_INT(12, 4) FIRST_FWD_INT(16, 8) FIRST_FWD_INT(16, 2)
-#define FIRST_BWD_INT(MINB, ROUNDS)                                                                     \
-  {                                                                                                     \
-    const int64_t segment = 128 * 8 * ROUNDS, segments = ceil_div(L, segment);                         \
+    const int64_t segment = THREADS * 8 * ROUNDS, segments = ceil_div(L, segment);                     \
     const dim3 grid(D, B, segments);                                                                    \
-    report("cf bwd int minblocks=" #MINB " rounds=" #ROUNDS,                                           \
-           time_us([&] { backward_first_kernel<bf16, 4, MINB, int><<<grid, 128>>>(first, segment, segments); }), \
+    report("cf bwd threads=" #THREADS " minblocks=" #MINB " rounds=" #ROUNDS,                          \
+           time_us([&] { backward_first_kernel<bf16, 4, MINB, THREADS><<<grid, THREADS>>>(first, segment, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  FIRST_BWD_INT(16, 4) FIRST_BWD_INT(12, 4) FIRST_BWD_INT(10, 4) FIRST_BWD_INT(16, 2)
+  FIRST_BWD_THREADS(64, 32, 8) FIRST_BWD_THREADS(64, 32, 4) FIRST_BWD_THREADS(64, 24, 8) FIRST_BWD_THREADS(32, 32, 8)
+  FIRST_BWD_THREADS(32, 32, 16)
+#define FIRST_FWD_THREADS(THREADS, MINB, ROUNDS)                                                        \
+  {                                                                                                     \
+    const int64_t segment = THREADS * 8 * ROUNDS;                                                       \
+    const dim3 grid(D, B, ceil_div(L, segment));                                                        \
+    report("cf fwd stream threads=" #THREADS " minblocks=" #MINB " rounds=" #ROUNDS,                    \
+           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, 1, THREADS><<<grid, THREADS>>>(ff, segment); }), \
+           fwd_bytes);                                                                                  \
+  }
+  FIRST_FWD_THREADS(64, 32, 8) FIRST_FWD_THREADS(64, 32, 4) FIRST_FWD_THREADS(32, 32, 16)
 
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \

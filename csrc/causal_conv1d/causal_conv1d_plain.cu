@@ -42,13 +42,14 @@ namespace {
 // its own contiguous span of the segment, neighbours by shuffles, no barrier or shared memory in
 // the walk): forward 188-200 us against 174.5, backward 351-380 us against 322 (2026-12-04): the
 // block-wide rounds read 2 KB of a row per round where a warp reads 512 bytes.
+// Positions inside a row as int instead of int64_t: no gain (backward 327 us against 326 at 12
+// blocks per SM; the forward spilled at 16 blocks, 257 us).
 constexpr int kFirstThreadsMax = 128;
 constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
 constexpr int kFirstBackwardMinBlocks = 16;
 constexpr int kFirstBackwardRounds = 4;
-// Channel-last, where dim is not a multiple of 16 bytes (else the tiled kernels below serve).
-// Forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
+// Channel-last forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
 // kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 32
 // rows 207 us, 77%; 2 x 16 213 us, 4 x 8 232 us, 4 x 16 218 us; sliding along 32-128 rows with the
 // window in registers 229-305 us; 4 x 32 244 us, 2 x 64 236 us, 8 x 4/8/16 338-533 us; H100: 4 x 8
@@ -86,8 +87,8 @@ struct Taps {  // weights and bias of kChannels consecutive channels, as float
 
 // n consecutive values into positions pos.. of a row with unit stride: one vector when it lies
 // inside the row (pos + n <= len), else element by element up to the row's end.
-template <typename T, int kN, typename Index>
-__device__ __forceinline__ void store_row(T* row, Index pos, Index len, const float* in) {
+template <typename T, int kN>
+__device__ __forceinline__ void store_row(T* row, int64_t pos, int64_t len, const float* in) {
   if (pos + kN <= len) {
     store_floats<T, kN>(row + pos, in);
   } else {
@@ -126,8 +127,8 @@ __device__ __forceinline__ void sum_over_block(float (&values)[kValues]) {
 // t: vector t of the round, so a warp's load instruction reads 512 contiguous bytes), and loads the
 // next round's vector and halo (kept as raw 16-byte values) before it computes and stores the
 // current one, so that its loads stay in flight while it computes.
-template <typename T, typename Index>
-__device__ __forceinline__ uint4 load_raw_vector(const T* row, Index pos, Index len) {
+template <typename T>
+__device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int64_t len) {
   constexpr int kElts = Vec16<T>::kElts;
   if (pos + kElts <= len) return *reinterpret_cast<const uint4*>(row + pos);
   uint4 raw = make_uint4(0, 0, 0, 0);  // a vector reaching past the row's end (or lying past it): zeros there
@@ -138,47 +139,43 @@ __device__ __forceinline__ uint4 load_raw_vector(const T* row, Index pos, Index 
   return raw;
 }
 
-// kAhead: rounds whose loads are in flight while a round is computed (a tuning knob for
-// scripts/conv_variants.cu). Index: the type of positions inside a row (int where the row's length
-// fits, first_index_fits; 64-bit arithmetic costs two instructions per operation).
-template <typename T, int kWidth, int kMinBlocks, int kAhead = 1, typename Index = int64_t>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_stream_kernel(ForwardParams p, int64_t segment) {
+// kAhead: rounds whose loads are in flight while a round is computed; kMaxThreads: the block size
+// it is compiled for (tuning knobs for scripts/conv_variants.cu).
+template <typename T, int kWidth, int kMinBlocks, int kAhead = 1, int kMaxThreads = kFirstThreadsMax>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks) forward_first_stream_kernel(ForwardParams p, int64_t segment) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
   const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const Index l = static_cast<Index>(p.seqlen);
-  const Index seg_begin = static_cast<Index>(blockIdx.z * segment);
-  const Index seg_end = seg_begin + static_cast<Index>(segment) < l ? seg_begin + static_cast<Index>(segment) : l;
+  const int64_t seg_begin = blockIdx.z * segment;
+  const int64_t seg_end = seg_begin + segment < p.seqlen ? seg_begin + segment : p.seqlen;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
   T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
   const T* init = reinterpret_cast<const T*>(p.initial_states);
   const Taps<kWidth, 1> taps(p, c);
-  const Index step = static_cast<Index>(blockDim.x) * kElts;
-  Index pos = seg_begin + static_cast<Index>(threadIdx.x) * kElts;
+  const int64_t step = int64_t{blockDim.x} * kElts;
+  int64_t pos = seg_begin + static_cast<int64_t>(threadIdx.x) * kElts;
   // own[a] / before[a]: the vector of round `a` ahead of the current one and the vector before it.
   uint4 own[kAhead + 1], before[kAhead + 1];
-  auto fetch = [&](Index at, uint4& vector, uint4& previous) {
+  auto fetch = [&](int64_t at, uint4& vector, uint4& previous) {
     vector = previous = make_uint4(0, 0, 0, 0);
     if (at < seg_end) {
-      vector = load_raw_vector(x, at, l);
-      if (at > 0) previous = load_raw_vector(x, at - kElts, l);
+      vector = load_raw_vector(x, at, p.seqlen);
+      if (at > 0) previous = load_raw_vector(x, at - kElts, p.seqlen);
     }
   };
 #pragma unroll
   for (int a = 0; a < kAhead; ++a) fetch(pos + a * step, own[a], before[a]);
   for (; pos < seg_end; pos += step) {
     fetch(pos + kAhead * step, own[kAhead], before[kAhead]);
-    float xf[kHist + kElts];
-    const T* own_elts = reinterpret_cast<const T*>(&own[0]);
-    const T* before_elts = reinterpret_cast<const T*>(&before[0]);
+    float xf[kHist + kElts], before_f[kElts];
+    unpack_vector<T>(before[0], before_f);
+    unpack_vector<T>(own[0], xf + kHist);
 #pragma unroll
     for (int k = 0; k < kHist; ++k) {
-      xf[k] = pos > 0 ? to_float(before_elts[kElts - kHist + k])
+      xf[k] = pos > 0 ? before_f[kElts - kHist + k]
                       : (init ? to_float(init[b * p.init_batch_stride + c * p.init_c_stride + k * p.init_l_stride]) : 0.0f);
     }
-#pragma unroll
-    for (int i = 0; i < kElts; ++i) xf[kHist + i] = to_float(own_elts[i]);
 #pragma unroll
     for (int i = kElts - 1; i >= 0; --i) {
       float acc = taps.bias[0];
@@ -186,7 +183,7 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
       for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[i + k];
       xf[kHist + i] = p.silu ? silu(acc) : acc;
     }
-    store_row<T, kElts>(out, pos, l, xf + kHist);
+    store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
       own[a] = own[a + 1];
@@ -201,39 +198,42 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) forward_first_st
 // the pre-activation gradients g of the w-1 positions after its vector from the next thread, which
 // computes them for its own vector: 8 silu gradients per 8 positions (recomputing the w-1 after
 // them from the next vector's x and dout, 11, measured 8% slower). The last thread of a chunk takes
-// them from the chunk after (computed the iteration before), or computes them itself past the
-// segment's end. Slots are double-buffered by chunk parity; two barriers per chunk. The weight and
+// them from the chunk after (thread 0's slot of the other parity, written the iteration before; past
+// the segment's end the last thread computes them into that slot before the walk). Slots are double-buffered by chunk parity; two barriers per chunk. The weight and
 // bias sums stay in registers and are summed over the block once at the end (one partial per
 // segment).
-template <typename T, int kWidth, int kMinBlocks, typename Index = int64_t>
-__global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_kernel(BackwardParams p,
+template <typename T, int kWidth, int kMinBlocks, int kMaxThreads = kFirstThreadsMax>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks) backward_first_kernel(BackwardParams p,
                                                                                                int64_t segment,
                                                                                                int64_t num_segments) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
   static_assert(kElts >= kHist, "the halo fits in one vector");
-  __shared__ uint4 x_slots[2][kFirstThreadsMax + 1];  // [0]: the x vector before the chunk; [1 + t]: thread t's
-  __shared__ float g_slots[2][kFirstThreadsMax][kHist];  // thread t's first w-1 gradients
+  static_assert(kMaxThreads <= kFirstThreadsMax, "sum_over_block's per-warp slots");
+  __shared__ uint4 x_slots[2][kMaxThreads + 1];  // [0]: the x vector before the chunk; [1 + t]: thread t's
+  __shared__ float g_slots[2][kMaxThreads][kHist];  // thread t's first w-1 gradients
   const int tid = threadIdx.x, threads = blockDim.x;
   const int64_t c = blockIdx.x, b = blockIdx.y;  // first_grid
-  const Index l = static_cast<Index>(p.seqlen);
-  const Index seg_begin = static_cast<Index>(blockIdx.z * segment);
-  const Index seg_end = seg_begin + static_cast<Index>(segment) < l ? seg_begin + static_cast<Index>(segment) : l;
+  const int64_t l = p.seqlen;
+  const int64_t seg_begin = blockIdx.z * segment;
+  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride + c * p.x_c_stride;
   const T* dout = reinterpret_cast<const T*>(p.dout) + b * p.dout_batch_stride + c * p.dout_c_stride;
   T* dx = reinterpret_cast<T*>(p.dx) + b * p.dx_batch_stride + c * p.dx_c_stride;
   const Taps<kWidth, 1> taps(p, c);
   float sums[kWidth + 1] = {};  // dweight[0..w-1], dbias
-  const Index step = static_cast<Index>(threads) * kElts;
-  const Index chunks = (seg_end - seg_begin + step - 1) / step;
-  // g after the segment's last chunk (the last thread's, for its first iteration): zero past the
-  // row's end, else computed here from x and dout.
-  float carry[kHist];
+  const int64_t step = int64_t{threads} * kElts;
+  // 32-bit division (a 64-bit one is ~25 instructions per warp): segments fit (first_segment).
+  const int64_t chunks = (static_cast<uint32_t>(seg_end - seg_begin) + static_cast<uint32_t>(step) - 1) /
+                         static_cast<uint32_t>(step);
+  // g after the segment's last chunk, for the last thread's first iteration: zero past the row's
+  // end, else computed here from x and dout. It goes where a chunk's first gradients wait for the
+  // chunk before it (slot [parity of the chunk after][0]), so no thread holds a carry in registers.
   if (tid + 1 == threads) {
-    const Index after = seg_begin + chunks * step;
+    const int64_t after = seg_begin + chunks * step;
 #pragma unroll
     for (int j = 0; j < kHist; ++j) {
-      const Index t = after + j;
+      const int64_t t = after + j;
       float g = 0.0f;
       if (t < l) {
         g = to_float(dout[t]);
@@ -244,28 +244,23 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_k
           g = dsilu(z, g);
         }
       }
-      carry[j] = g;
+      g_slots[1][0][j] = g;  // the first iteration's parity is 0
     }
   }
   int parity = 0;
-  for (Index k = chunks - 1; k >= 0; --k, parity ^= 1) {
-    const Index base = seg_begin + k * step, pos = base + static_cast<Index>(tid) * kElts;
+  for (int64_t k = chunks - 1; k >= 0; --k, parity ^= 1) {
+    const int64_t base = seg_begin + k * step, pos = base + static_cast<int64_t>(tid) * kElts;
     const uint4 own_x = load_raw_vector(x, pos, l), own_dout = load_raw_vector(dout, pos, l);  // zeros past the row
     x_slots[parity][tid + 1] = own_x;
     if (tid == 0) x_slots[parity][0] = base > 0 ? *reinterpret_cast<const uint4*>(x + base - kElts) : make_uint4(0, 0, 0, 0);
     __syncthreads();
     const uint4 before = x_slots[parity][tid];
-    float xf[kElts + kHist], g[kElts + kHist];
-    const T* before_elts = reinterpret_cast<const T*>(&before);
-    const T* x_elts = reinterpret_cast<const T*>(&own_x);
-    const T* dout_elts = reinterpret_cast<const T*>(&own_dout);
+    float xf[kElts + kHist], g[kElts + kHist], before_f[kElts];
+    unpack_vector<T>(before, before_f);
+    unpack_vector<T>(own_x, xf + kHist);
+    unpack_vector<T>(own_dout, g);  // zero past the row's end
 #pragma unroll
-    for (int j = 0; j < kHist; ++j) xf[j] = to_float(before_elts[kElts - kHist + j]);
-#pragma unroll
-    for (int i = 0; i < kElts; ++i) {
-      xf[kHist + i] = to_float(x_elts[i]);
-      g[i] = to_float(dout_elts[i]);  // zero past the row's end
-    }
+    for (int j = 0; j < kHist; ++j) xf[j] = before_f[kElts - kHist + j];
     if (p.silu) {
 #pragma unroll
       for (int i = 0; i < kElts; ++i) {
@@ -278,12 +273,11 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_k
 #pragma unroll
     for (int j = 0; j < kHist; ++j) g_slots[parity][tid][j] = g[j];
     __syncthreads();
+    // the next thread's first gradients; the last thread's: those of the chunk after (the other
+    // parity's slot 0, written the iteration before, or above for the first iteration)
+    const float* next_g = tid + 1 < threads ? g_slots[parity][tid + 1] : g_slots[parity ^ 1][0];
 #pragma unroll
-    for (int j = 0; j < kHist; ++j) g[kElts + j] = tid + 1 < threads ? g_slots[parity][tid + 1][j] : carry[j];
-    if (tid + 1 == threads) {  // for chunk k - 1: this chunk's first gradients
-#pragma unroll
-      for (int j = 0; j < kHist; ++j) carry[j] = g_slots[parity][0][j];
-    }
+    for (int j = 0; j < kHist; ++j) g[kElts + j] = next_g[j];
     if (pos < seg_end) {
       float dxf[kElts];
 #pragma unroll
@@ -310,8 +304,8 @@ __global__ void __launch_bounds__(kFirstThreadsMax, kMinBlocks) backward_first_k
 }
 
 // ------------------------------------------------------------------------------ channel-last
-// kChannelsFastest (a tuning knob for scripts/conv_variants.cu): channel blocks on grid.x and row
-// groups on grid.y, so that blocks running together cover whole rows.
+// kChannelsFastest: channel blocks on grid.x and row groups on grid.y, so that blocks running
+// together cover whole rows (the launcher's choice while the row groups fit grid.y's 65535).
 template <typename T, int kWidth, int kCh, int kRows, bool kChannelsFastest = false>
 __global__ void __launch_bounds__(kLastThreads) forward_last_plain_kernel(ForwardParams p) {
   constexpr int kHist = kWidth - 1;
@@ -475,7 +469,11 @@ struct TileShape {
   __host__ __device__ static constexpr int channels() { return kTileBytes / sizeof(T); }
 };
 template <typename T> __host__ __device__ constexpr int word_channels() { return 4 / sizeof(T); }
-constexpr bool kUseTiledLast = true;  // the tiled kernels instead of the sliding ones where both apply
+// The tiled kernels instead of the plain / sliding ones where both apply: backward only. The plain
+// forward with channel blocks fastest took 203.5-206.5 us against the tiled one's 223-224 (H200,
+// 2026-12-04).
+constexpr bool kUseTiledLastForward = false;
+constexpr bool kUseTiledLastBackward = true;
 // Tuning knobs (scripts/conv_variants.cu; H200 2026-12-03, copy 4.20 TB/s, two runs on two
 // machines). Forward: 512-byte rows of 32-row tiles, 128 rows per block, 222 us (72% of copy;
 // the other shapes 229-251 us; the sliding kernel 220 us in the same run, 248 us against 214 for
@@ -739,7 +737,7 @@ Path forward_path(const ForwardParams& p) {
   const Strided out{p.out, p.out_batch_stride, p.out_c_stride, p.out_l_stride};
   constexpr int64_t kElts = Vec16<T>::kElts;
   if (first_ok({x, out}, kElts, sizeof(T))) return Path::kFirst;
-  if (kUseTiledLast && last_ok({x, out}, p.dim, kElts, sizeof(T))) return Path::kLastTiled;
+  if (kUseTiledLastForward && last_ok({x, out}, p.dim, kElts, sizeof(T))) return Path::kLastTiled;
   if (last_ok({x, out}, p.dim, last_forward_channels<T>(), sizeof(T))) return Path::kLast;
   return Path::kGeneral;
 }
@@ -751,7 +749,7 @@ Path backward_path(const BackwardParams& p) {
   const Strided dout{p.dout, p.dout_batch_stride, p.dout_c_stride, p.dout_l_stride};
   const Strided dx{p.dx, p.dx_batch_stride, p.dx_c_stride, p.dx_l_stride};
   if (first_ok({x, dout, dx}, Vec16<T>::kElts, sizeof(T))) return Path::kFirst;
-  if (kUseTiledLast && last_ok({x, dout, dx}, p.dim, Vec16<T>::kElts, sizeof(T))) return Path::kLastTiled;
+  if (kUseTiledLastBackward && last_ok({x, dout, dx}, p.dim, Vec16<T>::kElts, sizeof(T))) return Path::kLastTiled;
   if (last_ok({x, dout, dx}, p.dim, kLastBackwardChannels, sizeof(T))) return Path::kLast;
   return Path::kGeneral;
 }
@@ -769,7 +767,9 @@ int first_threads(int64_t seqlen, int per_thread) {
 // more than 65535 blocks (grid.y) otherwise.
 int64_t first_segment(int64_t seqlen, int64_t per_round, int64_t rounds) {
   const int64_t needed = ceil_div(ceil_div(seqlen, per_round), 65535);
-  return per_round * (needed > rounds ? needed : rounds);
+  const int64_t segment = per_round * (needed > rounds ? needed : rounds);
+  if (segment > INT_MAX / 2) throw std::invalid_argument("causal_conv1d: rows too long for the channel-first grid");
+  return segment;
 }
 
 // Blocks are (channel, batch row, segment) and (row group, channel block, batch row): the kernels
@@ -837,8 +837,14 @@ bool forward_plain(const ForwardParams& p) {
             <<<grid, ForwardTile::kThreads, 0, as_stream(p.stream)>>>(p, segment);
       } else {
         constexpr int kCh = last_forward_channels<scalar_t>();
-        const dim3 grid = last_grid(p, ceil_div(p.seqlen, kLastForwardRows), kCh, "causal_conv1d_fwd");
-        forward_last_plain_kernel<scalar_t, kWidth, kCh, kLastForwardRows><<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p);
+        const int64_t row_groups = ceil_div(p.seqlen, kLastForwardRows);
+        const dim3 grid = last_grid(p, row_groups, kCh, "causal_conv1d_fwd");
+        if (row_groups <= 65535) {  // channel blocks fastest (grid.x), so blocks running together cover whole rows
+          forward_last_plain_kernel<scalar_t, kWidth, kCh, kLastForwardRows, true>
+              <<<dim3(grid.y, grid.x, grid.z), kLastThreads, 0, as_stream(p.stream)>>>(p);
+        } else {
+          forward_last_plain_kernel<scalar_t, kWidth, kCh, kLastForwardRows><<<grid, kLastThreads, 0, as_stream(p.stream)>>>(p);
+        }
       }
       check_launch("causal_conv1d_fwd (whole rows)");
     });

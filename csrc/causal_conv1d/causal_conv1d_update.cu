@@ -142,21 +142,22 @@ __global__ void __launch_bounds__(kUpdateThreads) update_vector_kernel(UpdatePar
       if (slot[r] >= 0) {
         const T* xs = reinterpret_cast<const T*>(&x_raw[r]);
         const T* hist = reinterpret_cast<const T*>(state_raw[r]);  // channel j's entries at [j * kHist ..]
-        Raw shifted_raw[kHist];  // the new state: each channel's entries moved one step, x last
-        T* shifted = reinterpret_cast<T*>(shifted_raw);
+        // The new state: each channel's entries moved one step, x last (state dtype == T, so the
+        // round trip through float is exact; packed as words for whole-vector stores).
+        float shifted[kVec * kHist];
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           float acc = bias[j] + w[j * kWidth + kHist] * to_float(xs[j]);
 #pragma unroll
           for (int k = 0; k < kHist; ++k) {
             acc += w[j * kWidth + k] * to_float(hist[j * kHist + k]);
-            shifted[j * kHist + k] = k + 1 < kHist ? hist[j * kHist + k + 1] : xs[j];  // state dtype == T
+            shifted[j * kHist + k] = to_float(k + 1 < kHist ? hist[j * kHist + k + 1] : xs[j]);
           }
           y[j] = p.silu ? silu(acc) : acc;
         }
 #pragma unroll
         for (int q = 0; q < kHist; ++q)
-          reinterpret_cast<Raw*>(state + slot[r] * p.state_batch_stride)[q] = shifted_raw[q];
+          store_raw(reinterpret_cast<Raw*>(state + slot[r] * p.state_batch_stride) + q, pack_floats<T, kVec>(shifted + q * kVec));
       }
       store_vec(out + i * p.out_batch_stride, y);
     }

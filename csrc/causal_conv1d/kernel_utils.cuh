@@ -34,9 +34,11 @@ __device__ __forceinline__ void store_from_float(std::uintptr_t base, int code, 
 
 // Fast division (two instructions instead of IEEE division's slow path, which showed in the
 // bandwidth-bound kernels): 1 / (1 + exp(-v)) is far from __fdividef's range limits except where
-// exp overflows, and there the quotient is 0 as it should be.
-__device__ __forceinline__ float sigmoid(float v) { return __fdividef(1.0f, 1.0f + __expf(-v)); }
-__device__ __forceinline__ float silu(float v) { return v * sigmoid(v); }
+// exp overflows, and there the quotient is 0 as it should be. exp by the MUFU's ex2 alone
+// (exp2_approx): __expf's fix-ups for subnormal results took 3 of the backward's ~42 instructions
+// per position, for values that make the sigmoid 1 either way.
+__device__ __forceinline__ float sigmoid(float v) { return __fdividef(1.0f, 1.0f + exp2_approx(-v * kLog2e)); }
+__device__ __forceinline__ float silu(float v) { return __fdividef(v, 1.0f + exp2_approx(-v * kLog2e)); }
 
 // kElts elements of T in one 16-byte access.
 template <typename T>
@@ -60,14 +62,68 @@ __device__ __forceinline__ void load_floats(const T* ptr, float* out) {
   for (int i = 0; i < kN; ++i) out[i] = to_float(elts[i]);
 }
 
+// Two floats as one 32-bit word of two 16-bit T (round to nearest), low half first.
+template <typename T> __device__ __forceinline__ uint32_t pack_pair(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(lo, hi);
+  uint32_t word;
+  std::memcpy(&word, &pair, 4);
+  return word;
+}
+template <> __device__ __forceinline__ uint32_t pack_pair<__half>(float lo, float hi) {
+  const __half2 pair = __floats2half2_rn(lo, hi);
+  uint32_t word;
+  std::memcpy(&word, &pair, 4);
+  return word;
+}
+
+// kN floats as the raw bits of kN elements of T, assembled from 32-bit words: a value built by
+// element writes through a T* was stored as 16-bit pairs (st.global.v2.u16, four 4-byte stores
+// per 16-byte vector in SASS, where a warp's stores then cover each sector in pieces).
+template <typename T, int kN>
+__device__ __forceinline__ typename RawBits<kN * sizeof(T)>::type pack_floats(const float* in) {
+  constexpr int kWords = kN * static_cast<int>(sizeof(T)) / 4;
+  uint32_t w[kWords];
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      std::memcpy(&w[i], &in[i], 4);
+    } else {
+      w[i] = pack_pair<T>(in[2 * i], in[2 * i + 1]);
+    }
+  }
+  if constexpr (kWords == 4) {
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  } else if constexpr (kWords == 2) {
+    return make_uint2(w[0], w[1]);
+  } else {
+    return w[0];
+  }
+}
+
+// One store instruction of a raw vector to global memory. Inside the kernels NVVM split plain
+// 16-byte assignments into four 4-byte stores (st.global.u32, seen in the PTX of the
+// channel-first kernels and the decode update, not in small test kernels), so the vector forms
+// are spelled out. Host emulation: plain assignments.
+__device__ __forceinline__ void store_raw(void* ptr, uint4 v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+#else
+  *static_cast<uint4*>(ptr) = v;
+#endif
+}
+__device__ __forceinline__ void store_raw(void* ptr, uint2 v) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(ptr), "r"(v.x), "r"(v.y) : "memory");
+#else
+  *static_cast<uint2*>(ptr) = v;
+#endif
+}
+__device__ __forceinline__ void store_raw(void* ptr, unsigned int v) { *static_cast<unsigned int*>(ptr) = v; }
+
 template <typename T, int kN>
 __device__ __forceinline__ void store_floats(T* ptr, const float* in) {
-  using Raw = typename RawBits<kN * sizeof(T)>::type;
-  Raw raw;
-  T* elts = reinterpret_cast<T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < kN; ++i) elts[i] = from_float<T>(in[i]);
-  *reinterpret_cast<Raw*>(ptr) = raw;
+  store_raw(ptr, pack_floats<T, kN>(in));
 }
 
 // kN consecutive elements of a tensor whose type is only known at run time (float32, float16 or
@@ -90,6 +146,26 @@ __device__ __forceinline__ void load_span_as_float(std::uintptr_t base, int code
       load_floats<__nv_bfloat16, kChunk>(reinterpret_cast<const __nv_bfloat16*>(base) + index + i, out + i);
     else
       load_floats<__half, kChunk>(reinterpret_cast<const __half*>(base) + index + i, out + i);
+  }
+}
+
+// The kElts elements of a raw 16-byte vector of T, as float. bfloat16 is the top half of a float:
+// one shift or one mask per element (the conversion intrinsic takes a PRMT and a shift for the odd
+// ones).
+template <typename T>
+__device__ __forceinline__ void unpack_vector(const uint4& raw, float* out) {
+  const T* elts = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kElts; ++i) out[i] = to_float(elts[i]);
+}
+template <>
+__device__ __forceinline__ void unpack_vector<__nv_bfloat16>(const uint4& raw, float* out) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t low = words[i] << 16, high = words[i] & 0xffff0000u;
+    std::memcpy(&out[2 * i], &low, 4);
+    std::memcpy(&out[2 * i + 1], &high, 4);
   }
 }
 

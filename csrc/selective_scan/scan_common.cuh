@@ -9,20 +9,7 @@
 namespace ssmk {
 namespace scan {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-// 2^x by the MUFU alone (ex2.approx.ftz: ~2 ulp, flushes subnormal results to 0, harmless for a
-// decay factor); exp2f without fast math adds range fix-ups around it. Host emulation: exp2f.
-__device__ __forceinline__ float exp2_approx(float x) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-#else
-  return exp2f(x);
-#endif
-}
 
 // Where one block works: the sequence's bounds along l, its batch row, its first checkpoint slot.
 struct Span {
