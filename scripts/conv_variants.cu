@@ -115,16 +115,8 @@ int main() {
   FIRST_FWD_STREAM(16, 4, 1) FIRST_FWD_STREAM(12, 4, 1) FIRST_FWD_STREAM(12, 2, 1) FIRST_FWD_STREAM(16, 2, 1)
   FIRST_FWD_STREAM(8, 4, 1) FIRST_FWD_STREAM(12, 1, 1) FIRST_FWD_STREAM(8, 4, 2) FIRST_FWD_STREAM(16, 1, 1)
 
-#define FIRST_BWD(MINB)                                                                        \
-  {                                                                                                     \
-    const int64_t segment = 128 * 8 * 4, segments = ceil_div(L, segment);                              \
-    const dim3 grid(D, B, segments);                                                                    \
-    report("cf bwd minblocks=" #MINB,                                                          \
-           time_us([&] { backward_first_kernel<bf16, 4, MINB><<<grid, 128>>>(first, segment, segments); }), \
-           bwd_bytes);                                                                                  \
-  }
-  FIRST_BWD(16) FIRST_BWD(12) FIRST_BWD(8) FIRST_BWD(10)
-  // Smaller blocks walking more rounds: the per-block setup and final sum spread over more positions.
+  // Blocks of THREADS walking ROUNDS rounds (64 x 8: the per-block setup and final sum spread over
+  // more positions than 128 x 4).
 #define FIRST_BWD_THREADS(THREADS, MINB, ROUNDS)                                                        \
   {                                                                                                     \
     const int64_t segment = THREADS * 8 * ROUNDS, segments = ceil_div(L, segment);                     \
@@ -133,8 +125,18 @@ int main() {
            time_us([&] { backward_first_kernel<bf16, 4, MINB, THREADS><<<grid, THREADS>>>(first, segment, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  FIRST_BWD_THREADS(64, 32, 8) FIRST_BWD_THREADS(64, 32, 4) FIRST_BWD_THREADS(64, 24, 8) FIRST_BWD_THREADS(32, 32, 8)
-  FIRST_BWD_THREADS(32, 32, 16)
+  FIRST_BWD_THREADS(64, 32, 8)
+#define FIRST_BWD(MINB)                                                                        \
+  {                                                                                                     \
+    const int64_t segment = 128 * 8 * 4, segments = ceil_div(L, segment);                              \
+    const dim3 grid(D, B, segments);                                                                    \
+    report("cf bwd minblocks=" #MINB,                                                          \
+           time_us([&] { backward_first_kernel<bf16, 4, MINB><<<grid, 128>>>(first, segment, segments); }), \
+           bwd_bytes);                                                                                  \
+  }
+  FIRST_BWD_THREADS(64, 32, 4) FIRST_BWD_THREADS(64, 24, 8) FIRST_BWD_THREADS(32, 32, 8) FIRST_BWD_THREADS(32, 32, 16)
+  // 128-thread blocks of 4 rounds:
+  FIRST_BWD(16) FIRST_BWD(12) FIRST_BWD(8) FIRST_BWD(10)
 #define FIRST_FWD_THREADS(THREADS, MINB, ROUNDS)                                                        \
   {                                                                                                     \
     const int64_t segment = THREADS * 8 * ROUNDS;                                                       \
@@ -144,6 +146,15 @@ int main() {
            fwd_bytes);                                                                                  \
   }
   FIRST_FWD_THREADS(64, 32, 8) FIRST_FWD_THREADS(64, 32, 4) FIRST_FWD_THREADS(32, 32, 16)
+#define FIRST_FWD_SHUFFLE(THREADS, MINB, ROUNDS)                                                        \
+  {                                                                                                     \
+    const int64_t segment = THREADS * 8 * ROUNDS;                                                       \
+    const dim3 grid(D, B, ceil_div(L, segment));                                                        \
+    report("cf fwd shuffle threads=" #THREADS " minblocks=" #MINB " rounds=" #ROUNDS,                   \
+           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, 1, THREADS, true><<<grid, THREADS>>>(ff, segment); }), \
+           fwd_bytes);                                                                                  \
+  }
+  FIRST_FWD_SHUFFLE(128, 16, 4) FIRST_FWD_SHUFFLE(64, 32, 8)
 
 #define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \

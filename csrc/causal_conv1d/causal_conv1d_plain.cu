@@ -44,11 +44,14 @@ namespace {
 // block-wide rounds read 2 KB of a row per round where a warp reads 512 bytes.
 // Positions inside a row as int instead of int64_t: no gain (backward 327 us against 326 at 12
 // blocks per SM; the forward spilled at 16 blocks, 257 us).
-constexpr int kFirstThreadsMax = 128;
+constexpr int kFirstThreadsMax = 128;  // the largest block of either
+constexpr int kFirstForwardThreads = 128;  // at most, for rows long enough
 constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
-constexpr int kFirstBackwardMinBlocks = 16;
-constexpr int kFirstBackwardRounds = 4;
+constexpr bool kFirstForwardShuffleHalo = false;
+constexpr int kFirstBackwardThreads = 64;
+constexpr int kFirstBackwardMinBlocks = 32;
+constexpr int kFirstBackwardRounds = 8;
 // Channel-last forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
 // kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 32
 // rows 207 us, 77%; 2 x 16 213 us, 4 x 8 232 us, 4 x 16 218 us; sliding along 32-128 rows with the
@@ -140,8 +143,12 @@ __device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int6
 }
 
 // kAhead: rounds whose loads are in flight while a round is computed; kMaxThreads: the block size
-// it is compiled for (tuning knobs for scripts/conv_variants.cu).
-template <typename T, int kWidth, int kMinBlocks, int kAhead = 1, int kMaxThreads = kFirstThreadsMax>
+// it is compiled for; kShuffleHalo: each lane takes the vector before its own from the lane before
+// (lane 0 loads it), instead of every lane loading it again (tuning knobs for
+// scripts/conv_variants.cu). Rounds are counted per warp, so that a warp's lanes run the same
+// iterations (the shuffles need them all); lanes past the segment's end store nothing.
+template <typename T, int kWidth, int kMinBlocks, int kAhead = 1, int kMaxThreads = kFirstThreadsMax,
+          bool kShuffleHalo = false>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) forward_first_stream_kernel(ForwardParams p, int64_t segment) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
@@ -153,23 +160,32 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) forward_first_stream_
   T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
   const T* init = reinterpret_cast<const T*>(p.initial_states);
   const Taps<kWidth, 1> taps(p, c);
+  const int lane = threadIdx.x % 32;
   const int64_t step = int64_t{blockDim.x} * kElts;
-  int64_t pos = seg_begin + static_cast<int64_t>(threadIdx.x) * kElts;
-  // own[a] / before[a]: the vector of round `a` ahead of the current one and the vector before it.
+  const int64_t warp_begin = seg_begin + static_cast<int64_t>(threadIdx.x - lane) * kElts;
+  // own[a] / before[a]: the vector of round `a` ahead of the current one and the vector before it
+  // (with kShuffleHalo, lane 0's only).
   uint4 own[kAhead + 1], before[kAhead + 1];
   auto fetch = [&](int64_t at, uint4& vector, uint4& previous) {
     vector = previous = make_uint4(0, 0, 0, 0);
     if (at < seg_end) {
       vector = load_raw_vector(x, at, p.seqlen);
-      if (at > 0) previous = load_raw_vector(x, at - kElts, p.seqlen);
+      if (at > 0 && (!kShuffleHalo || lane == 0)) previous = load_raw_vector(x, at - kElts, p.seqlen);
     }
   };
 #pragma unroll
-  for (int a = 0; a < kAhead; ++a) fetch(pos + a * step, own[a], before[a]);
-  for (; pos < seg_end; pos += step) {
+  for (int a = 0; a < kAhead; ++a) fetch(warp_begin + lane * kElts + a * step, own[a], before[a]);
+  for (int64_t base = warp_begin; base < seg_end; base += step) {
+    const int64_t pos = base + lane * kElts;
     fetch(pos + kAhead * step, own[kAhead], before[kAhead]);
+    uint4 halo = before[0];
+    if (kShuffleHalo) {
+      const uint4 up = make_uint4(__shfl_up_sync(0xffffffffu, own[0].x, 1), __shfl_up_sync(0xffffffffu, own[0].y, 1),
+                                  __shfl_up_sync(0xffffffffu, own[0].z, 1), __shfl_up_sync(0xffffffffu, own[0].w, 1));
+      if (lane > 0) halo = up;
+    }
     float xf[kHist + kElts], before_f[kElts];
-    unpack_vector<T>(before[0], before_f);
+    unpack_vector<T>(halo, before_f);
     unpack_vector<T>(own[0], xf + kHist);
 #pragma unroll
     for (int k = 0; k < kHist; ++k) {
@@ -183,7 +199,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) forward_first_stream_
       for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[i + k];
       xf[kHist + i] = p.silu ? silu(acc) : acc;
     }
-    store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
+    if (pos < seg_end) store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
       own[a] = own[a + 1];
@@ -754,12 +770,12 @@ Path backward_path(const BackwardParams& p) {
   return Path::kGeneral;
 }
 
-// Threads per channel-first block: enough for the row, a power of two from 32 to kFirstThreadsMax
+// Threads per channel-first block: enough for the row, a power of two from 32 to max_threads
 // (the backward's in-block sum is a tree over them).
-int first_threads(int64_t seqlen, int per_thread) {
+int first_threads(int64_t seqlen, int per_thread, int max_threads) {
   const int64_t needed = ceil_div(seqlen, per_thread);
   int threads = 32;
-  while (threads < kFirstThreadsMax && threads < needed) threads *= 2;
+  while (threads < max_threads && threads < needed) threads *= 2;
   return threads;
 }
 
@@ -811,7 +827,7 @@ struct FirstBackwardShape {
 template <typename T>
 FirstBackwardShape first_backward_shape(int64_t seqlen) {
   constexpr int kPer = Vec16<T>::kElts;
-  const int threads = first_threads(seqlen, kPer);
+  const int threads = first_threads(seqlen, kPer, kFirstBackwardThreads);
   return {threads, first_segment(seqlen, int64_t{threads} * kPer, kFirstBackwardRounds)};
 }
 
@@ -825,10 +841,10 @@ bool forward_plain(const ForwardParams& p) {
     SSMK_DISPATCH_WIDTH(static_cast<int>(p.width), "causal_conv1d_fwd", [&] {
       constexpr int kElts = Vec16<scalar_t>::kElts;
       if (path == Path::kFirst) {
-        const int threads = first_threads(p.seqlen, kElts);
+        const int threads = first_threads(p.seqlen, kElts, kFirstForwardThreads);
         const int64_t segment = first_segment(p.seqlen, int64_t{threads} * kElts, kFirstForwardRounds);
         const dim3 grid = first_grid(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks>
+        forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks, 1, kFirstForwardThreads, kFirstForwardShuffleHalo>
             <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
       } else if (path == Path::kLastTiled) {
         const int64_t segment = last_tiled_segment(p.seqlen, kTiledForwardSegment);
@@ -873,7 +889,7 @@ bool backward_plain(const BackwardParams& p) {
         const FirstBackwardShape shape = first_backward_shape<scalar_t>(p.seqlen);
         const int64_t segments = ceil_div(p.seqlen, shape.segment);
         const dim3 grid = first_grid(p, segments, "causal_conv1d_bwd");
-        backward_first_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks>
+        backward_first_kernel<scalar_t, kWidth, kFirstBackwardMinBlocks, kFirstBackwardThreads>
             <<<grid, shape.threads, 0, as_stream(p.stream)>>>(p, shape.segment, segments);
       } else if (path == Path::kLastTiled) {
         const int64_t segment = last_tiled_segment(p.seqlen, kTiledBackwardSegment);
