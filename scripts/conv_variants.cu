@@ -146,24 +146,7 @@ int main() {
            fwd_bytes);                                                                                  \
   }
   FIRST_FWD_THREADS(64, 32, 8) FIRST_FWD_THREADS(64, 32, 4) FIRST_FWD_THREADS(32, 32, 16)
-#define FIRST_FWD_SHUFFLE(THREADS, MINB, ROUNDS)                                                        \
-  {                                                                                                     \
-    const int64_t segment = THREADS * 8 * ROUNDS;                                                       \
-    const dim3 grid(D, B, ceil_div(L, segment));                                                        \
-    report("cf fwd shuffle threads=" #THREADS " minblocks=" #MINB " rounds=" #ROUNDS,                   \
-           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, 1, THREADS, true><<<grid, THREADS>>>(ff, segment); }), \
-           fwd_bytes);                                                                                  \
-  }
-  FIRST_FWD_SHUFFLE(128, 16, 4) FIRST_FWD_SHUFFLE(64, 32, 8)
 
-#define LAST_FWD(CH, ROWS)                                                                              \
-  {                                                                                                     \
-    const int64_t groups = ceil_div(L, ROWS);                                                           \
-    const dim3 grid(groups, ceil_div(D / CH, kLastThreads), B);                                         \
-    report("cl fwd ch=" #CH " rows=" #ROWS,                                                             \
-           time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl); }), fwd_bytes); \
-  }
-  LAST_FWD(2, 32) LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 8) LAST_FWD(4, 32)
 #define LAST_FWD_CHANNELS_FASTEST(CH, ROWS)                                                             \
   {                                                                                                     \
     const int64_t groups = ceil_div(L, ROWS);                                                           \
@@ -173,26 +156,17 @@ int main() {
   }
   LAST_FWD_CHANNELS_FASTEST(2, 32) LAST_FWD_CHANNELS_FASTEST(2, 16) LAST_FWD_CHANNELS_FASTEST(4, 16)
   LAST_FWD_CHANNELS_FASTEST(4, 8) LAST_FWD_CHANNELS_FASTEST(2, 64)
-
-  // Tiled channel-last kernels: TileShape<row bytes, threads, rows per tile, min blocks per SM>.
-#define LAST_FWD_TILED(SHAPE, SEGMENT)                                                                  \
+  // row groups fastest (the launcher's choice for rows of more than 65535 groups):
+#define LAST_FWD(CH, ROWS)                                                                              \
   {                                                                                                     \
-    const dim3 grid(D / SHAPE::channels<bf16>(), ceil_div(L, SEGMENT), B);                              \
-    report("cl fwd tiled " #SHAPE " segment=" #SEGMENT,                                                 \
-           time_us([&] { forward_last_tiled_kernel<bf16, 4, SHAPE><<<grid, SHAPE::kThreads>>>(fl, SEGMENT); }), fwd_bytes); \
+    const int64_t groups = ceil_div(L, ROWS);                                                           \
+    const dim3 grid(groups, ceil_div(D / CH, kLastThreads), B);                                         \
+    report("cl fwd ch=" #CH " rows=" #ROWS,                                                             \
+           time_us([&] { forward_last_plain_kernel<bf16, 4, CH, ROWS><<<grid, kLastThreads>>>(fl); }), fwd_bytes); \
   }
-  using F_256_128_32_6 = TileShape<256, 128, 32, 6>;
-  using F_256_128_32_1 = TileShape<256, 128, 32, 1>;
-  using F_256_128_32_8 = TileShape<256, 128, 32, 8>;
-  using F_512_128_32_4 = TileShape<512, 128, 32, 4>;
-  using F_512_128_16_6 = TileShape<512, 128, 16, 6>;
-  using F_128_128_64_6 = TileShape<128, 128, 64, 6>;
-  using F_256_256_64_3 = TileShape<256, 256, 64, 3>;
-  LAST_FWD_TILED(F_256_128_32_6, 256) LAST_FWD_TILED(F_256_128_32_1, 256) LAST_FWD_TILED(F_256_128_32_8, 256)
-  LAST_FWD_TILED(F_256_128_32_6, 128) LAST_FWD_TILED(F_256_128_32_6, 512) LAST_FWD_TILED(F_512_128_32_4, 256)
-  LAST_FWD_TILED(F_512_128_16_6, 256) LAST_FWD_TILED(F_128_128_64_6, 256) LAST_FWD_TILED(F_256_256_64_3, 256)
-  LAST_FWD_TILED(F_512_128_32_4, 128)
+  LAST_FWD(2, 32) LAST_FWD(2, 16) LAST_FWD(4, 8) LAST_FWD(4, 16) LAST_FWD(2, 8) LAST_FWD(4, 32)
 
+  // Tiled channel-last backward: TileShape<row bytes, threads, rows per tile, min blocks per SM>.
 #define LAST_BWD_TILED(SHAPE, SEGMENT)                                                                  \
   {                                                                                                     \
     const int64_t segments = ceil_div(L, SEGMENT);                                                      \

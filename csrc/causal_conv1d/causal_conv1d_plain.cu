@@ -5,10 +5,11 @@
 // tensors allow aligned vector accesses along the contiguous axis. The channel-first forward
 // streams 16-byte vectors and re-reads each vector's w-1 neighbours (its neighbour threads'
 // vectors, served from L1); the channel-first backward exchanges the neighbours through shared
-// memory, walking its segment backwards. The channel-last kernels copy tiles of row spans into
-// shared memory (cp.async, double-buffered) where dim and the strides are multiples of 16 bytes,
-// and otherwise own a few channels per thread over a run of rows. The general kernels (causal_conv1d_fwd_channel_*.cu,
-// causal_conv1d_bwd.cu) handle everything else.
+// memory, walking its segment backwards. The channel-last forward gives each thread a few channels
+// over a run of rows; the channel-last backward copies tiles of row spans into shared memory
+// (cp.async, double-buffered) where dim and the strides are multiples of 16 bytes, and otherwise
+// slides a few channels per thread along a run of rows. The general kernels
+// (causal_conv1d_fwd_channel_*.cu, causal_conv1d_bwd.cu) handle everything else.
 //
 // The backward leaves one float32 weight/bias partial sum per (segment, channel), summed in a
 // fixed order (inside the block for channel-first; afterwards for all): bitwise reproducible.
@@ -25,39 +26,46 @@ namespace conv {
 namespace {
 
 // Tuning knobs. scripts/conv_variants.cu times alternatives next to a device copy, at B4 D10240
-// L4096 W4 bf16 silu (benchmarks/results/conv_variants_h200.txt: H200, copy 4.22 TB/s).
+// L4096 W4 bf16 silu (benchmarks/results/conv_variants_h200*.txt: H200, copy 4.21-4.23 TB/s).
 // Channel-first: a block walks a segment of one (batch, channel) row; every kernel reads its block
-// coordinates from a 3D grid (first_grid). Forward: one vector per thread and round, the next
-// round's vector loaded before the current one is computed, 4 rounds (4096 bf16 positions) per
-// block, 16 blocks per SM (32 registers): 175 us, 91% of copy (12 blocks per SM 188 us; 2 rounds
-// 200-222 us, 1 round 248-290 us: per-block setup shows; exchanging the halo through shared memory
-// instead 176-191 us). Backward: 4 rounds per block so that the in-block weight sum runs once per
-// 4096 positions, 16 blocks per SM, the halo's gradients exchanged between threads: 323 us, 74%
-// (12 blocks 331 us, 8 366 us; recomputing them from the next vector's x and dout, the walk before
-// 2026-12-03: 352 us at 12 blocks, 373-390 at 8-16; walked forwards with the next round
-// prefetched 359-953 us; each thread re-reading the neighbours' vectors 378-421 us; 2 rounds
-// 425-512 us). causal-conv1d's backward takes 265 us there. Moving the chunks through shared memory
-// by cp.async (2-4 stages ahead, no registers held) was slower in both directions: forward
-// 213-236 us against 175, backward 390-519 against 352 (2026-12-03). So were warp walks (each warp
-// its own contiguous span of the segment, neighbours by shuffles, no barrier or shared memory in
-// the walk): forward 188-200 us against 174.5, backward 351-380 us against 322 (2026-12-04): the
-// block-wide rounds read 2 KB of a row per round where a warp reads 512 bytes.
+// coordinates from a 3D grid (first_grid).
+// Now (2026-12-04, fourteenth session, after whole-vector stores): forward 128 threads x 4 rounds
+// (4096 bf16 positions) per block, 16 blocks per SM: 168.6-169.4 us, 94% of copy (64 x 8 at 32
+// blocks 168.0, 64 x 4 172, 32 x 16 185; 12 blocks per SM 182 us, 8 blocks 182-192 us, 2 rounds 189-211 us,
+// 1 round 226-267 us). Backward 64 threads x 8 rounds, 32 blocks per SM: 265.3-266.7 us, 90% (128 x 4 at
+// 16 blocks 273.9-274.3; 64 x 4 300 us, 64 x 8 at 24 blocks 290-294, 32 x 8-16 333-360; 128 x 4
+// at 12 blocks 292-296, 8 blocks 357-364). causal-conv1d's backward: 265.2 us in Nsight Compute
+// against our 270.4 us (its 208 M instructions against our 223 M).
+// What the 2026-12-04 changes were worth (backward, 128 x 4): ex2.approx without __expf's range
+// fix-ups and bfloat16 unpacked by shift/mask 323.7 -> 289.6 us (268 -> 247 M instructions);
+// whole-vector dx stores (NVVM had split each 16-byte store into four 4-byte ones) and the carry
+// through shared memory (no spill) 289.6 -> 277.9 us (in ncu), 274 in the variants tool.
+// Earlier (2026-12-03, with the split stores): the halo's gradients exchanged between threads
+// 323 us, recomputing them from the next vector's x and dout 352 us; walked forwards with the next
+// round prefetched 359-953 us; each thread re-reading the neighbours' vectors 378-421 us; the
+// forward exchanging its halo through shared memory 176-191 us against 175. Moving the chunks
+// through shared memory by cp.async (2-4 stages ahead, no registers held) was slower in both
+// directions: forward 213-236 us against 175, backward 390-519 against 352 (2026-12-03). So were
+// warp walks (each warp its own contiguous span of the segment, neighbours by shuffles, no barrier
+// or shared memory in the walk): forward 188-200 us against 174.5, backward 351-380 us against 322
+// (2026-12-04): the block-wide rounds read 2 KB of a row per round where a warp reads 512 bytes.
 // Positions inside a row as int instead of int64_t: no gain (backward 327 us against 326 at 12
 // blocks per SM; the forward spilled at 16 blocks, 257 us).
 constexpr int kFirstThreadsMax = 128;  // the largest block of either
 constexpr int kFirstForwardThreads = 128;  // at most, for rows long enough
 constexpr int kFirstForwardMinBlocks = 16;
 constexpr int kFirstForwardRounds = 4;
-constexpr bool kFirstForwardShuffleHalo = false;
 constexpr int kFirstBackwardThreads = 64;
 constexpr int kFirstBackwardMinBlocks = 32;
 constexpr int kFirstBackwardRounds = 8;
 // Channel-last forward: a thread owns kLastForwardChannels channels (4 bytes of a 16-bit type) at
-// kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200: 2 x 32
-// rows 207 us, 77%; 2 x 16 213 us, 4 x 8 232 us, 4 x 16 218 us; sliding along 32-128 rows with the
-// window in registers 229-305 us; 4 x 32 244 us, 2 x 64 236 us, 8 x 4/8/16 338-533 us; H100: 4 x 8
-// 97% of copy; 16-byte vectors of 8 channels 43-64%: their weights took the registers that kept
-// loads in flight).
+// kLastForwardRows positions and loads those rows plus the w-1 before them at once (H200
+// 2026-12-04, channel blocks fastest, whole-vector stores: 2 x 32 rows 177.3-180.8 us, 88-90%;
+// 4 x 16 175.4-178.1, within the spread; 2 x 16 193-202, 4 x 8 200-208, 2 x 64 200-209; the tiled
+// kernel's best shape 193-206. Before, 2026-12-03: 2 x 32 rows 207 us, 77%; 2 x 16 213 us, 4 x 8
+// 232 us, 4 x 16 218 us; sliding along 32-128 rows with the window in registers 229-305 us; 4 x 32
+// 244 us, 2 x 64 236 us, 8 x 4/8/16 338-533 us; H100: 4 x 8 97% of copy; 16-byte vectors of 8
+// channels 43-64%: their weights took the registers that kept loads in flight).
 constexpr int kLastThreads = 128;
 constexpr int kLastForwardChannels = 2;
 constexpr int kLastForwardRows = 32;
@@ -143,12 +151,10 @@ __device__ __forceinline__ uint4 load_raw_vector(const T* row, int64_t pos, int6
 }
 
 // kAhead: rounds whose loads are in flight while a round is computed; kMaxThreads: the block size
-// it is compiled for; kShuffleHalo: each lane takes the vector before its own from the lane before
-// (lane 0 loads it), instead of every lane loading it again (tuning knobs for
-// scripts/conv_variants.cu). Rounds are counted per warp, so that a warp's lanes run the same
-// iterations (the shuffles need them all); lanes past the segment's end store nothing.
-template <typename T, int kWidth, int kMinBlocks, int kAhead = 1, int kMaxThreads = kFirstThreadsMax,
-          bool kShuffleHalo = false>
+// it is compiled for (tuning knobs for scripts/conv_variants.cu). Taking the vector before a
+// lane's own from the lane before by shuffles (lane 0 loading it) instead of every lane loading it
+// again measured slower: 176.2 us against 168.7 (H200, 2026-12-04).
+template <typename T, int kWidth, int kMinBlocks, int kAhead = 1, int kMaxThreads = kFirstThreadsMax>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) forward_first_stream_kernel(ForwardParams p, int64_t segment) {
   constexpr int kElts = Vec16<T>::kElts;
   constexpr int kHist = kWidth - 1;
@@ -160,32 +166,23 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) forward_first_stream_
   T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c * p.out_c_stride;
   const T* init = reinterpret_cast<const T*>(p.initial_states);
   const Taps<kWidth, 1> taps(p, c);
-  const int lane = threadIdx.x % 32;
   const int64_t step = int64_t{blockDim.x} * kElts;
-  const int64_t warp_begin = seg_begin + static_cast<int64_t>(threadIdx.x - lane) * kElts;
-  // own[a] / before[a]: the vector of round `a` ahead of the current one and the vector before it
-  // (with kShuffleHalo, lane 0's only).
+  int64_t pos = seg_begin + static_cast<int64_t>(threadIdx.x) * kElts;
+  // own[a] / before[a]: the vector of round `a` ahead of the current one and the vector before it.
   uint4 own[kAhead + 1], before[kAhead + 1];
   auto fetch = [&](int64_t at, uint4& vector, uint4& previous) {
     vector = previous = make_uint4(0, 0, 0, 0);
     if (at < seg_end) {
       vector = load_raw_vector(x, at, p.seqlen);
-      if (at > 0 && (!kShuffleHalo || lane == 0)) previous = load_raw_vector(x, at - kElts, p.seqlen);
+      if (at > 0) previous = load_raw_vector(x, at - kElts, p.seqlen);
     }
   };
 #pragma unroll
-  for (int a = 0; a < kAhead; ++a) fetch(warp_begin + lane * kElts + a * step, own[a], before[a]);
-  for (int64_t base = warp_begin; base < seg_end; base += step) {
-    const int64_t pos = base + lane * kElts;
+  for (int a = 0; a < kAhead; ++a) fetch(pos + a * step, own[a], before[a]);
+  for (; pos < seg_end; pos += step) {
     fetch(pos + kAhead * step, own[kAhead], before[kAhead]);
-    uint4 halo = before[0];
-    if (kShuffleHalo) {
-      const uint4 up = make_uint4(__shfl_up_sync(0xffffffffu, own[0].x, 1), __shfl_up_sync(0xffffffffu, own[0].y, 1),
-                                  __shfl_up_sync(0xffffffffu, own[0].z, 1), __shfl_up_sync(0xffffffffu, own[0].w, 1));
-      if (lane > 0) halo = up;
-    }
     float xf[kHist + kElts], before_f[kElts];
-    unpack_vector<T>(halo, before_f);
+    unpack_vector<T>(before[0], before_f);
     unpack_vector<T>(own[0], xf + kHist);
 #pragma unroll
     for (int k = 0; k < kHist; ++k) {
@@ -199,7 +196,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) forward_first_stream_
       for (int k = 0; k < kWidth; ++k) acc += taps.w[0][k] * xf[i + k];
       xf[kHist + i] = p.silu ? silu(acc) : acc;
     }
-    if (pos < seg_end) store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
+    store_row<T, kElts>(out, pos, p.seqlen, xf + kHist);
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
       own[a] = own[a + 1];
@@ -485,19 +482,13 @@ struct TileShape {
   __host__ __device__ static constexpr int channels() { return kTileBytes / sizeof(T); }
 };
 template <typename T> __host__ __device__ constexpr int word_channels() { return 4 / sizeof(T); }
-// The tiled kernels instead of the plain / sliding ones where both apply: backward only. The plain
-// forward with channel blocks fastest took 203.5-206.5 us against the tiled one's 223-224 (H200,
-// 2026-12-04).
-constexpr bool kUseTiledLastForward = false;
-constexpr bool kUseTiledLastBackward = true;
-// Tuning knobs (scripts/conv_variants.cu; H200 2026-12-03, copy 4.20 TB/s, two runs on two
-// machines). Forward: 512-byte rows of 32-row tiles, 128 rows per block, 222 us (72% of copy;
-// the other shapes 229-251 us; the sliding kernel 220 us in the same run, 248 us against 214 for
-// the tiled one in the other). Backward: 256-byte rows of 32-row tiles, 256 rows per block, 388 us
-// (62%; other shapes 389-486 us; 64-row tiles pass the 48 KB of static shared memory) against
-// 513 us for the sliding kernel in both runs.
-using ForwardTile = TileShape<512, 128, 32, 4>;
-constexpr int kTiledForwardSegment = 128;
+// The tiled backward instead of the sliding one where both apply. (A tiled forward was removed on
+// 2026-12-04: its best shape, 512-byte rows of 32-row tiles and 128 rows per block, took 193-206 us
+// in three runs against the plain kernel's 177-181 with channel blocks fastest.) Tuning knobs
+// (scripts/conv_variants.cu; H200): 256-byte rows of 32-row tiles, 256 rows per block, 365-395 us
+// in 2026-12-04's runs (60-66% of copy; 128-byte rows of 64-row tiles 365-382, other shapes
+// 369-469); 388 us on 2026-12-03, against 513 us for the sliding kernel.
+constexpr bool kUseTiledLast = true;
 using BackwardTile = TileShape<256, 128, 32, 5>;
 constexpr int kTiledBackwardSegment = 256;
 
@@ -555,60 +546,6 @@ __device__ __forceinline__ void slide_window(float (&window)[kRows][kCh], const 
     for (int e = 0; e < kCh; ++e) window[k][e] = window[k + 1][e];
   }
   word_as_float<T, kRowElts, kCh>(tile, r, channel, window[kRows - 1]);
-}
-
-template <typename T, int kWidth, typename Shape>
-__global__ void __launch_bounds__(Shape::kThreads, Shape::kMinBlocks) forward_last_tiled_kernel(ForwardParams p,
-                                                                                               int64_t segment) {
-  constexpr int kHist = kWidth - 1, kCh = word_channels<T>(), kRows = Shape::kRows, kLoadRows = kRows + kHist;
-  constexpr int kPerThread = Shape::kPerThread, kTileWords = Shape::kWords, kRowElts = Shape::template channels<T>();
-  __shared__ __align__(16) T tiles[2][kLoadRows][kRowElts];
-  const int64_t c_block = int64_t{blockIdx.x} * kRowElts, b = blockIdx.z;  // last_tiled_grid
-  const int64_t l = p.seqlen, seg_begin = int64_t{blockIdx.y} * segment;
-  const int64_t seg_end = seg_begin + segment < l ? seg_begin + segment : l;
-  const int channel = (threadIdx.x % kTileWords) * kCh, r0 = (threadIdx.x / kTileWords) * kPerThread;
-  const int64_t c0 = c_block + channel;
-  const bool active = c0 < p.dim;
-  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_batch_stride;
-  T* out = reinterpret_cast<T*>(p.out) + b * p.out_batch_stride + c0;
-  const T* init = reinterpret_cast<const T*>(p.initial_states);
-  const Taps<kWidth, kCh> taps(p, active ? c0 : 0);
-  const int64_t tiles_in_segment = ceil_div(seg_end - seg_begin, kRows);
-
-  auto load = [&](int64_t tile, int buffer) {
-    const int64_t first = seg_begin + tile * kRows - kHist;
-    load_tile_async<T, Shape, kLoadRows>(tiles[buffer], x, p.x_l_stride, first, l, c_block, p.dim, init != nullptr);
-    if (init && first < 0) {  // rows before the sequence: its initial states (zeros past dim)
-      for (int i = threadIdx.x; i < -first * kRowElts; i += Shape::kThreads) {
-        const int r = i / kRowElts, e = i % kRowElts;
-        tiles[buffer][r][e] = c_block + e < p.dim ? init[b * p.init_batch_stride + (c_block + e) * p.init_c_stride +
-                                                         (kHist + first + r) * p.init_l_stride]
-                                                  : from_float<T>(0.0f);
-      }
-    }
-    async_commit();
-  };
-  for_each_tile(tiles_in_segment, load, [&](int64_t tile, int buffer) {
-    const T(*rows)[kRowElts] = tiles[buffer];
-    const int64_t t_first = seg_begin + tile * kRows + r0;  // tile row r0 + kHist
-    float window[kWidth][kCh];
-#pragma unroll
-    for (int k = 0; k < kHist; ++k) word_as_float<T, kRowElts, kCh>(rows, r0 + k, channel, window[k + 1]);
-#pragma unroll 4
-    for (int i = 0; i < kPerThread; ++i) {
-      slide_window<T, kRowElts>(window, rows, r0 + i + kHist, channel);
-      float y[kCh];
-#pragma unroll
-      for (int e = 0; e < kCh; ++e) {
-        float acc = taps.bias[e];
-#pragma unroll
-        for (int k = 0; k < kWidth; ++k) acc += taps.w[e][k] * window[k][e];
-        y[e] = p.silu ? silu(acc) : acc;
-      }
-      const int64_t t = t_first + i;
-      if (active && t < seg_end) store_floats<T, kCh>(out + t * p.out_l_stride, y);
-    }
-  });
 }
 
 // Backward: x rows t-(w-1) .. t+kRows+w-2 and dout rows t .. t+kRows+w-2 of each tile; a thread
@@ -753,7 +690,6 @@ Path forward_path(const ForwardParams& p) {
   const Strided out{p.out, p.out_batch_stride, p.out_c_stride, p.out_l_stride};
   constexpr int64_t kElts = Vec16<T>::kElts;
   if (first_ok({x, out}, kElts, sizeof(T))) return Path::kFirst;
-  if (kUseTiledLastForward && last_ok({x, out}, p.dim, kElts, sizeof(T))) return Path::kLastTiled;
   if (last_ok({x, out}, p.dim, last_forward_channels<T>(), sizeof(T))) return Path::kLast;
   return Path::kGeneral;
 }
@@ -765,7 +701,7 @@ Path backward_path(const BackwardParams& p) {
   const Strided dout{p.dout, p.dout_batch_stride, p.dout_c_stride, p.dout_l_stride};
   const Strided dx{p.dx, p.dx_batch_stride, p.dx_c_stride, p.dx_l_stride};
   if (first_ok({x, dout, dx}, Vec16<T>::kElts, sizeof(T))) return Path::kFirst;
-  if (kUseTiledLastBackward && last_ok({x, dout, dx}, p.dim, Vec16<T>::kElts, sizeof(T))) return Path::kLastTiled;
+  if (kUseTiledLast && last_ok({x, dout, dx}, p.dim, Vec16<T>::kElts, sizeof(T))) return Path::kLastTiled;
   if (last_ok({x, dout, dx}, p.dim, kLastBackwardChannels, sizeof(T))) return Path::kLast;
   return Path::kGeneral;
 }
@@ -844,13 +780,8 @@ bool forward_plain(const ForwardParams& p) {
         const int threads = first_threads(p.seqlen, kElts, kFirstForwardThreads);
         const int64_t segment = first_segment(p.seqlen, int64_t{threads} * kElts, kFirstForwardRounds);
         const dim3 grid = first_grid(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks, 1, kFirstForwardThreads, kFirstForwardShuffleHalo>
+        forward_first_stream_kernel<scalar_t, kWidth, kFirstForwardMinBlocks, 1, kFirstForwardThreads>
             <<<grid, threads, 0, as_stream(p.stream)>>>(p, segment);
-      } else if (path == Path::kLastTiled) {
-        const int64_t segment = last_tiled_segment(p.seqlen, kTiledForwardSegment);
-        const dim3 grid = last_tiled_grid<scalar_t, ForwardTile>(p, ceil_div(p.seqlen, segment), "causal_conv1d_fwd");
-        forward_last_tiled_kernel<scalar_t, kWidth, ForwardTile>
-            <<<grid, ForwardTile::kThreads, 0, as_stream(p.stream)>>>(p, segment);
       } else {
         constexpr int kCh = last_forward_channels<scalar_t>();
         const int64_t row_groups = ceil_div(p.seqlen, kLastForwardRows);
