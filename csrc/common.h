@@ -49,6 +49,17 @@ __device__ __forceinline__ float exp2_approx(float x) {
 #endif
 }
 
+// log2(x) by the MUFU (lg2.approx.ftz: ~2^-22 absolute error). Host emulation: log2f.
+__device__ __forceinline__ float log2_approx(float x) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#else
+  return log2f(x);
+#endif
+}
+
 template <typename T> __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }

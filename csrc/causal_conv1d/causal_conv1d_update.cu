@@ -156,8 +156,10 @@ __global__ void __launch_bounds__(kUpdateThreads) update_vector_kernel(UpdatePar
           y[j] = p.silu ? silu(acc) : acc;
         }
 #pragma unroll
-        for (int q = 0; q < kHist; ++q)
-          store_raw(reinterpret_cast<Raw*>(state + slot[r] * p.state_batch_stride) + q, pack_floats<T, kVec>(shifted + q * kVec));
+        for (int q = 0; q < kHist; ++q) {
+          store_raw(reinterpret_cast<Raw*>(state + slot[r] * p.state_batch_stride) + q,
+                    pack_floats<T, kVec>(shifted + q * kVec));
+        }
       }
       store_vec(out + i * p.out_batch_stride, y);
     }

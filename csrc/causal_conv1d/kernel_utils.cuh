@@ -77,9 +77,8 @@ template <> __device__ __forceinline__ uint32_t pack_pair<__half>(float lo, floa
   return word;
 }
 
-// kN floats as the raw bits of kN elements of T, assembled from 32-bit words: a value built by
-// element writes through a T* was stored as 16-bit pairs (st.global.v2.u16, four 4-byte stores
-// per 16-byte vector in SASS, where a warp's stores then cover each sector in pieces).
+// kN floats as the raw bits of kN elements of T, assembled from 32-bit words (a Raw written
+// element by element through a T* reached memory as 16-bit pairs, st.global.v2.u16).
 template <typename T, int kN>
 __device__ __forceinline__ typename RawBits<kN * sizeof(T)>::type pack_floats(const float* in) {
   constexpr int kWords = kN * static_cast<int>(sizeof(T)) / 4;
@@ -102,9 +101,10 @@ __device__ __forceinline__ typename RawBits<kN * sizeof(T)>::type pack_floats(co
 }
 
 // One store instruction of a raw vector to global memory. Inside the kernels NVVM split plain
-// 16-byte assignments into four 4-byte stores (st.global.u32, seen in the PTX of the
-// channel-first kernels and the decode update, not in small test kernels), so the vector forms
-// are spelled out. Host emulation: plain assignments.
+// 16-byte assignments into four 4-byte stores (st.global.u32 in the PTX of the channel-first
+// kernels and the decode update, though not in small test kernels; four STG.E per vector, each
+// warp instruction covering every sector in pieces), so the vector forms are spelled out. Host
+// emulation: plain assignments.
 __device__ __forceinline__ void store_raw(void* ptr, uint4 v) {
 #ifdef __CUDA_ARCH__
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");

@@ -75,17 +75,6 @@ __device__ __forceinline__ void store_items(T* ptr, int valid, const float (&in)
 // softplus to a few ulps: max(x, 0) + log1p(exp(-|x|)).
 __device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
 
-// log2(x) by the MUFU (lg2.approx.ftz: ~2^-22 absolute error). Host emulation: log2f.
-__device__ __forceinline__ float log2_approx(float x) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
-#else
-  return log2f(x);
-#endif
-}
-
 // softplus in 6 instructions, for 16-bit inputs (float32 inputs keep softplus()): max(x, 0) +
 // ln 2 * log2(1 + e), e = exp(-|x|) in (0, 1]. Its error is absolute, < 3e-7 (the rounding of 1 + e
 // and lg2's 2^-22). Relative to dt = softplus(x) it grows as x goes below 0 (dt ~ e there), but
