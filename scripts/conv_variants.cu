@@ -104,20 +104,22 @@ int main() {
   const ForwardParams& fl = last;
 
 // The library's choice first in each group (causal_conv1d_plain.cu's knobs), then alternatives.
-#define FIRST_FWD_STREAM(MINB, ROUNDS, AHEAD)                                                         \
+// Channel-first: blocks of THREADS walking ROUNDS rounds of one vector per thread, MINB blocks per SM
+// (the forward with AHEAD rounds of loads in flight).
+#define FIRST_FWD(THREADS, MINB, ROUNDS, AHEAD)                                                         \
   {                                                                                                     \
-    const int64_t segment = 128 * 8 * ROUNDS;                                                          \
+    const int64_t segment = THREADS * 8 * ROUNDS;                                                       \
     const dim3 grid(D, B, ceil_div(L, segment));                                                        \
-    report("cf fwd stream minblocks=" #MINB " rounds=" #ROUNDS " ahead=" #AHEAD,                       \
-           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, AHEAD><<<grid, 128>>>(ff, segment); }), \
+    report("cf fwd threads=" #THREADS " minblocks=" #MINB " rounds=" #ROUNDS " ahead=" #AHEAD,          \
+           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, AHEAD, THREADS><<<grid, THREADS>>>(ff, segment); }), \
            fwd_bytes);                                                                                  \
   }
-  FIRST_FWD_STREAM(16, 4, 1) FIRST_FWD_STREAM(12, 4, 1) FIRST_FWD_STREAM(12, 2, 1) FIRST_FWD_STREAM(16, 2, 1)
-  FIRST_FWD_STREAM(8, 4, 1) FIRST_FWD_STREAM(12, 1, 1) FIRST_FWD_STREAM(8, 4, 2) FIRST_FWD_STREAM(16, 1, 1)
+  FIRST_FWD(128, 16, 4, 1) FIRST_FWD(128, 12, 4, 1) FIRST_FWD(128, 12, 2, 1) FIRST_FWD(128, 16, 2, 1)
+  FIRST_FWD(128, 8, 4, 1) FIRST_FWD(128, 12, 1, 1) FIRST_FWD(128, 8, 4, 2) FIRST_FWD(128, 16, 1, 1)
+  FIRST_FWD(64, 32, 8, 1) FIRST_FWD(64, 32, 4, 1) FIRST_FWD(32, 32, 16, 1)
 
-  // Blocks of THREADS walking ROUNDS rounds (64 x 8: the per-block setup and final sum spread over
-  // more positions than 128 x 4).
-#define FIRST_BWD_THREADS(THREADS, MINB, ROUNDS)                                                        \
+  // Backward: 64 x 8 spreads the per-block setup and final sum over more positions than 128 x 4.
+#define FIRST_BWD(THREADS, MINB, ROUNDS)                                                                \
   {                                                                                                     \
     const int64_t segment = THREADS * 8 * ROUNDS, segments = ceil_div(L, segment);                     \
     const dim3 grid(D, B, segments);                                                                    \
@@ -125,27 +127,8 @@ int main() {
            time_us([&] { backward_first_kernel<bf16, 4, MINB, THREADS><<<grid, THREADS>>>(first, segment, segments); }), \
            bwd_bytes);                                                                                  \
   }
-  FIRST_BWD_THREADS(64, 32, 8)
-#define FIRST_BWD(MINB)                                                                        \
-  {                                                                                                     \
-    const int64_t segment = 128 * 8 * 4, segments = ceil_div(L, segment);                              \
-    const dim3 grid(D, B, segments);                                                                    \
-    report("cf bwd minblocks=" #MINB,                                                          \
-           time_us([&] { backward_first_kernel<bf16, 4, MINB><<<grid, 128>>>(first, segment, segments); }), \
-           bwd_bytes);                                                                                  \
-  }
-  FIRST_BWD_THREADS(64, 32, 4) FIRST_BWD_THREADS(64, 24, 8) FIRST_BWD_THREADS(32, 32, 8) FIRST_BWD_THREADS(32, 32, 16)
-  // 128-thread blocks of 4 rounds:
-  FIRST_BWD(16) FIRST_BWD(12) FIRST_BWD(8) FIRST_BWD(10)
-#define FIRST_FWD_THREADS(THREADS, MINB, ROUNDS)                                                        \
-  {                                                                                                     \
-    const int64_t segment = THREADS * 8 * ROUNDS;                                                       \
-    const dim3 grid(D, B, ceil_div(L, segment));                                                        \
-    report("cf fwd stream threads=" #THREADS " minblocks=" #MINB " rounds=" #ROUNDS,                    \
-           time_us([&] { forward_first_stream_kernel<bf16, 4, MINB, 1, THREADS><<<grid, THREADS>>>(ff, segment); }), \
-           fwd_bytes);                                                                                  \
-  }
-  FIRST_FWD_THREADS(64, 32, 8) FIRST_FWD_THREADS(64, 32, 4) FIRST_FWD_THREADS(32, 32, 16)
+  FIRST_BWD(64, 32, 8) FIRST_BWD(64, 32, 4) FIRST_BWD(64, 24, 8) FIRST_BWD(32, 32, 8) FIRST_BWD(32, 32, 16)
+  FIRST_BWD(128, 16, 4) FIRST_BWD(128, 12, 4) FIRST_BWD(128, 8, 4) FIRST_BWD(128, 10, 4)
 
 #define LAST_FWD_CHANNELS_FASTEST(CH, ROWS)                                                             \
   {                                                                                                     \

@@ -31,10 +31,10 @@ namespace {
 // coordinates from a 3D grid (first_grid).
 // Now (2026-12-04, fourteenth session, after whole-vector stores): forward 128 threads x 4 rounds
 // (4096 bf16 positions) per block, 16 blocks per SM: 168.6-169.4 us, 94% of copy (64 x 8 at 32
-// blocks 168.0, 64 x 4 172, 32 x 16 185; 12 blocks per SM 182 us, 8 blocks 182-192 us, 2 rounds 189-211 us,
-// 1 round 226-267 us). Backward 64 threads x 8 rounds, 32 blocks per SM: 265.3-266.7 us, 90% (128 x 4 at
-// 16 blocks 273.9-274.3; 64 x 4 300 us, 64 x 8 at 24 blocks 290-294, 32 x 8-16 333-360; 128 x 4
-// at 12 blocks 292-296, 8 blocks 357-364). causal-conv1d's backward: 265.2 us in Nsight Compute
+// blocks 168.0, 64 x 4 172, 32 x 16 185; 12 blocks per SM 182 us, 8 blocks 182-192 us, 2 rounds
+// 189-211 us, 1 round 226-267 us). Backward 64 threads x 8 rounds, 32 blocks per SM: 265.3-266.7
+// us, 90% (128 x 4 at 16 blocks 273.9-274.3; 64 x 4 300 us, 64 x 8 at 24 blocks 290-294, 32 x 8-16
+// 333-360; 128 x 4 at 12 blocks 292-296, 8 blocks 357-364). causal-conv1d's backward: 265.2 us in Nsight Compute
 // against our 270.4 us (its 208 M instructions against our 223 M).
 // What the 2026-12-04 changes were worth (backward, 128 x 4): ex2.approx without __expf's range
 // fix-ups and bfloat16 unpacked by shift/mask 323.7 -> 289.6 us (268 -> 247 M instructions);
@@ -211,10 +211,10 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) forward_first_stream_
 // the pre-activation gradients g of the w-1 positions after its vector from the next thread, which
 // computes them for its own vector: 8 silu gradients per 8 positions (recomputing the w-1 after
 // them from the next vector's x and dout, 11, measured 8% slower). The last thread of a chunk takes
-// them from the chunk after (thread 0's slot of the other parity, written the iteration before; past
-// the segment's end the last thread computes them into that slot before the walk). Slots are double-buffered by chunk parity; two barriers per chunk. The weight and
-// bias sums stay in registers and are summed over the block once at the end (one partial per
-// segment).
+// them from the chunk after (thread 0's slot of the other parity, written the iteration before;
+// past the segment's end the last thread computes them into that slot before the walk). Slots are
+// double-buffered by chunk parity; two barriers per chunk. The weight and bias sums stay in
+// registers and are summed over the block once at the end (one partial per segment).
 template <typename T, int kWidth, int kMinBlocks, int kMaxThreads = kFirstThreadsMax>
 __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) backward_first_kernel(BackwardParams p,
                                                                                                int64_t segment,
