@@ -487,7 +487,13 @@ template <typename T> __host__ __device__ constexpr int word_channels() { return
 // in three runs against the plain kernel's 177-181 with channel blocks fastest.) Tuning knobs
 // (scripts/conv_variants.cu; H200): 256-byte rows of 32-row tiles, 256 rows per block, 365-395 us
 // in 2026-12-04's runs (60-66% of copy; 128-byte rows of 64-row tiles 365-382, other shapes
-// 369-469); 388 us on 2026-12-03, against 513 us for the sliding kernel.
+// 369-469); 388 us on 2026-12-03, against 513 us for the sliding kernel. Tried on 2026-12-04
+// (fifteenth session) and removed, against the tiled kernel's 374-376 us in the same runs: the
+// forward's shape (a thread loads 2 channels at 16-32 rows plus both halos at once, sums added
+// across the block's row threads) 510-883 us (16 rows best; at 32 rows 168-254 registers); a
+// thread per (row, 4 channels) re-reading its w-1 neighbour rows from L1, gradients exchanged in
+// shared memory (three buffers, one barrier per round), next round's loads in flight: 488-1000
+// us (4 channels, 32 x 4 threads, 6 blocks per SM best; 2 or 8 channels 696-827).
 constexpr bool kUseTiledLast = true;
 using BackwardTile = TileShape<256, 128, 32, 5>;
 constexpr int kTiledBackwardSegment = 256;
