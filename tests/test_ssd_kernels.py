@@ -49,6 +49,9 @@ CASES = {
     "varlen_short_chunk32": dict(b=1, l=45, chunk=32, cu=[0, 3, 4, 9, 30, 31, 45], init=True, varlen=True),
     "varlen_empty_last": dict(b=1, l=36, cu=[0, 36, 36], init=True, varlen=True),
     "varlen_final_only": dict(b=1, l=40, cu=[0, 20, 40], init=True),
+    # several row and column blocks per chunk (float32 operands: 32-row blocks), so the scans' unmasked
+    # column blocks run on both sides of the diagonal; the short last chunk has row blocks past its end
+    "l150_chunk128": dict(b=1, l=150, chunk=128, init=True, seq=[[60]]),
 }
 # On the GPU also chunks of several row / key blocks (the block sizes differ per operand dtype).
 if ON_GPU:

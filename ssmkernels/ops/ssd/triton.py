@@ -76,6 +76,12 @@ _PASS_CFG = {"BLOCK": 1024, "num_warps": 4}
 # 3 stages unless noted): 64 x 32 at 4 warps 1.660 ms; 64 x 32 at 8 warps 1.952; 64 x 64 at 4
 # warps 2.128-2.305 (2-3 stages), at 8 warps 2.185-2.863; 128 x 32 at 8 warps 2.059; 128 x 64
 # 2.470-2.617; 64 x 128 3.069. Without the precomputed C B^T (SSMKERNELS_SSD_PRECOMPUTE_CB=0): 3.010.
+# Tried on 2026-12-04 (fifteenth session) and reverted: column blocks wholly on the kept side of
+# the diagonal without the causal/bounds masks, and in the plain forward the decays of those blocks
+# factored at the row block's first row (per-element work down to one multiply): the forward 1.712-
+# 1.724 ms against 1.649 without (scan kernel 1175 us in the profile, ptxas 156-165 registers against
+# 134, the same 66 KB of shared memory), fwd+bwd unchanged at 15.0 ms. The scan is not bound by its
+# per-element arithmetic.
 _SCAN_CFG = {"BLOCK_M": 64, "BLOCK_K": 32, "BLOCK_V_MAX": 64, "num_warps": 4}
 # float32 operands take twice the shared memory: narrower key blocks and two pipeline stages keep
 # the full-value scans (p = 64, n = 128) under the 227 KB of an H100 (seen: 232,960 B requested).
