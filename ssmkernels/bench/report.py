@@ -30,7 +30,7 @@ class Row:
     pct_copy_bw: float | None = None
     pct_matmul_peak: float | None = None
     wall_us_per_call: float | None = None
-    queued_gpu_us: float | None = None  # decode cases: GPU time per call, host taken out
+    queued_gpu_us: float | None = None  # GPU time per call, host taken out (runner._queued_or_none)
     queued_pct_copy_bw: float | None = None
     speedup_vs_best_peer: float | None = None
     note: str = ""

@@ -4,8 +4,10 @@
 cycling through ``fns`` (one closure per rotated input copy, so small working sets are not served
 from L2). ``peaks()`` measures, once per run, a large device-to-device copy (bandwidth roof) and an
 8192^3 bf16 matmul (compute roof); results are reported as a percentage of both.
-Decode-sized calls are host-bound, so their per-call events mostly time Python; ``queued_gpu_us``
-times them with the host taken out, and ``wall_per_call_us`` with it included.
+Decode-sized calls are host-bound, so their per-call events mostly time Python, and so are larger
+ones where the host's enqueue time nears the kernels' (a fwd+bwd on a loaded machine);
+``queued_gpu_us`` times any call with the host taken out (the bench reports it for every case), and
+``wall_per_call_us`` with it included.
 """
 from __future__ import annotations
 
