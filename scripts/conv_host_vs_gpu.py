@@ -1,56 +1,42 @@
-"""Host time against GPU time of causal_conv1d at the bench's channel-first shape (B4 D10240 L4096 W4 bf16
-silu), ours and causal-conv1d's, forward and forward+backward: the host's enqueue time per call, the
-GPU time per call with the host taken out (calls queued behind a sleep kernel), and per-call CUDA
-events as the bench takes them. Where the host time nears the GPU time, per-call events turn
-bimodal (the GPU waits for the host). GPU machine: `python scripts/conv_host_vs_gpu.py` with
-causal_conv1d importable (scripts/gpu_suite.sh peers)."""
-import sys
-import time
-from pathlib import Path
+"""Host time against GPU time of bench cases, ours and the peers': the host's enqueue time per call
+and the GPU time per call with the host taken out (``timing.queued_times``: calls queued behind a
+sleep kernel), next to the per-call CUDA events as the bench takes them (``timing.measure``). Where
+the host time nears the GPU time, per-call events turn bimodal (the GPU waits for the host). GPU
+machine, with the peers importable (scripts/gpu_suite.sh peers):
 
-import torch
+    python scripts/conv_host_vs_gpu.py [--case conv1d-cf-fwd --case conv1d-cf-fwdbwd]
+                                       [--impl ssmkernels:cuda --impl causal_conv1d] [--reps 3]
+"""
+import argparse
+import sys
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ssmkernels.ops.causal_conv1d.op import causal_conv1d  # noqa: E402
+from ssmkernels.bench import cases, runner, timing  # noqa: E402
 
-try:
-    from causal_conv1d import causal_conv1d_fn
-except ImportError as error:
-    causal_conv1d_fn = None
-    print(f"causal_conv1d not importable ({error}): only ours runs")
 
-b, d, l, w = 4, 10240, 4096, 4
-x = torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-weight = (torch.randn(d, w, device="cuda", dtype=torch.bfloat16) * 0.5).requires_grad_()
-bias = (torch.randn(d, device="cuda", dtype=torch.bfloat16) * 0.5).requires_grad_()
-g = torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16)
-impls = {"ssmkernels": lambda: causal_conv1d(x, weight, bias, activation="silu", backend="cuda")}
-if causal_conv1d_fn is not None:
-    impls["causal_conv1d"] = lambda: causal_conv1d_fn(x, weight, bias, activation="silu")
-for name, fwd in impls.items():
-    for kind, step in (("fwd", lambda: fwd()), ("fwd+bwd", lambda: torch.autograd.grad(fwd(), [x, weight, bias], g))):
-        for _ in range(10):
-            step()
-        torch.cuda.synchronize()
-        for rep in range(3):
-            n = 40
-            torch.cuda._sleep(int(4e8))  # ~0.2 s: the host enqueues behind it
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t = time.perf_counter()
-            start.record()
-            for _ in range(n):
-                step()
-            end.record()
-            host = (time.perf_counter() - t) / n * 1e6
-            torch.cuda.synchronize()
-            queued = start.elapsed_time(end) / n * 1e3
-            per_call = []
-            for _ in range(n):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record(); step(); e.record()
-                per_call.append((s, e))
-            torch.cuda.synchronize()
-            times = sorted(s.elapsed_time(e) * 1e3 for s, e in per_call)
-            print(f"{name:14} {kind:8} rep {rep}: host {host:6.0f} us/call  queued GPU {queued:6.1f} us/call  "
-                  f"per-call events p20/p50/p80 {times[n // 5]:.0f}/{times[n // 2]:.0f}/{times[4 * n // 5]:.0f} us", flush=True)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", action="append", help="bench case names (default: channel-first conv fwd, fwd+bwd)")
+    parser.add_argument("--impl", action="append", help="implementation labels (default: ours on cuda, causal_conv1d)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=40, help="calls queued per repetition")
+    args = parser.parse_args()
+    for case in cases.select(None, args.case or ["conv1d-cf-fwd", "conv1d-cf-fwdbwd"]):
+        for label in args.impl or ["ssmkernels:cuda", "causal_conv1d"]:
+            try:
+                steps = runner.build_steps(case, label)
+            except runner.Unavailable as exc:
+                print(f"{case.name:18} {label:16} unavailable: {exc}")
+                continue
+            for rep in range(args.reps):
+                gpu_us, host_us = timing.queued_times(steps, calls=args.calls)
+                events = timing.measure(steps)
+                print(f"{case.name:18} {label:16} rep {rep}: host {host_us:6.0f} us/call  queued GPU {gpu_us:6.1f} "
+                      f"us/call  per-call events p20/p50/p80 {events.p20_ms * 1e3:.0f}/{events.median_ms * 1e3:.0f}/"
+                      f"{events.p80_ms * 1e3:.0f} us", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,6 @@ import argparse
 import collections
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,18 +75,12 @@ def disassemble(cubin: bytes) -> str:
 
 
 def registers_and_spills(ptx: str) -> str:
-    ptxas = shutil.which("ptxas")
-    if not ptxas or not ptx:
+    report = lowering.ptxas_report(ptx)
+    if report is None:
         return "ptxas not found"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        err = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True).stderr
-    finally:
-        os.unlink(f.name)
-    regs = re.findall(r"Used (\d+) registers", err)
-    spills = re.findall(r"(\d+) bytes spill stores", err)
-    return f"{regs[0] if regs else '?'} registers, {spills[0] if spills else '?'} B spill stores"
+    regs = re.findall(r"Used (\d+) registers", report)
+    spills = lowering._SPILLS.findall(report)
+    return f"{regs[0] if regs else '?'} registers, {max(map(int, spills)) if spills else '?'} B spill stores"
 
 
 def main() -> None:

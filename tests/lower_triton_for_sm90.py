@@ -73,19 +73,24 @@ SPILL_LIMIT = 2048
 _SPILLS = re.compile(r"(\d+) bytes spill stores")
 
 
-def spill_stores(ptx: str) -> int | None:
-    """Bytes of spill stores per thread of ``ptx`` assembled for sm_90a (None without ptxas)."""
+def ptxas_report(ptx: str) -> str | None:
+    """What ``ptxas -v`` prints for ``ptx`` assembled for sm_90a (registers, spills; None without ptxas)."""
     ptxas = shutil.which("ptxas")
     if ptxas is None or not ptx:
         return None
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                                capture_output=True, text=True, timeout=600)
+        return subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, timeout=600).stderr
     finally:
         os.unlink(f.name)
-    found = _SPILLS.findall(result.stderr)
+
+
+def spill_stores(ptx: str) -> int | None:
+    """Bytes of spill stores per thread of ``ptx`` assembled for sm_90a (None without ptxas)."""
+    report = ptxas_report(ptx)
+    found = _SPILLS.findall(report) if report else []
     return max(int(v) for v in found) if found else None
 
 

@@ -97,11 +97,12 @@ def wall_per_call_us(fns: Sequence[Callable[[], Any]], calls: int = 500, loops: 
     return statistics.median(per_loop)
 
 
-def queued_gpu_us(fns: Sequence[Callable[[], Any]], calls: int = 200, host_us: float | None = None) -> float:
-    """GPU time per call with the host taken out, in microseconds: a spin kernel holds the GPU while
-    ``calls`` calls are queued behind it, so the events around them time the kernels back to back.
-    For decode-sized calls, whose per-call events mostly time the host (the GPU idles between a
-    start event and a launch that Python has not issued yet)."""
+def queued_times(fns: Sequence[Callable[[], Any]], calls: int = 200, host_us: float | None = None
+                 ) -> tuple[float, float]:
+    """(GPU time, host enqueue time) per call, in microseconds: a spin kernel holds the GPU while
+    ``calls`` calls are queued behind it, so the events around them time the kernels back to back
+    and the host's clock times its own work alone. For calls whose per-call events mostly time the
+    host (the GPU idles between a start event and a launch that Python has not issued yet)."""
     fns = list(fns)
     if host_us is None:  # (the wall-clock time per call, when the caller measured it already)
         host_us = wall_per_call_us(fns, calls=20)
@@ -112,11 +113,18 @@ def queued_gpu_us(fns: Sequence[Callable[[], Any]], calls: int = 200, host_us: f
     torch.cuda.synchronize()
     torch.cuda._sleep(cycles)
     start.record()
+    started = time.perf_counter()
     for i in range(calls):
         fns[i % len(fns)]()
+    enqueue_us = (time.perf_counter() - started) / calls * 1e6
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls * 1e3
+    return start.elapsed_time(end) / calls * 1e3, enqueue_us
+
+
+def queued_gpu_us(fns: Sequence[Callable[[], Any]], calls: int = 200, host_us: float | None = None) -> float:
+    """GPU time per call with the host taken out, in microseconds (see :func:`queued_times`)."""
+    return queued_times(fns, calls, host_us)[0]
 
 
 @dataclass
