@@ -46,6 +46,11 @@ from ..._core.profiling import step_range
 # Loops whose bound is a tensor run as while-loops under the interpreter (its range() cannot take
 # one with this numpy); compiled kernels keep range() so that Triton can pipeline them.
 _INTERPRET = config.triton_interpret()
+# The scans' per-element decays use the PTX ex2 with flush-to-zero (the decays are in (0, 1]:
+# denormal results are as good as 0 here), without the range fix-ups of Triton's exp; the
+# interpreter has no inline PTX.
+_FAST_EXP = tl.constexpr(not _INTERPRET)
+_LOG2E = tl.constexpr(1.4426950408889634)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEADDIM = 256
 MAX_DSTATE = 256
@@ -224,7 +229,9 @@ def _chunk_program(pid, slots, nchunks, chunk, seqlen):
     c = bc % nchunks
     bb = bc // nchunks
     chunk_start = c * chunk
-    return slot, c, bb, chunk_start, tl.minimum(chunk, seqlen - chunk_start)
+    # int32 chunk length: the row/column indices compared with it stay 32-bit (int64 compares and
+    # selects doubled the integer work of the scan loop)
+    return slot, c, bb, chunk_start, tl.minimum(chunk, seqlen - chunk_start).to(tl.int32)
 
 
 @triton.jit
@@ -256,6 +263,17 @@ def _exp_diff(a, a_lo, b, b_lo):
     """``exp(min(a - b, 0))`` for cs values held as float32 pairs (hi, lo): the difference of two
     nearby cumulative sums keeps its accuracy however large the sums grow within a chunk."""
     return tl.exp(tl.minimum((a - b) + (a_lo - b_lo), 0.0))
+
+
+@triton.jit
+def _exp_diff_tile(a, a_lo, b, b_lo):
+    """``_exp_diff`` for the scans' (rows x columns) tiles, by ``ex2.approx.ftz`` (see _FAST_EXP)."""
+    arg = tl.minimum((a - b) + (a_lo - b_lo), 0.0) * _LOG2E
+    if _FAST_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [arg], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(arg)
 
 
 @triton.jit
@@ -467,17 +485,21 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
 
     HAS_CB: the group's precomputed ``C B^T`` of the chunk (``_cb_kernel``; entry (t, s) for t >= s)
     replaces a dot per head: as ``q_t . k_s`` (its transpose in reverse scans), or with INTRA_DA as
-    ``q2_t . k2_s``."""
+    ``q2_t . k2_s``. Its tiles are loaded without masks (whole 16-byte copies instead of one masked
+    4-byte copy per element): every tile a scan reads lies in a block of ``C B^T`` that
+    ``_cb_kernel`` wrote whole, zeros past the chunk's end (the tiles divide the power-of-two chunk).
+
+    Columns past the chunk's end and rows past it need no mask either: their scores are 0 (zero
+    C B^T entries, or zero-filled q/k loads), their decays finite (cs loaded as 0), their values
+    zero-filled, and the epilogue stores only rows within the chunk."""
     cols = k0 + tl.arange(0, BLOCK_K)
     col_ok = cols < chunk_len
     pos_c = chunk_start + cols
     if HAS_CB and not INTRA_DA:
         if REVERSE:  # rows s, columns t >= s: C_t . B_s = CB[t, s]
-            scores = tl.load(cb_base + cols[None, :] * chunk + rows[:, None],
-                             mask=(cols[None, :] >= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
+            scores = tl.load(cb_base + cols[None, :] * chunk + rows[:, None])
         else:  # rows t, columns s <= t: CB[t, s]
-            scores = tl.load(cb_base + rows[:, None] * chunk + cols[None, :],
-                             mask=(cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
+            scores = tl.load(cb_base + rows[:, None] * chunk + cols[None, :])
     else:
         kt = tl.load(k_base + pos_c[None, :] * k_sl + offs_d[:, None], mask=d_ok[:, None] & col_ok[None, :],
                      other=0.0).to(DOT_DTYPE)
@@ -485,22 +507,20 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
     cs_c = tl.load(cs_ptr + cs_base + cols, mask=col_ok, other=0.0)
     lo_c = tl.load(cs_ptr + lo_off + cs_base + cols, mask=col_ok, other=0.0)
     if REVERSE:
-        w = _exp_diff(cs_c[None, :], lo_c[None, :], cs_r[:, None], lo_r[:, None])
+        w = _exp_diff_tile(cs_c[None, :], lo_c[None, :], cs_r[:, None], lo_r[:, None])
         keep = cols[None, :] >= rows[:, None]
     else:
-        w = _exp_diff(cs_r[:, None], lo_r[:, None], cs_c[None, :], lo_c[None, :])
+        w = _exp_diff_tile(cs_r[:, None], lo_r[:, None], cs_c[None, :], lo_c[None, :])
         keep = cols[None, :] <= rows[:, None]
     if COL_SCALE:
         w = w * tl.load(dtp_ptr + cs_base + cols, mask=col_ok, other=0.0)[None, :]
-    keep = keep & col_ok[None, :] & row_ok[:, None]
     if HAS_SEQ:
         seq_c = tl.load(seq_base + pos_c * seq_sl, mask=col_ok, other=-2)
         keep = keep & (seq_c[None, :] == seq_r[:, None])
     scores = tl.where(keep, scores * w, 0.0)
     if INTRA_DA:
-        if HAS_CB:  # q2 . k2 = C_t . B_s = CB[t, s] (causal rows t, columns s <= t)
-            qk2 = tl.load(cb_base + rows[:, None] * chunk + cols[None, :],
-                          mask=(cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
+        if HAS_CB:  # q2 . k2 = C_t . B_s = CB[t, s] (causal rows t, columns s <= t; scores are 0 above)
+            qk2 = tl.load(cb_base + rows[:, None] * chunk + cols[None, :])
         else:
             k2t = tl.load(k2_base + pos_c[None, :] * k2_sl + offs_d2[:, None],
                           mask=d2_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -519,7 +539,7 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
 
 @triton.jit
 def _scan_head(
-        hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        acc_in, hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio,
         k_ptr, k_sb, k_sl, k_sh, k_ratio,
         v_ptr, v_sb, v_sl, v_sh, v_ratio,
@@ -530,10 +550,15 @@ def _scan_head(
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
         nheads, nchunks, chunk, DQK, DV, D2,
         REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr,
-        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        ROW_SCALE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
         INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D2: tl.constexpr):
-    """The three accumulators (intra-chunk, state, per-sequence matrices) of one head's rows."""
+    """The three accumulators (intra-chunk, state, per-sequence matrices) of one head's rows.
+
+    Without SPLIT the first is returned summed with the other two and with ``acc_in`` (the group
+    scans' running sum over heads: one accumulator tile live instead of two). ROW_SCALE (dB)
+    scales every term of row s by dtp_s, as the queries (all three terms are linear in them)."""
     cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
     cb_base = cb_ptr + ((bb * nchunks + c) * (nheads // cb_ratio) + hh // cb_ratio) * chunk * chunk
     cs_r = tl.load(cs_ptr + cs_base + rows, mask=row_ok, other=0.0)
@@ -547,7 +572,10 @@ def _scan_head(
     offs_d2 = tl.arange(0, BLOCK_D2)
     d2_ok = offs_d2 < D2
     q = tl.load(q_ptr + bb * q_sb + (hh // q_ratio) * q_sh + pos_r[:, None] * q_sl + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if ROW_SCALE:
+        q = q.to(tl.float32) * tl.load(dtp_ptr + cs_base + rows, mask=row_ok, other=0.0)[:, None]
+    q = q.to(DOT_DTYPE)
     end_pos = chunk_start + chunk_len - 1
 
     # state term: the state entering (causal) / the gradient leaving (reverse) the chunk
@@ -596,9 +624,9 @@ def _scan_head(
 
     # intra-chunk term; SPLIT epilogues need the three terms apart (for the cs gradient)
     if SPLIT:
-        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        acc = acc_in
     else:
-        acc = acc_st + acc_ex
+        acc = acc_in + acc_st + acc_ex
     carry = tl.zeros((BLOCK_M,), dtype=tl.float64)
     q2 = q
     if INTRA_DA:
@@ -640,7 +668,7 @@ def _scan_epilogue(
         acc, acc_st, acc_ex, hh, bb, bc, pid_m, num_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
         x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh, D_ptr, D_sh, D_sp, o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
         vec1_ptr, vec2_ptr, dpart_ptr, dtp_ptr, nheads, DV,
-        SPLIT: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_EXT: tl.constexpr, HAS_D: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_EXT: tl.constexpr, HAS_D: tl.constexpr,
         HAS_Z: tl.constexpr, EPILOGUE: tl.constexpr):
     """Accumulators -> outputs: 0 out; 1 dy, dz, d(cs) at rows, dD partials; 2 dx, ddtp, d(cs); 3 plain."""
     mask2 = row_ok[:, None] & v_ok[None, :]
@@ -697,43 +725,8 @@ def _scan_epilogue(
         if HAS_EXT:  # pairs with a sequence's end, summed per sequence (see backward)
             tl.store(vec1_ptr + cs_base + rows, dtp_r * tl.sum(xv * acc_ex, axis=1), mask=row_ok)
     else:
-        if ROW_SCALE:
-            acc = acc * tl.load(dtp_ptr + cs_base + rows, mask=row_ok, other=0.0)[:, None]
         tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + hh * o1_sh + offs_v[None, :],
                  acc.to(o1_ptr.dtype.element_ty), mask=mask2)
-
-
-@triton.jit
-def _group_head_step(total, ROW_SCALE: tl.constexpr,
-        hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
-        q_ptr, q_sb, q_sl, q_sh, q_ratio,
-        k_ptr, k_sb, k_sl, k_sh, k_ratio,
-        v_ptr, v_sb, v_sl, v_sh, v_ratio,
-        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio,
-        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
-        st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
-        ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
-        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
-        nheads, nchunks, chunk, DQK, DV, D2,
-        REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr,
-        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-        INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr,
-        BLOCK_V: tl.constexpr, BLOCK_D2: tl.constexpr):
-    """One head's share of a group-summed plain scan (dB, dC)."""
-    acc, acc_st, acc_ex = _scan_head(
-        hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
-        q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
-        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
-        st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
-        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-        REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
-        BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
-    if SPLIT:
-        acc = acc + acc_st + acc_ex
-    if ROW_SCALE:
-        cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
-        acc = acc * tl.load(dtp_ptr + cs_base + rows, mask=row_ok, other=0.0)[:, None]
-    return total + acc
 
 
 @triton.jit
@@ -790,25 +783,25 @@ def _scan_kernel(
         h0 = slot * heads_per_group
         # (a constexpr bound under the interpreter, which cannot loop to a run-time value)
         for i in range(0, STATIC_HEADS if STATIC_HEADS > 0 else heads_per_group):
-            total = _group_head_step(total, ROW_SCALE,
+            total, _st, _ex = _scan_head(total,
         h0 + i, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
         q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-        REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
+        REVERSE, SPLIT, INTRA_DA, COL_SCALE, ROW_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
         BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
         tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + slot * o1_sh + offs_v[None, :],
                  total.to(o1_ptr.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
     else:
         hh = slot
         acc, acc_st, acc_ex = _scan_head(
-            hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+            tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32), hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
             q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
             q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
             st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
             dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
+            REVERSE, SPLIT, INTRA_DA, COL_SCALE, ROW_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
             BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
         cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
         v_base = v_ptr + bb * v_sb + (hh // v_ratio) * v_sh
@@ -816,7 +809,7 @@ def _scan_kernel(
             acc, acc_st, acc_ex, hh, bb, bc, pid_m, num_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
             x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh, D_ptr, D_sh, D_sp, o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
             vec1_ptr, vec2_ptr, dpart_ptr, dtp_ptr, nheads, DV,
-            SPLIT, ROW_SCALE, HAS_EXT, HAS_D, HAS_Z, EPILOGUE)
+            SPLIT, HAS_EXT, HAS_D, HAS_Z, EPILOGUE)
 
 
 # ----------------------------------------------------------------------------- launchers
