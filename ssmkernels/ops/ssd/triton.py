@@ -569,6 +569,16 @@ def _dcb_times_values(acc, dcb_base, rows, k0, chunk, chunk_start, chunk_len, v_
 
 
 @triton.jit
+def _column_range(pid_m, chunk_len, REVERSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Columns [lo, hi) that row block pid_m of a scan meets: from its first row to the chunk's end
+    (reverse), or from the chunk's start to its last row (causal)."""
+    if REVERSE:
+        return pid_m * BLOCK_M, chunk_len
+    else:
+        return chunk_len * 0, tl.minimum(pid_m * BLOCK_M + BLOCK_M, chunk_len)
+
+
+@triton.jit
 def _scan_head(
         acc_in, hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio,
@@ -667,12 +677,7 @@ def _scan_head(
                          mask=row_ok[:, None] & d2_ok[None, :], other=0.0).to(DOT_DTYPE)
     k_base = k_ptr + bb * k_sb + (hh // k_ratio) * k_sh
     v_base = v_ptr + bb * v_sb + (hh // v_ratio) * v_sh
-    if REVERSE:
-        k_lo = pid_m * BLOCK_M
-        k_hi = chunk_len
-    else:
-        k_lo = 0
-        k_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, chunk_len)
+    k_lo, k_hi = _column_range(pid_m, chunk_len, REVERSE, BLOCK_M)
     if DCB == 2:  # _DCB_READ
         k_hi = k_lo
     if INTERPRET:
@@ -838,12 +843,7 @@ def _scan_kernel(
                 tl.debug_barrier()
         if DCB != 0:
             v_base = v_ptr + bb * v_sb + (h0 // v_ratio) * v_sh
-            if REVERSE:
-                k_lo = pid_m * BLOCK_M
-                k_hi = chunk_len
-            else:
-                k_lo = 0
-                k_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, chunk_len)
+            k_lo, k_hi = _column_range(pid_m, chunk_len, REVERSE, BLOCK_M)
             if INTERPRET:
                 k0 = k_lo
                 while k0 < k_hi:
