@@ -46,11 +46,6 @@ from ..._core.profiling import step_range
 # Loops whose bound is a tensor run as while-loops under the interpreter (its range() cannot take
 # one with this numpy); compiled kernels keep range() so that Triton can pipeline them.
 _INTERPRET = config.triton_interpret()
-# The scans' per-element decays use the PTX ex2 with flush-to-zero (the decays are in (0, 1]:
-# denormal results are as good as 0 here), without the range fix-ups of Triton's exp; the
-# interpreter has no inline PTX.
-_FAST_EXP = tl.constexpr(not _INTERPRET)
-_LOG2E = tl.constexpr(1.4426950408889634)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEADDIM = 256
 MAX_DSTATE = 256
@@ -131,9 +126,6 @@ def _f32_precision(input_dtype: torch.dtype) -> str:
 
 # Epilogues of the scan kernel.
 _EPI_OUT, _EPI_DZ, _EPI_DX, _EPI_PLAIN = 0, 1, 2, 3
-# The group-summed backward scans and the group's dCB (see _scan_kernel): none, the dC scan that
-# writes it, the dB scan that reads it.
-_DCB_NONE, _DCB_WRITE, _DCB_READ = 0, 1, 2
 
 
 def unsupported(features: dict) -> str | None:
@@ -232,9 +224,7 @@ def _chunk_program(pid, slots, nchunks, chunk, seqlen):
     c = bc % nchunks
     bb = bc // nchunks
     chunk_start = c * chunk
-    # int32 chunk length: the row/column indices compared with it stay 32-bit (int64 compares and
-    # selects doubled the integer work of the scan loop)
-    return slot, c, bb, chunk_start, tl.minimum(chunk, seqlen - chunk_start).to(tl.int32)
+    return slot, c, bb, chunk_start, tl.minimum(chunk, seqlen - chunk_start)
 
 
 @triton.jit
@@ -266,17 +256,6 @@ def _exp_diff(a, a_lo, b, b_lo):
     """``exp(min(a - b, 0))`` for cs values held as float32 pairs (hi, lo): the difference of two
     nearby cumulative sums keeps its accuracy however large the sums grow within a chunk."""
     return tl.exp(tl.minimum((a - b) + (a_lo - b_lo), 0.0))
-
-
-@triton.jit
-def _exp_diff_tile(a, a_lo, b, b_lo):
-    """``_exp_diff`` for the scans' (rows x columns) tiles, by ``ex2.approx.ftz`` (see _FAST_EXP)."""
-    arg = tl.minimum((a - b) + (a_lo - b_lo), 0.0) * _LOG2E
-    if _FAST_EXP:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [arg], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.exp2(arg)
 
 
 @triton.jit
@@ -475,11 +454,10 @@ def _state_pass_bwd_kernel(dstates_ptr, states_ptr, dfinal_ptr, dinit_ptr, endte
 
 @triton.jit
 def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
-               offs_v, v_ok, k2_base, k2_sl, offs_d2, d2_ok, dai_ptr, dai_ok, cb_base, dcb_base, chunk,
+               offs_v, v_ok, k2_base, k2_sl, offs_d2, d2_ok, dai_ptr, dai_ok, cb_base, chunk,
                dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
                REVERSE: tl.constexpr, COL_SCALE: tl.constexpr, HAS_SEQ: tl.constexpr, INTRA_DA: tl.constexpr,
-               HAS_CB: tl.constexpr, DCB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+               HAS_CB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
     """One BLOCK_K block of columns of the intra-chunk term of ``_scan_kernel``.
 
     INTRA_DA (causal only): also the intra-chunk part of d(A dt) in its cancellation-free form,
@@ -489,24 +467,17 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
 
     HAS_CB: the group's precomputed ``C B^T`` of the chunk (``_cb_kernel``; entry (t, s) for t >= s)
     replaces a dot per head: as ``q_t . k_s`` (its transpose in reverse scans), or with INTRA_DA as
-    ``q2_t . k2_s``. Its tiles are loaded without masks (whole 16-byte copies instead of one masked
-    4-byte copy per element): every tile a scan reads lies in a block of ``C B^T`` that
-    ``_cb_kernel`` wrote whole, zeros past the chunk's end (the tiles divide the power-of-two chunk).
-
-    Columns past the chunk's end and rows past it need no mask either: their scores are 0 (zero
-    C B^T entries, or zero-filled q/k loads), their decays finite (cs loaded as 0), their values
-    zero-filled, and the epilogue stores only rows within the chunk.
-
-    DCB == _DCB_WRITE: the scores are added into the group's dCB tile (``dcb_base``) instead of
-    being multiplied by the values here."""
+    ``q2_t . k2_s``."""
     cols = k0 + tl.arange(0, BLOCK_K)
     col_ok = cols < chunk_len
     pos_c = chunk_start + cols
     if HAS_CB and not INTRA_DA:
         if REVERSE:  # rows s, columns t >= s: C_t . B_s = CB[t, s]
-            scores = tl.load(cb_base + cols[None, :] * chunk + rows[:, None])
+            scores = tl.load(cb_base + cols[None, :] * chunk + rows[:, None],
+                             mask=(cols[None, :] >= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
         else:  # rows t, columns s <= t: CB[t, s]
-            scores = tl.load(cb_base + rows[:, None] * chunk + cols[None, :])
+            scores = tl.load(cb_base + rows[:, None] * chunk + cols[None, :],
+                             mask=(cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
     else:
         kt = tl.load(k_base + pos_c[None, :] * k_sl + offs_d[:, None], mask=d_ok[:, None] & col_ok[None, :],
                      other=0.0).to(DOT_DTYPE)
@@ -514,20 +485,22 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
     cs_c = tl.load(cs_ptr + cs_base + cols, mask=col_ok, other=0.0)
     lo_c = tl.load(cs_ptr + lo_off + cs_base + cols, mask=col_ok, other=0.0)
     if REVERSE:
-        w = _exp_diff_tile(cs_c[None, :], lo_c[None, :], cs_r[:, None], lo_r[:, None])
+        w = _exp_diff(cs_c[None, :], lo_c[None, :], cs_r[:, None], lo_r[:, None])
         keep = cols[None, :] >= rows[:, None]
     else:
-        w = _exp_diff_tile(cs_r[:, None], lo_r[:, None], cs_c[None, :], lo_c[None, :])
+        w = _exp_diff(cs_r[:, None], lo_r[:, None], cs_c[None, :], lo_c[None, :])
         keep = cols[None, :] <= rows[:, None]
     if COL_SCALE:
         w = w * tl.load(dtp_ptr + cs_base + cols, mask=col_ok, other=0.0)[None, :]
+    keep = keep & col_ok[None, :] & row_ok[:, None]
     if HAS_SEQ:
         seq_c = tl.load(seq_base + pos_c * seq_sl, mask=col_ok, other=-2)
         keep = keep & (seq_c[None, :] == seq_r[:, None])
     scores = tl.where(keep, scores * w, 0.0)
     if INTRA_DA:
-        if HAS_CB:  # q2 . k2 = C_t . B_s = CB[t, s] (causal rows t, columns s <= t; scores are 0 above)
-            qk2 = tl.load(cb_base + rows[:, None] * chunk + cols[None, :])
+        if HAS_CB:  # q2 . k2 = C_t . B_s = CB[t, s] (causal rows t, columns s <= t)
+            qk2 = tl.load(cb_base + rows[:, None] * chunk + cols[None, :],
+                          mask=(cols[None, :] <= rows[:, None]) & col_ok[None, :] & row_ok[:, None], other=0.0)
         else:
             k2t = tl.load(k2_base + pos_c[None, :] * k2_sl + offs_d2[:, None],
                           mask=d2_ok[:, None] & col_ok[None, :], other=0.0).to(DOT_DTYPE)
@@ -538,69 +511,29 @@ def _scan_step(acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k
         share = tl.sum(tl.where((rows[:, None] >= cols[None, :]) & row_ok[:, None], before, 0.0), axis=0)
         tl.store(dai_ptr + cols, share.to(tl.float32), mask=col_ok & dai_ok)
         carry += tl.sum(G, axis=1)
-    if DCB == 1:  # _DCB_WRITE (the heads of the program's group run one after another)
-        tile = dcb_base + rows[:, None] * chunk + cols[None, :]
-        tl.store(tile, tl.load(tile) + scores)
-    else:
-        acc = _times_values(acc, scores, cols, chunk_start, chunk_len, v_base, v_sl, offs_v, v_ok, DOT_DTYPE, PREC)
+    vv = tl.load(v_base + pos_c[:, None] * v_sl + offs_v[None, :], mask=col_ok[:, None] & v_ok[None, :],
+                 other=0.0).to(DOT_DTYPE)
+    acc += tl.dot(scores.to(DOT_DTYPE), vv, input_precision=PREC)
     return acc, carry
 
 
 @triton.jit
-def _times_values(acc, weights, cols, chunk_start, chunk_len, v_base, v_sl, offs_v, v_ok,
-                  DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-    """``acc + weights @ v[cols]`` (the value rows of positions ``cols`` of the chunk)."""
-    vv = tl.load(v_base + (chunk_start + cols)[:, None] * v_sl + offs_v[None, :],
-                 mask=(cols < chunk_len)[:, None] & v_ok[None, :], other=0.0).to(DOT_DTYPE)
-    return acc + tl.dot(weights.to(DOT_DTYPE), vv, input_precision=PREC)
-
-
-@triton.jit
-def _dcb_times_values(acc, dcb_base, rows, k0, chunk, chunk_start, chunk_len, v_base, v_sl, offs_v, v_ok,
-                      REVERSE: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One column block of the group's intra-chunk term from its dCB: ``dCB[rows, cols] @ B[cols]``
-    (causal, dC) or ``dCB[cols, rows]^T @ C[cols]`` (reverse, dB)."""
-    cols = k0 + tl.arange(0, BLOCK_K)
-    if REVERSE:
-        weights = tl.load(dcb_base + cols[None, :] * chunk + rows[:, None])
-    else:
-        weights = tl.load(dcb_base + rows[:, None] * chunk + cols[None, :])
-    return _times_values(acc, weights, cols, chunk_start, chunk_len, v_base, v_sl, offs_v, v_ok, DOT_DTYPE, PREC)
-
-
-@triton.jit
-def _column_range(pid_m, chunk_len, REVERSE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Columns [lo, hi) that row block pid_m of a scan meets: from its first row to the chunk's end
-    (reverse), or from the chunk's start to its last row (causal)."""
-    if REVERSE:
-        return pid_m * BLOCK_M, chunk_len
-    else:
-        return chunk_len * 0, tl.minimum(pid_m * BLOCK_M + BLOCK_M, chunk_len)
-
-
-@triton.jit
 def _scan_head(
-        acc_in, hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio,
         k_ptr, k_sb, k_sl, k_sh, k_ratio,
         v_ptr, v_sb, v_sl, v_sh, v_ratio,
         q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio,
-        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio, dcb_base,
+        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
         ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
         nheads, nchunks, chunk, DQK, DV, D2,
         REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr,
-        ROW_SCALE: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr,
-        DCB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
         INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr,
         BLOCK_V: tl.constexpr, BLOCK_D2: tl.constexpr):
-    """The three accumulators (intra-chunk, state, per-sequence matrices) of one head's rows.
-
-    Without SPLIT the first is returned summed with the other two and with ``acc_in`` (the group
-    scans' running sum over heads: one accumulator tile live instead of two). ROW_SCALE (dB)
-    scales every term of row s by dtp_s, as the queries (all three terms are linear in them).
-    With DCB == _DCB_READ the intra-chunk term is left to the group's dCB (no column loop here)."""
+    """The three accumulators (intra-chunk, state, per-sequence matrices) of one head's rows."""
     cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
     cb_base = cb_ptr + ((bb * nchunks + c) * (nheads // cb_ratio) + hh // cb_ratio) * chunk * chunk
     cs_r = tl.load(cs_ptr + cs_base + rows, mask=row_ok, other=0.0)
@@ -614,10 +547,7 @@ def _scan_head(
     offs_d2 = tl.arange(0, BLOCK_D2)
     d2_ok = offs_d2 < D2
     q = tl.load(q_ptr + bb * q_sb + (hh // q_ratio) * q_sh + pos_r[:, None] * q_sl + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if ROW_SCALE:
-        q = q.to(tl.float32) * tl.load(dtp_ptr + cs_base + rows, mask=row_ok, other=0.0)[:, None]
-    q = q.to(DOT_DTYPE)
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
     end_pos = chunk_start + chunk_len - 1
 
     # state term: the state entering (causal) / the gradient leaving (reverse) the chunk
@@ -666,9 +596,9 @@ def _scan_head(
 
     # intra-chunk term; SPLIT epilogues need the three terms apart (for the cs gradient)
     if SPLIT:
-        acc = acc_in
+        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     else:
-        acc = acc_in + acc_st + acc_ex
+        acc = acc_st + acc_ex
     carry = tl.zeros((BLOCK_M,), dtype=tl.float64)
     q2 = q
     if INTRA_DA:
@@ -677,27 +607,30 @@ def _scan_head(
                          mask=row_ok[:, None] & d2_ok[None, :], other=0.0).to(DOT_DTYPE)
     k_base = k_ptr + bb * k_sb + (hh // k_ratio) * k_sh
     v_base = v_ptr + bb * v_sb + (hh // v_ratio) * v_sh
-    k_lo, k_hi = _column_range(pid_m, chunk_len, REVERSE, BLOCK_M)
-    if DCB == 2:  # _DCB_READ
-        k_hi = k_lo
+    if REVERSE:
+        k_lo = pid_m * BLOCK_M
+        k_hi = chunk_len
+    else:
+        k_lo = 0
+        k_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, chunk_len)
     if INTERPRET:
         k0 = k_lo
         while k0 < k_hi:
             acc, carry = _scan_step(
                 acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
                 offs_v, v_ok, k2_ptr + bb * k2_sb + (hh // k2_ratio) * k2_sh, k2_sl, offs_d2, d2_ok,
-                dai_ptr + cs_base * num_m + pid_m * chunk, pid_v == 0, cb_base, dcb_base, chunk,
+                dai_ptr + cs_base * num_m + pid_m * chunk, pid_v == 0, cb_base, chunk,
                 dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
-                REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, HAS_CB, DCB, DOT_DTYPE, PREC, BLOCK_K)
+                REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, HAS_CB, DOT_DTYPE, PREC, BLOCK_K)
             k0 += BLOCK_K
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             acc, carry = _scan_step(
                 acc, carry, k0, q, q2, rows, row_ok, cs_r, lo_r, lo_off, seq_r, k_base, k_sl, v_base, v_sl, offs_d, d_ok,
                 offs_v, v_ok, k2_ptr + bb * k2_sb + (hh // k2_ratio) * k2_sh, k2_sl, offs_d2, d2_ok,
-                dai_ptr + cs_base * num_m + pid_m * chunk, pid_v == 0, cb_base, dcb_base, chunk,
+                dai_ptr + cs_base * num_m + pid_m * chunk, pid_v == 0, cb_base, chunk,
                 dtp_ptr, cs_ptr, cs_base, seq_base, seq_sl, chunk_start, chunk_len,
-                REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, HAS_CB, DCB, DOT_DTYPE, PREC, BLOCK_K)
+                REVERSE, COL_SCALE, HAS_SEQ, INTRA_DA, HAS_CB, DOT_DTYPE, PREC, BLOCK_K)
 
     return acc, acc_st, acc_ex
 
@@ -707,7 +640,7 @@ def _scan_epilogue(
         acc, acc_st, acc_ex, hh, bb, bc, pid_m, num_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
         x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh, D_ptr, D_sh, D_sp, o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
         vec1_ptr, vec2_ptr, dpart_ptr, dtp_ptr, nheads, DV,
-        SPLIT: tl.constexpr, HAS_EXT: tl.constexpr, HAS_D: tl.constexpr,
+        SPLIT: tl.constexpr, ROW_SCALE: tl.constexpr, HAS_EXT: tl.constexpr, HAS_D: tl.constexpr,
         HAS_Z: tl.constexpr, EPILOGUE: tl.constexpr):
     """Accumulators -> outputs: 0 out; 1 dy, dz, d(cs) at rows, dD partials; 2 dx, ddtp, d(cs); 3 plain."""
     mask2 = row_ok[:, None] & v_ok[None, :]
@@ -764,8 +697,43 @@ def _scan_epilogue(
         if HAS_EXT:  # pairs with a sequence's end, summed per sequence (see backward)
             tl.store(vec1_ptr + cs_base + rows, dtp_r * tl.sum(xv * acc_ex, axis=1), mask=row_ok)
     else:
+        if ROW_SCALE:
+            acc = acc * tl.load(dtp_ptr + cs_base + rows, mask=row_ok, other=0.0)[:, None]
         tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + hh * o1_sh + offs_v[None, :],
                  acc.to(o1_ptr.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
+def _group_head_step(total, ROW_SCALE: tl.constexpr,
+        hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        q_ptr, q_sb, q_sl, q_sh, q_ratio,
+        k_ptr, k_sb, k_sl, k_sh, k_ratio,
+        v_ptr, v_sb, v_sl, v_sh, v_ratio,
+        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio,
+        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
+        st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
+        ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
+        nheads, nchunks, chunk, DQK, DV, D2,
+        REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+        INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_D2: tl.constexpr):
+    """One head's share of a group-summed plain scan (dB, dC)."""
+    acc, acc_st, acc_ex = _scan_head(
+        hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+        q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
+        q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
+        st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+        dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
+        REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
+        BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
+    if SPLIT:
+        acc = acc + acc_st + acc_ex
+    if ROW_SCALE:
+        cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
+        acc = acc * tl.load(dtp_ptr + cs_base + rows, mask=row_ok, other=0.0)[:, None]
+    return total + acc
 
 
 @triton.jit
@@ -774,7 +742,7 @@ def _scan_kernel(
         k_ptr, k_sb, k_sl, k_sh, k_ratio,
         v_ptr, v_sb, v_sl, v_sh, v_ratio,
         q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio,
-        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio, dcb_ptr, dcb_sv,
+        k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
         st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv,
         ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr,
@@ -784,8 +752,7 @@ def _scan_kernel(
         vec1_ptr, vec2_ptr, dpart_ptr,
         seqlen, nheads, nchunks, chunk, DQK, DV, D2,
         REVERSE: tl.constexpr, SPLIT: tl.constexpr, INTRA_DA: tl.constexpr, COL_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr,
-        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, DCB: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+        HAS_SEQ: tl.constexpr, HAS_EXT: tl.constexpr, HAS_CB: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
         EPILOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_V: tl.constexpr,
         BLOCK_D2: tl.constexpr, GROUP_HEADS: tl.constexpr, heads_per_group, STATIC_HEADS: tl.constexpr):
@@ -798,13 +765,6 @@ def _scan_kernel(
     (rows of the chunk's last sequence) ``+ sum_j exp(cs_{end_j} - cs_s) q_s ext_j`` (rows of
     sequences j ending in the chunk). ``st``/``ext`` are read as (DQK x DV) matrices by strides.
     Pairs of different sequences never interact. The epilogue turns acc into outputs.
-
-    GROUP_HEADS (dB, dC): a program sums the heads of one group. Their intra-chunk terms share the
-    group's ``dCB_ts = sum_heads (dy_t . x_s) exp(cs_t - cs_s) dtp_s`` (masked as the scores): the
-    dC scan (_DCB_WRITE) adds each head's scores into its rows of a zeroed float32 buffer
-    ``dcb (value blocks, b, nc, g, Q, Q)`` and then takes ``dC_intra = dCB B`` once for the group
-    instead of once per head; the dB scan (_DCB_READ, launched after it) takes ``dB_intra = dCB^T C``
-    and keeps only the per-head state terms.
     """
     # Row blocks vary fastest: the blocks of one (b, chunk, head) run together and share its state,
     # x, cs and C B^T tiles through L2 (with row blocks slowest, each was fetched once per block).
@@ -828,43 +788,27 @@ def _scan_kernel(
         # dB / dC: sum the heads of group ``slot`` here instead of writing per-head partials
         total = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
         h0 = slot * heads_per_group
-        dcb_base = dcb_ptr + pid_v * dcb_sv + ((bb * nchunks + c) * slots + slot) * chunk * chunk
         # (a constexpr bound under the interpreter, which cannot loop to a run-time value)
         for i in range(0, STATIC_HEADS if STATIC_HEADS > 0 else heads_per_group):
-            total, _st, _ex = _scan_head(total,
+            total = _group_head_step(total, ROW_SCALE,
         h0 + i, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
         q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
         q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
-        dcb_base, st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+        st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
         dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-        REVERSE, SPLIT, INTRA_DA, COL_SCALE, ROW_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DCB, DOT_DTYPE, PREC, INTERPRET,
+        REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
         BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
-            if DCB == 1:  # the next head adds to the tiles this one wrote (other threads' included)
-                tl.debug_barrier()
-        if DCB != 0:
-            v_base = v_ptr + bb * v_sb + (h0 // v_ratio) * v_sh
-            k_lo, k_hi = _column_range(pid_m, chunk_len, REVERSE, BLOCK_M)
-            if INTERPRET:
-                k0 = k_lo
-                while k0 < k_hi:
-                    total = _dcb_times_values(total, dcb_base, rows, k0, chunk, chunk_start, chunk_len, v_base, v_sl,
-                                              offs_v, v_ok, REVERSE, DOT_DTYPE, PREC, BLOCK_K)
-                    k0 += BLOCK_K
-            else:
-                for k0 in range(k_lo, k_hi, BLOCK_K):
-                    total = _dcb_times_values(total, dcb_base, rows, k0, chunk, chunk_start, chunk_len, v_base, v_sl,
-                                              offs_v, v_ok, REVERSE, DOT_DTYPE, PREC, BLOCK_K)
         tl.store(o1_ptr + bb * o1_sb + pos_r[:, None] * o1_sl + slot * o1_sh + offs_v[None, :],
                  total.to(o1_ptr.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
     else:
         hh = slot
         acc, acc_st, acc_ex = _scan_head(
-            tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32), hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
+            hh, bb, c, pid_m, pid_v, num_m, chunk_start, chunk_len, rows, row_ok, pos_r, offs_v, v_ok,
             q_ptr, q_sb, q_sl, q_sh, q_ratio, k_ptr, k_sb, k_sl, k_sh, k_ratio, v_ptr, v_sb, v_sl, v_sh, v_ratio,
             q2_ptr, q2_sb, q2_sl, q2_sh, q2_ratio, k2_ptr, k2_sb, k2_sl, k2_sh, k2_ratio, dai_ptr, cb_ptr, cb_ratio,
-            cb_ptr, st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
+            st_ptr, st_sb, st_sc, st_sh, st_sq, st_sv, ext_ptr, ext_ss, ext_sh, ext_sq, ext_sv,
             dtp_ptr, cs_ptr, lo_off, seq_ptr, seq_sb, seq_sl, cu_ptr, nheads, nchunks, chunk, DQK, DV, D2,
-            REVERSE, SPLIT, INTRA_DA, COL_SCALE, ROW_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DCB, DOT_DTYPE, PREC, INTERPRET,
+            REVERSE, SPLIT, INTRA_DA, COL_SCALE, HAS_SEQ, HAS_EXT, HAS_CB, DOT_DTYPE, PREC, INTERPRET,
             BLOCK_M, BLOCK_K, BLOCK_DQK, BLOCK_V, BLOCK_D2)
         cs_base = ((bb * nheads + hh) * nchunks + c) * chunk
         v_base = v_ptr + bb * v_sb + (hh // v_ratio) * v_sh
@@ -872,7 +816,7 @@ def _scan_kernel(
             acc, acc_st, acc_ex, hh, bb, bc, pid_m, num_m, rows, row_ok, pos_r, offs_v, v_ok, cs_base, v_base, v_sl,
             x_ptr, z_ptr, dout_ptr, hp_sb, hp_sl, hp_sh, D_ptr, D_sh, D_sp, o1_ptr, o1_sb, o1_sl, o1_sh, o2_ptr,
             vec1_ptr, vec2_ptr, dpart_ptr, dtp_ptr, nheads, DV,
-            SPLIT, HAS_EXT, HAS_D, HAS_Z, EPILOGUE)
+            SPLIT, ROW_SCALE, HAS_EXT, HAS_D, HAS_Z, EPILOGUE)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -935,27 +879,10 @@ def _launch_cb(C, B, chunk_size: int, input_dtype: torch.dtype):
     return cb
 
 
-def _scan_value_block(DV: int, dtype: torch.dtype, input_dtype: torch.dtype, full_value: bool) -> int:
-    """Value columns per scan program: the whole value dimension, or up to BLOCK_V_MAX of it."""
-    cfg = _scan_cfg(dtype)
-    bv_max = cfg["BLOCK_V_MAX_tf32x3"] if _dot_types(dtype, input_dtype)[1] == "tf32x3" else cfg["BLOCK_V_MAX"]
-    return _p2(DV) if full_value else min(_p2(DV), bv_max)
-
-
-def _new_dcb(B, chunk_size: int, input_dtype: torch.dtype) -> torch.Tensor:
-    """The zeroed group dCB buffer of the dB/dC scans (see _scan_kernel), one copy per value block
-    of the dC scan: ``(value blocks, b, nc, g, Q, Q)`` float32 (134 MB at the bench shape)."""
-    b, l, g, n = B.shape
-    nv = triton.cdiv(n, _scan_value_block(n, GRAD_DOT_DTYPE, input_dtype, False))
-    return torch.zeros(nv, b, _nchunks(l, chunk_size), g, chunk_size, chunk_size, device=B.device,
-                       dtype=torch.float32)
-
-
 def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu_seqlens, *,
                  reverse, col_scale=False, row_scale=False, epilogue, x=None, z=None, dout=None,
                  D=None, o1=None, o2=None, vec1=None, vec2=None, dpart=None, dtype, full_value,
-                 q2=None, k2=None, dai=None, group_heads=False, input_dtype=None, cb=None,
-                 dcb=None, dcb_mode=_DCB_NONE, stage="ssd.scan"):
+                 q2=None, k2=None, dai=None, group_heads=False, input_dtype=None, cb=None, stage="ssd.scan"):
     b, l, h, _ = v.shape[0], v.shape[1], cs.shape[1], None
     nc = cs.shape[2]
     chunk_size = cs.shape[3]
@@ -965,7 +892,8 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
     bm = _scan_block_m(chunk_size, dtype)
     bk = min(_p2(chunk_size), cfg["BLOCK_K"])
     dot_dtype, prec = _dot_types(dtype, input_dtype or dtype)
-    bv = _scan_value_block(DV, dtype, input_dtype or dtype, full_value)
+    bv_max = cfg["BLOCK_V_MAX_tf32x3"] if prec == "tf32x3" else cfg["BLOCK_V_MAX"]
+    bv = _p2(DV) if full_value else min(_p2(DV), bv_max)
     seq = cs if seq_idx is None else seq_idx
     dummy = cs
     hp = x if x is not None else (dout if dout is not None else o1)
@@ -976,7 +904,6 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
             *_operand(q, h), *_operand(k, h), *_operand(v, h),
             *_operand(q if q2 is None else q2, h), *_operand(k if k2 is None else k2, h),
             dummy if dai is None else dai, dummy if cb is None else cb, 1 if cb is None else h // cb.shape[2],
-            dummy if dcb is None else dcb, dcb[0].numel() if dcb_mode == _DCB_WRITE else 0,
             st, *st_strides, dummy if ext is None else ext, *(ext_strides or (0, 0, 0, 0)),
             dtp, cs, _lo_off(cs), seq, seq.stride(0), seq.stride(-1), dummy if cu_seqlens is None else cu_seqlens,
             dummy if x is None else x, dummy if z is None else z, dummy if dout is None else dout,
@@ -986,7 +913,7 @@ def _launch_scan(q, k, v, st, st_strides, ext, ext_strides, dtp, cs, seq_idx, cu
             dummy if vec1 is None else vec1, dummy if vec2 is None else vec2, dummy if dpart is None else dpart,
             l, h, nc, chunk_size, DQK, DV, D2,
             REVERSE=reverse, SPLIT=epilogue in (_EPI_DZ, _EPI_DX), INTRA_DA=dai is not None, COL_SCALE=col_scale, ROW_SCALE=row_scale, HAS_SEQ=seq_idx is not None,
-            HAS_EXT=ext is not None, HAS_CB=cb is not None, DCB=dcb_mode, HAS_D=D is not None, HAS_Z=z is not None, EPILOGUE=epilogue,
+            HAS_EXT=ext is not None, HAS_CB=cb is not None, HAS_D=D is not None, HAS_Z=z is not None, EPILOGUE=epilogue,
             DOT_DTYPE=dot_dtype, PREC=prec, INTERPRET=_INTERPRET, BLOCK_M=bm, BLOCK_K=bk, BLOCK_DQK=_p2(DQK), BLOCK_V=bv, BLOCK_D2=_p2(D2),
             GROUP_HEADS=group_heads, heads_per_group=heads_per_group,
             STATIC_HEADS=heads_per_group if _INTERPRET else 0,
@@ -1259,19 +1186,15 @@ def backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
     _launch_scan(B, C, dy, dstates, ds_np, dvl if varlen else None, dvl_np, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, epilogue=_EPI_DX, x=x, D=D, o1=dx, vec1=dcs_end, vec2=ddtp, dpart=dcs_fwd,
                  dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype, full_value=True, cb=cb, stage="ssd.bwd.dx_scan")
-    # dC, then dB: each program sums the heads of one group (no per-head buffers); the dC scan
-    # leaves the group's dCB, from which both take their intra-chunk terms
-    dai = torch.zeros(b, h, nc, nmb, chunk_size, device=dev, dtype=f32)
-    dcb = _new_dcb(B, chunk_size, x.dtype)
-    _launch_scan(dy, x, B, states, st_strides_pn, varlen_init, init_pn, dtp, cs, seq_idx, cu_seqlens,
-                 reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
-                 full_value=False, q2=C, k2=B, dai=dai, group_heads=True, cb=cb, dcb=dcb, dcb_mode=_DCB_WRITE,
-                 stage="ssd.bwd.dC_scan")
-    del cb
+    # dB, dC: each program sums the heads of one group (no per-head buffers)
     _launch_scan(x, dy, C, dstates, ds_pn, dvl if varlen else None, dvl_pn, dtp, cs, seq_idx, cu_seqlens,
                  reverse=True, row_scale=True, epilogue=_EPI_PLAIN, o1=dB, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
-                 full_value=False, group_heads=True, dcb=dcb, dcb_mode=_DCB_READ, stage="ssd.bwd.dB_scan")
-    del dcb
+                 full_value=False, group_heads=True, stage="ssd.bwd.dB_scan")
+    dai = torch.zeros(b, h, nc, nmb, chunk_size, device=dev, dtype=f32)
+    _launch_scan(dy, x, B, states, st_strides_pn, varlen_init, init_pn, dtp, cs, seq_idx, cu_seqlens,
+                 reverse=False, col_scale=True, epilogue=_EPI_PLAIN, o1=dC, dtype=GRAD_DOT_DTYPE, input_dtype=x.dtype,
+                 full_value=False, q2=C, k2=B, dai=dai, group_heads=True, cb=cb, stage="ssd.bwd.dC_scan")
+    del cb
 
     # 6. cu_seqlens initial states: outputs of the start chunk, the chunk-end state, the final state
     if varlen and varlen_init is not None:
