@@ -41,8 +41,8 @@ CASES = {
     "ngroups_eq_heads": dict(h=2, g=2),
     "odd_dims": dict(p=6, n=5, h=3, g=3, l=21),
     "wide_state": dict(p=16, n=32, l=40),
-    # float32 inputs take d_state in 64-wide value blocks in the dB/dC scans: the dC scan writes one
-    # copy of the group's dCB per value block, the dB scan reads the first
+    # float32 inputs take d_state in 64-wide value blocks in the dB/dC scans (two here; with
+    # patches/ssd_scan_integer_work.patch the dC scan writes one copy of the group's dCB per block)
     "two_value_blocks": dict(n=80, l=40, h=4, g=2),
     "batch3": dict(b=3, l=19, init=True),
     "seq_idx": dict(l=70, seq=[[0, 5, 40], [17, 20, 21]], init=True),
